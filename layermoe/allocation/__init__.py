@@ -1,0 +1,33 @@
+"""Allocation programs: per-block scores -> integer expert counts and LoRA ranks under an exact budget.
+
+Pure math (numpy only): no torch.nn, no Lightning, no other layermoe subpackage. The callback calls
+:func:`allocate`; :func:`power_law` and :func:`mdl` are the papers' rules on a plain unit budget.
+"""
+
+from .aliases import BlockDims, Bounds, Layout, Scores
+from .allocate import RANK_POLICIES, allocate
+from .budget import Budget
+from .continuous import mdl_units, proportional_units
+from .costs import block_cost, layout_params
+from .errors import AllocationError
+from .programs import METHODS, mdl, mdl_quality, power_law, power_law_weights
+
+__all__ = [
+    "METHODS",
+    "RANK_POLICIES",
+    "AllocationError",
+    "BlockDims",
+    "Bounds",
+    "Budget",
+    "Layout",
+    "Scores",
+    "allocate",
+    "block_cost",
+    "layout_params",
+    "mdl",
+    "mdl_quality",
+    "mdl_units",
+    "power_law",
+    "power_law_weights",
+    "proportional_units",
+]

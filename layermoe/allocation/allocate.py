@@ -1,0 +1,174 @@
+"""``allocate``: the one entry point the callback calls, from scores to a plain-data layout."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from .aliases import BlockDims, Bounds, Layout, Scores
+from .budget import Budget
+from .costs import block_cost
+from .errors import AllocationError
+from .fill import target_layout
+from .programs import method_options
+from .space import Space
+from .stability import project, stabilize
+from .validation import bounds_arrays, normalize_block_dims, normalize_layout, per_block_ints, score_array
+
+RANK_POLICIES = ("fixed", "scores")
+
+
+def _rank_ladders(
+    blocks: list[int],
+    lo: np.ndarray,
+    hi: np.ndarray,
+    rank_step: int,
+    allowed_ranks: Sequence[int] | None,
+    cap: list[int],
+) -> list[list[int]]:
+    """Allowed ranks per block within [lo, hi]: the given list, or multiples of ``rank_step``. Unbounded
+    ladders stop at ``cap`` (the largest rank the budget could pay for)."""
+    if isinstance(rank_step, bool) or not isinstance(rank_step, (int, np.integer)) or rank_step < 1:
+        raise AllocationError(f"rank_step = {rank_step!r} must be a positive int (e.g. 2 for even ranks)")
+    if allowed_ranks is not None:
+        if rank_step != 1:
+            raise AllocationError("give either rank_step or allowed_ranks, not both")
+        vals = sorted({int(r) for r in allowed_ranks})
+        if not vals or vals[0] < 1 or any(int(r) != r for r in allowed_ranks):
+            raise AllocationError(
+                f"allowed_ranks = {allowed_ranks!r} must be a non-empty list of positive ints"
+            )
+    ladders = []
+    for i, b in enumerate(blocks):
+        top = hi[i] if math.isfinite(hi[i]) else max(cap[i], lo[i])
+        if allowed_ranks is not None:
+            lad = [r for r in vals if lo[i] <= r <= top]
+        else:
+            first = int(math.ceil(lo[i] / rank_step) * rank_step)
+            lad = list(range(first, int(top) + 1, rank_step))
+        if not lad:
+            raise AllocationError(
+                f"rank_bounds[{b}] = [{int(lo[i])}, {hi[i]}] contains no allowed rank "
+                f"({'allowed_ranks ' + str(allowed_ranks) if allowed_ranks is not None else f'multiples of {rank_step}'}); "
+                "widen the bounds or change the rank steps"
+            )
+        ladders.append(lad)
+    return ladders
+
+
+def allocate(
+    scores: Scores,
+    method: str = "power_law",
+    budget: Budget | str | Mapping | None = "current",
+    current_layout: Mapping | None = None,
+    block_dims: BlockDims | None = None,
+    *,
+    rank: int | Mapping[int, int] | None = None,
+    rank_policy: str = "fixed",
+    experts_bounds: Bounds | None = None,
+    rank_bounds: Bounds | None = None,
+    rank_step: int = 1,
+    allowed_ranks: Sequence[int] | None = None,
+    experts_total: int | None = None,
+    hysteresis: float = 0.0,
+    max_moves: int | None = None,
+    **method_options_: Any,
+) -> Layout:
+    """Turn per-block scores (higher = more capacity) into ``{block: {"experts": int, "rank": int}}``.
+
+    - ``method``: ``"power_law"`` (options ``beta=1.0``, ``shift=True``) or ``"mdl"`` (``gamma=0.9``,
+      ``beta=2.0``, ``prior=0.5``, ``tau_fraction=0.05``, ``normalize="mean"``); extra keyword arguments
+      are these options.
+    - ``budget``: a :class:`Budget` or what :meth:`Budget.parse` takes. ``total_experts:T``: exactly T experts,
+      ranks fixed. ``params:P``: at most P trainable parameters (costs from ``block_dims``), filled until no
+      block can take one more unit (rule in ``layermoe.allocation.fill``). ``"current"`` (default):
+      ``params`` with P = the parameter count of ``current_layout``.
+    - ``rank_policy``: ``"fixed"`` (ranks = ``rank``, default the current layout's) or ``"scores"``
+      (``params`` only: experts from the scores summing to ``experts_total``, default the current total,
+      then ranks from the same scores under the parameter budget left).
+    - ``experts_bounds`` / ``rank_bounds``: ``(low, high)`` for all blocks or ``{block: (low, high)}``;
+      ``high=None`` is unbounded; defaults ``(1, None)``. ``rank_step`` / ``allowed_ranks``: rank grid.
+    - ``hysteresis`` / ``max_moves``: stability relative to ``current_layout`` (see
+      ``layermoe.allocation.stability``).
+
+    All-equal scores give the uniform layout (remainders to the lower block indices). Raises
+    :class:`AllocationError` for empty/NaN/inf scores, contradictory bounds, a budget below the minimum
+    layout, or missing inputs.
+    """
+    blocks, values = score_array(scores)
+    opts = method_options(method, method_options_)
+    if rank_policy not in RANK_POLICIES:
+        raise AllocationError(f"rank_policy = {rank_policy!r}; use one of {RANK_POLICIES}")
+    if not (isinstance(hysteresis, (int, float)) and math.isfinite(hysteresis) and hysteresis >= 0):
+        raise AllocationError(f"hysteresis = {hysteresis!r} must be a number >= 0 (0 disables it)")
+    if max_moves is not None and (
+        isinstance(max_moves, bool) or not isinstance(max_moves, int) or max_moves < 0
+    ):
+        raise AllocationError(f"max_moves = {max_moves!r} must be an int >= 0 or None (no cap)")
+    current = normalize_layout(current_layout, blocks) if current_layout is not None else None
+    if current is None and (hysteresis > 0 or max_moves is not None):
+        raise AllocationError("hysteresis/max_moves are relative to a layout: pass current_layout")
+    spec = Budget.parse(budget)
+    kind = "total_experts" if spec.kind == "total_experts" else "params"
+    dims = normalize_block_dims(block_dims, blocks) if block_dims is not None else None
+    if kind == "params" and dims is None:
+        raise AllocationError(
+            f"budget {spec}: parameter budgets need block_dims={{block: [(d_in, d_out), ...]}}"
+        )
+    if kind == "total_experts" and rank_policy != "fixed":
+        raise AllocationError("rank_policy='scores' needs a params budget; total_experts keeps ranks fixed")
+    if spec.value is None and current is None:
+        raise AllocationError(f"budget {spec} means 'as much as the current layout': pass current_layout")
+    if spec.value is not None:
+        value = spec.value
+    elif kind == "total_experts":
+        value = sum(v["experts"] for v in current.values())  # type: ignore[union-attr]
+    else:
+        s, r = dims  # type: ignore[misc]
+        value = sum(
+            block_cost(current[b]["experts"], current[b]["rank"], s[i], r[i]) for i, b in enumerate(blocks)
+        )  # type: ignore[index]
+
+    e_lo, e_hi = bounds_arrays(experts_bounds, blocks, "experts_bounds")
+    r_lo, r_hi = bounds_arrays(rank_bounds, blocks, "rank_bounds")
+    if rank_policy == "fixed":
+        if rank is None and current is None:
+            raise AllocationError("rank_policy='fixed' needs the ranks: pass rank= or current_layout")
+        fixed = per_block_ints(
+            rank if rank is not None else {b: current[b]["rank"] for b in blocks}, blocks, "rank"
+        )  # type: ignore[index]
+        grid = _rank_ladders(blocks, r_lo, r_hi, rank_step, allowed_ranks, [int(x) for x in fixed])
+        for i, b in enumerate(blocks):
+            if fixed[i] not in grid[i]:
+                raise AllocationError(
+                    f"rank[{b}] = {fixed[i]} is outside rank_bounds/rank steps ({grid[i][:8]}...); "
+                    "change rank or the bounds"
+                )
+        ladders = [[int(x)] for x in fixed]
+    else:
+        s, _ = dims  # type: ignore[misc]
+        cap = [int(value // (e_lo[i] * s[i])) for i in range(len(blocks))]
+        ladders = _rank_ladders(blocks, r_lo, r_hi, rank_step, allowed_ranks, cap)
+        if experts_total is None:
+            experts_total = (
+                sum(v["experts"] for v in current.values()) if current is not None else int(e_lo.sum())
+            )
+    space = Space(
+        blocks=blocks,
+        scores=values,
+        e_lo=e_lo,
+        e_hi=e_hi,
+        ladders=ladders,
+        kind=kind,
+        budget=int(value),
+        s=None if dims is None else dims[0],
+        r=None if dims is None else dims[1],
+        rank_first=rank_policy == "scores",
+    )
+    e, k = target_layout(space, method, opts, rank_policy, experts_total)
+    if current is not None and (hysteresis > 0 or max_moves is not None):
+        e, k = stabilize(space, (e, k), project(space, current), hysteresis, max_moves)
+    return space.layout(e, k)
