@@ -1,0 +1,67 @@
+"""Per-block scoring engine: gradient capture to Gram statistics, and scorers (pure torch).
+
+stats = capture_statistics(model, train_batches, val_batches, loss_fn)
+scores = get_scorer("layerif").score(stats)          # {block: float}, higher = more capacity
+scores = get_scorer("alpha_hill").score(model)       # model-only scorers take the model
+"""
+
+from .api import score_blocks
+from .capture import SCOPES, capture_per_sample_gradients, capture_statistics
+from .distributed import gather_rows, torch_distributed_gather
+from .errors import ScoringError
+from .losses import causal_lm_per_sample_loss
+from .modules import base_weight, scored_layers
+from .projection import CountSketch
+from .reference import layerif_loop_influence_matrix, layerif_loop_influences
+from .scorers import (
+    AGGREGATIONS,
+    SCORERS,
+    AlphaHillScorer,
+    CurvatureGainScorer,
+    FisherInfluenceScorer,
+    GradNormScorer,
+    LayerIFScorer,
+    Scorer,
+    UniformScorer,
+    aggregate_influence,
+    datainf_influences,
+    fisher_influences,
+    get_scorer,
+    hill_alpha_xmin_peak,
+    register_scorer,
+)
+from .statistics import BlockStatistics, statistics_from_pieces, statistics_from_rows
+
+__all__ = [
+    "AGGREGATIONS",
+    "SCOPES",
+    "SCORERS",
+    "AlphaHillScorer",
+    "BlockStatistics",
+    "CountSketch",
+    "CurvatureGainScorer",
+    "FisherInfluenceScorer",
+    "GradNormScorer",
+    "LayerIFScorer",
+    "Scorer",
+    "ScoringError",
+    "UniformScorer",
+    "aggregate_influence",
+    "base_weight",
+    "capture_per_sample_gradients",
+    "capture_statistics",
+    "causal_lm_per_sample_loss",
+    "datainf_influences",
+    "fisher_influences",
+    "gather_rows",
+    "get_scorer",
+    "hill_alpha_xmin_peak",
+    "layerif_loop_influence_matrix",
+    "layerif_loop_influences",
+    "register_scorer",
+    "score_blocks",
+    "scored_layers",
+    "statistics_from_pieces",
+    "statistics_from_rows",
+    "torch_distributed_gather",
+]

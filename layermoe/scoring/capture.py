@@ -1,0 +1,443 @@
+"""The scoring pass: per-sample gradients of every block, reduced to per-block Gram statistics.
+
+One forward and one backward per chunk of samples (the backward differentiates the sum of the
+per-sample losses), tensor hooks on each MoE-LoRA layer's activations turn the output gradients into
+per-sample gradients (see persample.py), and only per-sample gradient rows of the scored blocks, exact
+or sketched to k coordinates, are kept until the Grams are formed.
+
+Memory: exact rows cost (n + m) * d_l numbers per block. When all scored blocks together would exceed
+`max_store_bytes`, the blocks are split into groups and each group gets its own pass over the samples
+(exact, but the cost grows with the number of groups); `projection_dim=k` bounds the rows to
+(n + m) * k per block in a single pass instead. The backward never forms parameter gradients: it
+differentiates with respect to a detached copy of the input embeddings, so parameters' `.grad` and
+`requires_grad` are never touched.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from .distributed import ReduceFn, gather_rows
+from .errors import ScoringError
+from .losses import causal_lm_per_sample_loss
+from .modules import scored_layers
+from .persample import (
+    adapter_pieces_from_hidden,
+    adapter_pieces_from_logits,
+    adapter_pieces_from_output,
+    base_piece_from_output,
+    piece_dtype,
+    piece_names,
+    piece_numel,
+)
+from .projection import CountSketch
+from .statistics import BlockStatistics, statistics_from_pieces
+
+LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
+Batch = Mapping[str, Any]
+SCOPES = ("adapter", "base")
+
+
+class _Collector:
+    """Receives per-sample gradient pieces from the hooks and keeps rows per block (exact or sketched)."""
+
+    def __init__(self, layers: dict[int, dict[str, nn.Module]], scope: str, k: int | None, seed: int) -> None:
+        self.layers = layers
+        self.scope = scope
+        self.k = k
+        self.keys: dict[int, list[tuple[str, str]]] = {}
+        self.numel: dict[tuple[int, str, str], int] = {}
+        self.dtype: dict[tuple[int, str, str], torch.dtype] = {}
+        self.sketch: dict[tuple[int, str, str], CountSketch] = {}
+        self.dims: dict[int, int] = {}
+        for block, modules in layers.items():
+            keys = []
+            for name in sorted(modules):
+                for piece in piece_names(modules[name], scope):
+                    key = (block, name, piece)
+                    keys.append((name, piece))
+                    self.numel[key] = piece_numel(modules[name], piece)
+                    self.dtype[key] = piece_dtype(modules[name], piece)
+                    if k is not None:
+                        self.sketch[key] = CountSketch(self.numel[key], k, seed, f"{block}/{name}/{piece}")
+            self.keys[block] = keys
+            self.dims[block] = sum(self.numel[(block, n, p)] for n, p in keys)
+        self.device = next(iter(next(iter(layers.values())).values())).lora_A.device
+        self.store: dict[str, dict[int, dict[tuple[str, str], list[torch.Tensor]]]] = {"train": {}, "val": {}}
+        self.chunk: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
+        self.batch_size = 0
+        self.graph_tensors: list[torch.Tensor] = []
+        self.no_graph: str | None = None
+        self.active: list[int] = list(self.keys)
+
+    def block_dtype(self, block: int) -> torch.dtype:
+        dtype = torch.float32
+        for name, piece in self.keys[block]:
+            dtype = torch.promote_types(dtype, self.dtype[(block, name, piece)])
+        return dtype
+
+    def row_bytes(self, block: int) -> int:
+        width = self.k if self.k is not None else self.dims[block]
+        return width * torch.empty((), dtype=self.block_dtype(block)).element_size()
+
+    # ------------------------------------------------------------------ hooks
+    def add(self, block: int, name: str, pieces: list[tuple[str, torch.Tensor]]) -> None:
+        for piece, grad in pieces:
+            rows = grad.reshape(grad.shape[0], -1)
+            if self.k is not None:
+                rows = self.sketch[(block, name, piece)](rows.to(self.block_dtype(block)))
+                slot = ("", "sketch")
+            else:
+                slot = (name, piece)
+            held = self.chunk.setdefault(block, {})
+            # A module called twice in one forward (shared weights) contributes the sum of both calls.
+            held[slot] = rows if slot not in held else held[slot] + rows
+
+    def hook_for(self, block: int, name: str) -> Callable[[nn.Module, dict[str, Any]], None]:
+        def capture(layer: nn.Module, tensors: dict[str, Any]) -> None:
+            saved = {
+                key: (t.detach() if t is not None else None) for key, t in tensors.items() if key != "output"
+            }
+            output = tensors["output"]
+            if not output.requires_grad:
+                self.no_graph = name
+                return
+            if self.scope == "base":
+                output.register_hook(lambda g: self.add(block, name, base_piece_from_output(layer, saved, g)))
+                self.graph_tensors.append(output)
+                return
+            hidden, logits = tensors["expert_hidden"], tensors["router_logits"]
+            output.register_hook(lambda g: self.add(block, name, adapter_pieces_from_output(layer, saved, g)))
+            hidden.register_hook(lambda g: self.add(block, name, adapter_pieces_from_hidden(saved, g)))
+            self.graph_tensors += [output, hidden]
+            if logits is not None:
+                logits.register_hook(
+                    lambda g: self.add(block, name, adapter_pieces_from_logits(layer, saved, g))
+                )
+                self.graph_tensors.append(logits)
+
+        return capture
+
+    # ------------------------------------------------------------------ chunks
+    def begin(self, batch_size: int) -> None:
+        self.chunk = {}
+        self.graph_tensors = []
+        self.batch_size = batch_size
+
+    def flush(self, split: str) -> None:
+        """Move the chunk's rows to the store; a piece that got no gradient (unused) is zero."""
+        store = self.store[split]
+        for block in self.active:
+            keys = self.keys[block]
+            held = self.chunk.get(block, {})
+            slots = [("", "sketch")] if self.k is not None else keys
+            for slot in slots:
+                rows = held.get(slot)
+                if rows is None:
+                    width = self.k if self.k is not None else self.numel[(block, *slot)]
+                    dtype = self.block_dtype(block) if self.k is not None else self.dtype[(block, *slot)]
+                    rows = torch.zeros(self.batch_size, width, dtype=dtype, device=self.device)
+                store.setdefault(block, {}).setdefault(slot, []).append(rows)
+        self.chunk = {}
+        self.graph_tensors = []
+
+    def statistics(self, reduce_fn: ReduceFn | None) -> dict[int, BlockStatistics]:
+        out: dict[int, BlockStatistics] = {}
+        for block in self.active:
+            train_slots = self.store["train"].pop(block)
+            val_slots = self.store["val"].pop(block)
+            train = [gather_rows(torch.cat(train_slots[s]), reduce_fn) for s in sorted(train_slots)]
+            val = [gather_rows(torch.cat(val_slots[s]), reduce_fn) for s in sorted(val_slots)]
+            stats = statistics_from_pieces(train, val, self.dims[block], self.k)
+            stats.check_finite(block)
+            out[block] = stats
+        return out
+
+
+def _batch_size(batch: Batch) -> int:
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if isinstance(ids, torch.Tensor):
+        return int(ids.shape[0])
+    for value in batch.values():
+        if isinstance(value, torch.Tensor) and value.ndim > 0:
+            return int(value.shape[0])
+    raise ValueError("a scoring batch must be a dict holding at least one tensor with a batch dimension")
+
+
+def _chunks(batches: Iterable[Batch], chunk_size: int, device: torch.device, field: str) -> list[dict]:
+    """Split every batch into sub-batches of at most chunk_size samples, moved to the model's device.
+
+    Inference tensors (batches built under torch.inference_mode) are cloned into normal tensors so
+    autograd may save them.
+    """
+    out: list[dict] = []
+    for batch in batches:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"{field} must yield dict batches (input_ids, attention_mask, labels, ...)")
+        size = _batch_size(batch)
+        for start in range(0, size, chunk_size):
+            part: dict[str, Any] = {}
+            for key, value in batch.items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == size:
+                    value = value[start : start + chunk_size]
+                if isinstance(value, torch.Tensor):
+                    value = value.to(device)
+                    if value.is_inference():
+                        value = value.clone()
+                part[key] = value
+            out.append(part)
+    if not out:
+        raise ValueError(f"{field} is empty: scoring needs at least one sample")
+    return out
+
+
+def _groups(collector: _Collector, samples: int, max_store_bytes: int) -> list[list[int]]:
+    """Consecutive blocks whose exact/sketched rows fit in max_store_bytes together."""
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used = 0
+    for block in collector.keys:
+        need = samples * collector.row_bytes(block)
+        if need > max_store_bytes:
+            raise ScoringError(
+                f"block {block}: its per-sample gradient rows need {need / 2**20:.0f} MiB, more than "
+                f"max_store_bytes={max_store_bytes}; pass projection_dim=k (e.g. 4096) or raise max_store_bytes"
+            )
+        if current and used + need > max_store_bytes:
+            groups.append(current)
+            current, used = [], 0
+        current.append(block)
+        used += need
+    if current:
+        groups.append(current)
+    return groups
+
+
+def _progress(total: int, enabled: bool | None) -> Any:
+    from tqdm.auto import tqdm
+
+    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
+    return tqdm(total=total, desc="scoring", unit="chunk", disable=disable, leave=False)
+
+
+def _input_embeddings(model: nn.Module) -> nn.Module | None:
+    """The input embedding layer of the (first) Hugging Face model inside `model`, e.g. a
+    LightningModule holding it as an attribute; None when there is none (then the backward targets
+    the hooked activations themselves, which keeps their gradients alive until the chunk ends)."""
+    for module in model.modules():
+        getter = getattr(module, "get_input_embeddings", None)
+        if callable(getter):
+            try:
+                embeddings = getter()
+            except (NotImplementedError, AttributeError):
+                continue
+            if isinstance(embeddings, nn.Module):
+                return embeddings
+    return None
+
+
+@contextmanager
+def _scoring_mode(
+    model: nn.Module, all_layers: list[tuple[int, str, nn.Module]]
+) -> Iterator[list[torch.Tensor]]:
+    """Eval mode, grad enabled even under inference_mode, an anchor on the input embeddings; undone on
+    exit (train/eval flags of every module, every layer's capture_hook, the embedding hook)."""
+    previous_hooks = [(layer, layer.capture_hook) for _, _, layer in all_layers]
+    modes = [(module, module.training) for module in model.modules()]
+    anchors: list[torch.Tensor] = []
+    handle = None
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            model.eval()
+            embeddings = _input_embeddings(model)
+            if embeddings is not None:
+
+                def anchor(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+                    # Differentiate w.r.t. a detached copy of the embeddings: the backward reaches every
+                    # block without forming (or touching) any parameter gradient.
+                    if isinstance(output, torch.Tensor) and output.is_floating_point():
+                        output = output.detach().requires_grad_(True)
+                        anchors.append(output)
+                    return output
+
+                handle = embeddings.register_forward_hook(anchor)
+            yield anchors
+    finally:
+        if handle is not None:
+            handle.remove()
+        for layer, hook in previous_hooks:
+            layer.capture_hook = hook
+        for module, mode in modes:
+            module.training = mode
+
+
+def _check_options(scope: str, chunk_size: int, projection_dim: int | None) -> None:
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+    if projection_dim is not None and (
+        isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1
+    ):
+        raise ValueError(f"projection_dim must be None (exact) or an int >= 1, got {projection_dim!r}")
+
+
+def _run_passes(
+    model: nn.Module,
+    collector: _Collector,
+    splits: list[tuple[str, list[dict]]],
+    loss_fn: LossFn,
+    groups: list[list[int]],
+    progress: bool | None,
+    on_group_done: Callable[[list[int]], None],
+) -> None:
+    all_layers = [(b, n, layer) for b, mods in collector.layers.items() for n, layer in mods.items()]
+    total = len(groups) * sum(len(chunks) for _, chunks in splits)
+    with _scoring_mode(model, all_layers) as anchors, _progress(total, progress) as bar:
+        for group in groups:
+            collector.active = group
+            for block, name, layer in all_layers:
+                layer.capture_hook = collector.hook_for(block, name) if block in group else None
+            for split, chunks in splits:
+                for chunk in chunks:
+                    _backward_chunk(model, chunk, loss_fn, collector, anchors, split)
+                    bar.update(1)
+            on_group_done(group)
+
+
+def capture_statistics(
+    model: nn.Module,
+    train_batches: Iterable[Batch],
+    val_batches: Iterable[Batch],
+    loss_fn: LossFn = causal_lm_per_sample_loss,
+    scope: str = "adapter",
+    *,
+    modules: Sequence[str] | None = None,
+    blocks: Sequence[int] | None = None,
+    chunk_size: int = 8,
+    projection_dim: int | None = None,
+    projection_seed: int = 0,
+    reduce_fn: ReduceFn | None = None,
+    max_store_bytes: int = 2 * 2**30,
+    progress: bool | None = None,
+) -> dict[int, BlockStatistics]:
+    """Per-block gradient statistics of the n training and m validation samples.
+
+    loss_fn(model, batch) -> (B,) per-sample losses (mean over each sample's own tokens; padding must
+    not count). scope: "adapter" scores the block's MoE-LoRA parameters (A, B, router weight and bias),
+    "base" the frozen base weights of the wrapped modules. modules: substrings selecting modules (e.g.
+    ["self_attn"]). blocks: score only these block indices (default all). chunk_size: samples per
+    forward/backward. projection_dim: sketch each block's
+    gradients to k coordinates (seeded by projection_seed, identical on every rank). reduce_fn: an
+    all-gather for DDP (see layermoe.scoring.distributed); each rank passes its shard of samples and
+    every rank gets identical statistics. max_store_bytes: bound on the kept gradient rows (blocks are
+    split into several passes beyond it). progress: None shows a bar only on a terminal.
+
+    Runs in eval mode under torch.inference_mode(False) + enable_grad (so it works from validation
+    hooks), and restores every module's train/eval mode and every layer's capture_hook afterwards;
+    parameters' requires_grad and .grad are never touched.
+    """
+    _check_options(scope, chunk_size, projection_dim)
+    collector = _Collector(scored_layers(model, modules, blocks), scope, projection_dim, projection_seed)
+    results: dict[int, BlockStatistics] = {}
+    with torch.inference_mode(False):
+        train_chunks = _chunks(train_batches, chunk_size, collector.device, "train_batches")
+        val_chunks = _chunks(val_batches, chunk_size, collector.device, "val_batches")
+    samples = sum(_batch_size(c) for c in train_chunks) + sum(_batch_size(c) for c in val_chunks)
+    if reduce_fn is not None:
+        # Every rank must split the blocks into the same passes (each pass gathers once per piece).
+        counts = reduce_fn(torch.tensor([samples], dtype=torch.int64, device=collector.device))
+        samples = sum(int(c.sum()) for c in counts)
+    groups = _groups(collector, samples, max_store_bytes)
+    _run_passes(
+        model,
+        collector,
+        [("val", val_chunks), ("train", train_chunks)],
+        loss_fn,
+        groups,
+        progress,
+        lambda _group: results.update(collector.statistics(reduce_fn)),
+    )
+    return dict(sorted(results.items()))
+
+
+def capture_per_sample_gradients(
+    model: nn.Module,
+    batches: Iterable[Batch],
+    loss_fn: LossFn = causal_lm_per_sample_loss,
+    scope: str = "adapter",
+    *,
+    modules: Sequence[str] | None = None,
+    blocks: Sequence[int] | None = None,
+    chunk_size: int = 8,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Explicit per-sample gradients {block: {"module.param": (n, *param_shape)}} from the same hooks.
+
+    For references, tests and the LayerIF-loop baseline: it materializes every per-sample gradient of
+    every block, which is what capture_statistics avoids; keep n and the model small.
+    """
+    _check_options(scope, chunk_size, None)
+    layers = scored_layers(model, modules, blocks)
+    collector = _Collector(layers, scope, None, 0)
+    with torch.inference_mode(False):
+        chunks = _chunks(batches, chunk_size, collector.device, "batches")
+    _run_passes(
+        model, collector, [("train", chunks)], loss_fn, [list(collector.keys)], False, lambda _g: None
+    )
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for block, slots in collector.store["train"].items():
+        out[block] = {}
+        for (name, piece), rows in sorted(slots.items()):
+            stacked = torch.cat(rows)
+            layer = layers[block][name]
+            if piece == "base_layer.weight":
+                shape = (
+                    tuple(layer.base_layer.weight.shape)
+                    if not layer.info.quantized
+                    else (
+                        layer.info.out_features,
+                        layer.info.in_features,
+                    )
+                )
+            else:
+                shape = tuple(getattr(layer, piece).shape)
+            out[block][f"{name}.{piece}"] = stacked.view(stacked.shape[0], *shape)
+    return out
+
+
+def _backward_chunk(
+    model: nn.Module,
+    chunk: dict,
+    loss_fn: LossFn,
+    collector: _Collector,
+    anchors: list[torch.Tensor],
+    split: str,
+) -> None:
+    size = _batch_size(chunk)
+    collector.begin(size)
+    anchors.clear()
+    losses = loss_fn(model, chunk)
+    if not isinstance(losses, torch.Tensor) or losses.shape != (size,):
+        raise ValueError(
+            f"loss_fn must return per-sample losses of shape ({size},), got "
+            f"{getattr(losses, 'shape', type(losses).__name__)}; reduce over tokens only, not over samples"
+        )
+    if not bool(torch.isfinite(losses).all()):
+        raise ScoringError(f"loss_fn returned NaN/inf on a {split} chunk; check those samples and the model")
+    if collector.no_graph is not None:
+        raise ScoringError(
+            f"module {collector.no_graph}: its output does not require grad, so no gradient can be captured; "
+            "the model's input embeddings must feed the blocks (or the adapter parameters must require grad)"
+        )
+    targets = [a for a in anchors if a.requires_grad] or collector.graph_tensors
+    if not targets or not losses.requires_grad:
+        raise ScoringError("the loss does not depend on any scored layer; check loss_fn and modules=...")
+    torch.autograd.grad(losses.sum(), targets, allow_unused=True)
+    collector.flush(split)
+    anchors.clear()

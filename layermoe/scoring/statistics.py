@@ -1,0 +1,139 @@
+"""Per-block gradient statistics: everything the gradient scorers need, and nothing per parameter.
+
+The scorers only ever see inner products of per-sample gradients (Gram matrices), so a block's
+statistics are a few small float64 matrices whatever the block's size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ScoringError
+
+_SLAB = 1 << 16  # columns per float64 slab when forming Grams from float32 rows (bounds the temporaries)
+
+
+@dataclass(frozen=True)
+class BlockStatistics:
+    """Statistics of one block's per-sample gradients g_i (training, n) and v_j (validation, m).
+
+    K_tt: (n, n) g_i . g_k.  K_vt: (m, n) v_j . g_i.  train_sq_norms: (n,) ||g_i||^2.
+    val_sq_norms: (m,) ||v_j||^2.  val_mean_grad_sq: () ||mean_j v_j||^2.  K_gt: (n,) (mean_j v_j) . g_i.
+    dim: d_l, the number of scored coordinates (before any projection; the damping rule uses it).
+    projected_dim: k when the gradients were sketched to k coordinates (then every product above is
+    the sketch's unbiased estimate), None when exact. All tensors are float64.
+    """
+
+    K_tt: torch.Tensor
+    K_vt: torch.Tensor
+    train_sq_norms: torch.Tensor
+    val_sq_norms: torch.Tensor
+    val_mean_grad_sq: torch.Tensor
+    K_gt: torch.Tensor
+    dim: int
+    projected_dim: int | None = None
+
+    @property
+    def n(self) -> int:
+        """Number of training samples."""
+        return int(self.K_tt.shape[0])
+
+    @property
+    def m(self) -> int:
+        """Number of validation samples."""
+        return int(self.K_vt.shape[0])
+
+    def check_finite(self, block: int) -> None:
+        """Raise ScoringError naming `block` if any statistic is NaN or inf."""
+        for name in ("K_tt", "K_vt", "train_sq_norms", "val_sq_norms", "val_mean_grad_sq", "K_gt"):
+            if not bool(torch.isfinite(getattr(self, name)).all()):
+                raise ScoringError(
+                    f"block {block}: gradient statistic {name} contains NaN or inf (the loss or the "
+                    "model produced non-finite gradients); check the loss on the scoring batches, lower "
+                    "the learning rate, or score in float32"
+                )
+
+
+def gram(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """a @ b.T in float64, slab by slab over columns so float32 rows never need a full float64 copy."""
+    b = a if b is None else b
+    out = torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for start in range(0, a.shape[1], _SLAB):
+        sa = a[:, start : start + _SLAB].double()
+        sb = sa if b is a else b[:, start : start + _SLAB].double()
+        out += sa @ sb.T
+    return out
+
+
+def statistics_from_rows(
+    train_rows: torch.Tensor, val_rows: torch.Tensor, dim: int, projected_dim: int | None = None
+) -> BlockStatistics:
+    """Build a block's statistics from its per-sample gradient rows (n, d') and (m, d')."""
+    return statistics_from_pieces([train_rows], [val_rows], dim, projected_dim)
+
+
+def statistics_from_pieces(
+    train_pieces: list[torch.Tensor],
+    val_pieces: list[torch.Tensor],
+    dim: int,
+    projected_dim: int | None = None,
+) -> BlockStatistics:
+    """Statistics from a block's gradient split into pieces (one per parameter): the block's gradient
+    is their concatenation, so every Gram is the sum of the pieces' Grams and nothing is concatenated.
+    """
+    if not train_pieces or len(train_pieces) != len(val_pieces):
+        raise ValueError("train_pieces and val_pieces must be non-empty lists of the same length")
+    n, m = int(train_pieces[0].shape[0]), int(val_pieces[0].shape[0])
+    if n == 0 or m == 0:
+        raise ValueError(f"scoring needs at least one training and one validation sample; got n={n}, m={m}")
+    device = train_pieces[0].device
+    k_tt = torch.zeros(n, n, dtype=torch.float64, device=device)
+    k_vt = torch.zeros(m, n, dtype=torch.float64, device=device)
+    val_sq = torch.zeros(m, dtype=torch.float64, device=device)
+    mean_sq = torch.zeros((), dtype=torch.float64, device=device)
+    for train, val in zip(train_pieces, val_pieces, strict=True):
+        if train.ndim != 2 or val.ndim != 2 or train.shape[1] != val.shape[1]:
+            raise ValueError(
+                f"gradient pieces must be 2-D with matching widths, got {tuple(train.shape)} and {tuple(val.shape)}"
+            )
+        if train.shape[0] != n or val.shape[0] != m:
+            raise ValueError("every gradient piece must have one row per sample (n training, m validation)")
+        k_tt += gram(train)
+        k_vt += gram(val, train)
+        val_sq += gram_diagonal(val)
+        mean_val = val.double().mean(dim=0)
+        mean_sq += mean_val @ mean_val
+    return BlockStatistics(
+        K_tt=k_tt,
+        K_vt=k_vt,
+        train_sq_norms=torch.diagonal(k_tt).clone(),
+        val_sq_norms=val_sq,
+        val_mean_grad_sq=mean_sq,
+        K_gt=k_vt.mean(dim=0),
+        dim=int(dim),
+        projected_dim=projected_dim,
+    )
+
+
+def gram_diagonal(rows: torch.Tensor) -> torch.Tensor:
+    """Squared row norms in float64, slab by slab."""
+    out = torch.zeros(rows.shape[0], dtype=torch.float64, device=rows.device)
+    for start in range(0, rows.shape[1], _SLAB):
+        out += (rows[:, start : start + _SLAB].double() ** 2).sum(dim=1)
+    return out
+
+
+def relative_damping(stats: BlockStatistics, scale: float) -> float:
+    """LayerIF/DataInf's layer-wise damping lambda_l = scale * mean_i ||g_i||^2 / d_l (scale 0.1)."""
+    return scale * float(stats.train_sq_norms.mean()) / max(stats.dim, 1)
+
+
+def finite_float(value: torch.Tensor | float, block: int, what: str) -> float:
+    """float(value), raising ScoringError naming the block when it is NaN or inf."""
+    number = float(value)
+    if not math.isfinite(number):
+        raise ScoringError(f"block {block}: {what} is {number}; the statistics are degenerate or overflowed")
+    return number
