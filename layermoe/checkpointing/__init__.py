@@ -1,0 +1,57 @@
+"""Checkpoints that survive rewires and crashes, exact mid-epoch resume, adapter-only artifacts.
+
+- ``AtomicCheckpointIO``: a checkpoint file is never half-written (temp file + fsync + rename).
+- ``resumable_train_loader`` / ``ResumableDataLoader``: a train loader Lightning resumes mid-epoch.
+- ``RNGStateCallback``: torch/CUDA/numpy/Python RNG states in every checkpoint, restored on resume.
+- ``validate_checkpoint_layout``: a clear error for a missing/corrupt adapter layout, before loading.
+- ``OptimizerStateGuard``: refuses optimizer state saved for other parameters (names, shapes, order).
+- ``save_adapters`` / ``load_adapters``: adapter tensors (safetensors) + layout/config (JSON) only.
+- ``exact_resume_callbacks()``: the callbacks above, for ``Trainer(callbacks=[...])``.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import Callback
+
+from .adapter_io import AdapterArtifactError, load_adapters, read_adapter_manifest, save_adapters
+from .atomic_io import AtomicCheckpointIO, atomic_torch_save, stale_temp_files
+from .layout_check import CheckpointLayoutError, validate_checkpoint_layout
+from .optimizer_guard import (
+    MANIFEST_KEY,
+    OptimizerStateGuard,
+    OptimizerStateMismatchError,
+    check_optimizer_states,
+    optimizer_manifest,
+)
+from .resumable_data import ResumableDataLoader, ResumableSampler, resumable_train_loader
+from .rng import RNGStateCallback, capture_rng_state, restore_rng_state
+
+
+def exact_resume_callbacks() -> list[Callback]:
+    """Fresh ``RNGStateCallback`` and ``OptimizerStateGuard``: add both for exact, checked resume."""
+    return [RNGStateCallback(), OptimizerStateGuard()]
+
+
+__all__ = [
+    "AdapterArtifactError",
+    "MANIFEST_KEY",
+    "AtomicCheckpointIO",
+    "CheckpointLayoutError",
+    "OptimizerStateGuard",
+    "OptimizerStateMismatchError",
+    "RNGStateCallback",
+    "ResumableDataLoader",
+    "ResumableSampler",
+    "atomic_torch_save",
+    "capture_rng_state",
+    "check_optimizer_states",
+    "exact_resume_callbacks",
+    "load_adapters",
+    "optimizer_manifest",
+    "read_adapter_manifest",
+    "restore_rng_state",
+    "resumable_train_loader",
+    "save_adapters",
+    "stale_temp_files",
+    "validate_checkpoint_layout",
+]

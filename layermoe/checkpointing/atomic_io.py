@@ -1,0 +1,147 @@
+"""Crash-safe checkpoint files: a checkpoint on disk is either the old one or the complete new one.
+
+Why not Lightning's stock ``TorchCheckpointIO``: it goes through an fsspec transaction, which for local
+paths writes to a temporary file from ``tempfile.mkstemp()`` (the system temp folder) and then
+``shutil.move``s it. When the temp folder sits on another filesystem, ``shutil.move`` copies into the
+destination in place, so a process killed mid-copy leaves a truncated ``last.ckpt``; nothing is fsynced
+either, so a power loss can leave an empty file after a "successful" save, and a killed writer leaks its
+temp file outside the run folder.
+
+Here the bytes go to a hidden temporary file in the destination folder, are flushed and fsynced, and
+the file is then renamed over the destination with ``os.replace`` (atomic on POSIX within one
+filesystem); finally the folder is fsynced so the rename itself survives a power loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.fabric.utilities.types import _PATH
+
+from .layout_check import validate_checkpoint_layout
+
+log = logging.getLogger(__name__)
+
+_TMP_MARK = ".tmp-"
+
+
+def _temp_path_for(path: Path) -> Path:
+    # Hidden, and not ending in ".ckpt": ModelCheckpoint's "last"/top-k discovery never picks it up.
+    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Persist a rename/unlink in ``folder``; a no-op where directories cannot be opened (Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def stale_temp_files(path: _PATH) -> list[Path]:
+    """Temporary files left next to ``path`` by writers that were killed before their rename."""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return []
+    prefix = f".{path.name}{_TMP_MARK}"
+    return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
+
+
+def atomic_torch_save(obj: Any, path: _PATH, save_fn: Callable[[Any, Any], None] | None = None) -> None:
+    """``torch.save(obj, path)`` such that ``path`` never holds a partial file.
+
+    ``save_fn(obj, file_object)`` does the serialization (``torch.save``, looked up at call time).
+    """
+    save_fn = torch.save if save_fn is None else save_fn
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path_for(path)
+    try:
+        with open(tmp, "wb") as handle:
+            save_fn(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # Any failure (including KeyboardInterrupt) leaves the previous file untouched.
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+    # Leftovers of writers that were SIGKILLed before their rename: only this process writes this
+    # name now (Lightning saves from global rank 0), so they are garbage.
+    for leftover in stale_temp_files(path):
+        try:
+            leftover.unlink()
+        except FileNotFoundError:
+            pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """A Lightning ``CheckpointIO`` whose saves and removals are all-or-nothing on local disks.
+
+    Use it with ``Trainer(plugins=[AtomicCheckpointIO()])``. Loading also checks the MoE-LoRA layout
+    (``validate_checkpoint_layout``) before Lightning hands the weights to the module. URL paths
+    (``s3://``, ``file://``, ...) are saved by Lightning's stock fsspec code (object-store uploads are
+    all-or-nothing there).
+    """
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        map_location: Callable | None = lambda storage, loc: storage,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        validate_checkpoint_layout(checkpoint)
+        return checkpoint
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if storage_options is not None:
+            raise TypeError(
+                f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, which it does"
+                " not use; call Trainer.save_checkpoint(path) without storage_options."
+            )
+        if _is_remote(path):
+            super().save_checkpoint(checkpoint, path)
+            return
+        log.debug("Saving checkpoint atomically: %s", path)
+        atomic_torch_save(checkpoint, path)
+
+    def remove_checkpoint(self, path: _PATH) -> None:
+        """Delete ``path``; the unlink is atomic, and fsyncing the folder makes it durable."""
+        if _is_remote(path):
+            super().remove_checkpoint(path)
+            return
+        path = Path(path)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except IsADirectoryError:
+            # A sharded checkpoint folder: not written by this plugin, removed as Lightning would.
+            super().remove_checkpoint(path)
+            return
+        _fsync_dir(path.parent)
+        log.debug("Removed checkpoint: %s", path)
+
+
+def _is_remote(path: _PATH) -> bool:
+    return "://" in str(path)

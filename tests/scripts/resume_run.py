@@ -1,0 +1,297 @@
+"""One fit of a tiny MoE-LoRA classifier with a rewire mid-run, run by the resume tests in a fresh process.
+
+    python tests/scripts/resume_run.py --data DIR --run-dir DIR --out FILE [--ckpt PATH|last]
+
+Checkpoints are written after every optimizer step (``step=K.ckpt`` and ``last.ckpt``) through
+``AtomicCheckpointIO``; ``LayerInfluenceCallback`` rewires once after step ``--rewire-step``; the final
+trainable tensors, layout and progress go to ``--out`` (``torch.save``, plain data).
+
+``LAYERMOE_TEST_KILL_AT`` makes the process SIGKILL itself at one deterministic point:
+``train_step`` (between backward and optimizer step of step ``--kill-step``), ``scoring`` (inside the
+rewire's scoring pass), ``after_rewire`` (right after the rewire, before that step's checkpoint),
+``checkpoint_write`` (halfway through writing ``last.ckpt`` for step ``--kill-step``), ``validation``
+(inside the validation that follows step ``--kill-step``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from layermoe.adapters import layout
+from layermoe.callbacks import LayerInfluenceCallback
+from layermoe.checkpointing import AtomicCheckpointIO, exact_resume_callbacks
+from layermoe.lightning_modules import MoELoRAFineTuner, TextDataModule
+
+KILL_AT = os.environ.get("LAYERMOE_TEST_KILL_AT", "")
+TINY_LLAMA = {
+    "type": "llama",
+    "vocab_size": 264,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "tie_word_embeddings": False,
+}
+ADAPTER = {"experts": 2, "rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
+
+
+def die(point: str) -> None:
+    """SIGKILL this process (no cleanup, no exception handlers): what an OOM killer or a preemption does."""
+    print(f"KILLING at {point}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class KillableFineTuner(MoELoRAFineTuner):
+    """The real module plus the kill points that live inside its steps."""
+
+    kill_step = -1
+
+    def on_after_backward(self) -> None:
+        if KILL_AT == "train_step" and self.trainer.global_step == self.kill_step:
+            die("train_step")
+
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        # Only the influence callback's scoring pass calls this (training and validation do not).
+        if KILL_AT == "scoring":
+            die("scoring")
+        return super().per_sample_loss(batch)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if (
+            KILL_AT == "validation"
+            and not self.trainer.sanity_checking
+            and self.trainer.global_step == self.kill_step
+            and batch_idx == 1
+        ):
+            die("validation")
+        return super().validation_step(batch, batch_idx)
+
+
+class KillAfterRewire(Callback):
+    """Placed after LayerInfluenceCallback: dies once the rewire is done, before ModelCheckpoint saves."""
+
+    def __init__(self, influence: LayerInfluenceCallback) -> None:
+        self.influence = influence
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, idx: int
+    ) -> None:
+        if KILL_AT == "after_rewire" and self.influence.state.rewires_done == 1:
+            die("after_rewire")
+
+
+class KillingCheckpointIO(AtomicCheckpointIO):
+    """Writes half of ``last.ckpt`` for the kill step, then dies mid-write."""
+
+    def __init__(self, kill_step: int) -> None:
+        super().__init__()
+        self.kill_step = kill_step
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
+        if (
+            KILL_AT == "checkpoint_write"
+            and Path(path).name == "last.ckpt"
+            and checkpoint["global_step"] == self.kill_step
+        ):
+            real_save = torch.save
+
+            def half_then_die(obj: Any, handle: Any) -> None:
+                buffer = io.BytesIO()
+                real_save(obj, buffer)
+                handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+                handle.flush()
+                os.fsync(handle.fileno())
+                die("checkpoint_write")
+
+            torch.save = half_then_die
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+
+@torch.no_grad()
+def validation_loss(module: MoELoRAFineTuner, data: TextDataModule) -> float:
+    """Mean per-sample task loss over the whole validation file, in eval mode (float64 accumulation)."""
+    was_training = module.training
+    module.eval()
+    data.setup("validate")
+    losses = [MoELoRAFineTuner.per_sample_loss(module, batch).double() for batch in data.val_dataloader()]
+    module.train(was_training)
+    return float(torch.cat(losses).mean())
+
+
+def data_module(folder: str) -> TextDataModule:
+    return TextDataModule(
+        train_file=str(Path(folder) / "train.jsonl"),
+        val_file=str(Path(folder) / "val.jsonl"),
+        tokenizer="tiny",
+        label_words=["no", "yes"],
+        max_length=24,
+        batch_size=4,
+        eval_batch_size=4,
+        seed=0,
+    )
+
+
+def build(
+    args: argparse.Namespace,
+) -> tuple[L.Trainer, MoELoRAFineTuner, TextDataModule, LayerInfluenceCallback]:
+    L.seed_everything(0)
+    module = KillableFineTuner(
+        model=TINY_LLAMA,
+        adapter=ADAPTER,
+        task="classification",
+        num_classes=2,
+        lr=1e-2,
+        scheduler="cosine",
+        warmup_steps=2,
+        print_layout=False,
+    )
+    module.kill_step = args.kill_step
+    data = data_module(args.data)
+    influence = LayerInfluenceCallback(
+        scorer="grad_norm",
+        schedule={"warmup": args.rewire_step, "interval": "step"},
+        num_train_samples=8,
+        num_val_samples=8,
+        plot=False,
+        verbose=False,
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_steps=args.max_steps,
+        val_check_interval=args.val_every,
+        check_val_every_n_epoch=None,
+        limit_val_batches=2,
+        num_sanity_val_steps=1,
+        deterministic=True,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=args.run_dir,
+        plugins=[KillingCheckpointIO(args.kill_step)],
+        callbacks=[
+            influence,
+            KillAfterRewire(influence),
+            *exact_resume_callbacks(),
+            ModelCheckpoint(
+                dirpath=Path(args.run_dir) / "checkpoints",
+                filename="{step}",
+                every_n_train_steps=1,
+                save_top_k=-1,
+                save_last=True,
+            ),
+        ],
+    )
+    return trainer, module, data, influence
+
+
+def cli_config(
+    data: str, run_dir: str, max_steps: int = 12, rewire_step: int = 6, val_every: int = 4
+) -> dict:
+    """The same run as ``build`` as a ``python train.py fit --config`` YAML dict (no kill points)."""
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "precision": "32-true",
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": max_steps,
+            "val_check_interval": val_every,
+            "check_val_every_n_epoch": None,
+            "limit_val_batches": 2,
+            "num_sanity_val_steps": 1,
+            "deterministic": True,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "default_root_dir": run_dir,
+            "plugins": [{"class_path": "layermoe.checkpointing.AtomicCheckpointIO"}],
+            "callbacks": [
+                {
+                    "class_path": "layermoe.callbacks.LayerInfluenceCallback",
+                    "init_args": {
+                        "scorer": "grad_norm",
+                        "schedule": {"warmup": rewire_step, "interval": "step"},
+                        "num_train_samples": 8,
+                        "num_val_samples": 8,
+                        "plot": False,
+                        "verbose": False,
+                    },
+                },
+                {"class_path": "layermoe.checkpointing.RNGStateCallback"},
+                {"class_path": "layermoe.checkpointing.OptimizerStateGuard"},
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(Path(run_dir) / "checkpoints"),
+                        "filename": "{step}",
+                        "every_n_train_steps": 1,
+                        "save_top_k": -1,
+                        "save_last": True,
+                    },
+                },
+            ],
+        },
+        "model": {
+            "model": TINY_LLAMA,
+            "adapter": ADAPTER,
+            "task": "classification",
+            "num_classes": 2,
+            "lr": 1e-2,
+            "scheduler": "cosine",
+            "warmup_steps": 2,
+            "print_layout": False,
+        },
+        "data": {
+            "train_file": str(Path(data) / "train.jsonl"),
+            "val_file": str(Path(data) / "val.jsonl"),
+            "tokenizer": "tiny",
+            "label_words": ["no", "yes"],
+            "max_length": 24,
+            "batch_size": 4,
+            "eval_batch_size": 4,
+            "seed": 0,
+        },
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--max-steps", type=int, default=12)
+    parser.add_argument("--rewire-step", type=int, default=6)
+    parser.add_argument("--val-every", type=int, default=4)
+    parser.add_argument("--kill-step", type=int, default=-1)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # tiny matrices: one thread is much faster on a shared 2-core machine
+    trainer, module, data, influence = build(args)
+    trainer.fit(module, datamodule=data, ckpt_path=args.ckpt)
+    torch.save(
+        {
+            "trainable": {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad},
+            "layout": layout(module.model),
+            "global_step": trainer.global_step,
+            "rewires_done": influence.state.rewires_done,
+            "val_loss": validation_loss(module, data),
+        },
+        args.out,
+    )
+    print(f"DONE step={trainer.global_step} rewires={influence.state.rewires_done}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""save_adapters / load_adapters: exact round trip onto a base model, all-or-nothing on bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from layermoe.adapters import MoELoRAConfig, apply_layout, inject, layout, named_moe_layers
+from layermoe.checkpointing import AdapterArtifactError, load_adapters, save_adapters
+from layermoe.checkpointing.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from tests.tiny_models import random_tokens, tiny_llama
+
+RESIZED = {0: {"experts": 3, "rank": 2}, 1: {"experts": 1, "rank": 6}, 2: {"experts": 2, "rank": 4}}
+
+
+def _trained_adapted_model() -> torch.nn.Module:
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=4, top_k=None, lora_alpha=8.0, lora_dropout=0.1))
+    apply_layout(model, RESIZED)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # stand-in for training: every adapter tensor non-trivial
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return model.eval()
+
+
+def _snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_roundtrip_onto_fresh_base_model_reproduces_outputs(tmp_path: Path) -> None:
+    source = _trained_adapted_model()
+    tokens = random_tokens()
+    with torch.no_grad():
+        expected = source(tokens).logits
+    save_adapters(source, tmp_path)
+    saved = load_file(tmp_path / WEIGHTS_NAME)
+    assert all(".lora_" in key for key in saved)  # adapters only, no base weights
+    assert json.loads((tmp_path / CONFIG_NAME).read_text())["layout"] == {
+        str(k): v for k, v in RESIZED.items()
+    }
+
+    target = tiny_llama()  # same base weights (same seed), no adapters
+    assert load_adapters(target, tmp_path) == RESIZED
+    target.eval()
+    with torch.no_grad():
+        assert torch.equal(target(tokens).logits, expected)
+    assert {n for n, p in target.named_parameters() if p.requires_grad} == {
+        n for n, p in source.named_parameters() if p.requires_grad
+    }
+    layer = named_moe_layers(target)["model.layers.0.self_attn.q_proj"]
+    assert (layer.lora_alpha, layer.lora_dropout_p, layer.top_k) == (8.0, 0.1, None)
+
+
+def test_load_onto_model_adapted_with_another_layout_resizes_it(tmp_path: Path) -> None:
+    source = _trained_adapted_model()
+    save_adapters(source, tmp_path)
+    target = tiny_llama()
+    inject(target, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0, lora_dropout=0.1))
+    load_adapters(target, tmp_path)
+    assert layout(target) == RESIZED
+    tokens = random_tokens(seed=3)
+    with torch.no_grad():
+        assert torch.equal(target.eval()(tokens).logits, source(tokens).logits)
+
+
+def _assert_untouched(model: torch.nn.Module, before: dict[str, torch.Tensor], adapted: bool) -> None:
+    after = model.state_dict()
+    assert sorted(after) == sorted(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert bool(named_moe_layers(model)) == adapted
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        ("shape", r"lora_A has shape \(5, 32\)"),
+        ("missing_tensor", r"lacks model\.layers\.1\.mlp\.up_proj\.lora_B"),
+        ("lora_shape", r"lora_shape is \[9, 9\] but the saved layout says \[3, 2\]"),
+        ("truncated", "cannot be read"),
+        ("layout", r"layout\[0\]"),
+        ("no_json", "not a layermoe adapter folder"),
+    ],
+)
+def test_corrupt_artifact_fails_clearly_and_leaves_the_model_alone(
+    tmp_path: Path, corrupt: str, message: str
+) -> None:
+    save_adapters(_trained_adapted_model(), tmp_path)
+    weights, config = tmp_path / WEIGHTS_NAME, tmp_path / CONFIG_NAME
+    tensors = load_file(weights)
+    if corrupt == "shape":
+        tensors["model.layers.0.self_attn.q_proj.lora_A"] = torch.zeros(5, 32)
+        save_file(tensors, weights)
+    elif corrupt == "missing_tensor":
+        del tensors["model.layers.1.mlp.up_proj.lora_B"]
+        save_file(tensors, weights)
+    elif corrupt == "lora_shape":
+        tensors["model.layers.0.mlp.up_proj.lora_shape"] = torch.tensor([9, 9])
+        save_file(tensors, weights)
+    elif corrupt == "truncated":
+        weights.write_bytes(weights.read_bytes()[:100])
+    elif corrupt == "layout":
+        data = json.loads(config.read_text())
+        data["layout"]["0"] = {"experts": 3}
+        config.write_text(json.dumps(data))
+    elif corrupt == "no_json":
+        config.unlink()
+    for adapted in (False, True):
+        model = tiny_llama()
+        if adapted:
+            inject(model, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0, lora_dropout=0.1))
+        before = _snapshot(model)
+        with pytest.raises(AdapterArtifactError, match=message):
+            load_adapters(model, tmp_path)
+        _assert_untouched(model, before, adapted)
+
+
+def test_wrong_base_model_and_mismatched_hyperparameters_are_refused(tmp_path: Path) -> None:
+    save_adapters(_trained_adapted_model(), tmp_path)
+    wider = tiny_llama(hidden=48)
+    before = _snapshot(wider)
+    with pytest.raises(AdapterArtifactError, match="does not fit this model"):
+        load_adapters(wider, tmp_path)
+    _assert_untouched(wider, before, adapted=False)
+    other_alpha = tiny_llama()
+    inject(other_alpha, MoELoRAConfig(experts=2, rank=4, lora_alpha=16.0, lora_dropout=0.1))
+    before = _snapshot(other_alpha)
+    with pytest.raises(
+        AdapterArtifactError, match="lora_alpha=16.0 but the adapters were trained with lora_alpha=8.0"
+    ):
+        load_adapters(other_alpha, tmp_path)
+    _assert_untouched(other_alpha, before, adapted=True)
+    with pytest.raises(AdapterArtifactError, match="no MoE-LoRA layers"):
+        save_adapters(tiny_llama(), tmp_path / "x")
+
+
+def test_one_expert_layout_also_exports_to_peft_matching_outputs(tmp_path: Path) -> None:
+    from peft import PeftModel
+
+    source = tiny_llama()
+    inject(source, MoELoRAConfig(experts=1, rank=4, lora_alpha=8.0))
+    apply_layout(source, {0: {"experts": 1, "rank": 2}, 2: {"experts": 1, "rank": 6}})
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in source.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    save_adapters(source, tmp_path, peft=True)
+    tokens = random_tokens(seed=2)
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        ours = source.eval()(tokens).logits
+        torch.testing.assert_close(peft_model(tokens).logits, ours, rtol=1e-5, atol=1e-5)
+    restored = tiny_llama()
+    load_adapters(restored, tmp_path)
+    with torch.no_grad():
+        assert torch.equal(restored.eval()(tokens).logits, ours)
+
+
+def test_peft_export_of_a_multi_expert_layout_is_refused_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(AdapterArtifactError, match=r"blocks \[0, 2\] have \[2, 3\]"):
+        save_adapters(_trained_adapted_model(), tmp_path / "out", peft=True)
+    assert not (tmp_path / "out").exists()

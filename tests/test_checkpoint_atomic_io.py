@@ -1,0 +1,81 @@
+"""AtomicCheckpointIO: a checkpoint on disk is always either the previous or the complete new one."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from layermoe.checkpointing import AtomicCheckpointIO, stale_temp_files
+
+SCRIPT = Path(__file__).parent / "scripts" / "resume_killed_writer.py"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ckpt(value: float) -> dict:
+    return {"value": torch.full((256,), value), "step": int(value)}
+
+
+def test_roundtrip_loads_weights_only_and_leaves_no_temp(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "sub" / "last.ckpt"
+    io.save_checkpoint(_ckpt(1.0), path)
+    io.save_checkpoint(_ckpt(2.0), path)  # overwrite
+    loaded = torch.load(path, weights_only=True)
+    assert torch.equal(loaded["value"], torch.full((256,), 2.0)) and loaded["step"] == 2
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.ckpt"]
+    assert io.load_checkpoint(path, weights_only=True)["step"] == 2
+
+
+def test_exception_midway_keeps_previous_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint(_ckpt(1.0), path)
+    before = path.read_bytes()
+
+    def failing_save(obj, handle) -> None:
+        handle.write(b"partial bytes of a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint(_ckpt(2.0), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert torch.equal(torch.load(path, weights_only=True)["value"], torch.full((256,), 1.0))
+    assert stale_temp_files(path) == []  # the failed writer cleaned up after itself
+
+
+def test_sigkill_during_write_keeps_previous_file(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint(_ckpt(1.0), path)
+    before = path.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), str(path), "2.0"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert path.read_bytes() == before
+    assert torch.load(path, weights_only=True)["step"] == 1
+    leftovers = stale_temp_files(path)
+    assert len(leftovers) == 1 and 0 < leftovers[0].stat().st_size < len(before)  # the killed half-write
+    io.save_checkpoint(_ckpt(3.0), path)  # the next successful save sweeps it
+    assert stale_temp_files(path) == [] and torch.load(path, weights_only=True)["step"] == 3
+
+
+def test_remove_checkpoint(tmp_path: Path) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "epoch=0.ckpt"
+    io.save_checkpoint(_ckpt(1.0), path)
+    io.remove_checkpoint(path)
+    assert not path.exists()
+    io.remove_checkpoint(path)  # removing twice is not an error (ModelCheckpoint may race with itself)
+
+
+def test_storage_options_rejected_with_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="storage_options"):
+        AtomicCheckpointIO().save_checkpoint(_ckpt(1.0), tmp_path / "x.ckpt", storage_options={"a": 1})
