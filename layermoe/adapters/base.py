@@ -1,0 +1,80 @@
+"""What the adapter needs to know about the frozen layer it wraps: sizes, device and compute dtype.
+
+Kept apart from the layer so the supported base types (nn.Linear, transformers' Conv1D, bitsandbytes'
+Linear4bit / Linear8bitLt) are listed in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+try:  # bitsandbytes is a dependency, but keep the adapter importable if its native library is missing
+    import bitsandbytes as _bnb
+
+    _QUANTIZED_TYPES: tuple[type, ...] = (_bnb.nn.Linear4bit, _bnb.nn.Linear8bitLt)
+    _FOUR_BIT_TYPES: tuple[type, ...] = (_bnb.nn.Linear4bit,)
+except Exception:  # pragma: no cover - depends on the installation
+    _QUANTIZED_TYPES = ()
+    _FOUR_BIT_TYPES = ()
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    # transformers' GPT-2 Conv1D stores weight as (d_in, d_out); matched by name to avoid importing
+    # transformers here (other Conv1D copies exist in user code and behave the same way).
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def is_supported_base(module: nn.Module) -> bool:
+    """Whether `module` is a layer type `MoELoRALinear` can wrap."""
+    return isinstance(module, nn.Linear) or _is_conv1d(module) or isinstance(module, _QUANTIZED_TYPES)
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """Sizes and placement of a base layer; `dtype` is the dtype the adapter's parameters use."""
+
+    in_features: int
+    out_features: int
+    device: torch.device
+    dtype: torch.dtype
+    quantized: bool
+    four_bit: bool
+    fan_in_fan_out: bool
+
+
+def base_info(module: nn.Module) -> BaseInfo:
+    """Describe a supported base layer; raises TypeError naming the type otherwise."""
+    if not is_supported_base(module):
+        raise TypeError(
+            f"MoELoRALinear cannot wrap {type(module).__name__}; supported: nn.Linear, transformers Conv1D, "
+            "bitsandbytes Linear4bit/Linear8bitLt. Remove it from target_modules."
+        )
+    weight = module.weight
+    device = weight.device
+    quantized = isinstance(module, _QUANTIZED_TYPES)
+    if _is_conv1d(module):
+        d_in, d_out, fan_in_fan_out = int(module.nx), int(module.nf), True
+    else:
+        d_in, d_out, fan_in_fan_out = int(module.in_features), int(module.out_features), False
+    if quantized:
+        # Quantized storage is not a compute dtype: use the layer's compute dtype on accelerators and
+        # float32 on CPU, where low-precision matmuls are emulated and slow.
+        compute = getattr(module, "compute_dtype", None)
+        if device.type != "cpu" and isinstance(compute, torch.dtype) and compute.is_floating_point:
+            dtype = compute
+        else:
+            dtype = torch.float32
+    else:
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return BaseInfo(
+        in_features=d_in,
+        out_features=d_out,
+        device=device,
+        dtype=dtype,
+        quantized=quantized,
+        four_bit=isinstance(module, _FOUR_BIT_TYPES),
+        fan_in_fan_out=fan_in_fan_out,
+    )

@@ -1,0 +1,218 @@
+"""`MoELoRAConfig`: what to wrap and with how much capacity, validated once and kept as plain data.
+
+The config is the only description of an adapter that crosses into checkpoints and hyperparameters, so
+it converts to and from a plain dict (`to_dict` / `from_dict`) and every bad value fails in
+`__post_init__` with a message naming the field and the fix, before any model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+# Attention and MLP projections of the supported families. Matched against the last component(s) of a
+# module's name, so "dense" matches BERT's attention.output.dense, intermediate.dense and output.dense.
+DEFAULT_TARGET_MODULES: tuple[str, ...] = (
+    # Llama / Qwen2 / Mistral
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    # GPT-2 (Conv1D layers)
+    "c_attn",
+    "c_proj",
+    "c_fc",
+    # BERT
+    "query",
+    "key",
+    "value",
+    "dense",
+)
+
+
+def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
+    """Validate `experts` / `rank`: a positive int or a mapping block index -> positive int."""
+    if isinstance(value, bool):
+        raise ValueError(f"MoELoRAConfig.{name} must be a positive int or a mapping block -> int, got a bool")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"MoELoRAConfig.{name} must be >= 1, got {value}; use 1 for a plain LoRA block")
+        return value
+    if isinstance(value, Mapping):
+        if not value:
+            raise ValueError(f"MoELoRAConfig.{name} is an empty mapping; give an int or one entry per block")
+        out: dict[int, int] = {}
+        for key, item in value.items():
+            try:
+                block = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"MoELoRAConfig.{name} has key {key!r}; keys must be block indices (ints or digit strings)"
+                ) from None
+            if block < 0:
+                raise ValueError(f"MoELoRAConfig.{name} has negative block index {block}")
+            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+                raise ValueError(f"MoELoRAConfig.{name}[{block}] must be an int >= 1, got {item!r}")
+            out[block] = item
+        return out
+    raise ValueError(
+        f"MoELoRAConfig.{name} must be a positive int or a mapping block -> int, got {type(value).__name__}"
+    )
+
+
+@dataclass
+class MoELoRAConfig:
+    """Configuration of the MoE-LoRA adapters injected by `layermoe.adapters.inject`.
+
+    target_modules: module names (matched against the end of a module's dotted name, e.g. "q_proj" or
+        "attention.output.dense") or one regex string matched with `re.fullmatch` against the full name.
+        None means `DEFAULT_TARGET_MODULES` (all attention and MLP projections).
+    experts / rank: an int for every block, or a mapping block index -> int covering every block.
+    top_k: experts used per token; None (or >= experts of a block) means dense softmax routing.
+    lora_alpha: scaling numerator; each expert's delta is (lora_alpha / rank) * B_e A_e.
+    router_aux_loss_coef / router_z_loss_coef: weights of the Switch load-balancing loss and ST-MoE
+        router z-loss that `collect_router_losses` returns.
+    router_init_std: std of the router weight at init (0 = uniform gates at the start).
+    routing_mass_decay: decay of the running average of gate probabilities kept per layer (the routing
+        mass used to pick which expert to split or drop).
+    """
+
+    target_modules: list[str] | str | None = None
+    experts: int | dict[int, int] = 4
+    rank: int | dict[int, int] = 8
+    top_k: int | None = None
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    router_init_std: float = 0.0
+    routing_mass_decay: float = 0.99
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.target_modules = self._check_targets(self.target_modules)
+        self.experts = _check_capacity("experts", self.experts)
+        self.rank = _check_capacity("rank", self.rank)
+        if self.top_k is not None:
+            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+                raise ValueError(
+                    f"MoELoRAConfig.top_k must be None (dense routing) or an int >= 1, got {self.top_k!r}"
+                )
+        for name in ("lora_alpha", "router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"MoELoRAConfig.{name} must be a number, got {value!r}")
+            setattr(self, name, float(value))
+        if self.lora_alpha <= 0:
+            raise ValueError(f"MoELoRAConfig.lora_alpha must be > 0, got {self.lora_alpha}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(
+                    f"MoELoRAConfig.{name} must be >= 0 (0 disables it), got {getattr(self, name)}"
+                )
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
+            raise ValueError(
+                f"MoELoRAConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}"
+            )
+        self.lora_dropout = float(self.lora_dropout)
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"MoELoRAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if not isinstance(self.routing_mass_decay, (int, float)) or not 0.0 <= self.routing_mass_decay < 1.0:
+            raise ValueError(
+                f"MoELoRAConfig.routing_mass_decay must be in [0, 1), got {self.routing_mass_decay!r}"
+            )
+        self.routing_mass_decay = float(self.routing_mass_decay)
+        if not isinstance(self.extra, dict):
+            raise ValueError(
+                f"MoELoRAConfig.extra must be a dict of plain data, got {type(self.extra).__name__}"
+            )
+
+    @staticmethod
+    def _check_targets(value: Any) -> list[str] | str:
+        if value is None:
+            return list(DEFAULT_TARGET_MODULES)
+        if isinstance(value, str):
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(
+                    f"MoELoRAConfig.target_modules is not a valid regex ({err}): {value!r}"
+                ) from None
+            return value
+        if isinstance(value, (list, tuple)):
+            names = list(value)
+            if not names:
+                raise ValueError(
+                    "MoELoRAConfig.target_modules is empty; give names, a regex, or None for the default"
+                )
+            for name in names:
+                if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+                    raise ValueError(
+                        f"MoELoRAConfig.target_modules entries must be non-empty module names like 'q_proj', got {name!r}"
+                    )
+            return names
+        raise ValueError(
+            f"MoELoRAConfig.target_modules must be a list of names, a regex string or None, got {type(value).__name__}"
+        )
+
+    def matches(self, module_name: str) -> bool:
+        """Whether the module with this full dotted name is a target."""
+        if isinstance(self.target_modules, str):
+            return re.fullmatch(self.target_modules, module_name) is not None
+        return any(module_name == t or module_name.endswith("." + t) for t in self.target_modules)
+
+    def experts_for(self, block: int) -> int:
+        """Number of experts of every module in `block`."""
+        return self._capacity_for("experts", block)
+
+    def rank_for(self, block: int) -> int:
+        """LoRA rank of every expert in `block`."""
+        return self._capacity_for("rank", block)
+
+    def top_k_for(self, block: int) -> int | None:
+        """Effective top-k of `block`: None when routing is dense (top_k unset or >= its experts)."""
+        experts = self.experts_for(block)
+        if self.top_k is None or self.top_k >= experts:
+            return None
+        return self.top_k
+
+    def _capacity_for(self, name: str, block: int) -> int:
+        value = getattr(self, name)
+        if isinstance(value, int):
+            return value
+        if block not in value:
+            raise KeyError(
+                f"MoELoRAConfig.{name} has no entry for block {block} (has {sorted(value)}); "
+                f"add it or give an int for all blocks"
+            )
+        return value[block]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (lists, dicts with int keys, numbers, strings): safe for weights_only checkpoints."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if isinstance(out["target_modules"], list):
+            out["target_modules"] = list(out["target_modules"])
+        for name in ("experts", "rank"):
+            if isinstance(out[name], dict):
+                out[name] = {int(k): int(v) for k, v in out[name].items()}
+        out["extra"] = dict(out["extra"])
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MoELoRAConfig:
+        """Inverse of `to_dict`; accepts string block keys (as JSON produces)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"MoELoRAConfig.from_dict needs a mapping, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(
+                f"MoELoRAConfig.from_dict got unknown fields {unknown}; known fields: {sorted(known)}"
+            )
+        return cls(**dict(data))

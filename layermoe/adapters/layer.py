@@ -1,0 +1,315 @@
+"""`MoELoRALinear`: a frozen base layer plus a routed mixture of LoRA experts.
+
+output = base(x) + sum_e gate_e(x) * (lora_alpha / rank) * B_e A_e dropout(x)
+
+All experts' A factors are stacked into one (E*r, d_in) matrix and all B factors into one (d_out, E*r)
+matrix, so the default forward is two matmuls with the gates applied to the r-blocks in between: no
+Python loop over experts, and the same cost as a plain LoRA of rank E*r plus a tiny router. The layout
+of the parameters is a contract (docs/architecture.md): the scoring code and the resize operations
+address expert e as rows / columns [e*r, (e+1)*r).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import BaseInfo, base_info
+from .grouped import grouped_lora_output
+from .router import compute_gates, router_statistics
+
+CaptureHook = Callable[["MoELoRALinear", dict[str, Any]], None]
+
+
+def lora_init_A(rows: int, d_in: int, *, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """LoRA's A init (kaiming_uniform with a=sqrt(5), as nn.Linear and peft use): never zero."""
+    weight = torch.empty(rows, d_in, device=device, dtype=dtype)
+    nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+    return weight
+
+
+class MoELoRALinear(nn.Module):
+    """Wraps a frozen `nn.Linear`, GPT-2 `Conv1D` or bitsandbytes 4/8-bit linear with MoE-LoRA experts.
+
+    Parameters (names are a contract): `lora_A` (E*r, d_in), `lora_B` (d_out, E*r), and when E > 1
+    `lora_router_weight` (E, d_in) and `lora_router_bias` (E,). Buffers: `lora_shape` = [E, r] (int64,
+    persistent: a freshly built layer re-allocates itself to the incoming shape before loading a
+    state_dict, so resized checkpoints load with plain `load_state_dict`) and `lora_routing_mass` (E,),
+    a running average of the gate probabilities seen in training (which expert to split or drop).
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        experts: int = 1,
+        rank: int = 8,
+        top_k: int | None = None,
+        lora_alpha: float = 16.0,
+        lora_dropout: float = 0.0,
+        router_aux_loss_coef: float = 0.0,
+        router_z_loss_coef: float = 0.0,
+        router_init_std: float = 0.0,
+        routing_mass_decay: float = 0.99,
+    ) -> None:
+        super().__init__()
+        for name, value in (("experts", experts), ("rank", rank)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoELoRALinear {name} must be an int >= 1, got {value!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"MoELoRALinear top_k must be None (dense) or an int >= 1, got {top_k!r}")
+        if lora_alpha <= 0:
+            raise ValueError(f"MoELoRALinear lora_alpha must be > 0, got {lora_alpha}")
+        if not 0.0 <= lora_dropout < 1.0:
+            raise ValueError(f"MoELoRALinear lora_dropout must be in [0, 1), got {lora_dropout}")
+        self.info: BaseInfo = base_info(base_layer)
+        self.base_layer = base_layer
+        for param in base_layer.parameters():
+            param.requires_grad_(False)
+        self.in_features = self.info.in_features
+        self.out_features = self.info.out_features
+        self.top_k = top_k
+        self.lora_alpha = float(lora_alpha)
+        self.lora_dropout_p = float(lora_dropout)
+        self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
+        self.router_aux_loss_coef = float(router_aux_loss_coef)
+        self.router_z_loss_coef = float(router_z_loss_coef)
+        self.router_init_std = float(router_init_std)
+        self.routing_mass_decay = float(routing_mass_decay)
+        self.capture_hook: CaptureHook | None = None
+        self.path = "auto"  # "auto" | "dense" | "grouped"; see use_grouped
+        self._router_stats: dict[str, torch.Tensor] | None = None
+        self.experts = experts
+        self.rank = rank
+        self.register_buffer(
+            "lora_shape", torch.tensor([experts, rank], dtype=torch.int64, device=self.info.device)
+        )
+        self.register_buffer(
+            "lora_routing_mass",
+            torch.full((experts,), 1.0 / experts, dtype=torch.float32, device=self.info.device),
+        )
+        self.lora_A = nn.Parameter(torch.empty(0))
+        self.lora_B = nn.Parameter(torch.empty(0))
+        self.register_parameter("lora_router_weight", None)
+        self.register_parameter("lora_router_bias", None)
+        self.reset_lora_parameters(experts, rank)
+
+    # ------------------------------------------------------------------ shape and parameters
+    @property
+    def scaling(self) -> float:
+        """lora_alpha / rank: the factor every expert's B_e A_e is multiplied by."""
+        return self.lora_alpha / self.rank
+
+    @property
+    def effective_top_k(self) -> int | None:
+        """None when routing is dense (no top_k or top_k >= experts)."""
+        if self.top_k is None or self.top_k >= self.experts:
+            return None
+        return self.top_k
+
+    def reset_lora_parameters(self, experts: int, rank: int) -> None:
+        """Fresh LoRA init for shape (experts, rank): A kaiming, B zero, router small or zero, bias zero."""
+        device, dtype = self.info.device, self.info.dtype
+        if self.lora_A.numel():  # follow the model if it was moved or cast after injection
+            device, dtype = self.lora_A.device, self.lora_A.dtype
+        A = lora_init_A(experts * rank, self.in_features, device=device, dtype=dtype)
+        B = torch.zeros(self.out_features, experts * rank, device=device, dtype=dtype)
+        router_w = router_b = None
+        if experts > 1:
+            router_w = torch.zeros(experts, self.in_features, device=device, dtype=dtype)
+            if self.router_init_std > 0:
+                router_w.normal_(0.0, self.router_init_std)
+            router_b = torch.zeros(experts, device=device, dtype=dtype)
+        mass = torch.full((experts,), 1.0 / experts, dtype=torch.float32, device=device)
+        self.install(experts, rank, A, B, router_w, router_b, mass)
+
+    def install(
+        self,
+        experts: int,
+        rank: int,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        router_weight: torch.Tensor | None,
+        router_bias: torch.Tensor | None,
+        routing_mass: torch.Tensor,
+        keep: frozenset[str] = frozenset(),
+    ) -> None:
+        """Swap in new tensors (already built and checked); names in `keep` keep their Parameter object.
+
+        Only called once every tensor exists, so a failing resize never leaves a half-changed layer.
+        """
+        if A.shape != (experts * rank, self.in_features) or B.shape != (self.out_features, experts * rank):
+            raise ValueError(
+                f"install: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not match experts={experts}, "
+                f"rank={rank}, d_in={self.in_features}, d_out={self.out_features}"
+            )
+        if (router_weight is None) != (experts == 1) or (router_bias is None) != (experts == 1):
+            raise ValueError(f"install: a router is needed exactly when experts > 1 (experts={experts})")
+        if router_weight is not None and (
+            router_weight.shape != (experts, self.in_features) or router_bias.shape != (experts,)
+        ):
+            raise ValueError("install: router weight/bias shapes do not match experts and d_in")
+        requires_grad = self.lora_A.requires_grad if self.lora_A.numel() else True
+        new = {"lora_A": A, "lora_B": B, "lora_router_weight": router_weight, "lora_router_bias": router_bias}
+        for name, tensor in new.items():
+            if name in keep:
+                continue
+            param = None if tensor is None else nn.Parameter(tensor.detach(), requires_grad=requires_grad)
+            self.register_parameter(name, param)
+        self.lora_shape = torch.tensor([experts, rank], dtype=torch.int64, device=self.lora_shape.device)
+        self.lora_routing_mass = routing_mass.detach().to(torch.float32).clone()
+        self.experts = experts
+        self.rank = rank
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Re-allocate to the incoming [experts, rank] first: a model rebuilt from its default config
+        # then loads a resized model's weights with plain load_state_dict.
+        shape = state_dict.get(prefix + "lora_shape")
+        if shape is not None:
+            values = torch.as_tensor(shape).reshape(-1).tolist()
+            if len(values) != 2 or min(values) < 1:
+                error_msgs.append(f"{prefix}lora_shape must be [experts, rank] with both >= 1, got {values}")
+                return
+            experts, rank = int(values[0]), int(values[1])
+            if (experts, rank) != (self.experts, self.rank):
+                self.reset_lora_parameters(experts, rank)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    # ------------------------------------------------------------------ forward
+    def router_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Router logits (..., E) for adapter-dtype input x, or None with a single expert."""
+        if self.lora_router_weight is None:
+            return None
+        return F.linear(x, self.lora_router_weight, self.lora_router_bias)
+
+    def _project(
+        self, lora_x: torch.Tensor, lora_input: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A projections (..., E*r) and router logits (..., E).
+
+        Without dropout both read the same input, so the router rows ride along in the A matmul: one
+        pass over x forward and one grad-input matmul backward instead of two (x is the big operand).
+        """
+        if self.lora_router_weight is None:
+            return F.linear(lora_input, self.lora_A), None
+        if lora_input is lora_x:
+            fused = F.linear(lora_x, torch.cat([self.lora_A, self.lora_router_weight]))
+            expert_hidden, logits = fused.split([self.experts * self.rank, self.experts], dim=-1)
+            return expert_hidden, logits + self.lora_router_bias
+        return F.linear(lora_input, self.lora_A), F.linear(
+            lora_x, self.lora_router_weight, self.lora_router_bias
+        )
+
+    def use_grouped(self) -> bool:
+        """Whether forward computes only the selected experts (tokens grouped by expert).
+
+        `path="auto"` picks it for top-k routing with k <= E/2 in bf16/fp16 on CPU, where the benchmark
+        (benchmarks/adapter_forward.py) measured it faster than the dense path; everywhere else the
+        dense path (two matmuls, no loop) is faster. Never with a capture_hook, which needs every
+        expert's hidden activations.
+        """
+        top_k = self.effective_top_k
+        if self.path == "dense" or top_k is None or self.capture_hook is not None:
+            return False
+        if self.path == "grouped":
+            return True
+        low_precision = self.lora_A.dtype in (torch.bfloat16, torch.float16)
+        return low_precision and self.lora_A.device.type == "cpu" and 2 * top_k <= self.experts
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.info.four_bit:
+            # bitsandbytes 4-bit may return a view of an internal buffer that autograd must not see
+            # modified (peft does the same defensive clone)
+            result = result.clone()
+        lead = x.shape[:-1]
+        lora_x = x.to(self.lora_A.dtype)
+        if self.use_grouped():
+            return self._grouped_forward(result, lora_x.reshape(-1, self.in_features), lead)
+        # the tensors given to capture_hook keep x's leading shape and are the ones used downstream
+        lora_input = self.lora_dropout(lora_x)
+        expert_hidden, logits = self._project(lora_x, lora_input)
+        if logits is None:
+            hidden = expert_hidden * self.scaling
+        else:
+            top_k = self.effective_top_k
+            gates, probs = compute_gates(logits, top_k)
+            self._record_router_stats(logits, probs, top_k)
+            weights = (gates * self.scaling).to(expert_hidden.dtype)
+            hidden = expert_hidden.view(*lead, self.experts, self.rank) * weights.unsqueeze(-1)
+        hidden = hidden.reshape(-1, self.experts * self.rank)
+        flat_result = result.reshape(-1, self.out_features)
+        if flat_result.dtype == hidden.dtype:
+            # the add rides in the GEMM (beta=1): no separate pass over the (N, d_out) output
+            output = torch.addmm(flat_result, hidden, self.lora_B.t()).view(*lead, self.out_features)
+        else:
+            output = result + F.linear(hidden, self.lora_B).to(result.dtype).view(result.shape)
+        if self.capture_hook is not None:
+            self.capture_hook(
+                self,
+                {
+                    "x": x,
+                    "lora_input": lora_input,
+                    "expert_hidden": expert_hidden,
+                    "router_logits": logits,
+                    "output": output,
+                },
+            )
+        return output
+
+    def _grouped_forward(self, result: torch.Tensor, lora_x: torch.Tensor, lead: torch.Size) -> torch.Tensor:
+        logits = F.linear(lora_x, self.lora_router_weight, self.lora_router_bias)
+        output, probs = grouped_lora_output(
+            result.reshape(-1, self.out_features),
+            self.lora_dropout(lora_x),
+            self.lora_A,
+            self.lora_B,
+            logits,
+            self.experts,
+            self.rank,
+            self.effective_top_k,
+            self.scaling,
+        )
+        self._record_router_stats(logits, probs, self.effective_top_k)
+        return output.view(*lead, self.out_features)
+
+    # ------------------------------------------------------------------ router statistics
+    def _record_router_stats(self, logits: torch.Tensor, probs: torch.Tensor, top_k: int | None) -> None:
+        if not (self.training and torch.is_grad_enabled()):
+            return
+        aux, z_loss, load = router_statistics(logits, probs, top_k)
+        self._router_stats = {
+            "aux_loss": self.router_aux_loss_coef * aux,
+            "z_loss": self.router_z_loss_coef * z_loss,
+            "load": load.detach(),
+        }
+        with torch.no_grad():
+            mean_probs = probs.detach().reshape(-1, self.experts).mean(dim=0)
+            decay = self.routing_mass_decay
+            self.lora_routing_mass.mul_(decay).add_(mean_probs.float(), alpha=1.0 - decay)
+
+    def pop_router_stats(self) -> dict[str, torch.Tensor] | None:
+        """Weighted aux loss, weighted z-loss and load of the last training forward; cleared on read."""
+        stats, self._router_stats = self._router_stats, None
+        return stats
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, experts={self.experts}, "
+            f"rank={self.rank}, top_k={self.top_k}, lora_alpha={self.lora_alpha}"
+        )

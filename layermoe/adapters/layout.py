@@ -1,0 +1,129 @@
+"""Layouts: the plain-data per-block capacity `{block: {"experts": int, "rank": int}}` of an adapted model.
+
+`layout` reads it, `normalize_layout` validates one that came back from JSON/hparams (string keys), and
+`apply_layout` resizes every layer to it, all-or-nothing: every layer's new tensors are planned before
+any layer changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from .inject import moe_layers, named_moe_layers, split_block_name
+from .resize import ResizeReport, install_state, plan_resize, single_thread
+
+Layout = dict[int, dict[str, int]]
+
+
+def layout(model: nn.Module) -> Layout:
+    """Current experts and rank of every adapted block; errors if a block's modules disagree."""
+    out: Layout = {}
+    for block, layers in moe_layers(model).items():
+        shapes = {(layer.experts, layer.rank) for layer in layers.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"block {block} has modules with different (experts, rank): {sorted(shapes)}")
+        experts, rank = shapes.pop()
+        out[block] = {"experts": experts, "rank": rank}
+    return out
+
+
+def normalize_layout(data: Mapping[Any, Any]) -> Layout:
+    """Validated copy with int block keys (JSON turns them into strings) and int experts/rank."""
+    if not isinstance(data, Mapping):
+        raise ValueError(
+            f"layout must be a mapping block -> {{'experts', 'rank'}}, got {type(data).__name__}"
+        )
+    out: Layout = {}
+    for key, entry in data.items():
+        try:
+            block = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"layout key {key!r} is not a block index (int or digit string)") from None
+        if block < 0:
+            raise ValueError(f"layout key {block} is negative; block indices start at 0")
+        if not isinstance(entry, Mapping) or set(entry) != {"experts", "rank"}:
+            raise ValueError(f"layout[{block}] must be {{'experts': int, 'rank': int}}, got {entry!r}")
+        values = {}
+        for field_name in ("experts", "rank"):
+            value = entry[field_name]
+            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
+                raise ValueError(f"layout[{block}][{field_name!r}] must be an int >= 1, got {value!r}")
+            try:
+                value = int(value)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"layout[{block}][{field_name!r}] must be an int >= 1, got {value!r}"
+                ) from None
+            if value < 1:
+                raise ValueError(f"layout[{block}][{field_name!r}] must be >= 1, got {value}")
+            values[field_name] = value
+        if block in out:
+            raise ValueError(f"layout has block {block} twice (as int and string keys)")
+        out[block] = values
+    return dict(sorted(out.items()))
+
+
+def _mass_for(routing_mass: Mapping[Any, torch.Tensor] | None, name: str, block: int) -> torch.Tensor | None:
+    if routing_mass is None:
+        return None
+    if name in routing_mass:
+        return routing_mass[name]
+    return routing_mass.get(block)
+
+
+def apply_layout(
+    model: nn.Module,
+    new_layout: Mapping[Any, Any],
+    routing_mass: Mapping[Any, torch.Tensor] | None = None,
+    probes: Mapping[str, torch.Tensor] | None = None,
+) -> list[ResizeReport]:
+    """Resize every adapted block to `new_layout`; returns one report per changed layer.
+
+    routing_mass: optional per-layer (full module name) or per-block (int) expert masses overriding the
+    layers' running averages. probes: optional layer inputs by full module name, to measure each
+    layer's output change. Blocks absent from the layout are left as they are; a layout naming a block
+    without adapters is an error. All layers are planned before any is changed.
+    """
+    target = normalize_layout(new_layout)
+    layers = named_moe_layers(model)
+    by_block: dict[int, list[str]] = {}
+    for name in layers:
+        parts = split_block_name(name)
+        if parts is not None:
+            by_block.setdefault(parts[1], []).append(name)
+    unknown = sorted(set(target) - set(by_block))
+    if unknown:
+        raise ValueError(
+            f"layout names blocks {unknown} that have no MoE-LoRA layers (adapted: {sorted(by_block)})"
+        )
+    plans = []
+    with single_thread():
+        plans = _plan_all(target, by_block, layers, routing_mass, probes)
+    for layer, state, _ in plans:
+        install_state(layer, state)
+    return [report for _, _, report in plans]
+
+
+def _plan_all(
+    target: Layout,
+    by_block: dict[int, list[str]],
+    layers: dict[str, Any],
+    routing_mass: Mapping[Any, torch.Tensor] | None,
+    probes: Mapping[str, torch.Tensor] | None,
+) -> list[tuple[Any, Any, ResizeReport]]:
+    plans = []
+    for block, spec in target.items():
+        for name in by_block[block]:
+            layer = layers[name]
+            if (layer.experts, layer.rank) == (spec["experts"], spec["rank"]):
+                continue
+            probe = None if probes is None else probes.get(name)
+            state, report = plan_resize(
+                layer, spec["experts"], spec["rank"], _mass_for(routing_mass, name, block), probe, name
+            )
+            plans.append((layer, state, report))
+    return plans

@@ -1,0 +1,190 @@
+"""Exchange adapters with peft: export one-expert blocks as a standard LoRA folder, import LoRA into experts.
+
+Export writes what `PeftModel.save_pretrained` writes (adapter_config.json + adapter_model.safetensors,
+keys `base_model.model.<module>.lora_A.weight`), with per-module ranks in `rank_pattern`, so
+`PeftModel.from_pretrained(base, folder)` reproduces our outputs. Import copies a LoRA's (A, B) into
+every expert of the matching layer (rescaled to our lora_alpha / rank), resets the router to uniform
+gates and breaks the symmetry between the identical experts with a zero-sum perturbation of their A rows,
+which leaves the output unchanged under dense routing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .inject import named_moe_layers, split_block_name
+from .layer import MoELoRALinear, lora_init_A
+from .layout import apply_layout, layout
+from .resize import ResizeReport
+from .surgery import SPLIT_PERTURBATION
+
+_PREFIX = "base_model.model."
+_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+
+
+def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write the adapters of a model with one expert per block as a peft LoRA adapter folder.
+
+    Raises ValueError naming the first block with more than one expert (merge them first with
+    `apply_layout(model, {b: {"experts": 1, "rank": r}})`).
+    """
+    from peft import LoraConfig
+
+    layers = named_moe_layers(model)
+    if not layers:
+        raise ValueError("export_peft: the model has no MoE-LoRA layers; call inject first")
+    for block, spec in layout(model).items():
+        if spec["experts"] != 1:
+            raise ValueError(
+                f"export_peft: block {block} has {spec['experts']} experts; peft LoRA has one. "
+                f"Merge first: apply_layout(model, {{{block}: {{'experts': 1, 'rank': {spec['rank']}}}}})"
+            )
+    fan_in_fan_out = {layer.info.fan_in_fan_out for layer in layers.values()}
+    if len(fan_in_fan_out) != 1:
+        raise ValueError(
+            "export_peft: the model mixes Conv1D and Linear targets; peft needs one fan_in_fan_out"
+        )
+    dropouts = {layer.lora_dropout_p for layer in layers.values()}
+    ranks = Counter(layer.rank for layer in layers.values())
+    alphas = Counter(layer.lora_alpha for layer in layers.values())
+    default_rank, default_alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    config = LoraConfig(
+        r=default_rank,
+        lora_alpha=default_alpha,
+        target_modules=sorted(layers),
+        rank_pattern={re.escape(n): layer.rank for n, layer in layers.items() if layer.rank != default_rank},
+        alpha_pattern={
+            re.escape(n): layer.lora_alpha for n, layer in layers.items() if layer.lora_alpha != default_alpha
+        },
+        lora_dropout=max(dropouts),
+        fan_in_fan_out=fan_in_fan_out.pop(),
+        bias="none",
+    )
+    config.base_model_name_or_path = base_model_name_or_path
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(str(out))
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in layers.items():
+        tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
+    # peft's rule (utils.other.get_pattern_key): first key k with re.match(rf"(.*\.)?({k})$", name)
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def _read_peft(source: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+    folder = Path(source)
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"load_peft: {config_path} not found; give a peft adapter folder")
+    config = json.loads(config_path.read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"load_peft: adapter is {config.get('peft_type')}, only LORA is supported")
+    if config.get("use_dora"):
+        raise ValueError("load_peft: DoRA adapters are not supported (use_dora=true)")
+    weights_path = folder / "adapter_model.safetensors"
+    if weights_path.is_file():
+        raw = load_file(str(weights_path))
+    elif (folder / "adapter_model.bin").is_file():
+        raw = torch.load(folder / "adapter_model.bin", map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"load_peft: no adapter_model.safetensors or adapter_model.bin in {folder}")
+    factors: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.items():
+        match = _KEY.match(key)
+        if match is None:
+            raise ValueError(
+                f"load_peft: unsupported tensor {key!r} (only lora_A/lora_B weights are imported)"
+            )
+        factors.setdefault(match.group("module"), {})[match.group("which")] = tensor
+    return config, factors
+
+
+def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> list[ResizeReport]:
+    """Initialize every expert of the matching layers from a peft LoRA adapter folder, in place.
+
+    Each block's rank becomes the largest LoRA rank among its modules (smaller LoRAs are zero-padded:
+    the extra B columns are zero). All experts get the LoRA's delta, the router is reset to uniform
+    gates, and a zero-sum perturbation of the experts' A rows breaks their symmetry (exact under dense
+    routing). Layers the adapter does not cover keep their parameters. Returns the resize reports.
+    Everything is validated before the model changes.
+    """
+    config, factors = _read_peft(source)
+    layers = named_moe_layers(model)
+    alpha, r_default = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
+    rslora = bool(config.get("use_rslora", False))
+    plan: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    block_rank: dict[int, int] = {}
+    for module, pair in factors.items():
+        if set(pair) != {"A", "B"}:
+            raise ValueError(f"load_peft: module {module!r} lacks lora_{'A' if 'A' not in pair else 'B'}")
+        if module not in layers:
+            raise ValueError(
+                f"load_peft: adapter module {module!r} is not an MoE-LoRA layer of this model; "
+                "inject with target_modules covering it"
+            )
+        A, B = pair["A"], pair["B"]
+        layer = layers[module]
+        rank = A.shape[0]
+        if A.shape != (rank, layer.in_features) or B.shape != (layer.out_features, rank):
+            raise ValueError(
+                f"load_peft: {module} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
+                f"d_in={layer.in_features}, d_out={layer.out_features}"
+            )
+        expected_rank = int(_pattern_value(config.get("rank_pattern") or {}, module, r_default))
+        if expected_rank != rank:
+            raise ValueError(f"load_peft: {module} has rank {rank} but the config says {expected_rank}")
+        module_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))
+        scale = module_alpha / (math.sqrt(rank) if rslora else rank)
+        plan[module] = (A, B, scale)
+        block = split_block_name(module)[1]
+        block_rank[block] = max(block_rank.get(block, 1), rank)
+    current = layout(model)
+    new_layout = {b: {"experts": current[b]["experts"], "rank": r} for b, r in block_rank.items()}
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    reports = apply_layout(model, new_layout)
+    with torch.no_grad():
+        for module, (A, B, scale) in plan.items():
+            _fill_experts(layers[module], A, B, scale, generator)
+    return reports
+
+
+def _fill_experts(
+    layer: MoELoRALinear, A: torch.Tensor, B: torch.Tensor, scale: float, generator: torch.Generator | None
+) -> None:
+    E, r, rank = layer.experts, layer.rank, A.shape[0]
+    A32, B32 = A.to(torch.float32), B.to(torch.float32) * (scale / layer.scaling)
+    d_in = layer.in_features
+    new_A = lora_init_A(E * r, d_in, device=torch.device("cpu"), dtype=torch.float32).reshape(E, r, d_in)
+    new_B = torch.zeros(layer.out_features, E, r)
+    new_A[:, :rank] = A32
+    new_B[:, :, :rank] = B32.unsqueeze(1)
+    if E > 1:
+        noise = torch.randn(E, rank, d_in, generator=generator)
+        noise = noise - noise.mean(dim=0, keepdim=True)
+        rms = A32.pow(2).mean().sqrt()
+        rms = rms if rms > 0 else torch.tensor(1.0 / math.sqrt(d_in))
+        new_A[:, :rank] += SPLIT_PERTURBATION * rms * noise
+        layer.lora_router_weight.zero_()
+        layer.lora_router_bias.zero_()
+        layer.lora_routing_mass.fill_(1.0 / E)
+    target = layer.lora_A
+    layer.lora_A.copy_(new_A.reshape(E * r, d_in).to(device=target.device, dtype=target.dtype))
+    layer.lora_B.copy_(new_B.reshape(layer.out_features, E * r).to(device=target.device, dtype=target.dtype))

@@ -1,0 +1,204 @@
+"""Public resize operations on a live `MoELoRALinear`, each returning a `ResizeReport`.
+
+A resize is planned on float32 copies (`surgery.py`), measured on an optional probe input, and only
+then installed, so a failure at any point leaves the layer as it was. Order inside one resize: grow rank,
+remove experts (merging into the larger rank), shrink rank, add experts (copies are split after any
+truncation so the split stays exact).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .layer import MoELoRALinear
+from .surgery import PARAM_NAMES, LayerState, ParamMap, _add, _grow, _remove, _shrink, adapter_output
+
+
+@dataclass
+class ResizeReport:
+    """What one resize did to one layer.
+
+    exact: the adapter's output is unchanged by construction (up to float rounding).
+    output_change: max over probe tokens of ||new output - old output||_2 (None without a probe).
+    discarded_energy: fraction of sum_e ||scaling * B_e A_e||_F^2 removed by truncation (0 when none).
+    discarded_norm: bound on the truncation's effect: the max over experts of the Frobenius norm of the
+        discarded part of scaling * B_e A_e; with unchanged gates (shrink rank) each token's output moves
+        by at most discarded_norm * ||x||.
+    state_map: full parameter name -> ParamMap (new slice i along `dim` = old slice index[i] * scale[i],
+        -1 fresh), or None when no entry correspondence survives. Only replaced parameters are listed;
+        the others keep the same Parameter object (and so their optimizer state).
+    """
+
+    module: str
+    old_experts: int
+    old_rank: int
+    new_experts: int
+    new_rank: int
+    exact: bool = True
+    output_change: float | None = None
+    discarded_energy: float = 0.0
+    discarded_norm: float = 0.0
+    operations: list[str] = field(default_factory=list)
+    state_map: dict[str, ParamMap | None] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    """Run the many tiny QR/SVD/matmul calls of a resize on one thread.
+
+    They are far below the size where intra-op threads help, and on a shared, oversubscribed CPU the
+    thread pool's synchronization made a 30-block resize 20-40x slower than single-threaded.
+    """
+    previous = torch.get_num_threads()
+    if previous == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_target(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"resize: {name} must be an int >= 1, got {value!r}")
+    return value
+
+
+def _effective_top_k(layer: MoELoRALinear, experts: int) -> int | None:
+    return None if layer.top_k is None or layer.top_k >= experts else layer.top_k
+
+
+def plan_resize(
+    layer: MoELoRALinear,
+    experts: int | None = None,
+    rank: int | None = None,
+    routing_mass: torch.Tensor | None = None,
+    probe: torch.Tensor | None = None,
+    name: str = "",
+) -> tuple[LayerState, ResizeReport]:
+    """Compute (without touching the layer) the state after resizing to (experts, rank) and its report."""
+    experts = layer.experts if experts is None else _check_target("experts", experts)
+    rank = layer.rank if rank is None else _check_target("rank", rank)
+    alpha = layer.lora_alpha
+    old = state = LayerState.of(layer, routing_mass)
+    report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
+    kept_energy = 1.0
+    if rank > state.rank:
+        report.operations.append(f"grow_rank {state.rank}->{rank}")
+        state, _ = _grow(state, rank, alpha)
+    if experts < state.experts:
+        report.operations.append(f"remove_experts {state.experts}->{experts}")
+        dense = _effective_top_k(layer, state.experts) is None
+        state, stats = _remove(state, experts, alpha)
+        report.exact = report.exact and bool(stats["exact"]) and dense
+        kept_energy *= 1.0 - stats["discarded"]
+        report.discarded_norm += stats["norm"]
+    if rank < state.rank:
+        report.operations.append(f"shrink_rank {state.rank}->{rank}")
+        state, stats = _shrink(state, rank, alpha)
+        report.exact = report.exact and stats["discarded"] <= 1e-10
+        kept_energy *= 1.0 - stats["discarded"]
+        report.discarded_norm += stats["norm"]
+    if experts > state.experts:
+        report.operations.append(f"add_experts {state.experts}->{experts}")
+        state, _ = _add(state, experts, alpha)
+        report.exact = report.exact and _effective_top_k(layer, experts) is None
+    state.check(layer.in_features, layer.out_features)
+    report.discarded_energy = max(0.0, 1.0 - kept_energy)
+    if probe is not None:
+        x = probe.detach().to(device=layer.lora_A.device)
+        with torch.no_grad():
+            before = adapter_output(old, x, _effective_top_k(layer, old.experts), alpha)
+            after = adapter_output(state, x, _effective_top_k(layer, state.experts), alpha)
+        report.output_change = float((after - before).norm(dim=-1).max()) if x.numel() else 0.0
+    prefix = f"{name}." if name else ""
+    report.state_map = {
+        prefix + n: state.maps.get(n) for n in PARAM_NAMES if n in state.changed and _present(state, n)
+    }
+    return state, report
+
+
+def _present(state: LayerState, name: str) -> bool:
+    return state.experts > 1 or "router" not in name
+
+
+def install_state(layer: MoELoRALinear, state: LayerState) -> None:
+    """Swap a planned state into the layer, cast to its dtype/device; unchanged parameters are kept."""
+    device, dtype = layer.lora_A.device, layer.lora_A.dtype
+
+    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    keep = frozenset(n for n in PARAM_NAMES if n not in state.changed)
+    layer.install(
+        state.experts,
+        state.rank,
+        cast(state.A),
+        cast(state.B),
+        cast(state.router_weight),
+        cast(state.router_bias),
+        state.mass.to(device),
+        keep=keep,
+    )
+
+
+def resize_layer(
+    layer: MoELoRALinear,
+    experts: int | None = None,
+    rank: int | None = None,
+    routing_mass: torch.Tensor | None = None,
+    probe: torch.Tensor | None = None,
+    name: str = "",
+) -> ResizeReport:
+    """Resize one layer to (experts, rank) in place (None keeps the current value)."""
+    with single_thread():
+        state, report = plan_resize(layer, experts, rank, routing_mass, probe, name)
+    if report.operations:
+        install_state(layer, state)
+    return report
+
+
+def grow_rank(layer: MoELoRALinear, new_rank: int, probe: torch.Tensor | None = None) -> ResizeReport:
+    """Raise every expert's rank (exact: new B columns zero, new A rows LoRA-initialized)."""
+    if _check_target("new_rank", new_rank) <= layer.rank:
+        raise ValueError(f"grow_rank: new_rank {new_rank} must exceed the current rank {layer.rank}")
+    return resize_layer(layer, rank=new_rank, probe=probe)
+
+
+def shrink_rank(layer: MoELoRALinear, new_rank: int, probe: torch.Tensor | None = None) -> ResizeReport:
+    """Lower every expert's rank by truncated SVD of its delta (reports the discarded energy)."""
+    if _check_target("new_rank", new_rank) >= layer.rank:
+        raise ValueError(f"shrink_rank: new_rank {new_rank} must be below the current rank {layer.rank}")
+    return resize_layer(layer, rank=new_rank, probe=probe)
+
+
+def add_experts(
+    layer: MoELoRALinear,
+    new_experts: int,
+    routing_mass: torch.Tensor | None = None,
+    probe: torch.Tensor | None = None,
+) -> ResizeReport:
+    """Split the most-loaded experts until there are `new_experts` (exact under dense routing)."""
+    if _check_target("new_experts", new_experts) <= layer.experts:
+        raise ValueError(f"add_experts: new_experts {new_experts} must exceed the current {layer.experts}")
+    return resize_layer(layer, experts=new_experts, routing_mass=routing_mass, probe=probe)
+
+
+def remove_experts(
+    layer: MoELoRALinear,
+    new_experts: int,
+    routing_mass: torch.Tensor | None = None,
+    probe: torch.Tensor | None = None,
+) -> ResizeReport:
+    """Drop the least important experts, folding each into its most similar survivor."""
+    if _check_target("new_experts", new_experts) >= layer.experts:
+        raise ValueError(
+            f"remove_experts: new_experts {new_experts} must be below the current {layer.experts}"
+        )
+    return resize_layer(layer, experts=new_experts, routing_mass=routing_mass, probe=probe)

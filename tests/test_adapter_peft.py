@@ -1,0 +1,92 @@
+"""peft interop: our one-expert export loads in peft with equal outputs; a peft LoRA imported into
+experts reproduces peft's outputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from layermoe.adapters import (
+    MoELoRAConfig,
+    apply_layout,
+    export_peft,
+    inject,
+    layout,
+    load_peft,
+    named_moe_layers,
+)
+
+from .test_adapter_helpers import one_thread, randomize  # noqa: F401  (autouse fixture)
+from .tiny_models import random_tokens, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_export_loads_in_peft_with_equal_outputs(build, tmp_path):
+    model = build()
+    inject(model, MoELoRAConfig(experts=1, rank=4, lora_alpha=8.0))
+    apply_layout(model, {0: {"experts": 1, "rank": 6}, 1: {"experts": 1, "rank": 2}})
+    for i, layer in enumerate(named_moe_layers(model).values()):
+        randomize(layer, seed=i)
+    ids = random_tokens()
+    ours = logits(model, ids)
+    export_peft(model, tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file() and (tmp_path / "adapter_model.safetensors").is_file()
+    loaded = peft.PeftModel.from_pretrained(build(), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(loaded, ids), ours, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(logits(build(), ids), ours)  # the adapter did something
+
+
+def test_export_refuses_multi_expert_blocks(tmp_path):
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=2))
+    with pytest.raises(ValueError, match="block 0 has 2 experts"):
+        export_peft(model, tmp_path)
+
+
+def test_import_peft_lora_into_experts_matches_peft(tmp_path):
+    base = tiny_llama()
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2},
+        alpha_pattern={"v_proj": 3},
+    )
+    peft_model = peft.get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    peft_model.eval()
+    ids = random_tokens()
+    reference = logits(peft_model, ids)
+    peft_model.save_pretrained(str(tmp_path))
+
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=3, rank=8))
+    load_peft(model, tmp_path)
+    assert layout(model) == {b: {"experts": 3, "rank": 4} for b in range(3)}
+    torch.testing.assert_close(logits(model, ids), reference, atol=1e-5, rtol=1e-5)
+    # the experts start different (symmetry broken) but each carries the LoRA's delta
+    q = model.model.layers[0].self_attn.q_proj
+    assert not torch.equal(q.lora_A[:4], q.lora_A[4:8])
+    torch.testing.assert_close(q.lora_B[:, :4], q.lora_B[:, 4:8])
+
+
+def test_import_rejects_modules_that_are_not_adapted(tmp_path):
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "k_proj"]))
+    peft_model.save_pretrained(str(tmp_path))
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=2, target_modules=["q_proj"]))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="k_proj' is not an MoE-LoRA layer"):
+        load_peft(model, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
