@@ -1,0 +1,48 @@
+"""The command line behind ``train.py``: LightningCLI with ``trainer.precision: auto``.
+
+Lightning has no "auto" precision. ``Trainer`` here accepts it and resolves it before Lightning sees it
+(:func:`layermoe.precision.resolve_precision`: bf16-mixed only where bf16 is native, else 32-true),
+printing the choice; every other Trainer argument passes through unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from layermoe.data import TextDataModule
+from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
+from layermoe.precision import AUTO, describe_choice, resolve_precision
+
+
+class Trainer(pl.Trainer):
+    """``lightning.pytorch.Trainer`` whose ``precision`` may also be ``"auto"`` (the default here)."""
+
+    def __init__(self, *, precision: str | int | None = AUTO, **kwargs: Any) -> None:
+        accelerator = kwargs.get("accelerator", "auto")
+        resolved = resolve_precision(precision, accelerator if isinstance(accelerator, str) else "auto")
+        if precision == AUTO:
+            rank_zero_info(describe_choice(resolved))
+        super().__init__(precision=resolved, **kwargs)
+
+
+class LayerMoECLI(LightningCLI):
+    """LightningCLI over :class:`MoELoRAFineTuner` and :class:`TextDataModule` with the auto-precision Trainer.
+
+    The optimizer and LR schedule are the module's own (``configure_optimizers``: deterministic parameter
+    order, needed when the callback resizes adapters), so LightningCLI's ``--optimizer`` options are off.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_class", Trainer)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(MoELoRAFineTuner, TextDataModule, *args, **kwargs)
+
+
+def main(args: list[str] | None = None) -> LayerMoECLI:
+    """Entry point used by ``train.py`` (``args=None`` reads ``sys.argv``)."""
+    return LayerMoECLI(args=args)

@@ -1,0 +1,295 @@
+"""`MoELoRAFineTuner`: a Hugging Face causal LM with MoE-LoRA adapters, trained by Lightning.
+
+Every init argument is plain data (strings, numbers, dicts, lists), so hyperparameters and checkpoints
+load with ``torch.load(..., weights_only=True)``. Checkpoints hold the adapter tensors only (the frozen
+base is rebuilt from ``model`` when loading) unless ``save_base_weights`` is set; adapters that the
+influence callback resized come back at their new size because each layer re-allocates itself from its
+``lora_shape`` buffer while loading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassMatthewsCorrCoef
+from torchmetrics.text import Perplexity
+
+from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject, layout
+from layermoe.lightning_modules.losses import candidate_logits, per_sample_loss_from_logits
+from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model
+from layermoe.lightning_modules.reporting import format_layout_table
+from layermoe.lightning_modules.schedule import SCHEDULES, lr_multiplier
+
+Task = Literal["classification", "causal_lm"]
+LAYOUT_KEY = "layermoe_layout"
+ADAPTER_ONLY_KEY = "layermoe_adapter_only"
+STAGES = ("train", "val", "test")
+
+
+def _is_adapter_key(name: str) -> bool:
+    return name.rsplit(".", 1)[-1].startswith("lora_")
+
+
+class MoELoRAFineTuner(pl.LightningModule):
+    """Fine-tunes a causal LM's MoE-LoRA adapters; loss = task loss + router auxiliary losses.
+
+    Args:
+        model: a model folder (``{cache}`` placeholders or the alias ``smollm2`` allowed) or a dict
+            config for a tiny random model, e.g. ``{"type": "llama", "hidden_size": 32, ...}``.
+        adapter: ``MoELoRAConfig.to_dict()`` form (missing fields take their defaults).
+        task: "classification" (next-token prediction over verbalized labels; accuracy and Matthews
+            correlation) or "causal_lm" (token accuracy and perplexity).
+        num_classes: classes for the metrics; None takes it from the data module at setup.
+        lr / weight_decay / betas: AdamW settings. warmup_steps / scheduler / min_lr_ratio: per-step
+            LR schedule (cosine, linear or constant after a linear warmup).
+        quantization: None, "4bit" or "8bit": a bitsandbytes frozen base (transformers'
+            ``BitsAndBytesConfig``; needs a model folder).
+        dtype: dtype of the base weights ("float32"; bf16 only helps where bf16 is native).
+        gradient_checkpointing: recompute activations in backward (less memory, ~30% slower).
+        model_seed: seed of a tiny model's random weights (the global RNG is untouched).
+        save_base_weights: also store the frozen base in checkpoints (large; only needed when the base
+            cannot be rebuilt from ``model``).
+        print_layout: print the per-block layout table at fit start.
+        print_metrics: print the validation metrics after each validation run.
+    """
+
+    def __init__(
+        self,
+        model: str | dict[str, Any],
+        adapter: dict[str, Any] | None = None,
+        task: Task = "classification",
+        num_classes: int | None = None,
+        lr: float = 2e-4,
+        weight_decay: float = 0.0,
+        betas: list[float] | tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 0,
+        scheduler: str = "cosine",
+        min_lr_ratio: float = 0.0,
+        quantization: str | None = None,
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        model_seed: int = 0,
+        save_base_weights: bool = False,
+        print_layout: bool = True,
+        print_metrics: bool = True,
+    ) -> None:
+        super().__init__()
+        if task not in ("classification", "causal_lm"):
+            raise ValueError(f"task must be 'classification' or 'causal_lm', got {task!r}")
+        if scheduler not in SCHEDULES:
+            raise ValueError(f"scheduler must be one of {SCHEDULES}, got {scheduler!r}")
+        if quantization is not None and quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS} or null, got {quantization!r}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
+            raise ValueError(f"num_classes must be an int >= 2 or null, got {num_classes!r}")
+        adapter_config = MoELoRAConfig.from_dict(adapter or {})
+        self.save_hyperparameters()
+        # Plain data only: the adapter dict is stored in its normalized to_dict() form, betas as a list.
+        self.hparams["adapter"] = adapter_config.to_dict()
+        self.hparams["betas"] = [float(b) for b in betas]
+        self.task = task
+        self.model = build_model(model, quantization=quantization, dtype=dtype, seed=model_seed)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False
+        inject(self.model, adapter_config)
+        # from_pretrained returns eval mode; Lightning (>= 2.2) keeps submodule modes as they are, so the
+        # whole model starts in train mode (dropout, router statistics) and evaluation loops switch it.
+        self.model.train()
+        self.metrics = nn.ModuleDict()
+        self._adapter_only_incoming = False
+        if task == "causal_lm" or num_classes is not None:
+            self._build_metrics(num_classes)
+
+    # ------------------------------------------------------------------ metrics
+    def _build_metrics(self, num_classes: int | None) -> None:
+        for stage in STAGES:
+            if self.task == "classification":
+                assert num_classes is not None
+                collection = MetricCollection(
+                    {
+                        "acc": MulticlassAccuracy(num_classes=num_classes, average="micro"),
+                        "mcc": MulticlassMatthewsCorrCoef(num_classes=num_classes),
+                    }
+                )
+            else:
+                vocab = int(self.model.config.vocab_size)
+                collection = MetricCollection(
+                    {
+                        "acc": MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100),
+                        "ppl": Perplexity(ignore_index=-100),
+                    }
+                )
+            self.metrics[f"{stage}_metrics"] = collection
+            self.metrics[f"{stage}_loss"] = MeanMetric()
+
+    def setup(self, stage: str) -> None:
+        """Take num_classes from the data module when it was not given (classification only)."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        num_classes = getattr(datamodule, "num_classes", None)
+        given = self.hparams.get("num_classes")
+        if self.task == "classification" and None not in (num_classes, given) and num_classes != given:
+            raise ValueError(
+                f"model.num_classes={given} but the data module has {num_classes} classes (label_words); "
+                "make them agree or leave model.num_classes null"
+            )
+        if len(self.metrics):
+            return
+        if num_classes is None:
+            raise ValueError(
+                "task 'classification' needs model.num_classes, or a data module with a num_classes "
+                "attribute (TextDataModule has one: len(label_words))"
+            )
+        self.hparams["num_classes"] = int(num_classes)
+        self._build_metrics(int(num_classes))
+
+    # ------------------------------------------------------------------ forward and losses
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits (B, T, V) of the wrapped model for a contract batch."""
+        return self.model(
+            input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"), use_cache=False
+        ).logits
+
+    def per_sample_loss(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B,) task loss per sample, as the training loss uses it (router losses excluded).
+
+        Router statistics recorded by this forward are discarded, so a scoring pass never leaks into
+        the next training step's auxiliary loss.
+        """
+        losses = per_sample_loss_from_logits(self(batch), batch["labels"])
+        collect_router_losses(self.model)
+        return losses
+
+    def _shared_step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self(batch)
+        task_loss = per_sample_loss_from_logits(logits, batch["labels"]).mean()
+        router = collect_router_losses(self.model)
+        loss = task_loss + router.loss
+        size = batch["input_ids"].shape[0]
+        on_step = stage == "train"
+        mean_loss = self.metrics[f"{stage}_loss"]
+        mean_loss.update(loss.detach(), weight=size)
+        self.log(
+            f"{stage}/loss",
+            loss if on_step else mean_loss,
+            prog_bar=True,
+            on_step=on_step,
+            on_epoch=True,
+            batch_size=size,
+        )
+        if stage == "train":
+            self.log("train/task_loss", task_loss, on_step=True, on_epoch=False, batch_size=size)
+            self.log("train/router_aux", router.aux_loss, on_step=True, on_epoch=False, batch_size=size)
+            self.log("train/router_z", router.z_loss, on_step=True, on_epoch=False, batch_size=size)
+        metrics = self.metrics[f"{stage}_metrics"]
+        with torch.no_grad():
+            if self.task == "classification":
+                scores = candidate_logits(logits.detach(), batch["labels"], batch["candidate_token_ids"])
+                metrics.update(scores, batch["class_label"])
+            else:
+                shifted = logits.detach()[:, :-1].float()
+                targets = batch["labels"][:, 1:]
+                metrics["ppl"].update(shifted, targets)
+                metrics["acc"].update(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1))
+        if stage != "train":
+            self.log_dict(
+                {f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=True, on_epoch=True, batch_size=size
+            )
+        return loss
+
+    def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def on_train_epoch_end(self) -> None:
+        metrics = self.metrics["train_metrics"]
+        self.log_dict({f"train/{k}": v.float() for k, v in metrics.compute().items()})
+        metrics.reset()
+        self.metrics["train_loss"].reset()
+
+    def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        """Print one line of validation metrics (outside the sanity check) so CPU runs show progress."""
+        if self.trainer.sanity_checking or not self.hparams.print_metrics:
+            return
+        values = {k: float(v) for k, v in self.metrics["val_metrics"].compute().items()}
+        values["loss"] = float(self.metrics["val_loss"].compute())
+        shown = ", ".join(f"val/{k}={v:.4f}" for k, v in sorted(values.items()))
+        self.print(f"[step {self.global_step}] {shown}")
+
+    def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "test")
+
+    # ------------------------------------------------------------------ optimization
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """Trainable parameters sorted by name: a deterministic function of the current architecture, so
+        optimizer state (matched by position) lands on the right tensors after a resize or a resume."""
+        return sorted((name, p) for name, p in self.named_parameters() if p.requires_grad)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for _, p in self.trainable_parameters()]
+        if not params:
+            raise ValueError(
+                "no trainable parameters: MoELoRAConfig.target_modules matched nothing trainable"
+            )
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        if hp.scheduler != "constant" and not (isinstance(total, (int, float)) and total < float("inf")):
+            raise ValueError(
+                f"scheduler {hp.scheduler!r} needs a finite run length: set trainer.max_steps or "
+                "trainer.max_epochs, or use scheduler: constant"
+            )
+        multiplier = lr_multiplier(hp.scheduler, hp.warmup_steps, int(min(total, 2**31)), hp.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ reporting and checkpoints
+    def on_fit_start(self) -> None:
+        if self.hparams.print_layout:
+            self.print(format_layout_table(self.model, title="MoE-LoRA layout at fit start:"))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the layout (plain ints) and, by default, drop the frozen base weights from the checkpoint."""
+        checkpoint[LAYOUT_KEY] = {
+            int(b): {k: int(v) for k, v in e.items()} for b, e in layout(self.model).items()
+        }
+        if not self.hparams.save_base_weights:
+            trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+            state = checkpoint["state_dict"]
+            checkpoint["state_dict"] = {
+                k: v for k, v in state.items() if k in trainable or _is_adapter_key(k)
+            }
+            checkpoint[ADAPTER_ONLY_KEY] = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Runs right before load_state_dict (Lightning's restore order): remember whether the frozen base
+        # is expected to be absent from the incoming state_dict.
+        self._adapter_only_incoming = bool(checkpoint.get(ADAPTER_ONLY_KEY, False))
+
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Strict loading that accepts adapter-only checkpoints: only frozen base keys may be missing."""
+        if not (strict and self._adapter_only_incoming):
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self._adapter_only_incoming = False
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        missing = [k for k in result.missing_keys if k in trainable or _is_adapter_key(k)]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint does not match the adapters: missing {missing[:8]}, unexpected "
+                f"{list(result.unexpected_keys)[:8]}; was it written with a different model or adapter config?"
+            )
+        return result

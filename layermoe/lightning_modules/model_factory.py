@@ -1,0 +1,105 @@
+"""Build the Hugging Face causal LM a fine-tuning run starts from: a local folder or a tiny in-process config.
+
+Both forms are plain data (a path string or a dict), so they can sit in hyperparameters and checkpoints
+and a checkpoint can rebuild the exact same base model before its adapter weights are loaded.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from layermoe.models.paths import resolve_path
+from layermoe.models.smollm2 import smollm2_dir
+
+ALIASES = {"smollm2": smollm2_dir}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("4bit", "8bit")
+
+
+def _check_dtype(dtype: str) -> torch.dtype:
+    if dtype not in DTYPES:
+        raise ValueError(f"model dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def build_tiny_model(spec: dict[str, Any], seed: int = 0, dtype: str = "float32") -> nn.Module:
+    """A randomly initialized causal LM from ``{"type": "llama", "hidden_size": 32, ...}`` (no download).
+
+    Weights depend only on ``spec`` and ``seed`` (the global RNG is left untouched), so a checkpoint that
+    stores only the adapters rebuilds the same frozen base.
+    """
+    config_kwargs = dict(spec)
+    model_type = config_kwargs.pop("type", None)
+    if not isinstance(model_type, str):
+        raise ValueError(
+            "a model dict needs a 'type' (a transformers model_type such as 'llama', 'qwen2', 'gpt2'), "
+            f"got keys {sorted(spec)}"
+        )
+    try:
+        config = AutoConfig.for_model(model_type, **config_kwargs)
+    except ValueError as err:
+        raise ValueError(f"model type {model_type!r} is not a transformers model_type: {err}") from None
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=_check_dtype(dtype))
+    return model
+
+
+def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:
+    """transformers' ``BitsAndBytesConfig`` for a 4-bit (NF4, double quant) or 8-bit frozen base."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    raise ValueError(f"quantization must be one of {QUANTIZATIONS} or null, got {quantization!r}")
+
+
+def resolve_model_dir(source: str) -> str:
+    """A model folder from a path (placeholders allowed) or an alias such as ``smollm2``."""
+    folder = ALIASES[source]() if source in ALIASES else resolve_path(source)
+    if not (folder / "config.json").is_file():
+        hint = (
+            "run `python -m layermoe.models prepare smollm2`"
+            if "smollm2" in str(folder)
+            else "check the path"
+        )
+        raise FileNotFoundError(f"model folder {folder} (from {source!r}) has no config.json; {hint}")
+    return str(folder)
+
+
+def build_model(
+    source: str | dict[str, Any],
+    *,
+    quantization: str | None = None,
+    dtype: str = "float32",
+    seed: int = 0,
+) -> nn.Module:
+    """Load (folder) or build (dict) the base causal LM; ``quantization`` needs a folder."""
+    torch_dtype = _check_dtype(dtype)
+    if isinstance(source, dict):
+        if quantization is not None:
+            raise ValueError(
+                "quantization needs a model folder (transformers quantizes while loading); save the tiny "
+                "model with save_pretrained and pass its path as `model`, or set quantization: null"
+            )
+        return build_tiny_model(source, seed=seed, dtype=dtype)
+    if not isinstance(source, str):
+        raise ValueError(f"model must be a folder path or a config dict, got {type(source).__name__}")
+    folder = resolve_model_dir(source)
+    kwargs: dict[str, Any] = {"dtype": torch_dtype}
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization_config(quantization, torch_dtype)
+        if torch.cuda.is_available():
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+    return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
