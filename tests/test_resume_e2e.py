@@ -249,12 +249,6 @@ def test_e_missing_or_corrupt_layout_fails_clearly_before_training(
     assert trainer.global_step == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="needs MoELoRAFineTuner.on_load_checkpoint to call validate_checkpoint_layout(checkpoint); "
-    "until then load_from_checkpoint reports torch's size-mismatch list",
-)
 @pytest.mark.parametrize("how", ["missing", "corrupt"])
 def test_e_load_from_checkpoint_names_the_layout_problem(
     runs: dict[str, Any], tmp_path: Path, how: str

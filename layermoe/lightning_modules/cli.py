@@ -10,22 +10,33 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.data import TextDataModule
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
 from layermoe.precision import AUTO, describe_choice, resolve_precision
 
 
 class Trainer(pl.Trainer):
-    """``lightning.pytorch.Trainer`` whose ``precision`` may also be ``"auto"`` (the default here)."""
+    """``lightning.pytorch.Trainer`` whose ``precision`` may also be ``"auto"`` (the default here), and whose
+    checkpoints are written atomically (:class:`AtomicCheckpointIO`) unless another ``CheckpointIO`` is given:
+    a job killed while saving never leaves a half-written checkpoint behind."""
 
     def __init__(self, *, precision: str | int | None = AUTO, **kwargs: Any) -> None:
         accelerator = kwargs.get("accelerator", "auto")
         resolved = resolve_precision(precision, accelerator if isinstance(accelerator, str) else "auto")
         if precision == AUTO:
             rank_zero_info(describe_choice(resolved))
+        plugins = kwargs.get("plugins")
+        plugins = (
+            list(plugins) if isinstance(plugins, (list, tuple)) else ([] if plugins is None else [plugins])
+        )
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            plugins.append(AtomicCheckpointIO())
+        kwargs["plugins"] = plugins
         super().__init__(precision=resolved, **kwargs)
 
 

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassMatthewsCo
 from torchmetrics.text import Perplexity
 
 from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject, layout
+from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_layout
 from layermoe.lightning_modules.losses import candidate_logits, per_sample_loss_from_logits
 from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model
 from layermoe.lightning_modules.reporting import format_layout_table
@@ -56,6 +57,8 @@ class MoELoRAFineTuner(pl.LightningModule):
             cannot be rebuilt from ``model``).
         print_layout: print the per-block layout table at fit start.
         print_metrics: print the validation metrics after each validation run.
+        exact_resume: add ``layermoe.checkpointing.exact_resume_callbacks()`` (RNG states in checkpoints,
+            optimizer-state manifest check) so ``--ckpt_path`` resumes bit-exactly, mid-epoch included.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class MoELoRAFineTuner(pl.LightningModule):
         save_base_weights: bool = False,
         print_layout: bool = True,
         print_metrics: bool = True,
+        exact_resume: bool = True,
     ) -> None:
         super().__init__()
         if task not in ("classification", "causal_lm"):
@@ -236,6 +240,9 @@ class MoELoRAFineTuner(pl.LightningModule):
         optimizer state (matched by position) lands on the right tensors after a resize or a resume."""
         return sorted((name, p) for name, p in self.named_parameters() if p.requires_grad)
 
+    def configure_callbacks(self) -> list[pl.Callback]:
+        return exact_resume_callbacks() if self.hparams.exact_resume else []
+
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for _, p in self.trainable_parameters()]
         if not params:
@@ -273,8 +280,10 @@ class MoELoRAFineTuner(pl.LightningModule):
             checkpoint[ADAPTER_ONLY_KEY] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Runs right before load_state_dict (Lightning's restore order): remember whether the frozen base
-        # is expected to be absent from the incoming state_dict.
+        # Runs right before load_state_dict (Lightning's restore order): a missing or corrupt layout is
+        # reported by name here instead of as torch's list of size mismatches; then remember whether the
+        # frozen base is expected to be absent from the incoming state_dict.
+        validate_checkpoint_layout(checkpoint)
         self._adapter_only_incoming = bool(checkpoint.get(ADAPTER_ONLY_KEY, False))
 
     def load_state_dict(
