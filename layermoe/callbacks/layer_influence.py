@@ -1,0 +1,490 @@
+"""``LayerInfluenceCallback``: score blocks mid-fit, reallocate experts/ranks, rewire, keep training.
+
+Orchestration only: statistics and scorers live in :mod:`layermoe.scoring`, the allocation program in
+:mod:`layermoe.allocation`, the resize operations in :mod:`layermoe.adapters`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import nn
+
+from layermoe.callbacks import data as data_utils
+from layermoe.callbacks.distributed import any_rank, broadcast, check_strategy, mean_scores
+from layermoe.callbacks.errors import CallbackConfigError, RewireError
+from layermoe.callbacks.report import log_rewire, print_table, save_and_log_figure
+from layermoe.callbacks.rewire import rewire
+from layermoe.callbacks.schedule import RewireSchedule
+from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss, scoring_context
+from layermoe.callbacks.state import CallbackState, Layout, plain_layout, plain_scores
+
+_SCOPES = ("adapter", "base")
+
+
+def _check_count(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise CallbackConfigError(f"{name}={value!r}: must be an int >= {minimum}")
+    return value
+
+
+def _check_options(name: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise CallbackConfigError(f"{name}={value!r}: must be a dict of keyword options (str keys) or None")
+    return dict(value)
+
+
+class LayerInfluenceCallback(Callback):
+    """Reallocate MoE-LoRA capacity (experts, rank per block) during ``fit`` from per-block influence.
+
+    Add it to any ``Trainer`` whose LightningModule contains ``MoELoRALinear`` layers (or pass ``inject=``)::
+
+        trainer = Trainer(callbacks=[LayerInfluenceCallback(scorer="layerif", schedule={"warmup": 0.3})])
+
+    At the scheduled time the callback scores every block on the first ``num_val_samples`` validation
+    samples and a seeded sample of ``num_train_samples`` training samples (outside inference mode, with
+    the training RNG untouched and no ``.grad`` left behind), turns the scores into a layout under the
+    budget, and, right after an optimizer step, resizes the layers, rebuilds the optimizers through the
+    module's ``configure_optimizers`` (state carried over), continues the LR schedulers, and re-wraps DDP.
+
+    Args:
+        scorer: registry name in ``layermoe.scoring`` (``"layerif"``, ``"curvature_gain"``, ``"grad_norm"``,
+            ``"alpha_hill"``, ``"uniform"``, or one registered with ``register_scorer``).
+        scorer_options: keyword options for the scorer.
+        allocator: allocation method of ``layermoe.allocation.allocate`` (``"power_law"`` or ``"mdl"``).
+        allocator_options: keyword options for ``allocate`` (method options, bounds, ...).
+        budget: ``"current"`` (default: the adapter parameter count of the starting layout, fixed at the
+            first fit and kept on resume), ``"params:P"``, ``"total_experts:T"``, a dict or a ``Budget``.
+        schedule: a :class:`RewireSchedule` or dict ``{warmup, every, max_rewires, interval}``;
+            default: once, after 30% of the optimizer steps.
+        num_train_samples: training samples drawn (seeded) for scoring.
+        num_val_samples: leading validation samples used for scoring and for the disturbance probe.
+        scoring_batch_size: batch size of the scoring passes (default: the loader's).
+        seed: seed of the training sample (rank ``r`` uses ``seed + r``).
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample loss, used when the module has no
+            ``per_sample_loss(batch)``; default: ``causal_lm_per_sample_loss`` on ``pl_module.model``.
+        scope: ``"adapter"`` (score the adapters' gradients) or ``"base"``.
+        capture_options: extra keyword options for ``capture_statistics``.
+        inject: a ``MoELoRAConfig`` dict: adapters are added in ``setup`` to a module that has none.
+            Reload such checkpoints with :func:`layermoe.callbacks.load_adapted_checkpoint`.
+        plot: save a PNG per rewire under ``<log_dir>/layermoe`` and add it to TensorBoard.
+        verbose: print a table per rewire (rank zero).
+        log_prefix: prefix of the logged metric names.
+
+    Raises:
+        CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
+            before training): unsupported strategy (FSDP/DeepSpeed/model-parallel), no MoE-LoRA layers
+            and no ``inject``, no validation data, a fractional warm-up on a run of unknown length.
+        RewireError: scoring/allocation/surgery failed mid-fit; model and optimizer were restored first.
+    """
+
+    def __init__(
+        self,
+        scorer: str = "layerif",
+        scorer_options: dict[str, Any] | None = None,
+        allocator: str = "power_law",
+        allocator_options: dict[str, Any] | None = None,
+        budget: Any = "current",
+        schedule: RewireSchedule | dict[str, Any] | None = None,
+        num_train_samples: int = 128,
+        num_val_samples: int = 64,
+        scoring_batch_size: int | None = None,
+        seed: int = 0,
+        loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+        scope: str = "adapter",
+        capture_options: dict[str, Any] | None = None,
+        inject: dict[str, Any] | None = None,
+        plot: bool = True,
+        verbose: bool = True,
+        log_prefix: str = "layermoe",
+    ) -> None:
+        super().__init__()
+        from layermoe.allocation import Budget
+        from layermoe.scoring import get_scorer
+
+        self.scorer_options = _check_options("scorer_options", scorer_options)
+        if not isinstance(scorer, str):
+            raise CallbackConfigError(f"scorer={scorer!r}: give a registry name such as 'layerif'")
+        try:
+            self._scorer = get_scorer(scorer, **self.scorer_options)
+        except KeyError as exc:
+            raise CallbackConfigError(f"scorer={scorer!r}: {exc.args[0]}") from exc
+        except (TypeError, ValueError) as exc:
+            raise CallbackConfigError(
+                f"scorer_options={self.scorer_options!r} for {scorer!r}: {exc}"
+            ) from exc
+        self.scorer = scorer
+        self.allocator = allocator
+        self.allocator_options = _check_options("allocator_options", allocator_options)
+        self._check_allocator()
+        try:
+            self.budget = Budget.parse(budget)
+        except ValueError as exc:
+            raise CallbackConfigError(f"budget={budget!r}: {exc}") from exc
+        self.schedule = RewireSchedule.coerce(schedule)
+        self.num_train_samples = _check_count("num_train_samples", num_train_samples, 1)
+        self.num_val_samples = _check_count("num_val_samples", num_val_samples, 1)
+        if scoring_batch_size is not None:
+            _check_count("scoring_batch_size", scoring_batch_size, 1)
+        self.scoring_batch_size = scoring_batch_size
+        self.seed = _check_count("seed", seed, 0)
+        if loss_fn is not None and not callable(loss_fn):
+            raise CallbackConfigError(
+                f"loss_fn={loss_fn!r}: must be callable as loss_fn(model, batch) -> (B,)"
+            )
+        self.loss_fn = loss_fn
+        if scope not in _SCOPES:
+            raise CallbackConfigError(f"scope={scope!r}: must be one of {_SCOPES}")
+        self.scope = scope
+        self.capture_options = _check_options("capture_options", capture_options)
+        self.inject = self._check_inject(inject)
+        self.plot = bool(plot)
+        self.verbose = bool(verbose)
+        self.log_prefix = str(log_prefix)
+
+        self.state = CallbackState(inject=self.inject)
+        self._warmup_units: int | None = None
+        self._step_at_batch_start: int | None = None
+        self._val_batches: list[Any] | None = None
+        #: ``ResizeReport`` list of the last rewire (what changed, exactness, optimizer-state maps).
+        self.last_reports: list[Any] = []
+
+    # ------------------------------------------------------------------ validation of arguments
+    def _check_allocator(self) -> None:
+        from layermoe.allocation import AllocationError
+        from layermoe.allocation.programs import METHODS, method_options
+
+        if self.allocator not in METHODS:
+            raise CallbackConfigError(f"allocator={self.allocator!r}: use one of {list(METHODS)}")
+        method_keys = {k: v for k, v in self.allocator_options.items() if k not in _allocate_keywords()}
+        try:
+            method_options(self.allocator, method_keys)
+        except AllocationError as exc:
+            raise CallbackConfigError(f"allocator_options: {exc}") from exc
+
+    @staticmethod
+    def _check_inject(inject: Any) -> dict[str, Any] | None:
+        if inject is None:
+            return None
+        from layermoe.adapters import MoELoRAConfig
+
+        if isinstance(inject, MoELoRAConfig):
+            return inject.to_dict()
+        if not isinstance(inject, Mapping):
+            raise CallbackConfigError(
+                f"inject={inject!r}: give a MoELoRAConfig dict, e.g. {{'experts': 4, 'rank': 8}}"
+            )
+        try:
+            return MoELoRAConfig.from_dict(dict(inject)).to_dict()
+        except (TypeError, ValueError) as exc:
+            raise CallbackConfigError(f"inject: {exc}") from exc
+
+    # ------------------------------------------------------------------ Lightning state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(scorer=self.scorer, allocator=self.allocator)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.state.to_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Store only; the pending plan is applied at the next optimizer step, the budget is reused."""
+        self.state = CallbackState.from_dict(state_dict)
+        if self.state.inject is None:
+            self.state.inject = self.inject
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == TrainerFn.FITTING:
+            check_strategy(trainer.strategy)
+        if self.inject is not None and not self._layers(pl_module):
+            from layermoe.adapters import MoELoRAConfig, inject
+
+            try:
+                inject(pl_module, MoELoRAConfig.from_dict(self.inject))
+            except ValueError as exc:
+                raise CallbackConfigError(
+                    f"inject={self.inject!r} could not adapt {type(pl_module).__name__}: {exc}. The model must "
+                    "exist when the callback's setup runs (build it in __init__, not in configure_model)"
+                ) from exc
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check everything a rewire will need, so a bad setup fails before the first step."""
+        layers = self._layers(pl_module)
+        if not layers:
+            raise CallbackConfigError(
+                f"{type(pl_module).__name__} has no MoE-LoRA layers: adapt the model with "
+                "layermoe.adapters.inject(model, MoELoRAConfig(...)) or pass LayerInfluenceCallback(inject={...})"
+            )
+        val_loop = trainer.fit_loop.epoch_loop.val_loop
+        if not val_loop._data_source.is_defined():
+            raise CallbackConfigError(
+                "LayerInfluenceCallback scores on validation data: define val_dataloader() on the "
+                "LightningModule or its DataModule"
+            )
+        if self.schedule.interval == "epoch" and trainer.limit_val_batches == 0:
+            raise CallbackConfigError(
+                "schedule.interval='epoch' triggers at validation end, but Trainer(limit_val_batches=0) disables "
+                "validation: use interval='step' or enable validation"
+            )
+        total = trainer.estimated_stepping_batches if self.schedule.interval == "step" else trainer.max_epochs
+        total = None if total is None or total < 0 else float(total)
+        self._warmup_units = self.schedule.warmup_units(total)
+        if (
+            self.state.plans_made == 0
+            and total is not None
+            and math.isfinite(total)
+            and self._warmup_units >= total
+        ):
+            unit = "optimizer steps" if self.schedule.interval == "step" else "epochs"
+            raise CallbackConfigError(
+                f"schedule.warmup resolves to {self._warmup_units} {unit} but the run has only {int(total)}: no "
+                "rewire would happen; lower schedule.warmup or lengthen the run"
+            )
+        if self.state.budget is None:
+            self.state.budget = self._resolve_budget(pl_module)
+        self._val_batches = None
+
+    # ------------------------------------------------------------------ triggers
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        stepped = self._step_at_batch_start is not None and trainer.global_step > self._step_at_batch_start
+        if not stepped:
+            return
+        if (
+            self.state.pending is None
+            and self.schedule.interval == "step"
+            and self.schedule.is_due(trainer.global_step, self.state.plans_made, self._warmup_units or 0)
+        ):
+            self._score_and_plan(trainer, pl_module)
+        if self.state.pending is not None:
+            self._apply_pending(trainer, pl_module)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if (
+            trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+            or self.schedule.interval != "epoch"
+        ):
+            return
+        if self.state.pending is not None:
+            return
+        epochs_done = trainer.current_epoch + (
+            1 if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch else 0
+        )
+        if self.schedule.is_due(epochs_done, self.state.plans_made, self._warmup_units or 0):
+            self._score_and_plan(trainer, pl_module)
+
+    # ------------------------------------------------------------------ scoring and planning
+    @staticmethod
+    def _layers(pl_module: nn.Module) -> dict[int, dict[str, Any]]:
+        from layermoe.adapters import moe_layers
+
+        return moe_layers(pl_module)
+
+    def _block_dims(self, pl_module: nn.Module) -> dict[int, list[tuple[int, int]]]:
+        return {
+            b: [(int(layer.in_features), int(layer.out_features)) for _, layer in sorted(mods.items())]
+            for b, mods in self._layers(pl_module).items()
+        }
+
+    def _current_layout(self, pl_module: nn.Module) -> Layout:
+        from layermoe.adapters import layout
+
+        return plain_layout(layout(pl_module))
+
+    def _resolve_budget(self, pl_module: nn.Module) -> int | None:
+        """Adapter parameter count for ``current``/``params`` budgets (stored, so a resume keeps it)."""
+        from layermoe.allocation import layout_params
+
+        if self.budget.kind == "total_experts":
+            return self.budget.value
+        if self.budget.value is not None:
+            return int(self.budget.value)
+        return int(layout_params(self._current_layout(pl_module), self._block_dims(pl_module)))
+
+    def _budget_for_allocate(self) -> Any:
+        from layermoe.allocation import Budget
+
+        if self.budget.kind == "total_experts":
+            return self.budget
+        return Budget("params", self.state.budget)
+
+    def _training_loader(self, trainer: Trainer) -> Any:
+        return data_utils.first_loader(trainer.train_dataloader)
+
+    def _validation_loader(self, trainer: Trainer) -> Any:
+        loader = data_utils.first_loader(trainer.val_dataloaders)
+        if loader is None:
+            val_loop = trainer.fit_loop.epoch_loop.val_loop
+            val_loop.setup_data()
+            loader = data_utils.first_loader(trainer.val_dataloaders)
+            if loader is None and val_loop._data_source.is_defined():
+                loader = data_utils.first_loader(val_loop._data_source.dataloader())
+        return loader
+
+    def _scoring_val_batches(self, trainer: Trainer) -> list[Any]:
+        if self._val_batches is None:
+            batches = data_utils.validation_batches(
+                self._validation_loader(trainer), self.num_val_samples, self.scoring_batch_size
+            )
+            self._val_batches = data_utils.to_device(trainer.strategy, batches)
+        return self._val_batches
+
+    def _score(self, trainer: Trainer, pl_module: LightningModule) -> dict[int, float]:
+        from layermoe.scoring import capture_statistics, torch_distributed_gather
+
+        per_sample = resolve_per_sample_loss(pl_module, self.loss_fn)
+        with scoring_context(pl_module):
+            if not getattr(self._scorer, "needs_statistics", True):
+                return plain_scores(self._scorer.score(pl_module))
+            val_batches = self._scoring_val_batches(trainer)
+            train = data_utils.training_batches(
+                self._training_loader(trainer),
+                self.num_train_samples,
+                self.seed + trainer.global_rank,
+                self.scoring_batch_size,
+            )
+            train = data_utils.to_device(trainer.strategy, train)
+            options = {"progress": False, **self.capture_options}
+            if trainer.world_size > 1 and "reduce_fn" not in options:
+                options["reduce_fn"] = torch_distributed_gather
+            stats = capture_statistics(
+                pl_module,
+                train,
+                val_batches,
+                lambda model, batch: per_sample(batch),
+                scope=self.scope,
+                **options,
+            )
+            return plain_scores(self._scorer.score(stats))
+
+    def _score_and_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Score (reduced over ranks), allocate on rank 0, broadcast, store as the pending plan."""
+        from layermoe.allocation import allocate
+
+        start = time.perf_counter()
+        error: BaseException | None = None
+        plan: dict[str, Any] | None = None
+        try:
+            scores = self._score(trainer, pl_module)
+            scores = mean_scores(trainer.strategy, scores, pl_module.device)
+            current = self._current_layout(pl_module)
+            if trainer.global_rank == 0:
+                new_layout = allocate(
+                    scores,
+                    method=self.allocator,
+                    budget=self._budget_for_allocate(),
+                    current_layout=current,
+                    block_dims=self._block_dims(pl_module),
+                    **self.allocator_options,
+                )
+                plan = {"layout": plain_layout(new_layout), "scores": scores}
+        except Exception as exc:  # noqa: BLE001 - re-raised with context below
+            error = exc
+        if any_rank(trainer.strategy, error is not None):
+            where = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
+            raise RewireError(
+                f"scoring/allocation at global step {trainer.global_step} failed: {where} "
+                "(the model and optimizer are unchanged)"
+            ) from error
+        plan = broadcast(trainer.strategy, plan)
+        assert plan is not None
+        plan["step"] = int(trainer.global_step)
+        plan["epoch"] = int(trainer.current_epoch)
+        plan["time_scoring_s"] = time.perf_counter() - start
+        self.state.pending = plan
+
+    # ------------------------------------------------------------------ applying
+    def _apply_pending(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        from layermoe.allocation import layout_params
+
+        plan = self.state.pending
+        assert plan is not None
+        per_sample = resolve_per_sample_loss(pl_module, self.loss_fn)
+        with scoring_context(pl_module):
+            val_batches = self._scoring_val_batches(trainer)
+        before_layout = self._current_layout(pl_module)
+        dims = self._block_dims(pl_module)
+        loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
+        result = rewire(trainer, pl_module, plan["layout"], seed=self.seed + int(trainer.global_step))
+        self.last_reports = result.reports
+        loss_after = self._probe(trainer, pl_module, per_sample, val_batches)
+        after_layout = self._current_layout(pl_module)
+        entry = {
+            "index": self.state.rewires_done,
+            "step": int(trainer.global_step),
+            "epoch": int(trainer.current_epoch),
+            "scored_at_step": plan["step"],
+            "scores": plan["scores"],
+            "layout_before": before_layout,
+            "layout_after": after_layout,
+            "params_before": int(layout_params(before_layout, dims)),
+            "params_after": int(layout_params(after_layout, self._block_dims(pl_module))),
+            "budget": self.state.budget,
+            "time_scoring_s": float(plan.get("time_scoring_s", 0.0)),
+            "time_rewire_s": float(result.time_total_s),
+            "time_surgery_s": float(result.time_surgery_s),
+            "val_loss_before": loss_before,
+            "val_loss_after": loss_after,
+            "disturbance": (loss_after - loss_before) / abs(loss_before) if loss_before else None,
+            "optimizer_state": {
+                "kept": len(result.carry.kept),
+                "mapped": len(result.carry.mapped),
+                "reset": len(result.carry.reset),
+            },
+        }
+        self.state.history.append(entry)
+        self.state.rewires_done += 1
+        self.state.pending = None
+        log_rewire(trainer, self.log_prefix, entry)
+        if self.plot:
+            try:
+                save_and_log_figure(trainer, self.log_prefix, entry)
+            except Exception as exc:  # noqa: BLE001 - a figure must never break training
+                rank_zero_warn(f"LayerInfluenceCallback: could not save the rewire figure: {exc}")
+        if self.verbose:
+            print_table(entry)
+
+    def _probe(
+        self, trainer: Trainer, pl_module: LightningModule, per_sample: Any, batches: list[Any]
+    ) -> float:
+        """Mean loss on the scoring validation samples, averaged over ranks."""
+        with torch.inference_mode(False):
+            value = mean_loss(pl_module, per_sample, batches)
+        if trainer.world_size > 1:
+            value = float(
+                trainer.strategy.reduce(torch.tensor(value, device=pl_module.device), reduce_op="mean")
+            )
+        return value
+
+    # ------------------------------------------------------------------ public helpers
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        """One plain dict per applied rewire (layouts, scores, params, timings, disturbance)."""
+        return self.state.history
+
+
+def _allocate_keywords() -> set[str]:
+    """Keyword-only arguments of ``allocate`` (everything else in ``allocator_options`` is a method option)."""
+    import inspect
+
+    from layermoe.allocation import allocate
+
+    params = inspect.signature(allocate).parameters.values()
+    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}

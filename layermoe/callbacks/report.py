@@ -1,0 +1,109 @@
+"""What a rewire tells the user: logger metrics, a PNG figure, a compact console table (rank zero).
+
+Kept separate so the callback's control flow stays readable and so a logger without image support, or
+an environment without matplotlib, only loses the picture, never the run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+Layout = dict[int, dict[str, int]]
+
+
+def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
+    """Flat ``{name: float}`` for ``logger.log_metrics`` from one history entry."""
+    out: dict[str, float] = {f"{prefix}/rewire_index": float(entry["index"])}
+    for b, s in entry["scores"].items():
+        out[f"{prefix}/score/block_{b}"] = float(s)
+    for b, spec in entry["layout_after"].items():
+        out[f"{prefix}/experts/block_{b}"] = float(spec["experts"])
+        out[f"{prefix}/rank/block_{b}"] = float(spec["rank"])
+    for b, spec in entry["layout_before"].items():
+        out[f"{prefix}/experts_before/block_{b}"] = float(spec["experts"])
+        out[f"{prefix}/rank_before/block_{b}"] = float(spec["rank"])
+    for key in (
+        "params_before",
+        "params_after",
+        "budget",
+        "time_scoring_s",
+        "time_rewire_s",
+        "time_surgery_s",
+        "val_loss_before",
+        "val_loss_after",
+        "disturbance",
+    ):
+        if entry.get(key) is not None:
+            out[f"{prefix}/{key}"] = float(entry[key])
+    return out
+
+
+def log_rewire(trainer: Any, prefix: str, entry: dict[str, Any]) -> None:
+    """Send the metrics to every logger of the trainer (loggers are rank-zero only themselves)."""
+    metrics = rewire_metrics(prefix, entry)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+
+
+def figure_dir(trainer: Any) -> Path:
+    """``<logger.log_dir>/layermoe`` (or the trainer's ``default_root_dir`` without a logger)."""
+    log_dir = None
+    for logger in trainer.loggers:
+        log_dir = getattr(logger, "log_dir", None)
+        if log_dir:
+            break
+    return Path(log_dir or trainer.default_root_dir or os.getcwd()) / "layermoe"
+
+
+def save_and_log_figure(trainer: Any, prefix: str, entry: dict[str, Any]) -> Path | None:
+    """Write ``rewire_<i>_step<s>.png``; add it to TensorBoard loggers; warn (not fail) without matplotlib."""
+    if trainer.global_rank != 0:
+        return None
+    try:
+        from layermoe.plotting import save_rewire_figure
+    except ImportError:  # pragma: no cover
+        return None
+    path = figure_dir(trainer) / f"rewire_{entry['index']:02d}_step{entry['step']}.png"
+    title = f"rewire {entry['index']} at step {entry['step']} (params {entry['params_before']} -> {entry['params_after']})"
+    try:
+        fig = save_rewire_figure(path, entry["layout_before"], entry["layout_after"], entry["scores"], title)
+    except ImportError as exc:
+        rank_zero_warn(f"LayerInfluenceCallback: no rewire figure ({exc})")
+        return None
+    for logger in trainer.loggers:
+        experiment = getattr(logger, "experiment", None)
+        if hasattr(experiment, "add_figure"):
+            experiment.add_figure(f"{prefix}/rewire", fig, global_step=trainer.global_step)
+    return path
+
+
+def console_table(entry: dict[str, Any]) -> str:
+    """Per-block score and experts x rank before -> after, then totals, timings and the disturbance."""
+    before, after, scores = entry["layout_before"], entry["layout_after"], entry["scores"]
+    lines = [
+        f"LayerInfluenceCallback: rewire {entry['index']} at step {entry['step']} (epoch {entry['epoch']})",
+        f"{'block':>5} {'score':>11}  {'experts x rank':>16}",
+    ]
+    for b in sorted(set(before) | set(after)):
+        old, new = before.get(b, {"experts": 0, "rank": 0}), after.get(b, {"experts": 0, "rank": 0})
+        arrow = f"{old['experts']}x{old['rank']} -> {new['experts']}x{new['rank']}"
+        lines.append(f"{b:>5} {scores.get(b, float('nan')):>11.4g}  {arrow:>16}")
+    lines.append(
+        f"params {entry['params_before']} -> {entry['params_after']} (budget {entry['budget']}); "
+        f"scoring {entry['time_scoring_s']:.2f}s, rewire {entry['time_rewire_s']:.2f}s "
+        f"(surgery {entry['time_surgery_s']:.3f}s)"
+    )
+    if entry.get("val_loss_before") is not None:
+        lines.append(
+            f"val loss on the scoring samples {entry['val_loss_before']:.5f} -> {entry['val_loss_after']:.5f} "
+            f"(relative change {entry['disturbance']:+.3%})"
+        )
+    return "\n".join(lines)
+
+
+def print_table(entry: dict[str, Any]) -> None:
+    rank_zero_info(console_table(entry))

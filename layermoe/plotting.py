@@ -1,0 +1,61 @@
+"""One figure per rewire: per-block experts and ranks before/after, next to the scores that decided them.
+
+Built on ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no display, thread-safe enough for
+a callback); matplotlib is imported lazily (only when a figure is drawn).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+Layout = dict[int, dict[str, int]]
+
+
+def _require_matplotlib() -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "plotting needs matplotlib: pip install matplotlib (or pass plot=False to the callback)"
+        ) from exc
+    return Figure, FigureCanvasAgg
+
+
+def rewire_figure(before: Layout, after: Layout, scores: dict[int, float], title: str | None = None) -> Any:
+    """A ``Figure`` with three bar panels sharing the block axis: experts, rank, score."""
+    figure_cls, canvas_cls = _require_matplotlib()
+    blocks = sorted(set(before) | set(after) | set(scores))
+    x = list(range(len(blocks)))
+    width = 0.4
+    fig = figure_cls(figsize=(max(6.0, 0.35 * len(blocks) + 3.0), 7.0), layout="constrained")
+    canvas_cls(fig)
+    axes = fig.subplots(3, 1, sharex=True)
+    for ax, key in zip(axes[:2], ("experts", "rank"), strict=True):
+        ax.bar(
+            [i - width / 2 for i in x], [before.get(b, {}).get(key, 0) for b in blocks], width, label="before"
+        )
+        ax.bar(
+            [i + width / 2 for i in x], [after.get(b, {}).get(key, 0) for b in blocks], width, label="after"
+        )
+        ax.set_ylabel(key)
+        ax.legend(loc="upper right", fontsize="small")
+    axes[2].bar(x, [scores.get(b, 0.0) for b in blocks], 0.6, color="tab:green")
+    axes[2].set_ylabel("score")
+    axes[2].set_xlabel("block")
+    axes[2].set_xticks(x, [str(b) for b in blocks])
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def save_rewire_figure(
+    path: str | Path, before: Layout, after: Layout, scores: dict[int, float], title: str | None = None
+) -> Any:
+    """Write the figure as PNG (creating the folder) and return it, e.g. for TensorBoard's ``add_figure``."""
+    fig = rewire_figure(before, after, scores, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return fig

@@ -1,0 +1,100 @@
+"""Standalone DDP rewire job (2 CPU processes, gloo), run by tests/test_callback_ddp.py in a subprocess.
+
+Usage: python tests/scripts/ddp_rewire.py OUT_DIR. Lightning's DDP launcher re-executes this script for
+rank 1; each rank writes OUT_DIR/rank{r}.pt with its layout, adapter weights, callback history and the
+optimizer coverage it saw, and prints "RANK r OK" at the end.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
+
+from layermoe.adapters import layout  # noqa: E402
+from layermoe.callbacks import LayerInfluenceCallback  # noqa: E402
+from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, scale_adapters  # noqa: E402
+
+
+class WrapperCheck(Callback):
+    """Right after the rewire: the DDP wrapper is a new one around the resized module."""
+
+    def __init__(self, cb: LayerInfluenceCallback) -> None:
+        self.cb, self.ok = cb, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # type: ignore[no-untyped-def]
+        if self.cb.history and self.ok is None:
+            wrapper = trainer.strategy.model
+            self.ok = (
+                isinstance(wrapper, DistributedDataParallel)
+                and wrapper.module is pl_module
+                and {id(p) for p in wrapper.parameters()} == {id(p) for p in pl_module.parameters()}
+            )
+
+
+def main(out_dir: Path) -> None:
+    torch.set_num_threads(1)
+    seed_everything(0)
+    module = TinyLlamaModule(experts=2, rank=4, lr=0.05, optimizer="sgd")
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    scale_adapters(module.model, keep_block=1, factor=1e-3)
+    start_layout = layout(module)
+    train, val = loaders(batch_size=4)
+    cb = LayerInfluenceCallback(
+        scorer="grad_norm",
+        schedule={"warmup": 2},
+        num_train_samples=8,
+        num_val_samples=8,
+        plot=False,
+        verbose=False,
+    )
+    check = WrapperCheck(cb)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_steps=6,
+        callbacks=[cb, check],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        default_root_dir=str(out_dir),
+    )
+    trainer.fit(module, train, val)
+    listed = [p for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    rank = trainer.global_rank
+    torch.save(
+        {
+            "start_layout": start_layout,
+            "layout": layout(module),
+            "weights": {k: v.detach().clone() for k, v in module.named_parameters() if "lora_" in k},
+            "history": cb.history,
+            "optimizer_matches_trainable": {id(p) for p in listed} == {id(p) for p in trainable}
+            and len(listed) == len(trainable),
+            "wrapped_module_is_resized": bool(check.ok),
+        },
+        out_dir / f"rank{rank}.pt",
+    )
+    print(f"RANK {rank} OK", flush=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,58 @@
+"""(d) Rewire under DDP (2 CPU processes, gloo): both ranks end with identical layouts and weights.
+
+Lightning's DDP launcher re-executes ``sys.argv`` for the second rank, which inside pytest would re-run
+the test selection, so the job is a standalone script run in a subprocess; its output is shown on failure.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).parent / "scripts" / "ddp_rewire.py"
+
+
+def test_ddp_ranks_agree_after_rewire(tmp_path) -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    try:
+        proc = subprocess.run(
+            [sys.executable, str(SCRIPT), str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+    except subprocess.TimeoutExpired as exc:
+        out = (
+            (exc.stdout or b"").decode(errors="replace")
+            if isinstance(exc.stdout, bytes)
+            else exc.stdout or ""
+        )
+        err = (
+            (exc.stderr or b"").decode(errors="replace")
+            if isinstance(exc.stderr, bytes)
+            else exc.stderr or ""
+        )
+        pytest.fail(f"DDP job timed out\n--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-6000:]}")
+    output = f"--- stdout ---\n{proc.stdout[-6000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, output
+    assert "RANK 0 OK" in proc.stdout and "RANK 1 OK" in proc.stdout, output
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert len(r0["history"]) == len(r1["history"]) == 1, output
+    assert r0["layout"] == r1["layout"]
+    assert r0["layout"] != r0["start_layout"]
+    assert r0["history"][0]["scores"] == r1["history"][0]["scores"]
+    # the planted block (1, adapters not scaled down) receives the most experts on both ranks
+    assert max(r0["layout"], key=lambda b: (r0["layout"][b]["experts"], r0["layout"][b]["rank"])) == 1
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for key, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][key]), key
+    for r in (r0, r1):
+        assert r["optimizer_matches_trainable"] and r["wrapped_module_is_resized"]

@@ -1,0 +1,177 @@
+"""(f) Bad configurations raise the documented errors, naming the field and the fix, before training."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
+from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        ({"scorer": "no_such_scorer"}, "scorer='no_such_scorer'.*registered"),
+        ({"scorer": "layerif", "scorer_options": {"bogus": 1}}, "scorer_options"),
+        ({"allocator": "greedy"}, "allocator='greedy'.*power_law"),
+        ({"allocator_options": {"betta": 2.0}}, "allocator_options.*betta"),
+        ({"budget": "params:-3"}, "budget"),
+        ({"budget": "dollars:5"}, "budget"),
+        ({"num_train_samples": 0}, "num_train_samples=0"),
+        ({"num_val_samples": 2.5}, "num_val_samples"),
+        ({"schedule": {"warmup": 2.0}}, "schedule.warmup"),
+        ({"schedule": {"every": 3, "max_rewires": 0}}, "schedule.max_rewires"),
+        ({"schedule": "often"}, "schedule="),
+        ({"scope": "everything"}, "scope='everything'"),
+        ({"inject": {"experts": 0}}, "inject"),
+        ({"inject": ["q_proj"]}, "inject="),
+        ({"loss_fn": 3}, "loss_fn"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs: dict[str, Any], pattern: str) -> None:
+    with pytest.raises(CallbackConfigError, match=pattern):
+        LayerInfluenceCallback(**kwargs)
+
+
+@pytest.mark.parametrize("strategy", [FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy])
+def test_sharded_strategies_are_rejected_in_setup(strategy: type) -> None:
+    try:
+        instance = strategy()
+    except Exception as exc:  # DeepSpeed's constructor needs the deepspeed package
+        pytest.skip(f"cannot build {strategy.__name__} here: {exc}")
+    cb = LayerInfluenceCallback()
+    # setup only reads trainer.strategy: FSDP/DeepSpeed trainers cannot be built on this CPU-only machine
+    with pytest.raises(CallbackConfigError, match=f"{strategy.__name__}.*ddp"):
+        cb.setup(SimpleNamespace(strategy=instance), TinyLlamaModule(), "fit")
+
+
+def _fit_fails(
+    module: TinyLlamaModule, cb: LayerInfluenceCallback, pattern: str, val: bool = True, **kw: Any
+) -> None:
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    opts = dict(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    opts.update(kw)
+    trainer = Trainer(callbacks=[cb], **opts)
+    train, val_loader = loaders()
+    with pytest.raises(CallbackConfigError, match=pattern):
+        trainer.fit(module, train, val_loader if val else None)
+    assert trainer.global_step == 0
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although training must not have started"
+
+
+def test_module_without_adapters_and_no_inject() -> None:
+    _fit_fails(TinyLlamaModule(adapt=False), LayerInfluenceCallback(), "no MoE-LoRA layers.*inject")
+
+
+def test_no_validation_data() -> None:
+    _fit_fails(TinyLlamaModule(), LayerInfluenceCallback(), "val_dataloader", val=False)
+
+
+def test_warmup_beyond_the_run() -> None:
+    cb = LayerInfluenceCallback(schedule={"warmup": 10})
+    _fit_fails(TinyLlamaModule(), cb, "warmup resolves to 10 optimizer steps but the run has only 4")
+
+
+def test_fractional_warmup_on_an_endless_run() -> None:
+    cb = LayerInfluenceCallback(schedule={"warmup": 0.5})
+    _fit_fails(TinyLlamaModule(), cb, "fraction of the run", max_steps=-1, max_epochs=-1)
+
+
+def test_epoch_schedule_without_validation() -> None:
+    cb = LayerInfluenceCallback(schedule={"warmup": 1, "interval": "epoch"})
+    _fit_fails(TinyLlamaModule(), cb, "limit_val_batches=0", limit_val_batches=0, max_epochs=3)
+
+
+class FailsOnRebuild(TinyLlamaModule):
+    """configure_optimizers works at setup and raises when the rewire calls it again."""
+
+    calls = 0
+
+    def configure_optimizers(self) -> Any:
+        type(self).calls += 1
+        if type(self).calls > 1:
+            raise RuntimeError("optimizer factory exploded")
+        return super().configure_optimizers()
+
+
+class RewireSpy(LayerInfluenceCallback):
+    """Records the model and optimizer right before the rewire is attempted."""
+
+    def _apply_pending(self, trainer: Trainer, pl_module: Any) -> None:
+        from layermoe.adapters import layout
+
+        self.before = {
+            "layout": layout(pl_module),
+            "params": dict(pl_module.named_parameters()),
+            "values": {k: v.detach().clone() for k, v in pl_module.state_dict().items()},
+            "optimizer": trainer.optimizers[0],
+            "opt_state": {
+                k: {kk: vv.clone() for kk, vv in v.items()} for k, v in trainer.optimizers[0].state.items()
+            },
+        }
+        super()._apply_pending(trainer, pl_module)
+
+
+def test_failed_rewire_restores_model_and_optimizer() -> None:
+    from layermoe.adapters import layout
+    from layermoe.callbacks import RewireError
+
+    FailsOnRebuild.calls = 0
+    module = FailsOnRebuild(experts=2, rank=4)
+    cb = RewireSpy(
+        scorer="test_fixed_scores",
+        scorer_options={"scores": {0: 0.1, 1: 4.0, 2: 0.1}},
+        schedule={"warmup": 2},
+        num_train_samples=4,
+        num_val_samples=4,
+        plot=False,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=4,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    train, val = loaders()
+    with pytest.raises(RewireError, match="configure_optimizers.*exploded.*restored") as info:
+        trainer.fit(module, train, val)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    before = cb.before
+    assert layout(module) == before["layout"]
+    now = dict(module.named_parameters())
+    assert now.keys() == before["params"].keys() and all(now[k] is before["params"][k] for k in now)
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before["values"][k]), k
+    assert trainer.optimizers[0] is before["optimizer"]
+    for p, state in trainer.optimizers[0].state.items():
+        for key, value in state.items():
+            assert torch.equal(value, before["opt_state"][p][key])
+    assert cb.state_dict()["pending"] is not None and cb.state_dict()["rewires_done"] == 0
