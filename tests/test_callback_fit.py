@@ -248,3 +248,36 @@ def test_accumulation_rewire_lands_on_a_step_boundary(tmp_path) -> None:
     batch_idx, step = probe.rewire_at
     assert (batch_idx + 1) % 4 == 0 and step == (batch_idx + 1) // 4 == 2
     assert cb.history[0]["step"] == 2
+
+
+def test_warmup_zero_allocates_before_the_first_optimizer_step(tmp_path) -> None:
+    """schedule.warmup=0: the one-shot allocation of the published methods, applied before any update."""
+    seed_everything(0)
+    module = TinyLlamaModule(experts=3, rank=4, lr=1e-2)
+    train, val = loaders()
+    seen_at_first_step: list[dict[int, int]] = []
+
+    class FirstStepLayout(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 0 and not seen_at_first_step:
+                seen_at_first_step.append(
+                    {b: next(iter(layers.values())).experts for b, layers in moe_layers(pl_module).items()}
+                )
+
+    cb = LayerInfluenceCallback(
+        scorer="test_fixed_scores",
+        scorer_options={"scores": {0: 0.1, 1: 0.2, 2: 6.0}},
+        schedule={"warmup": 0},
+        num_train_samples=N_SAMPLES,
+        num_val_samples=N_SAMPLES,
+        plot=False,
+        verbose=False,
+    )
+    trainer = _trainer([cb, FirstStepLayout()], tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(module, train, val)
+    assert len(cb.history) == 1 and cb.history[0]["step"] == 0
+    assert seen_at_first_step[0] == {b: e["experts"] for b, e in cb.history[0]["layout_after"].items()}
+    assert seen_at_first_step[0][2] > max(seen_at_first_step[0][0], seen_at_first_step[0][1])
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    in_optimizer = [id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]]
+    assert sorted(in_optimizer) == sorted(trainable)

@@ -255,6 +255,23 @@ class LayerInfluenceCallback(Callback):
         self._val_batches = None
 
     # ------------------------------------------------------------------ triggers
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``schedule.warmup=0`` on the step interval: allocate before the first optimizer step.
+
+        This is the published methods' one-shot allocation (LayerIF, AlphaLoRA) run from inside the fit:
+        nothing has been accumulated yet, so applying the plan here is as safe as after a step.
+        """
+        if (
+            self.schedule.interval == "step"
+            and (self._warmup_units or 0) == 0
+            and self.state.plans_made == 0
+            and self.state.pending is None
+            and trainer.global_step == 0
+        ):
+            self._score_and_plan(trainer, pl_module)
+            if self.state.pending is not None:
+                self._apply_pending(trainer, pl_module)
+
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:

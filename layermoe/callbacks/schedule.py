@@ -23,6 +23,8 @@ class RewireSchedule:
         warmup: an ``int`` counts optimizer steps (or completed epochs when ``interval="epoch"``) before
             the first rewire; a ``float`` in ``[0, 1)`` is a fraction of the run
             (``trainer.estimated_stepping_batches`` or ``trainer.max_epochs``), resolved when fit starts.
+            ``0`` with ``interval="step"`` allocates before the first optimizer step (one-shot, as the
+            published methods do; e.g. with ``scope="base"`` or ``scorer="alpha_hill"``).
         every: ``None`` rewires once; an int ``K >= 1`` rewires again every ``K`` steps/epochs.
         max_rewires: at most this many rewires. ``None`` means 1 when ``every`` is ``None``, else no limit.
         interval: ``"step"``: scored and applied in ``on_train_batch_end`` right after the optimizer step

@@ -1,0 +1,113 @@
+"""Per-run result files and the summary table of the allocation-quality experiment.
+
+Each (task, arm, seed) run owns one small JSON file; the table is rebuilt from whatever files exist, so an
+interrupted experiment resumes by skipping finished runs and reports "k of N runs" until it is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+
+def result_path(results_dir: Path, task: str, arm: str, seed: int) -> Path:
+    return results_dir / f"{task}__{arm}__seed{seed}.json"
+
+
+def write_result(path: Path, result: dict[str, Any]) -> None:
+    """Write atomically: a run killed mid-write must not leave a file that looks finished."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load_results(results_dir: Path) -> list[dict[str, Any]]:
+    if not results_dir.is_dir():
+        return []
+    return [json.loads(p.read_text()) for p in sorted(results_dir.glob("*__*__seed*.json"))]
+
+
+def _mean_std(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{100 * mean:.2f}"
+    return f"{100 * mean:.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def _minutes(values: Sequence[float]) -> str:
+    return f"{statistics.fmean(values) / 60:.1f}" if values else "-"
+
+
+def build_table(
+    results: Iterable[dict[str, Any]],
+    tasks: Sequence[str],
+    arms: Sequence[str],
+    expected_runs: int,
+) -> str:
+    """Markdown table: one row per (task, arm) with mean ± std over seeds of the test metrics."""
+    results = list(results)
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for result in results:
+        by_key.setdefault((result["task"], result["arm"]), []).append(result)
+    lines = [
+        f"{len(results)} of {expected_runs} runs"
+        + (" (incomplete: rerun the command to add the rest)" if len(results) < expected_runs else ""),
+        "",
+        "| task | arm | seeds | test accuracy (%) | test MCC (x100) | trainable params | wall time (min) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for task in tasks:
+        for arm in arms:
+            runs = sorted(by_key.get((task, arm), []), key=lambda r: r["seed"])
+            if not runs:
+                continue
+            accuracy = [r["test"]["accuracy"] for r in runs]
+            mcc = [r["test"]["mcc"] for r in runs if r["test"].get("mcc") is not None]
+            params = sorted({r["trainable_params"] for r in runs})
+            lines.append(
+                f"| {task} | {arm} | {','.join(str(r['seed']) for r in runs)} | {_mean_std(accuracy)} "
+                f"| {_mean_std(mcc)} | {'/'.join(f'{p:,}' for p in params)} "
+                f"| {_minutes([r['wall_time_s'] for r in runs])} |"
+            )
+    return "\n".join(lines)
+
+
+def layout_figure(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Bars of the final per-block experts and ranks of each run of one (task, arm)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 1, figsize=(9, 4.5), sharex=True)
+    width = 0.8 / max(1, len(results))
+    for i, result in enumerate(results):
+        layout = {int(k): v for k, v in result["final_layout"].items()}
+        blocks = sorted(layout)
+        offsets = [b + (i - (len(results) - 1) / 2) * width for b in blocks]
+        label = f"seed {result['seed']}"
+        axes[0].bar(offsets, [layout[b]["experts"] for b in blocks], width, label=label)
+        axes[1].bar(offsets, [layout[b]["rank"] for b in blocks], width, label=label)
+    axes[0].set_ylabel("experts")
+    axes[1].set_ylabel("rank")
+    axes[1].set_xlabel("block")
+    axes[0].set_title(title)
+    axes[0].legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"non-finite metric {value}")
+    return value

@@ -1,0 +1,51 @@
+"""The allocation-quality runner's --quick mode: runs, per-run result files, resume-by-skip, the table."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "benchmarks" / "allocation_quality.py"
+
+
+def _run(results: Path, workdir: Path) -> str:
+    command = [sys.executable, str(RUNNER), "--quick", "--results", str(results), "--workdir", str(workdir)]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_quick_mode_runs_skips_finished_runs_and_builds_the_table(tmp_path: Path) -> None:
+    results, workdir = tmp_path / "results", tmp_path / "work"
+    first = _run(results, workdir)
+    files = sorted(results.glob("*.json"))
+    assert [f.name for f in files] == ["sst2__callback-layerif__seed0.json", "sst2__uniform__seed0.json"]
+    by_arm = {json.loads(f.read_text())["arm"]: json.loads(f.read_text()) for f in files}
+    uniform, rewired = by_arm["uniform"], by_arm["callback-layerif"]
+    assert uniform["steps"] == rewired["steps"] == 16
+    assert 0.0 <= uniform["test"]["accuracy"] <= 1.0
+    # same budget: the rewired layout never exceeds the uniform arm's trainable parameters
+    assert rewired["trainable_params"] <= uniform["trainable_params"]
+    assert (
+        len(rewired["rewires"]) == 1 and rewired["rewires"][0]["params_after"] <= uniform["trainable_params"]
+    )
+    assert all(entry == {"experts": 4, "rank": 4} for entry in uniform["final_layout"].values())
+    assert "2 of 2 runs" in first and "| sst2 | callback-layerif |" in first
+    assert (results / "figures" / "sst2__callback-layerif.png").stat().st_size > 0
+
+    # a rerun skips both finished runs and rebuilds the same table; a missing run is reported as such
+    (results / "sst2__uniform__seed0.json").rename(tmp_path / "moved.json")
+    table_only = subprocess.run(
+        [sys.executable, str(RUNNER), "--quick", "--table", "--results", str(results)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert "1 of 2 runs (incomplete" in table_only.stdout, table_only.stdout + table_only.stderr
+    (tmp_path / "moved.json").rename(results / "sst2__uniform__seed0.json")
+    second = _run(results, workdir)
+    assert second.count("skip ") == 2 and "run sst2" not in second
