@@ -22,10 +22,10 @@ def _count(size: float | int, total: int, field: str) -> int:
 
 def _per_class_counts(groups: dict[int, list[int]], count: int) -> dict[int, int]:
     """Largest-remainder apportionment of ``count`` rows over the classes, by class size."""
+    # Integer arithmetic: float shares turn exact ties into rounding noise, and ties go to the lower class.
     total = sum(len(g) for g in groups.values())
-    exact = {c: count * len(g) / total for c, g in groups.items()}
-    counts = {c: int(v) for c, v in exact.items()}
-    order = sorted(groups, key=lambda c: (-(exact[c] - counts[c]), c))
+    counts = {c: (count * len(g)) // total for c, g in groups.items()}
+    order = sorted(groups, key=lambda c: (-((count * len(groups[c])) % total), c))
     for c in order[: count - sum(counts.values())]:
         counts[c] += 1
     return counts
