@@ -11,7 +11,7 @@
 Every job runs in a fresh subprocess so peak RSS is its own; ratios come from the same invocation.
 
     python benchmarks/scoring_speed.py                         # the issue's sizes (slow on 2 cores)
-    python benchmarks/scoring_speed.py --n 32 --m 8 --out benchmarks/sections/scoring.md
+    python benchmarks/scoring_speed.py --n 32 --m 8 --out /tmp/scoring.md
 """
 
 from __future__ import annotations
