@@ -1,30 +1,13 @@
-"""Per-sample loss from logits (the same definition as ``layermoe.scoring.causal_lm_per_sample_loss``).
-
-The LightningModule needs the logits for its metrics too, so it computes the loss from one forward's
-logits instead of calling the scoring function (which runs its own forward and returns only the loss).
-"""
+"""Classification helpers of the LightningModule; the per-sample loss itself is
+``layermoe.scoring.per_sample_loss_from_logits`` (one definition shared with scoring)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from layermoe.scoring.losses import per_sample_loss_from_logits
 
-def per_sample_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(B,) mean next-token cross-entropy over each sample's supervised tokens (HF shift, -100 ignored).
-
-    A sample with no supervised token gets 0.
-    """
-    shift_logits = logits[:, :-1, :]
-    shift_labels = labels[:, 1:].to(logits.device)
-    token_loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]).to(torch.promote_types(logits.dtype, torch.float32)),
-        shift_labels.reshape(-1),
-        ignore_index=-100,
-        reduction="none",
-    ).view(shift_labels.shape)
-    mask = (shift_labels != -100).to(token_loss.dtype)
-    return (token_loss * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+__all__ = ["candidate_logits", "per_sample_loss_from_logits"]
 
 
 def candidate_logits(logits: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:

@@ -25,8 +25,16 @@ def causal_lm_per_sample_loss(model: nn.Module, batch: Mapping[str, torch.Tensor
     kwargs = {"input_ids": batch["input_ids"], "use_cache": False}
     if batch.get("attention_mask") is not None:
         kwargs["attention_mask"] = batch["attention_mask"]
-    logits = model(**kwargs).logits
-    labels = batch["labels"].to(logits.device)
+    return per_sample_loss_from_logits(model(**kwargs).logits, batch["labels"])
+
+
+def per_sample_loss_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) mean next-token cross-entropy over each sample's supervised tokens (HF shift, -100 ignored).
+
+    Callers that need the logits anyway (the LightningModule's metrics) use this directly; a sample with
+    no supervised token gets 0.
+    """
+    labels = labels.to(logits.device)
     shift_logits = logits[:, :-1, :]
     shift_labels = labels[:, 1:]
     token_loss = F.cross_entropy(
