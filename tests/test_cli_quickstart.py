@@ -62,7 +62,12 @@ def test_quickstart_fit_writes_checkpoint_and_prints_layout_and_metrics(
     assert (ckpt_dir / "last.ckpt").is_file()
     checkpoint = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6
-    assert checkpoint["layermoe_layout"] == {b: {"experts": 4, "rank": 4} for b in range(2)}
+    # the quickstart's LayerInfluenceCallback rewired at 30% of the run: the checkpoint holds the new layout,
+    # which differs from the uniform start, keeps the total expert count and is the trained model's layout
+    rewired = checkpoint["layermoe_layout"]
+    assert rewired == layout(cli.model.model)
+    assert rewired != {b: {"experts": 4, "rank": 4} for b in range(tiny_spec["num_hidden_layers"])}
+    assert "LayerInfluenceCallback: rewire 0 at step" in out + caplog.text
     assert checkpoint["hyper_parameters"]["model"] == tiny_spec
     # adapter-only checkpoint: every stored tensor is an adapter tensor
     assert all(k.rsplit(".", 1)[-1].startswith("lora_") for k in checkpoint["state_dict"])
