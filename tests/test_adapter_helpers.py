@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
 
@@ -81,12 +80,3 @@ def randomize(layer: torch.nn.Module, seed: int = 0, b_std: float = 0.1, router_
             layer.lora_router_bias.copy_(
                 torch.randn(layer.lora_router_bias.shape, generator=generator) * router_std
             )
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronization (badly so on a shared 2-core machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)

@@ -22,7 +22,7 @@ from layermoe.adapters import (
     normalize_layout,
 )
 
-from .test_adapter_helpers import one_thread, randomize  # noqa: F401  (autouse fixture)
+from .test_adapter_helpers import randomize  # noqa: F401
 from .tiny_models import random_tokens, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
 
 LLAMA_MODULES = {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 from layermoe.adapters import MoELoRALinear, collect_router_losses
 
-from .test_adapter_helpers import layer_reference, one_thread, randomize  # noqa: F401  (autouse fixture)
+from .test_adapter_helpers import layer_reference, randomize  # noqa: F401
 
 
 def make_layer(d_in=12, d_out=10, experts=4, rank=3, top_k=None, seed=0, dtype=torch.float32, **kw):

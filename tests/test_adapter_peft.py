@@ -16,7 +16,7 @@ from layermoe.adapters import (
     named_moe_layers,
 )
 
-from .test_adapter_helpers import one_thread, randomize  # noqa: F401  (autouse fixture)
+from .test_adapter_helpers import randomize  # noqa: F401
 from .tiny_models import random_tokens, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")

@@ -18,7 +18,7 @@ from layermoe.adapters import (
     shrink_rank,
 )
 
-from .test_adapter_helpers import layer_reference, one_thread, randomize  # noqa: F401  (autouse fixture)
+from .test_adapter_helpers import layer_reference, randomize  # noqa: F401
 
 
 def make_layer(experts=3, rank=4, top_k=None, seed=0, d_in=16, d_out=12):

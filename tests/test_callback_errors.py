@@ -14,14 +14,6 @@ from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "pattern"),
     [

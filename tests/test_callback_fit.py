@@ -22,15 +22,6 @@ from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, scale_adap
 N_SAMPLES = 8
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices on a shared 2-core CPU: one intra-op thread is ~30x faster than spinning on two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _trainer(callbacks: list[Callback], tmp_path: Any, **kw: Any) -> Trainer:
     opts = dict(
         accelerator="cpu",

@@ -21,14 +21,6 @@ from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 TARGETS = {"target_modules": ["fc1", "fc2"], "experts": 2, "rank": 2, "lora_alpha": 4.0}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class Block(nn.Module):
     def __init__(self, d: int) -> None:
         super().__init__()

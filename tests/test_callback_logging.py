@@ -5,20 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
-import torch
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from layermoe.callbacks import LayerInfluenceCallback
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_rewire_is_logged_plotted_and_printed(tmp_path, caplog) -> None:

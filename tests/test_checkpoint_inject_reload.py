@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -21,15 +20,6 @@ from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 def _val_loss(module: TinyLlamaModule, val_loader: torch.utils.data.DataLoader) -> float:
     module.eval()
     return float(torch.cat([causal_lm_per_sample_loss(module.model, b).double() for b in val_loader]).mean())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices on a shared 2-core CPU: one intra-op thread is much faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_load_adapted_checkpoint_reproduces_validation_loss(tmp_path: Path) -> None:

@@ -23,16 +23,6 @@ from layermoe.scoring import (
 from tests.tiny_models import random_tokens, tiny_gpt2, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP oversubscription on shared 2-core machines
-    (measured 50x slower with 2 threads under load)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def adapted(builder=tiny_llama, num_blocks: int = 2, experts=2, rank: int = 2, top_k=None, seed: int = 0):
     """A float64 tiny model with MoE-LoRA adapters whose B and router are non-zero (so every
     parameter has a gradient)."""

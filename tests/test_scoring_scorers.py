@@ -27,15 +27,6 @@ from layermoe.scoring.scorers.influence import datainf_influences, fisher_influe
 from tests.tiny_models import random_tokens, tiny_llama
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny tensors, and no OpenMP oversubscription on shared cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------- naive references
 def naive_damping(train: torch.Tensor, scale: float = 0.1) -> float:
     return scale * float((train**2).sum(1).mean()) / train.shape[1]
