@@ -4,6 +4,7 @@
     python benchmarks/allocation_quality.py --quick         # 2 arms x 1 seed, tiny random model (~1 min)
     python benchmarks/allocation_quality.py --quick --real  # 2 arms x 1 seed, SmolLM2, 60 steps
     python benchmarks/allocation_quality.py --table         # only rebuild the table from finished runs
+    python benchmarks/allocation_quality.py --jobs 2        # two runs side by side, one thread each
 
 Every arm is train.py's configuration: ``configs/experiments/allocation_quality/base.yaml`` + the task's
 YAML + the arm's YAML (``arms/<arm>.yaml``, none for ``uniform``), with ``--seed_everything <seed>``. Each
@@ -11,6 +12,9 @@ YAML + the arm's YAML (``arms/<arm>.yaml``, none for ``uniform``), with ``--seed
 a rerun skips runs whose file exists, and the table is built from whatever files exist ("k of N runs").
 The same trainable-parameter budget and the same number of optimizer steps hold across arms by
 construction: every arm starts from the uniform layout and reallocates with ``budget: current``.
+Runs go seed by seed (all tasks and arms of seed 0, then the reference points, then seed 1, ...), so an
+interrupted experiment has whole seeds to compare. With ``--jobs N`` up to N runs share the machine, each
+with ``cpu_count // N`` threads and its output in ``<workdir>/<mode>/<run>.log``.
 """
 
 from __future__ import annotations
@@ -42,8 +46,11 @@ QUICK_ARMS = ["uniform", "callback-layerif"]
 def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
     if args.quick:
         return [(TASKS[0], arm, 0) for arm in QUICK_ARMS]
-    runs = [(task, arm, seed) for task in args.tasks for arm in args.arms for seed in args.seeds]
-    runs += [(task, arm, 0) for task in args.tasks for arm in args.references]
+    runs = []
+    for seed in args.seeds:
+        runs += [(task, arm, seed) for task in args.tasks for arm in args.arms]
+        if seed == args.seeds[0]:
+            runs += [(task, arm, seed) for task in args.tasks for arm in args.references]
     return runs
 
 
@@ -109,6 +116,8 @@ def run_one(task: str, arm: str, seed: int, out: Path, workdir: Path, quick: boo
         args += ["--data.train_file", files["train"], "--data.test_file", files["test"]]
     cli = LayerMoECLI(args=args, run=False)
     trainer, module = cli.trainer, cli.model
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     if quick and not real:
         # The tiny smoke run only checks the plumbing: score on fewer samples so it takes about a minute.
         torch.set_num_threads(1)
@@ -147,6 +156,7 @@ def run_one(task: str, arm: str, seed: int, out: Path, workdir: Path, quick: boo
         "test_seconds": test_seconds,
         "wall_time_s": fit_seconds + test_seconds,
         "torch_threads": torch.get_num_threads(),
+        "parallel_runs": int(os.environ.get("LAYERMOE_PARALLEL_RUNS", "1")),
     }
     write_result(out, result)
 
@@ -168,6 +178,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workdir", default=str(REPO / "runs" / "allocation_quality"))
     parser.add_argument("--table", action="store_true", help="only rebuild the table and figures")
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each with cpu_count // jobs threads (default 1)"
+    )
     parser.add_argument("--run-one", nargs=3, metavar=("TASK", "ARM", "SEED"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -199,32 +212,59 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     planned = plan_runs(args)
     if not args.table:
-        done_now = 0
+        todo = []
         for task, arm, seed in planned:
             path = result_path(folder, task, arm, seed)
             if path.exists():
                 print(f"skip {path.name} (finished)")
-                continue
-            if args.max_runs is not None and done_now >= args.max_runs:
-                break
-            print(f"run {task} / {arm} / seed {seed}", flush=True)
-            command = [sys.executable, __file__, "--run-one", task, arm, str(seed), "--results", str(folder)]
-            command += (
-                ["--workdir", args.workdir]
-                + (["--quick"] if args.quick else [])
-                + (["--real"] if args.real else [])
-            )
-            started = time.perf_counter()
-            completed = subprocess.run(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            status = (
-                "ok"
-                if completed.returncode == 0 and path.exists()
-                else f"failed (exit {completed.returncode})"
-            )
-            print(f"  {status} in {time.perf_counter() - started:.0f} s", flush=True)
-            done_now += 1
+            else:
+                todo.append((task, arm, seed))
+        run_pending(args, folder, todo[: args.max_runs] if args.max_runs is not None else todo)
     print(report(args, planned))
     return 0
+
+
+def run_pending(args: argparse.Namespace, folder: Path, todo: list[tuple[str, str, int]]) -> None:
+    """Each run in its own subprocess, up to ``--jobs`` at once; a failed run is reported, not fatal."""
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {args.jobs}")
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LAYERMOE_PARALLEL_RUNS": str(args.jobs)}
+    if args.jobs > 1:
+        env["OMP_NUM_THREADS"] = str(threads)
+    running: list[tuple[subprocess.Popen, Path, float, str, Any]] = []
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            task, arm, seed = queue.pop(0)
+            path = result_path(folder, task, arm, seed)
+            command = [sys.executable, __file__, "--run-one", task, arm, str(seed), "--results", str(folder)]
+            command += ["--workdir", args.workdir] + (["--quick"] if args.quick else [])
+            command += ["--real"] if args.real else []
+            name = f"{task} / {arm} / seed {seed}"
+            if args.jobs > 1:  # interleaved output of parallel runs would be unreadable: one log each
+                log_path = Path(args.workdir) / folder.name / f"{path.stem}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                log = open(log_path, "w")  # noqa: SIM115 - closed when the run ends
+                print(f"run {name} (log: {log_path})", flush=True)
+                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            else:
+                log = None
+                print(f"run {name}", flush=True)
+                process = subprocess.Popen(command, env=env)
+            running.append((process, path, time.perf_counter(), name, log))
+        for entry in list(running):
+            process, path, started, name, log = entry
+            if process.poll() is None:
+                continue
+            running.remove(entry)
+            if log is not None:
+                log.close()
+            ok = process.returncode == 0 and path.exists()
+            status = "ok" if ok else f"failed (exit {process.returncode})"
+            print(f"  {name}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
+        if running:
+            time.sleep(0.5)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,9 @@ REPO = Path(__file__).resolve().parents[1]
 RUNNER = REPO / "benchmarks" / "allocation_quality.py"
 
 
-def _run(results: Path, workdir: Path) -> str:
+def _run(results: Path, workdir: Path, *extra: str) -> str:
     command = [sys.executable, str(RUNNER), "--quick", "--results", str(results), "--workdir", str(workdir)]
+    command += list(extra)
     completed = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     return completed.stdout
@@ -20,7 +21,7 @@ def _run(results: Path, workdir: Path) -> str:
 
 def test_quick_mode_runs_skips_finished_runs_and_builds_the_table(tmp_path: Path) -> None:
     results, workdir = tmp_path / "results", tmp_path / "work"
-    first = _run(results, workdir)
+    first = _run(results, workdir, "--jobs", "2")  # both runs side by side, one log file each
     files = sorted(results.glob("*.json"))
     assert [f.name for f in files] == ["sst2__callback-layerif__seed0.json", "sst2__uniform__seed0.json"]
     by_arm = {json.loads(f.read_text())["arm"]: json.loads(f.read_text()) for f in files}
@@ -35,6 +36,9 @@ def test_quick_mode_runs_skips_finished_runs_and_builds_the_table(tmp_path: Path
     assert all(entry == {"experts": 4, "rank": 4} for entry in uniform["final_layout"].values())
     assert "2 of 2 runs" in first and "| sst2 | callback-layerif |" in first
     assert (results / "figures" / "sst2__callback-layerif.png").stat().st_size > 0
+    assert all(json.loads(f.read_text())["parallel_runs"] == 2 for f in files)
+    log = (workdir / "results" / "sst2__callback-layerif__seed0.log").read_text()
+    assert "Epoch" in log or "fit" in log.lower(), log[-2000:]
 
     # a rerun skips both finished runs and rebuilds the same table; a missing run is reported as such
     (results / "sst2__uniform__seed0.json").rename(tmp_path / "moved.json")

@@ -141,3 +141,19 @@ def test_module_snapshot_undoes_a_real_resize_exactly() -> None:
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, before_state[k], rtol=0, atol=0)
     torch.testing.assert_close(model(input_ids=ids).logits, before_out, rtol=0, atol=0)
+
+
+def test_scoring_samples_ignore_the_loaders_order_and_the_global_rng() -> None:
+    from torch.utils.data import DataLoader
+
+    from layermoe.callbacks.data import training_batches, validation_batches
+
+    rows = [{"x": torch.tensor([i])} for i in range(20)]
+    longest_first = DataLoader(rows, batch_size=4, sampler=list(range(19, -1, -1)))  # an eval loader's order
+    before = torch.random.get_rng_state()
+    val = validation_batches(longest_first, 6, batch_size=4)
+    assert [b["x"].flatten().tolist() for b in val] == [[0, 1, 2, 3], [4, 5]]  # dataset order, not sampler's
+    train = training_batches(longest_first, 7, seed=3, batch_size=4)
+    drawn = torch.cat([b["x"].flatten() for b in train]).tolist()
+    assert drawn == torch.randperm(20, generator=torch.Generator().manual_seed(3))[:7].tolist()
+    assert torch.equal(torch.random.get_rng_state(), before)

@@ -76,6 +76,33 @@ def test_module_loss_agrees_with_the_scoring_contract():
     torch.testing.assert_close(ours, theirs)
 
 
+def test_label_logits_equal_the_full_logits_at_the_predicting_position(monkeypatch):
+    module = _module().train()
+    batch = _batch(seed=3, batch=4, length=9)
+    batch["attention_mask"][1, -2:] = 0  # right padding after the label must not matter
+    position = (batch["labels"] != -100).int().argmax(dim=1) - 1
+    rows = torch.arange(4)
+    full = module(batch)[rows, position]
+    fast = module.label_logits(batch)  # only the needed positions go through the LM head
+    torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-5)
+    # the same parameter gradients as the loss on the whole-sequence logits
+    loss_fast = module.per_sample_loss(batch).sum()
+    grads_fast = torch.autograd.grad(loss_fast, [p for _, p in module.trainable_parameters()])
+    loss_full = per_sample_loss_from_logits(module(batch), batch["labels"]).sum()
+    grads_full = torch.autograd.grad(loss_full, [p for _, p in module.trainable_parameters()])
+    torch.testing.assert_close(loss_fast, loss_full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads_fast, grads_full, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # a model whose forward has no logits_to_keep takes the whole-sequence path
+    plain_forward = module.model.forward
+
+    def forward_without_keep(input_ids=None, attention_mask=None, use_cache=None):
+        return plain_forward(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    monkeypatch.setattr(module.model, "forward", forward_without_keep)
+    torch.testing.assert_close(module.label_logits(batch), full, rtol=1e-5, atol=1e-5)
+
+
 def test_candidate_logits_pick_the_position_before_the_label():
     batch = _batch(seed=2)
     logits = torch.randn(3, 7, 300)

@@ -1,5 +1,8 @@
 """Batches for scoring: the first ``m`` validation samples and a seeded sample of ``n`` training samples.
 
+"First" means dataset order, not the loader's order: evaluation loaders may sort rows by length to
+cut padding (TextDataModule does), and scoring the ``m`` longest rows would bias the scores.
+
 Scoring must not disturb training: the training sample is drawn with its own ``torch.Generator`` under
 ``isolate_rng`` (a dataset's ``__getitem__`` may draw random numbers), and no training iterator is
 advanced. Map-style datasets are sampled by index through the loader's ``collate_fn``; iterable
@@ -63,15 +66,36 @@ def take_samples(batches: Iterable[Any], n: int, batch_size: int | None = None) 
     return out
 
 
+def _map_style(loader: Any) -> bool:
+    dataset = getattr(loader, "dataset", None)
+    return (
+        isinstance(loader, DataLoader)
+        and dataset is not None
+        and not isinstance(dataset, IterableDataset)
+        and hasattr(dataset, "__len__")
+        and len(dataset) > 0
+    )
+
+
+def _collate_rows(loader: DataLoader, indices: list[int], batch_size: int | None) -> list[Any]:
+    """Batches of the given dataset rows, built with the loader's own ``collate_fn``."""
+    size = batch_size or loader.batch_size or 8
+    rows = [loader.dataset[i] for i in indices]
+    return [loader.collate_fn(rows[s : s + size]) for s in range(0, len(rows), size)]
+
+
 def validation_batches(loader: Any, m: int, batch_size: int | None) -> list[Any]:
-    """First ``m`` samples of the validation loader, in order (deterministic across calls)."""
+    """First ``m`` validation samples in dataset order (deterministic across calls)."""
     if loader is None:
         raise RewireError(
             "scoring needs validation data: define val_dataloader() on the module or datamodule "
             "(and keep Trainer(limit_val_batches) > 0)"
         )
     with isolate_rng():
-        batches = take_samples(loader, m, batch_size)
+        if _map_style(loader):
+            batches = _collate_rows(loader, list(range(min(m, len(loader.dataset)))), batch_size)
+        else:
+            batches = take_samples(loader, m, batch_size)
     if not batches:
         raise RewireError("the validation dataloader yielded no samples; scoring needs at least one")
     return batches
@@ -82,19 +106,10 @@ def training_batches(loader: Any, n: int, seed: int, batch_size: int | None) -> 
     if loader is None:
         raise RewireError("scoring needs the training dataloader, but the trainer has none")
     with isolate_rng():
-        dataset = getattr(loader, "dataset", None)
-        if (
-            isinstance(loader, DataLoader)
-            and dataset is not None
-            and not isinstance(dataset, IterableDataset)
-            and hasattr(dataset, "__len__")
-            and len(dataset) > 0
-        ):
-            size = batch_size or loader.batch_size or 8
+        if _map_style(loader):
             generator = torch.Generator().manual_seed(seed)
-            order = torch.randperm(len(dataset), generator=generator)[: min(n, len(dataset))].tolist()
-            collate = loader.collate_fn
-            return [collate([dataset[i] for i in order[s : s + size]]) for s in range(0, len(order), size)]
+            order = torch.randperm(len(loader.dataset), generator=generator)[: min(n, len(loader.dataset))]
+            return _collate_rows(loader, order.tolist(), batch_size)
         torch.manual_seed(seed)
         batches = take_samples(loader, n, batch_size)
     if not batches:
