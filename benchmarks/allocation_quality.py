@@ -5,6 +5,7 @@
     python benchmarks/allocation_quality.py --quick --real  # 2 arms x 1 seed, SmolLM2, 60 steps
     python benchmarks/allocation_quality.py --table         # only rebuild the table from finished runs
     python benchmarks/allocation_quality.py --jobs 2        # two runs side by side, one thread each
+    python benchmarks/allocation_quality.py --gpu           # the same arms at a larger scale on a GPU
 
 Every arm is train.py's configuration: ``configs/experiments/allocation_quality/base.yaml`` + the task's
 YAML + the arm's YAML (``arms/<arm>.yaml``, none for ``uniform``), with ``--seed_everything <seed>``. Each
@@ -40,6 +41,7 @@ REFERENCE_ARMS = ["oneshot-alpha", "plain-lora"]  # once per task, seed 0
 TASKS = ["sst2", "cola"]
 SEEDS = [0, 1, 2]
 QUICK_ARMS = ["uniform", "callback-layerif"]
+GPU_SCORING_SAMPLES = (512, 256)  # (num_train_samples, num_val_samples) of the callback under --gpu
 
 
 # ---------------------------------------------------------------------------------------------- runs
@@ -57,17 +59,23 @@ def plan_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
 def results_dir(args: argparse.Namespace) -> Path:
     if args.results:
         return Path(args.results)
+    if args.gpu:
+        return REPO / "benchmarks" / "results" / "gpu"
     mode = "full" if not args.quick else ("quick-real" if args.real else "quick")
     return REPO / "benchmarks" / "results" / mode
 
 
-def cli_args(task: str, arm: str, seed: int, workdir: Path, quick: bool, real: bool) -> list[str]:
+def cli_args(
+    task: str, arm: str, seed: int, workdir: Path, quick: bool, real: bool, gpu: bool = False
+) -> list[str]:
     args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(CONFIGS / f"{task}.yaml")]
     arm_config = CONFIGS / "arms" / f"{arm}.yaml"
     if arm_config.exists():
         args += ["--config", str(arm_config)]
     if quick:
         args += ["--config", str(CONFIGS / ("quick_real.yaml" if real else "quick_tiny.yaml"))]
+    if gpu:
+        args += ["--config", str(CONFIGS / "gpu.yaml")]
     args += [
         "--seed_everything",
         str(seed),
@@ -101,7 +109,9 @@ def tiny_task_files(folder: Path, rows: int = 240, seed: int = 0) -> dict[str, s
     return paths
 
 
-def run_one(task: str, arm: str, seed: int, out: Path, workdir: Path, quick: bool, real: bool) -> None:
+def run_one(
+    task: str, arm: str, seed: int, out: Path, workdir: Path, quick: bool, real: bool, gpu: bool = False
+) -> None:
     """Fit + test one (task, arm, seed) in this process and write its result JSON."""
     import torch
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -110,7 +120,7 @@ def run_one(task: str, arm: str, seed: int, out: Path, workdir: Path, quick: boo
     from layermoe.lightning_modules.cli import LayerMoECLI
 
     sys.argv = sys.argv[:1]  # LightningCLI reads sys.argv too; the runner's own flags are not its business
-    args = cli_args(task, arm, seed, workdir, quick, real)
+    args = cli_args(task, arm, seed, workdir, quick, real, gpu)
     if quick and not real:
         files = tiny_task_files(workdir / "data", seed=seed)
         args += ["--data.train_file", files["train"], "--data.test_file", files["test"]]
@@ -124,6 +134,10 @@ def run_one(task: str, arm: str, seed: int, out: Path, workdir: Path, quick: boo
         for callback in trainer.callbacks:
             if hasattr(callback, "num_train_samples"):
                 callback.num_train_samples, callback.num_val_samples = 16, 16
+    if gpu:
+        for callback in trainer.callbacks:
+            if hasattr(callback, "num_train_samples"):  # alpha_hill reads no data and ignores them
+                callback.num_train_samples, callback.num_val_samples = GPU_SCORING_SAMPLES
     # Model selection on the validation slice of train (CoLA: MCC, since accuracy rewards the majority class).
     monitor = "val/mcc" if task == "cola" else "val/acc"
     checkpoint = ModelCheckpoint(dirpath=str(workdir / "best"), monitor=monitor, mode="max", save_top_k=1)
@@ -145,6 +159,7 @@ def run_one(task: str, arm: str, seed: int, out: Path, workdir: Path, quick: boo
         "arm": arm,
         "seed": seed,
         "quick": quick,
+        "gpu": gpu,
         "real_model": real or not quick,
         "steps": int(trainer.global_step),
         "test": {"accuracy": float(metrics["test/acc"]), "mcc": float(metrics.get("test/mcc", float("nan")))},
@@ -170,6 +185,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="2 arms x 1 seed (tiny random model unless --real)"
     )
     parser.add_argument("--real", action="store_true", help="with --quick: SmolLM2, 60 steps")
+    parser.add_argument(
+        "--gpu", action="store_true", help="larger scale on a CUDA GPU (configs/.../gpu.yaml)"
+    )
     parser.add_argument("--tasks", nargs="+", default=TASKS, choices=TASKS)
     parser.add_argument("--arms", nargs="+", default=MAIN_ARMS, choices=MAIN_ARMS + REFERENCE_ARMS)
     parser.add_argument("--references", nargs="*", default=REFERENCE_ARMS, choices=REFERENCE_ARMS)
@@ -208,7 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.run_one:
         task, arm, seed = args.run_one[0], args.run_one[1], int(args.run_one[2])
         workdir = Path(args.workdir) / folder.name / f"{task}__{arm}__seed{seed}"
-        run_one(task, arm, seed, result_path(folder, task, arm, seed), workdir, args.quick, args.real)
+        run_one(
+            task, arm, seed, result_path(folder, task, arm, seed), workdir, args.quick, args.real, args.gpu
+        )
         return 0
     planned = plan_runs(args)
     if not args.table:
@@ -240,7 +260,7 @@ def run_pending(args: argparse.Namespace, folder: Path, todo: list[tuple[str, st
             path = result_path(folder, task, arm, seed)
             command = [sys.executable, __file__, "--run-one", task, arm, str(seed), "--results", str(folder)]
             command += ["--workdir", args.workdir] + (["--quick"] if args.quick else [])
-            command += ["--real"] if args.real else []
+            command += (["--real"] if args.real else []) + (["--gpu"] if args.gpu else [])
             name = f"{task} / {arm} / seed {seed}"
             if args.jobs > 1:  # interleaved output of parallel runs would be unreadable: one log each
                 log_path = Path(args.workdir) / folder.name / f"{path.stem}.log"

@@ -53,3 +53,19 @@ def test_quick_mode_runs_skips_finished_runs_and_builds_the_table(tmp_path: Path
     (tmp_path / "moved.json").rename(results / "sst2__uniform__seed0.json")
     second = _run(results, workdir)
     assert second.count("skip ") == 2 and "run sst2" not in second
+
+
+def test_gpu_mode_composes_the_larger_scale_after_the_arm() -> None:
+    import yaml
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import allocation_quality as runner
+
+    args = runner.parse(["--gpu"])
+    assert runner.results_dir(args).name == "gpu"
+    configs = runner.cli_args("sst2", "plain-lora", 1, Path("w"), quick=False, real=False, gpu=True)
+    files = [Path(configs[i + 1]).name for i, a in enumerate(configs) if a == "--config"]
+    assert files == ["base.yaml", "sst2.yaml", "plain-lora.yaml", "gpu.yaml"]
+    overlay = yaml.safe_load((runner.CONFIGS / "gpu.yaml").read_text())
+    assert overlay["trainer"]["accelerator"] == "gpu" and "adapter" not in overlay["model"]
+    assert overlay["trainer"]["max_steps"] > 150 and runner.GPU_SCORING_SAMPLES == (512, 256)
