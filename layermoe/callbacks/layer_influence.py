@@ -51,7 +51,7 @@ class LayerInfluenceCallback(Callback):
         trainer = Trainer(callbacks=[LayerInfluenceCallback(scorer="layerif", schedule={"warmup": 0.3})])
 
     At the scheduled time the callback scores every block on the first ``num_val_samples`` validation
-    samples and a seeded sample of ``num_train_samples`` training samples (outside inference mode, with
+    samples (dataset order) and a seeded sample of ``num_train_samples`` training samples (outside inference mode, with
     the training RNG untouched and no ``.grad`` left behind), turns the scores into a layout under the
     budget, and, right after an optimizer step, resizes the layers, rebuilds the optimizers through the
     module's ``configure_optimizers`` (state carried over), continues the LR schedulers, and re-wraps DDP.
