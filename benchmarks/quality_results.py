@@ -46,13 +46,30 @@ def _minutes(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values) / 60:.1f}" if values else "-"
 
 
+def paired_difference(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]], metric: str) -> str:
+    """Mean ± std over seeds of (arm - baseline) for the seeds both have: seeds share the data split and
+    order, so pairing removes the part of the seed spread that both arms have in common."""
+    base = {r["seed"]: r["test"].get(metric) for r in baseline}
+    deltas = [
+        r["test"][metric] - base[r["seed"]]
+        for r in runs
+        if base.get(r["seed"]) is not None and r["test"].get(metric) is not None
+    ]
+    if not deltas:
+        return "-"
+    text = _mean_std(deltas)
+    return text if text.startswith("-") else "+" + text
+
+
 def build_table(
     results: Iterable[dict[str, Any]],
     tasks: Sequence[str],
     arms: Sequence[str],
     expected_runs: int,
+    baseline: str = "uniform",
 ) -> str:
-    """Markdown table: one row per (task, arm) with mean ± std over seeds of the test metrics."""
+    """Markdown table: one row per (task, arm) with mean ± std over seeds of the test metrics, and the
+    paired difference to ``baseline`` (same seeds)."""
     results = list(results)
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result in results:
@@ -61,8 +78,9 @@ def build_table(
         f"{len(results)} of {expected_runs} runs"
         + (" (incomplete: rerun the command to add the rest)" if len(results) < expected_runs else ""),
         "",
-        "| task | arm | seeds | test accuracy (%) | test MCC (x100) | trainable params | wall time (min) |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| task | arm | seeds | test accuracy (%) | test MCC (x100) | accuracy vs "
+        f"{baseline} (points, paired) | MCC vs {baseline} (paired) | trainable params | wall time (min) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for task in tasks:
         for arm in arms:
@@ -72,9 +90,12 @@ def build_table(
             accuracy = [r["test"]["accuracy"] for r in runs]
             mcc = [r["test"]["mcc"] for r in runs if r["test"].get("mcc") is not None]
             params = sorted({r["trainable_params"] for r in runs})
+            base = by_key.get((task, baseline), [])
+            delta_acc = paired_difference(runs, base, "accuracy") if arm != baseline else ""
+            delta_mcc = paired_difference(runs, base, "mcc") if arm != baseline else ""
             lines.append(
                 f"| {task} | {arm} | {','.join(str(r['seed']) for r in runs)} | {_mean_std(accuracy)} "
-                f"| {_mean_std(mcc)} | {'/'.join(f'{p:,}' for p in params)} "
+                f"| {_mean_std(mcc)} | {delta_acc} | {delta_mcc} | {'/'.join(f'{p:,}' for p in params)} "
                 f"| {_minutes([r['wall_time_s'] for r in runs])} |"
             )
     return "\n".join(lines)

@@ -69,3 +69,19 @@ def test_gpu_mode_composes_the_larger_scale_after_the_arm() -> None:
     overlay = yaml.safe_load((runner.CONFIGS / "gpu.yaml").read_text())
     assert overlay["trainer"]["accelerator"] == "gpu" and "adapter" not in overlay["model"]
     assert overlay["trainer"]["max_steps"] > 150 and runner.GPU_SCORING_SAMPLES == (512, 256)
+
+
+def test_paired_difference_is_taken_per_seed() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality_results import build_table, paired_difference
+
+    def run(arm: str, seed: int, acc: float) -> dict:
+        return {"task": "t", "arm": arm, "seed": seed, "test": {"accuracy": acc, "mcc": None},
+                "trainable_params": 10, "wall_time_s": 60.0}  # fmt: skip
+
+    uniform = [run("uniform", 0, 0.80), run("uniform", 1, 0.90), run("uniform", 2, 0.70)]
+    other = [run("x", 0, 0.81), run("x", 1, 0.91), run("x", 3, 0.99)]  # seed 3 has no partner
+    assert paired_difference(other, uniform, "accuracy") == "+1.00 ± 0.00"
+    assert paired_difference(other, uniform, "mcc") == "-"
+    table = build_table(uniform + other, ["t"], ["uniform", "x"], expected_runs=6)
+    assert "6 of 6 runs" in table and "| t | x | 0,1,3 | " in table and "+1.00 ± 0.00" in table
