@@ -171,9 +171,29 @@ def run_one(
         "test_seconds": test_seconds,
         "wall_time_s": fit_seconds + test_seconds,
         "torch_threads": torch.get_num_threads(),
+        "precision": str(trainer.precision),
+        "machine": machine_description(),
         "parallel_runs": int(os.environ.get("LAYERMOE_PARALLEL_RUNS", "1")),
     }
     write_result(out, result)
+
+
+def machine_description() -> str:
+    """The CPU model and whether it runs bf16 natively: run times are only comparable on one machine kind."""
+    import platform
+
+    from layermoe.precision import cpu_has_native_bf16
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{model}, {os.cpu_count()} cores, {bf16}"
 
 
 # ---------------------------------------------------------------------------------------------- main

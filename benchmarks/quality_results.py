@@ -46,6 +46,25 @@ def _minutes(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values) / 60:.1f}" if values else "-"
 
 
+UNRECORDED_MACHINE = "not recorded"  # result files written before the runner recorded the machine
+
+
+def machine_of(result: dict[str, Any]) -> str:
+    return result.get("machine") or UNRECORDED_MACHINE
+
+
+def _wall_times(runs: Sequence[dict[str, Any]], machines: Sequence[str]) -> str:
+    """Mean wall time per machine: run times of different CPUs must not be averaged together."""
+    if len(machines) == 1:
+        return _minutes([r["wall_time_s"] for r in runs])
+    cells = []
+    for index, machine in enumerate(machines):
+        times = [r["wall_time_s"] for r in runs if machine_of(r) == machine]
+        if times:
+            cells.append(f"{_minutes(times)} ({chr(ord('A') + index)})")
+    return " / ".join(cells)
+
+
 def paired_difference(runs: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]], metric: str) -> str:
     """Mean ± std over seeds of (arm - baseline) for the seeds both have: seeds share the data split and
     order, so pairing removes the part of the seed spread that both arms have in common."""
@@ -71,6 +90,7 @@ def build_table(
     """Markdown table: one row per (task, arm) with mean ± std over seeds of the test metrics, and the
     paired difference to ``baseline`` (same seeds)."""
     results = list(results)
+    machines = list(dict.fromkeys(machine_of(r) for r in results)) or [UNRECORDED_MACHINE]
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result in results:
         by_key.setdefault((result["task"], result["arm"]), []).append(result)
@@ -96,8 +116,12 @@ def build_table(
             lines.append(
                 f"| {task} | {arm} | {','.join(str(r['seed']) for r in runs)} | {_mean_std(accuracy)} "
                 f"| {_mean_std(mcc)} | {delta_acc} | {delta_mcc} | {'/'.join(f'{p:,}' for p in params)} "
-                f"| {_minutes([r['wall_time_s'] for r in runs])} |"
+                f"| {_wall_times(runs, machines)} |"
             )
+    if len(machines) > 1:
+        lines += ["", "Wall times by machine: " + "; ".join(
+            f"({chr(ord('A') + i)}) {machine}" for i, machine in enumerate(machines)
+        ) + "."]  # fmt: skip
     return "\n".join(lines)
 
 

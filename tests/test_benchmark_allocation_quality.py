@@ -37,6 +37,9 @@ def test_quick_mode_runs_skips_finished_runs_and_builds_the_table(tmp_path: Path
     assert "2 of 2 runs" in first and "| sst2 | callback-layerif |" in first
     assert (results / "figures" / "sst2__callback-layerif.png").stat().st_size > 0
     assert all(json.loads(f.read_text())["parallel_runs"] == 2 for f in files)
+    # the experiment pins its precision (base.yaml), so a CPU with native bf16 cannot switch arms to bf16
+    assert {r["precision"] for r in by_arm.values()} == {"32-true"}
+    assert all("cores" in r["machine"] for r in by_arm.values())
     log = (workdir / "results" / "sst2__callback-layerif__seed0.log").read_text()
     assert "Epoch" in log or "fit" in log.lower(), log[-2000:]
 
@@ -85,3 +88,19 @@ def test_paired_difference_is_taken_per_seed() -> None:
     assert paired_difference(other, uniform, "mcc") == "-"
     table = build_table(uniform + other, ["t"], ["uniform", "x"], expected_runs=6)
     assert "6 of 6 runs" in table and "| t | x | 0,1,3 | " in table and "+1.00 ± 0.00" in table
+
+
+def test_wall_times_are_averaged_per_machine_only() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality_results import build_table
+
+    def run(seed: int, minutes: float, machine: str | None) -> dict:
+        result = {"task": "t", "arm": "uniform", "seed": seed, "test": {"accuracy": 0.5, "mcc": 0.0},
+                  "trainable_params": 10, "wall_time_s": 60.0 * minutes}  # fmt: skip
+        return result if machine is None else {**result, "machine": machine}
+
+    one_machine = build_table([run(0, 10, "cpu-x"), run(1, 20, "cpu-x")], ["t"], ["uniform"], 2)
+    assert one_machine.splitlines()[-1].endswith("| 15.0 |") and "by machine" not in one_machine
+    mixed = build_table([run(0, 30, None), run(1, 10, "cpu-x"), run(2, 20, "cpu-x")], ["t"], ["uniform"], 3)
+    assert "| 30.0 (A) / 15.0 (B) |" in mixed
+    assert "Wall times by machine: (A) not recorded; (B) cpu-x." in mixed
