@@ -45,6 +45,34 @@ class BaseInfo:
     fan_in_fan_out: bool
 
 
+def keep_four_bit_base_differentiable(module: nn.Module) -> None:
+    """Keep gradients flowing through a frozen bitsandbytes ``Linear4bit`` on CPUs with AVX512-BF16.
+
+    There, bitsandbytes (0.50) repacks the weight into an inference-only layout at the layer's first
+    forward in eval mode without grad (a validation pass), and from then on multiplies with a kernel that
+    has no backward: every adapter below the layer silently trains on zero gradients afterwards, and layers
+    whose output size is not a multiple of 32 fail outright. Turn the repacking off, and undo it if it has
+    already happened. Other modules are left alone.
+    """
+    if not isinstance(module, _FOUR_BIT_TYPES):
+        return
+    module.support_avx512bf16_for_cpu = False
+    state = getattr(module.weight, "quant_state", None)
+    if getattr(state, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        # Packing rounded the block scales to bf16 and dropped their nesting; keep exactly those scales
+        # (the weights the layer now computes with) rather than let the inverse quantize them once more.
+        packed_scales = state.absmax
+        state.original_nested = False
+        module.weight.data, restored = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+        restored.absmax = packed_scales.T.reshape(-1).float().contiguous()
+        restored.nested = False
+        module.weight.quant_state = restored
+        if getattr(module, "quant_state", None) is not None:
+            module.quant_state = restored
+
+
 def base_info(module: nn.Module) -> BaseInfo:
     """Describe a supported base layer; raises TypeError naming the type otherwise."""
     if not is_supported_base(module):

@@ -12,7 +12,7 @@ import re
 
 from torch import nn
 
-from .base import is_supported_base
+from .base import is_supported_base, keep_four_bit_base_differentiable
 from .config import DEFAULT_TARGET_MODULES, MoELoRAConfig
 from .layer import MoELoRALinear
 
@@ -123,6 +123,8 @@ def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELo
             swaps.append((name, layer))
     for name, layer in swaps:
         _set_submodule(model, name, layer)
+    for module in model.modules():  # untargeted 4-bit layers carry the gradient of the adapters below them
+        keep_four_bit_base_differentiable(module)
     for name, param in model.named_parameters():
         param.requires_grad_(_is_adapter_param(name))
     return built
