@@ -118,11 +118,42 @@ def build_table(
                 f"| {_mean_std(mcc)} | {delta_acc} | {delta_mcc} | {'/'.join(f'{p:,}' for p in params)} "
                 f"| {_wall_times(runs, machines)} |"
             )
+    agreement = [
+        f"{task} / {arm}: {value:+.2f}"
+        for task in tasks
+        for arm in arms
+        if (value := layout_agreement(by_key.get((task, arm), []))) is not None
+    ]
+    if agreement:
+        lines += ["", "Layout agreement across seeds (mean pairwise Spearman correlation of the per-block "
+                  "capacity, experts x rank; 1 = the same ranking of blocks): " + "; ".join(agreement) + "."]  # fmt: skip
     if len(machines) > 1:
         lines += ["", "Wall times by machine: " + "; ".join(
             f"({chr(ord('A') + i)}) {machine}" for i, machine in enumerate(machines)
         ) + "."]  # fmt: skip
     return "\n".join(lines)
+
+
+def layout_agreement(runs: Sequence[dict[str, Any]]) -> float | None:
+    """How alike the seeds' final layouts are: the mean Spearman correlation over pairs of runs of the
+    per-block capacity (experts x rank). None with fewer than two runs or when a layout is constant
+    (nothing to rank: the uniform arm)."""
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
+
+    capacities = []
+    for result in runs:
+        if not result.get("final_layout"):
+            return None
+        layout = {int(k): v for k, v in result["final_layout"].items()}
+        capacity = torch.tensor([float(layout[b]["experts"] * layout[b]["rank"]) for b in sorted(layout)])
+        if bool((capacity == capacity[0]).all()):
+            return None
+        capacities.append(capacity)
+    pairs = [(a, b) for i, a in enumerate(capacities) for b in capacities[i + 1 :]]
+    if not pairs:
+        return None
+    return statistics.fmean(float(spearman_corrcoef(a, b)) for a, b in pairs)
 
 
 def layout_figure(results: Sequence[dict[str, Any]], path: Path, title: str) -> None:

@@ -104,3 +104,22 @@ def test_wall_times_are_averaged_per_machine_only() -> None:
     mixed = build_table([run(0, 30, None), run(1, 10, "cpu-x"), run(2, 20, "cpu-x")], ["t"], ["uniform"], 3)
     assert "| 30.0 (A) / 15.0 (B) |" in mixed
     assert "Wall times by machine: (A) not recorded; (B) cpu-x." in mixed
+
+
+def test_layout_agreement_ranks_blocks_by_capacity() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from quality_results import build_table, layout_agreement
+
+    def run(seed: int, experts: list[int], rank: int = 4) -> dict:
+        layout = {str(b): {"experts": e, "rank": rank} for b, e in enumerate(experts)}
+        return {"task": "t", "arm": "x", "seed": seed, "test": {"accuracy": 0.5, "mcc": 0.0},
+                "trainable_params": 10, "wall_time_s": 60.0, "final_layout": layout}  # fmt: skip
+
+    assert layout_agreement([run(0, [1, 2, 3, 4])]) is None  # one seed: nothing to compare
+    assert layout_agreement([run(0, [4, 4, 4, 4]), run(1, [4, 4, 4, 4])]) is None  # uniform
+    assert abs(layout_agreement([run(0, [1, 2, 3, 4]), run(1, [2, 4, 6, 8])]) - 1.0) < 1e-6
+    opposite = [run(0, [1, 2, 3, 4]), run(1, [4, 3, 2, 1])]
+    assert abs(layout_agreement(opposite) + 1.0) < 1e-6
+    three = [run(0, [1, 2, 3, 4]), run(1, [1, 2, 3, 4]), run(2, [4, 3, 2, 1])]
+    assert abs(layout_agreement(three) - (1.0 - 1.0 - 1.0) / 3) < 1e-6
+    assert "t / x: -1.00" in build_table(opposite, ["t"], ["x"], expected_runs=2)
