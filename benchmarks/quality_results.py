@@ -53,15 +53,16 @@ def machine_of(result: dict[str, Any]) -> str:
     return result.get("machine") or UNRECORDED_MACHINE
 
 
-def _wall_times(runs: Sequence[dict[str, Any]], machines: Sequence[str]) -> str:
-    """Mean wall time per machine: run times of different CPUs must not be averaged together."""
-    if len(machines) == 1:
+def _wall_times(runs: Sequence[dict[str, Any]], letters: dict[str, str]) -> str:
+    """Mean wall time per machine (``letters``: machine -> its label): run times of different CPUs must
+    not be averaged together."""
+    if len(letters) == 1:
         return _minutes([r["wall_time_s"] for r in runs])
     cells = []
-    for index, machine in enumerate(machines):
+    for machine, letter in letters.items():
         times = [r["wall_time_s"] for r in runs if machine_of(r) == machine]
         if times:
-            cells.append(f"{_minutes(times)} ({chr(ord('A') + index)})")
+            cells.append(f"{_minutes(times)} ({letter})")
     return " / ".join(cells)
 
 
@@ -91,6 +92,7 @@ def build_table(
     paired difference to ``baseline`` (same seeds)."""
     results = list(results)
     machines = list(dict.fromkeys(machine_of(r) for r in results)) or [UNRECORDED_MACHINE]
+    letters = {machine: chr(ord("A") + i) for i, machine in enumerate(machines)}
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result in results:
         by_key.setdefault((result["task"], result["arm"]), []).append(result)
@@ -116,7 +118,7 @@ def build_table(
             lines.append(
                 f"| {task} | {arm} | {','.join(str(r['seed']) for r in runs)} | {_mean_std(accuracy)} "
                 f"| {_mean_std(mcc)} | {delta_acc} | {delta_mcc} | {'/'.join(f'{p:,}' for p in params)} "
-                f"| {_wall_times(runs, machines)} |"
+                f"| {_wall_times(runs, letters)} |"
             )
     agreement = [
         f"{task} / {arm}: {value:+.2f}"
@@ -127,10 +129,9 @@ def build_table(
     if agreement:
         lines += ["", "Layout agreement across seeds (mean pairwise Spearman correlation of the per-block "
                   "capacity, experts x rank; 1 = the same ranking of blocks): " + "; ".join(agreement) + "."]  # fmt: skip
-    if len(machines) > 1:
-        lines += ["", "Wall times by machine: " + "; ".join(
-            f"({chr(ord('A') + i)}) {machine}" for i, machine in enumerate(machines)
-        ) + "."]  # fmt: skip
+    if len(letters) > 1:
+        named = "; ".join(f"({letter}) {machine}" for machine, letter in letters.items())
+        lines += ["", f"Wall times by machine: {named}."]
     return "\n".join(lines)
 
 

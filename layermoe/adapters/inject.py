@@ -123,7 +123,8 @@ def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELo
             swaps.append((name, layer))
     for name, layer in swaps:
         _set_submodule(model, name, layer)
-    for module in model.modules():  # untargeted 4-bit layers carry the gradient of the adapters below them
+    # every 4-bit layer, targeted or not, carries the gradient of the adapters below it
+    for module in model.modules():
         keep_four_bit_base_differentiable(module)
     for name, param in model.named_parameters():
         param.requires_grad_(_is_adapter_param(name))

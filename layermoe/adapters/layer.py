@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import BaseInfo, base_info, keep_four_bit_base_differentiable
+from .base import BaseInfo, base_info
 from .grouped import grouped_lora_output
 from .router import compute_gates, router_statistics
 
@@ -67,7 +67,6 @@ class MoELoRALinear(nn.Module):
         if not 0.0 <= lora_dropout < 1.0:
             raise ValueError(f"MoELoRALinear lora_dropout must be in [0, 1), got {lora_dropout}")
         self.info: BaseInfo = base_info(base_layer)
-        keep_four_bit_base_differentiable(base_layer)
         self.base_layer = base_layer
         for param in base_layer.parameters():
             param.requires_grad_(False)
