@@ -36,13 +36,24 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 )
 
 
+# experts may be 0 (a block without adapter); rank may not (an empty block keeps its rank)
+_CAPACITY_LOW = {"experts": 0, "rank": 1}
+
+
 def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
-    """Validate `experts` / `rank`: a positive int or a mapping block index -> positive int."""
+    """Validate `experts` / `rank`: an int or a mapping block index -> int, >= 1 (experts: >= 0).
+
+    0 experts is a block without adapter (its modules stay wrapped, forward = the frozen base); rank
+    stays >= 1 so such a block knows its rank when experts come back.
+    """
+    low = _CAPACITY_LOW[name]
     if isinstance(value, bool):
-        raise ValueError(f"MoELoRAConfig.{name} must be a positive int or a mapping block -> int, got a bool")
+        raise ValueError(f"MoELoRAConfig.{name} must be an int or a mapping block -> int, got a bool")
     if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"MoELoRAConfig.{name} must be >= 1, got {value}; use 1 for a plain LoRA block")
+        if value < low:
+            raise ValueError(
+                f"MoELoRAConfig.{name} must be >= {low}, got {value}; use 1 for a plain LoRA block"
+            )
         return value
     if isinstance(value, Mapping):
         if not value:
@@ -57,12 +68,12 @@ def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
                 ) from None
             if block < 0:
                 raise ValueError(f"MoELoRAConfig.{name} has negative block index {block}")
-            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
-                raise ValueError(f"MoELoRAConfig.{name}[{block}] must be an int >= 1, got {item!r}")
+            if isinstance(item, bool) or not isinstance(item, int) or item < low:
+                raise ValueError(f"MoELoRAConfig.{name}[{block}] must be an int >= {low}, got {item!r}")
             out[block] = item
         return out
     raise ValueError(
-        f"MoELoRAConfig.{name} must be a positive int or a mapping block -> int, got {type(value).__name__}"
+        f"MoELoRAConfig.{name} must be an int or a mapping block -> int, got {type(value).__name__}"
     )
 
 
@@ -73,7 +84,8 @@ class MoELoRAConfig:
     target_modules: module names (matched against the end of a module's dotted name, e.g. "q_proj" or
         "attention.output.dense") or one regex string matched with `re.fullmatch` against the full name.
         None means `DEFAULT_TARGET_MODULES` (all attention and MLP projections).
-    experts / rank: an int for every block, or a mapping block index -> int covering every block.
+    experts / rank: an int for every block, or a mapping block index -> int covering every block;
+        experts may be 0 for a block (no adapter there: its forward is the frozen base's).
     top_k: experts used per token; None (or >= experts of a block) means dense softmax routing.
     lora_alpha: scaling numerator; each expert's delta is (lora_alpha / rank) * B_e A_e.
     router_aux_loss_coef / router_z_loss_coef: weights of the Switch load-balancing loss and ST-MoE

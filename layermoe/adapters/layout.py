@@ -1,5 +1,7 @@
 """Layouts: the plain-data per-block capacity `{block: {"experts": int, "rank": int}}` of an adapted model.
 
+experts = 0 is a block without adapter (its layers stay wrapped, with no parameters); rank >= 1 always.
+
 `layout` reads it, `normalize_layout` validates one that came back from JSON/hparams (string keys), and
 `apply_layout` resizes every layer to it, all-or-nothing: every layer's new tensors are planned before
 any layer changes.
@@ -48,18 +50,19 @@ def normalize_layout(data: Mapping[Any, Any]) -> Layout:
         if not isinstance(entry, Mapping) or set(entry) != {"experts", "rank"}:
             raise ValueError(f"layout[{block}] must be {{'experts': int, 'rank': int}}, got {entry!r}")
         values = {}
-        for field_name in ("experts", "rank"):
+        # experts may be 0 (a block without adapter); rank may not (the block keeps it for regrowth)
+        for field_name, low in (("experts", 0), ("rank", 1)):
             value = entry[field_name]
             if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"layout[{block}][{field_name!r}] must be an int >= 1, got {value!r}")
+                raise ValueError(f"layout[{block}][{field_name!r}] must be an int >= {low}, got {value!r}")
             try:
                 value = int(value)
             except (TypeError, ValueError):
                 raise ValueError(
-                    f"layout[{block}][{field_name!r}] must be an int >= 1, got {value!r}"
+                    f"layout[{block}][{field_name!r}] must be an int >= {low}, got {value!r}"
                 ) from None
-            if value < 1:
-                raise ValueError(f"layout[{block}][{field_name!r}] must be >= 1, got {value}")
+            if value < low:
+                raise ValueError(f"layout[{block}][{field_name!r}] must be >= {low}, got {value}")
             values[field_name] = value
         if block in out:
             raise ValueError(f"layout has block {block} twice (as int and string keys)")

@@ -10,12 +10,23 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from .layer import MoELoRALinear
-from .surgery import PARAM_NAMES, LayerState, ParamMap, _add, _grow, _remove, _shrink, adapter_output
+from .surgery import (
+    PARAM_NAMES,
+    LayerState,
+    ParamMap,
+    _add,
+    _from_empty,
+    _grow,
+    _remove,
+    _shrink,
+    _to_empty,
+    adapter_output,
+)
 
 
 @dataclass
@@ -64,9 +75,9 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _check_target(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"resize: {name} must be an int >= 1, got {value!r}")
+def _check_target(name: str, value: object, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"resize: {name} must be an int >= {low}, got {value!r}")
     return value
 
 
@@ -83,12 +94,15 @@ def plan_resize(
     name: str = "",
 ) -> tuple[LayerState, ResizeReport]:
     """Compute (without touching the layer) the state after resizing to (experts, rank) and its report."""
-    experts = layer.experts if experts is None else _check_target("experts", experts)
+    experts = layer.experts if experts is None else _check_target("experts", experts, low=0)
     rank = layer.rank if rank is None else _check_target("rank", rank)
     alpha = layer.lora_alpha
     old = state = LayerState.of(layer, routing_mass)
     report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
     kept_energy = 1.0
+    if experts == 0 or state.experts == 0:
+        state = _plan_empty_side(state, experts, rank, alpha, report)
+        kept_energy = 1.0 - report.discarded_energy
     if rank > state.rank:
         report.operations.append(f"grow_rank {state.rank}->{rank}")
         state, _ = _grow(state, rank, alpha)
@@ -112,7 +126,7 @@ def plan_resize(
     state.check(layer.in_features, layer.out_features)
     report.discarded_energy = max(0.0, 1.0 - kept_energy)
     if probe is not None:
-        x = probe.detach().to(device=layer.lora_A.device)
+        x = probe.detach().to(device=layer.adapter_placement()[0])
         with torch.no_grad():
             before = adapter_output(old, x, _effective_top_k(layer, old.experts), alpha)
             after = adapter_output(state, x, _effective_top_k(layer, state.experts), alpha)
@@ -124,13 +138,35 @@ def plan_resize(
     return state, report
 
 
+def _plan_empty_side(
+    state: LayerState, experts: int, rank: int, alpha: float, report: ResizeReport
+) -> LayerState:
+    """Resizes to or from 0 experts (a block without adapter); the rest of plan_resize then has no work."""
+    if state.experts > 0:  # to 0: the adapter goes whole
+        report.operations.append(f"remove_all_experts {state.experts}->0")
+        state, stats = _to_empty(state, alpha)
+        report.discarded_energy = stats["discarded"]
+        report.discarded_norm = stats["norm"]
+        report.exact = stats["discarded"] == 0.0
+    if state.rank != rank:  # an empty layer only remembers its rank
+        report.operations.append(f"set_rank {state.rank}->{rank}")
+        state = replace(state, rank=rank)
+    if experts > 0:
+        report.operations.append(f"add_fresh_experts 0->{experts}")
+        state = _from_empty(state, experts, rank)
+    return state
+
+
 def _present(state: LayerState, name: str) -> bool:
-    return state.experts > 1 or "router" not in name
+    return state.experts > 1 or (state.experts == 1 and "router" not in name)
 
 
 def install_state(layer: MoELoRALinear, state: LayerState) -> None:
     """Swap a planned state into the layer, cast to its dtype/device; unchanged parameters are kept."""
-    device, dtype = layer.lora_A.device, layer.lora_A.dtype
+    device, dtype = layer.adapter_placement()
+    if state.experts == 0:
+        layer.install(0, state.rank, None, None, None, None, state.mass.to(device))
+        return
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=dtype)
@@ -196,8 +232,8 @@ def remove_experts(
     routing_mass: torch.Tensor | None = None,
     probe: torch.Tensor | None = None,
 ) -> ResizeReport:
-    """Drop the least important experts, folding each into its most similar survivor."""
-    if _check_target("new_experts", new_experts) >= layer.experts:
+    """Drop the least important experts, folding each into its most similar survivor (0: drop all)."""
+    if _check_target("new_experts", new_experts, low=0) >= layer.experts:
         raise ValueError(
             f"remove_experts: new_experts {new_experts} must be below the current {layer.experts}"
         )

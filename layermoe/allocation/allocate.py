@@ -90,7 +90,8 @@ def allocate(
       (``params`` only: experts from the scores summing to ``experts_total``, default the current total,
       then ranks from the same scores under the parameter budget left).
     - ``experts_bounds`` / ``rank_bounds``: ``(low, high)`` for all blocks or ``{block: (low, high)}``;
-      ``high=None`` is unbounded; defaults ``(1, None)``. ``rank_step`` / ``allowed_ranks``: rank grid.
+      ``high=None`` is unbounded; defaults ``(1, None)``. A low of 0 (either bound) lets the block go
+      without adapter (``experts`` 0; a layout's rank stays >= 1). ``rank_step`` / ``allowed_ranks``: rank grid.
     - ``hysteresis`` / ``max_moves``: stability relative to ``current_layout`` (see
       ``layermoe.allocation.stability``).
 
@@ -134,6 +135,10 @@ def allocate(
 
     e_lo, e_hi = bounds_arrays(experts_bounds, blocks, "experts_bounds")
     r_lo, r_hi = bounds_arrays(rank_bounds, blocks, "rank_bounds")
+    # A rank of 0 is a block without adapter, which a layout says with 0 experts (its rank is kept
+    # for when experts come back): rank low 0 = experts low 0, on a ladder of ranks >= 1.
+    e_lo[r_lo == 0] = 0
+    r_lo = np.maximum(r_lo, 1)
     if rank_policy == "fixed":
         if rank is None and current is None:
             raise AllocationError("rank_policy='fixed' needs the ranks: pass rank= or current_layout")
@@ -150,7 +155,7 @@ def allocate(
         ladders = [[int(x)] for x in fixed]
     else:
         s, _ = dims  # type: ignore[misc]
-        cap = [int(value // (e_lo[i] * s[i])) for i in range(len(blocks))]
+        cap = [int(value // (max(e_lo[i], 1) * s[i])) for i in range(len(blocks))]
         ladders = _rank_ladders(blocks, r_lo, r_hi, rank_step, allowed_ranks, cap)
         if experts_total is None:
             experts_total = (

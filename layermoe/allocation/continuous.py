@@ -121,7 +121,12 @@ def mdl_units(
     # Above `upper` every block sits at lo. Going down, blocks grow; once nu <= -p_l/c_l block l is at
     # hi_l. With all highs finite, nu = min(-p/c) puts every block at hi (spend = max >= budget); else
     # the spend grows without bound as nu nears the edge of the unbounded blocks.
-    upper = max(float(np.max((gain / lo - p) / c)), float(np.max(-p / c)) + 1.0)
+    # a lower bound of 0 (a block may go empty) is only approached: start from a tiny floor and
+    # double until the spend is below the budget
+    floor = np.where(lo > 0, lo, 1e-9 * budget / (float(c.sum()) * n))
+    upper = max(float(np.max((gain / floor - p) / c)), float(np.max(-p / c)) + 1.0)
+    while spend(upper) > budget:
+        upper = 2.0 * upper if upper > 0 else 1.0
     unbounded = ~np.isfinite(hi)
     if not np.any(unbounded):
         lower = float(np.min(-p / c))

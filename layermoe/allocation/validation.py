@@ -57,7 +57,7 @@ def bounds_arrays(
     """Per-block integer ``[low, high]`` as arrays; ``high = inf`` when unbounded.
 
     ``bounds`` is one ``(low, high)`` pair for all blocks or a mapping block -> pair (missing blocks take
-    ``default``). Lows must be >= 1 (a block always keeps one expert of rank >= 1) and highs >= lows.
+    ``default``). Lows must be >= 0 (0: the block may be left without adapter) and highs >= lows.
     """
     if bounds is None:
         per = dict.fromkeys(blocks, default)
@@ -76,8 +76,10 @@ def bounds_arrays(
         if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
             raise AllocationError(f"{field}[{b}] = {pair!r}: give a (low, high) pair, high may be None")
         low, high = pair
-        if isinstance(low, bool) or not isinstance(low, (int, np.integer)) or low < 1:
-            raise AllocationError(f"{field}[{b}]: low = {low!r} must be an int >= 1")
+        if isinstance(low, bool) or not isinstance(low, (int, np.integer)) or low < 0:
+            raise AllocationError(
+                f"{field}[{b}]: low = {low!r} must be an int >= 0 (0 lets the block go without adapter)"
+            )
         if high is not None and (isinstance(high, bool) or not isinstance(high, (int, np.integer))):
             raise AllocationError(f"{field}[{b}]: high = {high!r} must be an int or None (unbounded)")
         if high is not None and high < low:
@@ -115,9 +117,9 @@ def normalize_layout(layout: Mapping, blocks: list[int] | None, field: str = "cu
         if not isinstance(v, Mapping) or "experts" not in v or "rank" not in v:
             raise AllocationError(f"{field}[{b}] = {v!r}: expected {{'experts': int, 'rank': int}}")
         e, r = v["experts"], v["rank"]
-        for name, x in (("experts", e), ("rank", r)):
-            if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
-                raise AllocationError(f"{field}[{b}]['{name}'] = {x!r} must be a positive int")
+        for name, x, low in (("experts", e, 0), ("rank", r, 1)):
+            if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < low:
+                raise AllocationError(f"{field}[{b}]['{name}'] = {x!r} must be an int >= {low}")
         out[b] = {"experts": int(e), "rank": int(r)}
     if blocks is not None and sorted(out) != blocks:
         raise AllocationError(

@@ -15,6 +15,7 @@ differentiates with respect to a detached copy of the input embeddings, so param
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -68,7 +69,7 @@ class _Collector:
                         self.sketch[key] = CountSketch(self.numel[key], k, seed, f"{block}/{name}/{piece}")
             self.keys[block] = keys
             self.dims[block] = sum(self.numel[(block, n, p)] for n, p in keys)
-        self.device = next(iter(next(iter(layers.values())).values())).lora_A.device
+        self.device = next(iter(next(iter(layers.values())).values())).lora_shape.device
         self.store: dict[str, dict[int, dict[tuple[str, str], list[torch.Tensor]]]] = {"train": {}, "val": {}}
         self.chunk: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
         self.batch_size = 0
@@ -341,9 +342,47 @@ def capture_statistics(
 
     Runs in eval mode under torch.inference_mode(False) + enable_grad (so it works from validation
     hooks), and restores every module's train/eval mode and every layer's capture_hook afterwards;
-    parameters' requires_grad and .grad are never touched.
+    parameters' requires_grad and .grad are never touched. With scope "adapter", a block with 0
+    experts is scored as if one fresh expert had been added (`layermoe.adapters.probe`).
     """
     _check_options(scope, chunk_size, projection_dim)
+    from layermoe.adapters.probe import probe_empty_layers
+
+    # blocks with 0 experts are scored through a temporary fresh adapter (layermoe.adapters.probe)
+    probe = probe_empty_layers(model) if scope == "adapter" else contextlib.nullcontext()
+    with probe:
+        return _capture_statistics(
+            model,
+            train_batches,
+            val_batches,
+            loss_fn,
+            scope,
+            modules,
+            blocks,
+            chunk_size,
+            projection_dim,
+            projection_seed,
+            reduce_fn,
+            max_store_bytes,
+            progress,
+        )
+
+
+def _capture_statistics(
+    model: nn.Module,
+    train_batches: Iterable[Batch],
+    val_batches: Iterable[Batch],
+    loss_fn: LossFn,
+    scope: str,
+    modules: Sequence[str] | None,
+    blocks: Sequence[int] | None,
+    chunk_size: int,
+    projection_dim: int | None,
+    projection_seed: int,
+    reduce_fn: ReduceFn | None,
+    max_store_bytes: int,
+    progress: bool | None,
+) -> dict[int, BlockStatistics]:
     collector = _Collector(scored_layers(model, modules, blocks), scope, projection_dim, projection_seed)
     results: dict[int, BlockStatistics] = {}
     with torch.inference_mode(False):
