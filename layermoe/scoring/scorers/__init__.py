@@ -2,6 +2,7 @@
 
 from .base import SCORERS, Scorer, get_scorer, register_scorer
 from .baselines import GradNormScorer, UniformScorer
+from .controls import InverseScorer, PatternScorer, PlaceboScorer, RandomScorer, scores_and_errors
 from .influence import (
     AGGREGATIONS,
     CurvatureGainScorer,
@@ -21,7 +22,11 @@ __all__ = [
     "CurvatureGainScorer",
     "FisherInfluenceScorer",
     "GradNormScorer",
+    "InverseScorer",
     "LayerIFScorer",
+    "PatternScorer",
+    "PlaceboScorer",
+    "RandomScorer",
     "Scorer",
     "UniformScorer",
     "aggregate_influence",
@@ -31,4 +36,5 @@ __all__ = [
     "get_scorer",
     "hill_alpha_xmin_peak",
     "register_scorer",
+    "scores_and_errors",
 ]
