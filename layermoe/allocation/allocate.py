@@ -14,6 +14,7 @@ from .costs import block_cost
 from .errors import AllocationError
 from .fill import target_layout
 from .programs import method_options
+from .shrink import shrink_toward_mean
 from .space import Space
 from .stability import project, stabilize
 from .validation import bounds_arrays, normalize_block_dims, normalize_layout, per_block_ints, score_array
@@ -75,6 +76,8 @@ def allocate(
     experts_total: int | None = None,
     hysteresis: float = 0.0,
     max_moves: int | None = None,
+    score_errors: Mapping[int, float] | None = None,
+    error_shrinkage: float = 0.0,
     **method_options_: Any,
 ) -> Layout:
     """Turn per-block scores (higher = more capacity) into ``{block: {"experts": int, "rank": int}}``.
@@ -94,12 +97,16 @@ def allocate(
       without adapter (``experts`` 0; a layout's rank stays >= 1). ``rank_step`` / ``allowed_ranks``: rank grid.
     - ``hysteresis`` / ``max_moves``: stability relative to ``current_layout`` (see
       ``layermoe.allocation.stability``).
+    - ``error_shrinkage`` (k >= 0, default 0 = off) with ``score_errors`` (per-block standard errors):
+      each score is first shrunk toward the mean by k standard errors (``layermoe.allocation.shrink``),
+      so capacity moves only as far as the score differences are outside their noise.
 
     All-equal scores give the uniform layout (remainders to the lower block indices). Raises
     :class:`AllocationError` for empty/NaN/inf scores, contradictory bounds, a budget below the minimum
     layout, or missing inputs.
     """
     blocks, values = score_array(scores)
+    values = shrink_toward_mean(blocks, values, score_errors, error_shrinkage)
     opts = method_options(method, method_options_)
     if rank_policy not in RANK_POLICIES:
         raise AllocationError(f"rank_policy = {rank_policy!r}; use one of {RANK_POLICIES}")

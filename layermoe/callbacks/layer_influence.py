@@ -79,6 +79,9 @@ class LayerInfluenceCallback(Callback):
         plot: save a PNG per rewire under ``<log_dir>/layermoe`` and add it to TensorBoard.
         verbose: print a table per rewire (rank zero).
         log_prefix: prefix of the logged metric names.
+        error_groups: groups of the jackknife that gives each score a standard error (scorers that read
+            statistics; no extra backward pass); 0 turns error bars off. ``allocator_options``'
+            ``error_shrinkage: k`` shrinks scores toward their mean by k standard errors before allocating.
 
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
@@ -106,6 +109,7 @@ class LayerInfluenceCallback(Callback):
         plot: bool = True,
         verbose: bool = True,
         log_prefix: str = "layermoe",
+        error_groups: int = 10,
     ) -> None:
         super().__init__()
         from layermoe.allocation import Budget
@@ -150,6 +154,18 @@ class LayerInfluenceCallback(Callback):
         self.plot = bool(plot)
         self.verbose = bool(verbose)
         self.log_prefix = str(log_prefix)
+        self.error_groups = _check_count("error_groups", error_groups, 0)
+        if self.error_groups == 1:
+            raise CallbackConfigError(
+                "error_groups=1: a jackknife needs >= 2 groups (0 turns error bars off)"
+            )
+        shrinkage = self.allocator_options.get("error_shrinkage", 0)
+        if shrinkage and (not getattr(self._scorer, "needs_statistics", True) or self.error_groups == 0):
+            raise CallbackConfigError(
+                f"allocator_options.error_shrinkage={shrinkage!r} needs standard errors, but scorer "
+                f"{scorer!r} reads no statistics or error_groups=0: use a statistics scorer with error_groups >= 2, "
+                "or drop error_shrinkage"
+            )
 
         self.state = CallbackState(inject=self.inject)
         self._warmup_units: int | None = None
@@ -363,13 +379,16 @@ class LayerInfluenceCallback(Callback):
             self._val_batches = data_utils.to_device(trainer.strategy, batches)
         return self._val_batches
 
-    def _score(self, trainer: Trainer, pl_module: LightningModule) -> dict[int, float]:
+    def _score(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> tuple[dict[int, float], dict[int, float] | None]:
+        """Scores and their standard errors (None for model-only scorers or ``error_groups=0``)."""
         from layermoe.scoring import capture_statistics, torch_distributed_gather
 
         per_sample = resolve_per_sample_loss(pl_module, self.loss_fn)
         with scoring_context(pl_module):
             if not getattr(self._scorer, "needs_statistics", True):
-                return plain_scores(self._scorer.score(pl_module))
+                return plain_scores(self._scorer.score(pl_module)), None
             val_batches = self._scoring_val_batches(trainer)
             train = data_utils.training_batches(
                 self._training_loader(trainer),
@@ -389,7 +408,10 @@ class LayerInfluenceCallback(Callback):
                 scope=self.scope,
                 **options,
             )
-            return plain_scores(self._scorer.score(stats))
+            if self.error_groups == 0:
+                return plain_scores(self._scorer.score(stats)), None
+            scores, errors = self._scorer.score_with_errors(stats, self.error_groups)
+            return plain_scores(scores), None if errors is None else plain_scores(errors)
 
     def _score_and_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score (reduced over ranks), allocate on rank 0, broadcast, store as the pending plan."""
@@ -399,7 +421,7 @@ class LayerInfluenceCallback(Callback):
         error: BaseException | None = None
         plan: dict[str, Any] | None = None
         try:
-            scores = self._score(trainer, pl_module)
+            scores, errors = self._score(trainer, pl_module)
             scores = mean_scores(trainer.strategy, scores, pl_module.device)
             current = self._current_layout(pl_module)
             if trainer.global_rank == 0:
@@ -409,9 +431,11 @@ class LayerInfluenceCallback(Callback):
                     budget=self._budget_for_allocate(),
                     current_layout=current,
                     block_dims=self._block_dims(pl_module),
+                    score_errors=errors,
                     **self.allocator_options,
                 )
-                plan = {"layout": plain_layout(new_layout), "scores": scores}
+                # errors come from the gathered statistics, identical on every rank: rank 0's are shared
+                plan = {"layout": plain_layout(new_layout), "scores": scores, "score_errors": errors}
         except Exception as exc:  # noqa: BLE001 - re-raised with context below
             error = exc
         if any_rank(trainer.strategy, error is not None):
@@ -449,6 +473,7 @@ class LayerInfluenceCallback(Callback):
             "epoch": int(trainer.current_epoch),
             "scored_at_step": plan["step"],
             "scores": plan["scores"],
+            "score_errors": plan.get("score_errors"),
             "layout_before": before_layout,
             "layout_after": after_layout,
             "params_before": int(layout_params(before_layout, dims)),

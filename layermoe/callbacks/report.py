@@ -20,6 +20,8 @@ def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {f"{prefix}/rewire_index": float(entry["index"])}
     for b, s in entry["scores"].items():
         out[f"{prefix}/score/block_{b}"] = float(s)
+    for b, e in (entry.get("score_errors") or {}).items():
+        out[f"{prefix}/score_error/block_{b}"] = float(e)
     for b, spec in entry["layout_after"].items():
         out[f"{prefix}/experts/block_{b}"] = float(spec["experts"])
         out[f"{prefix}/rank/block_{b}"] = float(spec["rank"])
@@ -81,17 +83,29 @@ def save_and_log_figure(trainer: Any, prefix: str, entry: dict[str, Any]) -> Pat
     return path
 
 
+def score_scale(scores: dict[int, float]) -> float:
+    """What the printed score column is divided by: the mean absolute score over the blocks (so 1.0 is
+    an average block, whatever the scorer's units); 1 when every score is 0."""
+    mean_abs = sum(abs(v) for v in scores.values()) / max(len(scores), 1)
+    return mean_abs if mean_abs > 0 else 1.0
+
+
 def console_table(entry: dict[str, Any]) -> str:
-    """Per-block score and experts x rank before -> after, then totals, timings and the disturbance."""
+    """Per-block score (raw, and relative to the mean |score| with its standard error) and experts x rank
+    before -> after, then totals, timings and the disturbance."""
     before, after, scores = entry["layout_before"], entry["layout_after"], entry["scores"]
+    errors = entry.get("score_errors") or {}
+    scale = score_scale(scores)
     lines = [
         f"LayerInfluenceCallback: rewire {entry['index']} at step {entry['step']} (epoch {entry['epoch']})",
-        f"{'block':>5} {'score':>11}  {'experts x rank':>16}",
+        f"{'block':>5} {'score':>11} {'score/mean|score| +- SE':>24}  {'experts x rank':>16}",
     ]
     for b in sorted(set(before) | set(after)):
         old, new = before.get(b, {"experts": 0, "rank": 0}), after.get(b, {"experts": 0, "rank": 0})
         arrow = f"{old['experts']}x{old['rank']} -> {new['experts']}x{new['rank']}"
-        lines.append(f"{b:>5} {scores.get(b, float('nan')):>11.4g}  {arrow:>16}")
+        raw = scores.get(b, float("nan"))
+        relative = f"{raw / scale:.3f}" + (f" +- {errors[b] / scale:.3f}" if b in errors else "")
+        lines.append(f"{b:>5} {raw:>11.4g} {relative:>24}  {arrow:>16}")
     lines.append(
         f"params {entry['params_before']} -> {entry['params_after']} (budget {entry['budget']}); "
         f"scoring {entry['time_scoring_s']:.2f}s, rewire {entry['time_rewire_s']:.2f}s "

@@ -30,8 +30,8 @@ def plain_scores(scores: dict[Any, Any]) -> dict[int, float]:
 class CallbackState:
     """What survives a checkpoint: progress, the plan waiting for a step boundary, the history.
 
-    ``pending`` is ``{"layout": Layout, "scores": {block: float}, "step": int, "epoch": int,
-    "time_scoring_s": float}`` or ``None``; ``history`` has one plain dict per applied rewire.
+    ``pending`` is ``{"layout": Layout, "scores": {block: float}, "score_errors": {block: float} | None,
+    "step": int, "epoch": int, "time_scoring_s": float}`` or ``None``; ``history`` has one plain dict per applied rewire.
     ``budget`` is the resolved trainable-parameter budget, fixed at the first fit so a resumed run
     keeps the same one; ``inject`` is the MoE-LoRA config dict used by ``inject=`` (for reloading).
     """
@@ -64,14 +64,17 @@ class CallbackState:
         if pending is not None:
             pending["layout"] = plain_layout(pending["layout"])
             pending["scores"] = plain_scores(pending.get("scores", {}))
+            if pending.get("score_errors") is not None:
+                pending["score_errors"] = plain_scores(pending["score_errors"])
         history = []
         for entry in state.get("history", []):
             entry = dict(entry)
             for key in ("layout_before", "layout_after"):
                 if key in entry:
                     entry[key] = plain_layout(entry[key])
-            if "scores" in entry:
-                entry["scores"] = plain_scores(entry["scores"])
+            for key in ("scores", "score_errors"):
+                if entry.get(key) is not None:
+                    entry[key] = plain_scores(entry[key])
             history.append(entry)
         return cls(
             rewires_done=int(state.get("rewires_done", 0)),

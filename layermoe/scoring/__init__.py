@@ -31,6 +31,7 @@ from .scorers import (
     register_scorer,
 )
 from .statistics import BlockStatistics, statistics_from_pieces, statistics_from_rows
+from .uncertainty import jackknife_errors
 
 __all__ = [
     "AGGREGATIONS",
@@ -54,6 +55,7 @@ __all__ = [
     "datainf_influences",
     "fisher_influences",
     "gather_rows",
+    "jackknife_errors",
     "get_scorer",
     "hill_alpha_xmin_peak",
     "layerif_loop_influence_matrix",

@@ -2,7 +2,7 @@
 
 from .base import SCORERS, Scorer, get_scorer, register_scorer
 from .baselines import GradNormScorer, UniformScorer
-from .controls import InverseScorer, PatternScorer, PlaceboScorer, RandomScorer, scores_and_errors
+from .controls import InverseScorer, PatternScorer, PlaceboScorer, RandomScorer
 from .influence import (
     AGGREGATIONS,
     CurvatureGainScorer,
@@ -36,5 +36,4 @@ __all__ = [
     "get_scorer",
     "hill_alpha_xmin_peak",
     "register_scorer",
-    "scores_and_errors",
 ]

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..uncertainty import DEFAULT_GROUPS
 from .base import Scorer, get_scorer, register_scorer
 
 Errors = dict[int, float] | None
@@ -55,22 +56,13 @@ class _WrappingScorer(Scorer):
         self.needs_statistics = getattr(self.inner, "needs_statistics", True)  # type: ignore[misc]
 
     def score(self, source: Any) -> dict[int, float]:
-        return self.score_with_errors(source)[0]
+        return self.transform(self.inner.score(source), None)[0]
 
-    def score_with_errors(self, source: Any) -> tuple[dict[int, float], Errors]:
-        scores, errors = scores_and_errors(self.inner, source)
-        return self.transform(scores, errors)
+    def score_with_errors(self, source: Any, groups: int = DEFAULT_GROUPS) -> tuple[dict[int, float], Errors]:
+        return self.transform(*self.inner.score_with_errors(source, groups))
 
     def transform(self, scores: dict[int, float], errors: Errors) -> tuple[dict[int, float], Errors]:
         raise NotImplementedError  # pragma: no cover - abstract
-
-
-def scores_and_errors(scorer: Scorer, source: Any) -> tuple[dict[int, float], Errors]:
-    """`scorer.score_with_errors(source)` when it has error bars, else its scores and None."""
-    method = getattr(scorer, "score_with_errors", None)
-    if method is not None:
-        return method(source)
-    return scorer.score(source), None
 
 
 @register_scorer("random")
