@@ -13,6 +13,8 @@ from .resize import (
     plan_resize,
     remove_experts,
     resize_layer,
+    rotate_to_singular_basis,
+    scale_trailing_slots,
     shrink_rank,
 )
 from .router import RouterLosses, collect_router_losses, compute_gates, router_statistics
@@ -47,6 +49,8 @@ __all__ = [
     "plan_resize",
     "remove_experts",
     "resize_layer",
+    "rotate_to_singular_basis",
+    "scale_trailing_slots",
     "router_statistics",
     "shrink_rank",
     "split_block_name",

@@ -20,12 +20,15 @@ from .surgery import (
     LayerState,
     ParamMap,
     _add,
+    _expert_blocks,
     _from_empty,
     _grow,
+    _join_blocks,
     _remove,
     _shrink,
     _to_empty,
     adapter_output,
+    truncate_factors,
 )
 
 
@@ -238,3 +241,29 @@ def remove_experts(
             f"remove_experts: new_experts {new_experts} must be below the current {layer.experts}"
         )
     return resize_layer(layer, experts=new_experts, routing_mass=routing_mass, probe=probe)
+
+
+def rotate_to_singular_basis(layer: MoELoRALinear) -> None:
+    """Re-express every expert's factors in the singular basis of its delta B_e A_e, strongest first,
+    in place (the output is unchanged up to rounding): rank slot j of an expert then carries its j-th
+    singular direction, so the trailing slots are the ones a shrink to a lower rank would drop.
+    The values change, not the shapes: optimizer state of lora_A/lora_B no longer corresponds."""
+    if not layer.has_adapter:
+        return
+    with torch.no_grad(), single_thread():
+        state = LayerState.of(layer)
+        A, B = _expert_blocks(state)
+        new_B, new_A, _ = truncate_factors(B, A, state.rank)
+        A2, B2 = _join_blocks(new_A, new_B)
+        layer.lora_A.copy_(A2.to(layer.lora_A.dtype))
+        layer.lora_B.copy_(B2.to(layer.lora_B.dtype))
+
+
+def scale_trailing_slots(layer: MoELoRALinear, keep_rank: int, factor: float) -> None:
+    """Multiply the B columns of every expert's rank slots >= keep_rank by `factor` (in place): one
+    step of fading those directions out (factor 0 leaves them contributing exactly nothing)."""
+    if not layer.has_adapter or keep_rank >= layer.rank:
+        return
+    with torch.no_grad():
+        B = layer.lora_B.view(layer.out_features, layer.experts, layer.rank)
+        B[:, :, keep_rank:] *= factor

@@ -20,6 +20,7 @@ from torch import nn
 from layermoe.callbacks import data as data_utils
 from layermoe.callbacks.distributed import any_rank, broadcast, check_strategy, mean_scores
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
+from layermoe.callbacks.rank_fade import fade_step, ranks_kept, ranks_only, shrinking_blocks, start_fade
 from layermoe.callbacks.report import log_rewire, print_table, save_and_log_figure
 from layermoe.callbacks.rewire import rewire
 from layermoe.callbacks.schedule import RewireSchedule
@@ -82,6 +83,9 @@ class LayerInfluenceCallback(Callback):
         error_groups: groups of the jackknife that gives each score a standard error (scorers that read
             statistics; no extra backward pass); 0 turns error bars off. ``allocator_options``'
             ``error_shrinkage: k`` shrinks scores toward their mean by k standard errors before allocating.
+        rank_fade_steps: 0 cuts lowered ranks at the rewire (truncation); F > 0 fades the directions to
+            drop to zero over the next F optimizer steps and drops them then, function-preservingly
+            (:mod:`layermoe.callbacks.rank_fade`).
 
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
@@ -110,6 +114,7 @@ class LayerInfluenceCallback(Callback):
         verbose: bool = True,
         log_prefix: str = "layermoe",
         error_groups: int = 10,
+        rank_fade_steps: int = 0,
     ) -> None:
         super().__init__()
         from layermoe.allocation import Budget
@@ -154,6 +159,7 @@ class LayerInfluenceCallback(Callback):
         self.plot = bool(plot)
         self.verbose = bool(verbose)
         self.log_prefix = str(log_prefix)
+        self.rank_fade_steps = _check_count("rank_fade_steps", rank_fade_steps, 0)
         self.error_groups = _check_count("error_groups", error_groups, 0)
         if self.error_groups == 1:
             raise CallbackConfigError(
@@ -299,6 +305,10 @@ class LayerInfluenceCallback(Callback):
         stepped = self._step_at_batch_start is not None and trainer.global_step > self._step_at_batch_start
         if not stepped:
             return
+        if self.state.fade is not None:  # a gentle rank shrink in progress: no new plan until it is done
+            if fade_step(pl_module, self.state.fade):
+                self._finish_fade(trainer, pl_module)
+            return
         if (
             self.state.pending is None
             and self.schedule.interval == "step"
@@ -315,7 +325,7 @@ class LayerInfluenceCallback(Callback):
             or self.schedule.interval != "epoch"
         ):
             return
-        if self.state.pending is not None:
+        if self.state.pending is not None or self.state.fade is not None:
             return
         epochs_done = trainer.current_epoch + (
             1 if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch else 0
@@ -462,8 +472,19 @@ class LayerInfluenceCallback(Callback):
             val_batches = self._scoring_val_batches(trainer)
         before_layout = self._current_layout(pl_module)
         dims = self._block_dims(pl_module)
+        target = plain_layout(plan["layout"])
+        shrinking = shrinking_blocks(before_layout, target)
+        fading = self.rank_fade_steps > 0 and bool(shrinking)
         loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
-        result = rewire(trainer, pl_module, plan["layout"], seed=self.seed + int(trainer.global_step))
+        cut = None
+        if shrinking:
+            cut = self._rank_cut_disturbance(
+                trainer, pl_module, per_sample, val_batches, before_layout, shrinking, loss_before
+            )
+        first = ranks_kept(target, shrinking) if fading else target
+        result = rewire(trainer, pl_module, first, seed=self.seed + int(trainer.global_step))
+        if fading:
+            start_fade(pl_module, trainer.optimizers, shrinking)
         self.last_reports = result.reports
         loss_after = self._probe(trainer, pl_module, per_sample, val_batches)
         after_layout = self._current_layout(pl_module)
@@ -484,7 +505,18 @@ class LayerInfluenceCallback(Callback):
             "time_surgery_s": float(result.time_surgery_s),
             "val_loss_before": loss_before,
             "val_loss_after": loss_after,
-            "disturbance": (loss_after - loss_before) / abs(loss_before) if loss_before else None,
+            "disturbance": _relative(loss_before, loss_after),
+            "rank_moves": None
+            if not shrinking
+            else {
+                "blocks": sorted(shrinking),
+                "fade_steps": self.rank_fade_steps if fading else 0,
+                # what cutting the lowered ranks at once changes, alone, on the model before the rewire
+                "cut_disturbance": cut,
+                # the rank moves' own disturbance: the cut (at once) or the loss change at the removal step
+                "disturbance": None if fading else cut,
+                "removal_step": None if fading else int(trainer.global_step),
+            },
             "optimizer_state": {
                 "kept": len(result.carry.kept),
                 "mapped": len(result.carry.mapped),
@@ -494,6 +526,14 @@ class LayerInfluenceCallback(Callback):
         self.state.history.append(entry)
         self.state.rewires_done += 1
         self.state.pending = None
+        if fading:
+            self.state.fade = {
+                "blocks": shrinking,
+                "steps": self.rank_fade_steps,
+                "done": 0,
+                "target": target,
+                "history_index": len(self.state.history) - 1,
+            }
         log_rewire(trainer, self.log_prefix, entry)
         if self.plot:
             try:
@@ -502,6 +542,63 @@ class LayerInfluenceCallback(Callback):
                 rank_zero_warn(f"LayerInfluenceCallback: could not save the rewire figure: {exc}")
         if self.verbose:
             print_table(entry)
+
+    def _rank_cut_disturbance(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        per_sample: Any,
+        batches: list[Any],
+        before: Layout,
+        shrinking: dict[int, dict[str, int]],
+        loss_before: float,
+    ) -> float | None:
+        """Relative loss change of the rank moves alone, cut at once, on the current model (then undone)."""
+        from lightning.pytorch.utilities.seed import isolate_rng
+
+        from layermoe.adapters import apply_layout
+        from layermoe.callbacks.transaction import ModuleSnapshot
+
+        snapshot = ModuleSnapshot(pl_module)
+        try:
+            with torch.no_grad(), isolate_rng():
+                apply_layout(pl_module, ranks_only(before, shrinking))
+            loss_cut = self._probe(trainer, pl_module, per_sample, batches)
+        finally:
+            snapshot.restore()
+        return _relative(loss_before, loss_cut)
+
+    def _finish_fade(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The faded slots are zero: apply the planned ranks and record the loss change of that step."""
+        fade = self.state.fade
+        assert fade is not None
+        per_sample = resolve_per_sample_loss(pl_module, self.loss_fn)
+        with scoring_context(pl_module):
+            val_batches = self._scoring_val_batches(trainer)
+        loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
+        result = rewire(trainer, pl_module, fade["target"], seed=self.seed + int(trainer.global_step))
+        self.last_reports = result.reports
+        loss_after = self._probe(trainer, pl_module, per_sample, val_batches)
+        entry = self.state.history[fade["history_index"]]
+        entry["layout_after"] = self._current_layout(pl_module)
+        entry["params_after"] = int(self._params(pl_module))
+        entry["rank_moves"].update(
+            {
+                "disturbance": _relative(loss_before, loss_after),
+                "removal_step": int(trainer.global_step),
+                "removal_loss_before": loss_before,
+                "removal_loss_after": loss_after,
+            }
+        )
+        self.state.fade = None
+        log_rewire(trainer, self.log_prefix, entry)
+        if self.verbose:
+            print_table(entry)
+
+    def _params(self, pl_module: nn.Module) -> int:
+        from layermoe.allocation import layout_params
+
+        return int(layout_params(self._current_layout(pl_module), self._block_dims(pl_module)))
 
     def _probe(
         self, trainer: Trainer, pl_module: LightningModule, per_sample: Any, batches: list[Any]
@@ -520,6 +617,11 @@ class LayerInfluenceCallback(Callback):
     def history(self) -> list[dict[str, Any]]:
         """One plain dict per applied rewire (layouts, scores, params, timings, disturbance)."""
         return self.state.history
+
+
+def _relative(before: float, after: float) -> float | None:
+    """Relative change of the probe loss (None when the loss before is 0)."""
+    return (after - before) / abs(before) if before else None
 
 
 def _allocate_keywords() -> set[str]:

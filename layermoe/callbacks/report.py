@@ -41,6 +41,9 @@ def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
     ):
         if entry.get(key) is not None:
             out[f"{prefix}/{key}"] = float(entry[key])
+    for key, value in (entry.get("rank_moves") or {}).items():
+        if key in ("cut_disturbance", "disturbance", "fade_steps", "removal_step") and value is not None:
+            out[f"{prefix}/rank_moves/{key}"] = float(value)
     return out
 
 
@@ -116,8 +119,28 @@ def console_table(entry: dict[str, Any]) -> str:
             f"val loss on the scoring samples {entry['val_loss_before']:.5f} -> {entry['val_loss_after']:.5f} "
             f"(relative change {entry['disturbance']:+.3%})"
         )
+    lines.extend(_rank_moves_lines(entry.get("rank_moves")))
     return "\n".join(lines)
 
 
 def print_table(entry: dict[str, Any]) -> None:
     rank_zero_info(console_table(entry))
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3%}"
+
+
+def _rank_moves_lines(moves: dict[str, Any] | None) -> list[str]:
+    """The disturbance of the rank moves, apart from the expert moves."""
+    if not moves:
+        return []
+    head = f"rank moves in blocks {moves['blocks']}: cut at once alone {_percent(moves['cut_disturbance'])}"
+    if not moves["fade_steps"]:
+        return [head + " (applied at once)"]
+    if moves.get("removal_step") is None:
+        return [head + f"; fading over {moves['fade_steps']} steps instead (not in the change above)"]
+    return [
+        head + f"; faded over {moves['fade_steps']} steps, removed at step {moves['removal_step']}: "
+        f"change at removal {_percent(moves['disturbance'])}"
+    ]

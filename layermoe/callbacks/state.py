@@ -41,6 +41,9 @@ class CallbackState:
     history: list[dict[str, Any]] = field(default_factory=list)
     budget: int | None = None
     inject: dict[str, Any] | None = None
+    #: a gentle rank shrink in progress: ``{"blocks": {block: {"experts", "from_rank", "to_rank"}},
+    #: "steps": F, "done": k, "target": Layout, "history_index": int}`` (see ``callbacks.rank_fade``)
+    fade: dict[str, Any] | None = None
 
     @property
     def plans_made(self) -> int:
@@ -54,6 +57,7 @@ class CallbackState:
                 "history": self.history,
                 "budget": self.budget,
                 "inject": self.inject,
+                "fade": self.fade,
             }
         )
 
@@ -82,4 +86,14 @@ class CallbackState:
             history=history,
             budget=None if state.get("budget") is None else int(state["budget"]),
             inject=state.get("inject"),
+            fade=_plain_fade(state.get("fade")),
         )
+
+
+def _plain_fade(fade: dict[str, Any] | None) -> dict[str, Any] | None:
+    if fade is None:
+        return None
+    fade = dict(fade)
+    fade["blocks"] = {int(b): {k: int(v) for k, v in spec.items()} for b, spec in fade["blocks"].items()}
+    fade["target"] = plain_layout(fade["target"])
+    return fade
