@@ -19,7 +19,7 @@ PerSampleLoss = Callable[[Any], torch.Tensor]
 
 
 @contextmanager
-def scoring_context(module: nn.Module, train: bool = False) -> Iterator[None]:
+def scoring_context(module: nn.Module) -> Iterator[None]:
     """Autograd on (even inside inference mode), modules in eval mode, ``.grad`` and modes restored."""
     modes = [(m, m.training) for m in module.modules()]
     grads = [(p, p.grad) for p in module.parameters()]
@@ -27,7 +27,7 @@ def scoring_context(module: nn.Module, train: bool = False) -> Iterator[None]:
         p.grad = None
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            module.train(train)
+            module.eval()
             yield
     finally:
         for m, flag in modes:
