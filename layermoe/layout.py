@@ -72,9 +72,7 @@ def normalize_layout(
 ) -> Layout:
     """Validated copy sorted by block, with int block keys (JSON makes them strings) and int experts/rank."""
     if not isinstance(data, Mapping):
-        raise error(
-            f"{field} must be a mapping block -> {{'experts', 'rank'}}, got {type(data).__name__}"
-        )
+        raise error(f"{field} must be a mapping block -> {{'experts', 'rank'}}, got {type(data).__name__}")
     out: Layout = {}
     for key, entry in data.items():
         block = block_key(key, field, error)
@@ -84,7 +82,9 @@ def normalize_layout(
             raise error(f"{field}[{block}] must be {{'experts': int, 'rank': int}}, got {entry!r}")
         if block in out:
             raise error(f"{field} has block {block} twice (as int and string keys)")
-        out[block] = {name: _capacity(entry[name], f"{field}[{block}][{name!r}]", error) for name in _LAYOUT_FIELDS}
+        out[block] = {
+            name: _capacity(entry[name], f"{field}[{block}][{name!r}]", error) for name in _LAYOUT_FIELDS
+        }
     return dict(sorted(out.items()))
 
 
@@ -127,10 +127,13 @@ def block_sizes(
     return sizes
 
 
-def layout_params(layout: Mapping[Any, Any], block_dims: BlockDims, error: type[ValueError] = ValueError) -> int:
+def layout_params(
+    layout: Mapping[Any, Any], block_dims: BlockDims, error: type[ValueError] = ValueError
+) -> int:
     """Trainable adapter parameters of ``layout`` (what a ``"current"`` budget resolves to)."""
     lay = normalize_layout(layout, "layout", error)
     sizes = block_sizes(block_dims, list(lay), error)
     return sum(
-        block_cost(spec["experts"], spec["rank"], s, r) for spec, (s, r) in zip(lay.values(), sizes, strict=True)
+        block_cost(spec["experts"], spec["rank"], s, r)
+        for spec, (s, r) in zip(lay.values(), sizes, strict=True)
     )

@@ -20,6 +20,24 @@ from .stability import project, stabilize
 from .validation import bounds_arrays, normalize_block_dims, normalize_layout, per_block_ints, score_array
 
 RANK_POLICIES = ("fixed", "scores")
+#: ``allocate``'s own keyword options; every other keyword is an option of the method.
+ALLOCATE_OPTIONS = (
+    "rank",
+    "rank_policy",
+    "experts_bounds",
+    "rank_bounds",
+    "rank_step",
+    "allowed_ranks",
+    "experts_total",
+    "hysteresis",
+    "max_moves",
+)
+
+
+def check_method_options(method: str, options: Mapping[str, Any]) -> None:
+    """Raise ``AllocationError`` now (e.g. at configuration time) for an unknown method or an unknown
+    method option among ``allocate``'s keyword ``options``; the values are checked by ``allocate``."""
+    method_options(method, {k: v for k, v in options.items() if k not in ALLOCATE_OPTIONS})
 
 
 def _rank_ladders(

@@ -61,7 +61,9 @@ def stale_temp_files(path: CheckpointPath) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
 
 
-def atomic_torch_save(obj: Any, path: CheckpointPath, save_fn: Callable[[Any, Any], None] | None = None) -> None:
+def atomic_torch_save(
+    obj: Any, path: CheckpointPath, save_fn: Callable[[Any, Any], None] | None = None
+) -> None:
     """``torch.save(obj, path)`` such that ``path`` never holds a partial file.
 
     ``save_fn(obj, file_object)`` does the serialization (``torch.save``, looked up at call time).
