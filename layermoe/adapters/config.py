@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from layermoe.layout import CAPACITY_MINIMUM, effective_top_k, is_int_at_least
+
 # Attention and MLP projections of the supported families. Matched against the last component(s) of a
 # module's name, so "dense" matches BERT's attention.output.dense, intermediate.dense and output.dense.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
@@ -36,17 +38,13 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 )
 
 
-# experts may be 0 (a block without adapter); rank may not (an empty block keeps its rank)
-_CAPACITY_LOW = {"experts": 0, "rank": 1}
-
-
 def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
     """Validate `experts` / `rank`: an int or a mapping block index -> int, >= 1 (experts: >= 0).
 
     0 experts is a block without adapter (its modules stay wrapped, forward = the frozen base); rank
     stays >= 1 so such a block knows its rank when experts come back.
     """
-    low = _CAPACITY_LOW[name]
+    low = CAPACITY_MINIMUM[name]
     if isinstance(value, bool):
         raise ValueError(f"MoELoRAConfig.{name} must be an int or a mapping block -> int, got a bool")
     if isinstance(value, int):
@@ -68,7 +66,7 @@ def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
                 ) from None
             if block < 0:
                 raise ValueError(f"MoELoRAConfig.{name} has negative block index {block}")
-            if isinstance(item, bool) or not isinstance(item, int) or item < low:
+            if not is_int_at_least(item, low):
                 raise ValueError(f"MoELoRAConfig.{name}[{block}] must be an int >= {low}, got {item!r}")
             out[block] = item
         return out
@@ -112,7 +110,7 @@ class MoELoRAConfig:
         self.experts = _check_capacity("experts", self.experts)
         self.rank = _check_capacity("rank", self.rank)
         if self.top_k is not None:
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            if not is_int_at_least(self.top_k):
                 raise ValueError(
                     f"MoELoRAConfig.top_k must be None (dense routing) or an int >= 1, got {self.top_k!r}"
                 )
@@ -189,10 +187,7 @@ class MoELoRAConfig:
 
     def top_k_for(self, block: int) -> int | None:
         """Effective top-k of `block`: None when routing is dense (top_k unset or >= its experts)."""
-        experts = self.experts_for(block)
-        if self.top_k is None or self.top_k >= experts:
-            return None
-        return self.top_k
+        return effective_top_k(self.top_k, self.experts_for(block))
 
     def _capacity_for(self, name: str, block: int) -> int:
         value = getattr(self, name)
