@@ -29,7 +29,7 @@ from layermoe.checkpointing import (
     save_adapters,
     validate_checkpoint_layout,
 )
-from layermoe.scoring import capture_statistics, causal_lm_per_sample_loss
+from layermoe.scoring import capture_per_sample_gradients, capture_statistics, causal_lm_per_sample_loss
 from tests.tiny_models import random_tokens, tiny_llama
 
 ZERO_FIRST = {0: 0, 1: 2, 2: 1}
@@ -253,6 +253,8 @@ def test_adapter_scope_scores_an_empty_block_as_a_fresh_expert() -> None:
         torch.testing.assert_close(stats[block].K_tt, reference[block].K_tt)
         torch.testing.assert_close(stats[block].K_vt, reference[block].K_vt)
     assert float(stats[0].train_sq_norms.sum()) > 0  # the probe's B gradient is not zero
+    explicit_grads = capture_per_sample_gradients(model, batches[:1], causal_lm_per_sample_loss)
+    assert sorted(explicit_grads) == [1, 2]  # no adapter parameters in block 0 to differentiate
 
 
 def test_four_bit_base_with_an_empty_block() -> None:

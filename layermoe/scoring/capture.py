@@ -419,10 +419,14 @@ def capture_per_sample_gradients(
     """Explicit per-sample gradients {block: {"module.param": (n, *param_shape)}} from the same hooks.
 
     For references, tests and the LayerIF-loop baseline: it materializes every per-sample gradient of
-    every block, which is what capture_statistics avoids; keep n and the model small.
+    every block, which is what capture_statistics avoids; keep n and the model small. With scope
+    "adapter", blocks with 0 experts (no adapter parameters) are left out.
     """
     _check_options(scope, chunk_size, None)
     layers = scored_layers(model, modules, blocks)
+    if scope == "adapter":  # a block with 0 experts has no adapter parameter to differentiate
+        layers = {b: {n: m for n, m in mods.items() if m.has_adapter} for b, mods in layers.items()}
+        layers = {b: mods for b, mods in layers.items() if mods}
     collector = _Collector(layers, scope, None, 0)
     with torch.inference_mode(False):
         chunks = _chunks(batches, chunk_size, collector.device, "batches")
