@@ -109,18 +109,7 @@ def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELo
     for block in sorted(targets):
         experts, rank = config.experts_for(block), config.rank_for(block)
         for rest, (name, module) in sorted(targets[block].items()):
-            layer = MoELoRALinear(
-                module,
-                experts=experts,
-                rank=rank,
-                top_k=config.top_k,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                router_aux_loss_coef=config.router_aux_loss_coef,
-                router_z_loss_coef=config.router_z_loss_coef,
-                router_init_std=config.router_init_std,
-                routing_mass_decay=config.routing_mass_decay,
-            )
+            layer = MoELoRALinear(module, experts=experts, rank=rank, **config.layer_settings())
             built.setdefault(block, {})[rest] = layer
             swaps.append((name, layer))
     for name, layer in swaps:

@@ -23,8 +23,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .layer import MoELoRALinear, lora_init_A
-from .router import compute_gates
+from .layer import MoELoRALinear, gate_expert_hidden, lora_init_A
 
 PARAM_NAMES = ("lora_A", "lora_B", "lora_router_weight", "lora_router_bias")
 SPLIT_PERTURBATION = 0.01  # zero-sum noise on the copies' A rows, relative to the RMS of the split expert's A
@@ -369,13 +368,9 @@ def _remove(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerSta
 
 
 def adapter_output(state: LayerState, x: torch.Tensor, top_k: int | None, alpha: float) -> torch.Tensor:
-    """The adapter's contribution for input x under `state` (float32, no dropout), to measure changes."""
+    """The adapter's contribution for input x under `state` (float32, no dropout), to measure changes;
+    gated by the layer's own `gate_expert_hidden`."""
     x = x.to(torch.float32)
-    hidden = x @ state.A.T
-    scaling = alpha / state.rank
-    if state.router_weight is None:
-        return (hidden * scaling) @ state.B.T
-    gates, _ = compute_gates(x @ state.router_weight.T + state.router_bias, top_k)
-    lead = hidden.shape[:-1]
-    hidden = (hidden.view(*lead, state.experts, state.rank) * gates.unsqueeze(-1) * scaling).view(*lead, -1)
+    logits = None if state.router_weight is None else x @ state.router_weight.T + state.router_bias
+    hidden, _ = gate_expert_hidden(x @ state.A.T, logits, state.rank, alpha / state.rank, top_k)
     return hidden @ state.B.T
