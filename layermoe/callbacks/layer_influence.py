@@ -19,12 +19,14 @@ from torch import nn
 
 from layermoe.callbacks import data as data_utils
 from layermoe.callbacks.distributed import any_rank, broadcast, check_strategy, mean_scores
+from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
 from layermoe.callbacks.report import log_rewire, print_table, save_and_log_figure
 from layermoe.callbacks.rewire import rewire
 from layermoe.callbacks.schedule import RewireSchedule
 from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss, scoring_context
 from layermoe.callbacks.state import CallbackState, Layout, plain_layout, plain_scores
+from layermoe.checkpointing.layout_check import LAYOUT_KEY
 
 _SCOPES = ("adapter", "base")
 
@@ -253,6 +255,23 @@ class LayerInfluenceCallback(Callback):
         if self.state.budget is None:
             self.state.budget = self._resolve_budget(pl_module)
         self._val_batches = None
+        dry_run(
+            trainer,
+            pl_module,
+            self.loss_fn,
+            scope=self.scope,
+            capture_options=self.capture_options,
+            needs_gradients=getattr(self._scorer, "needs_statistics", True),
+            num_train_samples=self.num_train_samples,
+            num_val_samples=self.num_val_samples,
+            seed=self.seed + trainer.global_rank,
+        )
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Every checkpoint carries the layout as plain data, whatever the module (inspection, reloading)."""
+        checkpoint[LAYOUT_KEY] = self._current_layout(pl_module)
 
     # ------------------------------------------------------------------ triggers
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

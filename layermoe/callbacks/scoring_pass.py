@@ -36,23 +36,39 @@ def scoring_context(module: nn.Module, train: bool = False) -> Iterator[None]:
             p.grad = g
 
 
+def scored_model(pl_module: nn.Module) -> nn.Module:
+    """The model a ``loss_fn(model, batch)`` or built-in loss receives: ``pl_module.model`` when it is a
+    module, else the outermost Hugging Face model inside ``pl_module``, else ``pl_module`` itself."""
+    model = getattr(pl_module, "model", None)
+    if isinstance(model, nn.Module):
+        return model
+    from transformers import PreTrainedModel
+
+    for module in pl_module.modules():
+        if isinstance(module, PreTrainedModel):
+            return module
+    return pl_module
+
+
 def resolve_per_sample_loss(
     pl_module: nn.Module, loss_fn: Callable[..., torch.Tensor] | None
 ) -> PerSampleLoss:
-    """``pl_module.per_sample_loss`` if defined, else ``loss_fn(model, batch)``, else the causal-LM loss.
+    """``pl_module.per_sample_loss`` if defined, else ``loss_fn(model, batch)``, else the built-in loss of
+    the model's head (:func:`layermoe.scoring.default_per_sample_loss`; ``model`` from :func:`scored_model`).
 
-    ``model`` is ``pl_module.model`` when the module has one, else the module itself.
+    Raises:
+        TypeError: no loss was given and the model's head has no built-in loss.
     """
     own = getattr(pl_module, "per_sample_loss", None)
     if callable(own):
         return own
-    model = getattr(pl_module, "model", None)
-    model = model if isinstance(model, nn.Module) else pl_module
+    model = scored_model(pl_module)
     if loss_fn is not None:
         return lambda batch: loss_fn(model, batch)
-    from layermoe.scoring import causal_lm_per_sample_loss
+    from layermoe.scoring import default_per_sample_loss
 
-    return lambda batch: causal_lm_per_sample_loss(model, batch)
+    builtin = default_per_sample_loss(model)
+    return lambda batch: builtin(model, batch)
 
 
 @torch.no_grad()
