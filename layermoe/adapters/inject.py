@@ -162,6 +162,7 @@ def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELo
                 router_init_std=config.router_init_std,
                 routing_mass_decay=config.routing_mass_decay,
             )
+            layer.train(module.training)  # a model in eval mode must not start dropping adapter inputs
             built.setdefault(block, {})[rest] = layer
             swaps.append((name, layer))
     for name, layer in swaps:
