@@ -27,6 +27,7 @@ from layermoe.callbacks.distributed import any_rank
 from layermoe.callbacks.errors import CallbackConfigError
 from layermoe.callbacks.scoring_pass import PerSampleLoss, resolve_per_sample_loss, scoring_context
 from layermoe.scoring.batches import batch_size
+from layermoe.scoring.losses import UnsupportedBatchError
 
 DRY_RUN_SAMPLES = 2
 _SKETCH_DIM = 8  # the gradient check needs reachability, not exact statistics
@@ -175,7 +176,7 @@ def _dry_run(
         except Exception as exc:  # noqa: BLE001 - reported with the fix
             raise CallbackConfigError(
                 f"scoring cannot differentiate {origin[0]} with respect to the {scope} parameters of the "
-                f"MoE-LoRA layers: {exc}. {origin[1]} computes the loss with autograd through the model "
+                f"MoE-LoRA layers ({exc}); {origin[1]} computes the loss with autograd through the model "
                 "(no torch.no_grad(), no .detach() on the logits)"
             ) from exc
 
@@ -184,6 +185,8 @@ def _call(per_sample: PerSampleLoss, batch: Any, split: str, origin: tuple[str, 
     name, fix = origin
     try:
         return per_sample(batch)
+    except UnsupportedBatchError as exc:  # its message already names the fix
+        raise CallbackConfigError(f"scoring a {split} batch ({_describe(batch)}): {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - reported with the batch structure and the fix
         raise CallbackConfigError(
             f"{name} failed on a {split} batch ({_describe(batch)}): {type(exc).__name__}: {exc}. "

@@ -11,6 +11,7 @@ from .capture import SCOPES, capture_per_sample_gradients, capture_statistics
 from .distributed import gather_rows, torch_distributed_gather
 from .errors import ScoringError
 from .losses import (
+    UnsupportedBatchError,
     causal_lm_per_sample_loss,
     default_per_sample_loss,
     masked_lm_per_sample_loss,
@@ -52,6 +53,7 @@ __all__ = [
     "Scorer",
     "ScoringError",
     "UniformScorer",
+    "UnsupportedBatchError",
     "aggregate_influence",
     "base_weight",
     "batch_size",

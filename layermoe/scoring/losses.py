@@ -19,16 +19,20 @@ from torch import nn
 PerSampleLossFn = Callable[[nn.Module, Any], torch.Tensor]
 
 
+class UnsupportedBatchError(TypeError):
+    """A built-in loss got a batch it cannot read (not a dict, or fields missing); the message has the fix."""
+
+
 def _require_dict(batch: Any, loss: str, fields: tuple[str, ...]) -> None:
     if not isinstance(batch, Mapping):
-        raise TypeError(
+        raise UnsupportedBatchError(
             f"the built-in {loss} loss needs dict batches ({', '.join(fields)}), but the loader yields "
             f"{type(batch).__name__}; define per_sample_loss(batch) -> Tensor[B] on the LightningModule "
             "(or pass LayerInfluenceCallback(loss_fn=...)) to score with your own loss"
         )
     missing = [f for f in fields if f not in batch]
     if missing:
-        raise KeyError(
+        raise UnsupportedBatchError(
             f"the built-in {loss} loss needs the batch fields {list(fields)}, but {missing} are missing "
             f"(the batch has {sorted(map(str, batch))}); add them in the collate function, or define "
             "per_sample_loss(batch) -> Tensor[B] on the LightningModule"

@@ -43,15 +43,18 @@ class TupleProject(LightningModule):
         self.model = tiny_llama(num_blocks=3).train()
         inject(self.model, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0, lora_dropout=0.1))
 
-    def per_sample_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def task_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         input_ids, labels = batch
         return per_sample_loss_from_logits(self.model(input_ids=input_ids).logits, labels)
 
+    def per_sample_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return self.task_loss(batch)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.per_sample_loss(batch).mean() + collect_router_losses(self.model).loss
+        return self.task_loss(batch).mean() + collect_router_losses(self.model).loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self.log("val_loss", self.per_sample_loss(batch).mean())
+        self.log("val_loss", self.task_loss(batch).mean())
 
     def train_dataloader(self) -> DataLoader:
         return resumable_train_loader(counting_tensors(48, 0), batch_size=4, seed=0)
