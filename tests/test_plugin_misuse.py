@@ -148,3 +148,20 @@ def test_more_scoring_samples_than_the_validation_set_warns() -> None:
         assert_fit_fails_before_first_step(
             MeanOverBatch(), _callback(num_val_samples=64), CallbackConfigError, "reduces over tokens only"
         )
+
+
+def test_inject_says_how_to_reload(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
+
+    caplog.set_level(logging.INFO)
+    assert_fit_fails_before_first_step(
+        TinyLlamaModule(adapt=False),
+        _callback(inject={"experts": 2, "rank": 2}, loss_fn=lambda model, batch: torch.tensor(0.0)),
+        CallbackConfigError,
+        r"loss_fn\(model, batch\) returned \(\)",
+        *loaders(),
+        weights_unchanged=False,
+    )
+    assert "load_adapted_checkpoint(TinyLlamaModule, path)" in caplog.text

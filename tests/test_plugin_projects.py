@@ -121,3 +121,22 @@ def test_modules_to_save_misuse_is_named() -> None:
     with pytest.raises(ValueError):
         inject(model, MoELoRAConfig(modules_to_save=["classifier", "nothing"]))
     assert not moe_layers(model) and before == {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def test_finetuner_checkpoints_carry_modules_to_save(tiny_spec: dict) -> None:
+    from layermoe.lightning_modules import MoELoRAFineTuner
+
+    adapter = {"experts": 2, "rank": 2, "modules_to_save": ["lm_head"]}
+    module = MoELoRAFineTuner(model=tiny_spec, adapter=adapter, num_classes=2, print_layout=False)
+    assert module.model.lm_head.weight.requires_grad
+    with torch.no_grad():
+        module.model.lm_head.weight.add_(1.0)  # "trained": differs from the rebuilt base
+    checkpoint = {"state_dict": module.state_dict()}
+    module.on_save_checkpoint(checkpoint)
+    assert "model.lm_head.weight" in checkpoint["state_dict"]
+    assert not any("embed_tokens" in k for k in checkpoint["state_dict"])  # the frozen base stays out
+    fresh = MoELoRAFineTuner(model=tiny_spec, adapter=adapter, num_classes=2, print_layout=False)
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])
+    assert torch.equal(fresh.model.lm_head.weight, module.model.lm_head.weight)
+    assert fresh.hparams["adapter"]["modules_to_save"] == ["lm_head"]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from layermoe.callbacks import data as data_utils
@@ -218,6 +218,13 @@ class LayerInfluenceCallback(Callback):
                     f"inject={self.inject!r} could not adapt {type(pl_module).__name__}: {exc}. The model must "
                     "exist when the callback's setup runs (build it in __init__, not in configure_model)"
                 ) from exc
+            # load_from_checkpoint runs no callbacks: say how to reload before anyone tries
+            name = type(pl_module).__name__
+            rank_zero_info(
+                f"LayerInfluenceCallback added MoE-LoRA adapters to {name}; reload its checkpoints with "
+                f"layermoe.callbacks.load_adapted_checkpoint({name}, path) ({name}.load_from_checkpoint runs no "
+                "callbacks and fails on the adapter keys)"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check everything a rewire will need, so a bad setup fails before the first step."""

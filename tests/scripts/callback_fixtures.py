@@ -91,9 +91,16 @@ class TinyLlamaModule(LightningModule):
 
 
 def assert_fit_fails_before_first_step(
-    module: LightningModule, callback: Any, error: type[Exception], pattern: str, *loaders: Any, **kw: Any
+    module: LightningModule,
+    callback: Any,
+    error: type[Exception],
+    pattern: str,
+    *loaders: Any,
+    weights_unchanged: bool = True,
+    **kw: Any,
 ) -> None:
-    """``trainer.fit`` raises ``error`` matching ``pattern`` with no optimizer step taken, weights unchanged."""
+    """``trainer.fit`` raises ``error`` matching ``pattern`` with no optimizer step taken and (unless the
+    callback injects adapters) the weights unchanged."""
     import pytest
     from lightning.pytorch import Trainer
 
@@ -112,6 +119,8 @@ def assert_fit_fails_before_first_step(
     with pytest.raises(error, match=pattern):
         trainer.fit(module, *loaders)
     assert trainer.global_step == 0
+    if not weights_unchanged:
+        return
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), f"{k} changed although training must not have started"
 
