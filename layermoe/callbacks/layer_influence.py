@@ -73,7 +73,9 @@ class LayerInfluenceCallback(Callback):
         scoring_batch_size: batch size of the scoring passes (default: the loader's).
         seed: seed of the training sample (rank ``r`` uses ``seed + r``).
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample loss, used when the module has no
-            ``per_sample_loss(batch)``; default: ``causal_lm_per_sample_loss`` on ``pl_module.model``.
+            ``per_sample_loss(batch)``; default: the built-in loss of the model's head
+            (:func:`layermoe.scoring.default_per_sample_loss`; dict batches only). Batches reach the
+            loss as the loaders yield them (any structure), cut into samples along the leading dimension.
         scope: ``"adapter"`` (score the adapters' gradients) or ``"base"``.
         capture_options: extra keyword options for ``capture_statistics``.
         inject: a ``MoELoRAConfig`` dict: adapters are added in ``setup`` to a module that has none.
@@ -85,7 +87,8 @@ class LayerInfluenceCallback(Callback):
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
             before training): unsupported strategy (FSDP/DeepSpeed/model-parallel), no MoE-LoRA layers
-            and no ``inject``, no validation data, a fractional warm-up on a run of unknown length.
+            and no ``inject``, no validation data, a fractional warm-up on a run of unknown length, or a
+            per-sample loss that fails the dry run on two samples (see ``callbacks/dry_run.py``).
         RewireError: scoring/allocation/surgery failed mid-fit; model and optimizer were restored first.
     """
 
