@@ -88,7 +88,7 @@ def test_bert_classifier_with_modules_to_save_rewires_resumes_and_exports(tmp_pa
     }
     with torch.no_grad():
         ours = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        scored = resolve_per_sample_loss(module, None)(batch)
+        scored = resolve_per_sample_loss(module, None)(module, batch)
         assert torch.allclose(scored, sequence_classification_per_sample_loss(model, batch))
 
     save_adapters(model, tmp_path / "artifact", peft=True)

@@ -112,5 +112,5 @@ def test_the_callback_scores_a_masked_lm_with_the_masked_loss() -> None:
     module = HoldsMaskedLM()
     batch = _padded()
     batch["labels"] = torch.where(batch["attention_mask"] > 0, batch["input_ids"], -100)
-    got = resolve_per_sample_loss(module, None)(batch)
+    got = resolve_per_sample_loss(module, None)(module, batch)
     assert torch.allclose(got, _per_row_reference(module.encoder, batch), atol=1e-5)

@@ -8,8 +8,8 @@ over the batch, which one row cannot), calls the per-sample loss on each, checks
 finiteness, and runs the scoring pass on them (sketched to a few coordinates) to check that the loss is
 differentiable through the scored layers. It runs in eval mode with the RNG isolated and no ``.grad``
 left behind, so it changes nothing a resumed run could see. Loaders come from the module's or data
-module's hooks directly: the trainer's own loaders do not exist yet at ``on_fit_start``, and building
-them early would skip the restore of a resumable loader's position.
+module's hooks directly (``lightning_compat``): the trainer's own loaders do not exist yet at
+``on_fit_start``, and building them early would skip the restore of a resumable loader's position.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from layermoe.callbacks import data as data_utils
 from layermoe.callbacks.distributed import any_rank
 from layermoe.callbacks.errors import CallbackConfigError
 from layermoe.callbacks.scoring_pass import PerSampleLoss, resolve_per_sample_loss, scoring_context
+from layermoe.lightning_compat import training_source_loader, validation_defined, validation_source_loader
+from layermoe.scoring import capture_statistics
 from layermoe.scoring.batches import batch_size
 from layermoe.scoring.losses import UnsupportedBatchError
 
@@ -51,10 +53,6 @@ def _loss_origin(pl_module: LightningModule, loss_fn: Any) -> tuple[str, str]:
         "the built-in per-sample loss",
         "define per_sample_loss(batch) -> Tensor[B] on the LightningModule (or pass loss_fn=...) that",
     )
-
-
-def _source_loader(source: Any) -> Any:
-    return data_utils.first_loader(source.dataloader()) if source.is_defined() else None
 
 
 def _warn_truncation(what: str, loader: Any, requested: int, option: str) -> None:
@@ -138,15 +136,15 @@ def _dry_run(
     num_val_samples: int,
     seed: int,
 ) -> None:
-    from layermoe.scoring import capture_statistics
-
     origin = _loss_origin(pl_module, loss_fn)
     try:
         per_sample = resolve_per_sample_loss(pl_module, loss_fn)
     except TypeError as exc:
         raise CallbackConfigError(str(exc)) from exc
-    train_loader = _source_loader(trainer.fit_loop._data_source)
-    val_loader = _source_loader(trainer.fit_loop.epoch_loop.val_loop._data_source)
+    train_loader = data_utils.first_loader(training_source_loader(trainer))
+    val_loader = data_utils.first_loader(
+        validation_source_loader(trainer) if validation_defined(trainer) else None
+    )
     _warn_truncation("training", train_loader, num_train_samples, "num_train_samples")
     _warn_truncation("validation", val_loader, num_val_samples, "num_val_samples")
     with isolate_rng():
@@ -157,7 +155,7 @@ def _dry_run(
         batches = {k: trainer.strategy.batch_to_device(b) for k, b in batches.items()}
         with scoring_context(pl_module):
             for split, batch in batches.items():
-                losses = _call(per_sample, batch, split, origin)
+                losses = _call(per_sample, pl_module, batch, split, origin)
                 _check_losses(losses, batch, split, origin)
         if not needs_gradients:
             return
@@ -167,7 +165,7 @@ def _dry_run(
                 pl_module,
                 [batches["training"]],
                 [batches["validation"]],
-                lambda _model, batch: per_sample(batch),
+                per_sample,
                 scope=scope,
                 projection_dim=_SKETCH_DIM,
                 progress=False,
@@ -181,10 +179,12 @@ def _dry_run(
             ) from exc
 
 
-def _call(per_sample: PerSampleLoss, batch: Any, split: str, origin: tuple[str, str]) -> Any:
+def _call(
+    per_sample: PerSampleLoss, pl_module: LightningModule, batch: Any, split: str, origin: tuple[str, str]
+) -> Any:
     name, fix = origin
     try:
-        return per_sample(batch)
+        return per_sample(pl_module, batch)
     except UnsupportedBatchError as exc:  # its message already names the fix
         raise CallbackConfigError(f"scoring a {split} batch ({_describe(batch)}): {exc}") from exc
     except Exception as exc:  # noqa: BLE001 - reported with the batch structure and the fix
