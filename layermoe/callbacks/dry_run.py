@@ -101,17 +101,18 @@ def dry_run(
     the fix on any mismatch (raised on every rank when one rank fails)."""
     error: BaseException | None = None
     try:
-        _dry_run(
-            trainer,
-            pl_module,
-            loss_fn,
-            scope=scope,
-            capture_options=capture_options,
-            needs_gradients=needs_gradients,
-            num_train_samples=num_train_samples,
-            num_val_samples=num_val_samples,
-            seed=seed,
-        )
+        origin = _loss_origin(pl_module, loss_fn)
+        try:
+            per_sample = resolve_per_sample_loss(pl_module, loss_fn)
+        except TypeError as exc:
+            raise CallbackConfigError(str(exc)) from exc
+        with isolate_rng():
+            batches = _samples(trainer, num_train_samples, num_val_samples, seed)
+            with scoring_context(pl_module):
+                for split, batch in batches.items():
+                    _check_losses(_call(per_sample, pl_module, batch, split, origin), batch, split, origin)
+            if needs_gradients:
+                _check_gradients(pl_module, per_sample, batches, scope, capture_options, origin)
     except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank agreed
         error = exc
     if any_rank(trainer.strategy, error is not None):
@@ -124,59 +125,48 @@ def dry_run(
         ) from error
 
 
-def _dry_run(
-    trainer: Trainer,
-    pl_module: LightningModule,
-    loss_fn: Any,
-    *,
-    scope: str,
-    capture_options: dict[str, Any],
-    needs_gradients: bool,
-    num_train_samples: int,
-    num_val_samples: int,
-    seed: int,
-) -> None:
-    origin = _loss_origin(pl_module, loss_fn)
-    try:
-        per_sample = resolve_per_sample_loss(pl_module, loss_fn)
-    except TypeError as exc:
-        raise CallbackConfigError(str(exc)) from exc
+def _samples(trainer: Trainer, num_train_samples: int, num_val_samples: int, seed: int) -> dict[str, Any]:
+    """One batch of (up to) two samples per split, on the module's device; warns when scoring would be cut."""
     train_loader = data_utils.first_loader(training_source_loader(trainer))
     val_loader = data_utils.first_loader(
         validation_source_loader(trainer) if validation_defined(trainer) else None
     )
     _warn_truncation("training", train_loader, num_train_samples, "num_train_samples")
     _warn_truncation("validation", val_loader, num_val_samples, "num_val_samples")
-    with isolate_rng():
-        batches = {
-            "training": data_utils.training_batches(train_loader, DRY_RUN_SAMPLES, seed, DRY_RUN_SAMPLES)[0],
-            "validation": data_utils.validation_batches(val_loader, DRY_RUN_SAMPLES, DRY_RUN_SAMPLES)[0],
-        }
-        batches = {k: trainer.strategy.batch_to_device(b) for k, b in batches.items()}
-        with scoring_context(pl_module):
-            for split, batch in batches.items():
-                losses = _call(per_sample, pl_module, batch, split, origin)
-                _check_losses(losses, batch, split, origin)
-        if not needs_gradients:
-            return
-        options = {k: v for k, v in capture_options.items() if k in ("modules", "blocks")}
-        try:
-            capture_statistics(
-                pl_module,
-                [batches["training"]],
-                [batches["validation"]],
-                per_sample,
-                scope=scope,
-                projection_dim=_SKETCH_DIM,
-                progress=False,
-                **options,
-            )
-        except Exception as exc:  # noqa: BLE001 - reported with the fix
-            raise CallbackConfigError(
-                f"scoring cannot differentiate {origin[0]} with respect to the {scope} parameters of the "
-                f"MoE-LoRA layers ({exc}); {origin[1]} computes the loss with autograd through the model "
-                "(no torch.no_grad(), no .detach() on the logits)"
-            ) from exc
+    batches = {
+        "training": data_utils.training_batches(train_loader, DRY_RUN_SAMPLES, seed, DRY_RUN_SAMPLES)[0],
+        "validation": data_utils.validation_batches(val_loader, DRY_RUN_SAMPLES, DRY_RUN_SAMPLES)[0],
+    }
+    return {k: trainer.strategy.batch_to_device(b) for k, b in batches.items()}
+
+
+def _check_gradients(
+    pl_module: LightningModule,
+    per_sample: PerSampleLoss,
+    batches: dict[str, Any],
+    scope: str,
+    capture_options: dict[str, Any],
+    origin: tuple[str, str],
+) -> None:
+    """The scoring pass itself on the two batches, sketched: it fails where scoring would."""
+    options = {k: v for k, v in capture_options.items() if k in ("modules", "blocks")}
+    try:
+        capture_statistics(
+            pl_module,
+            [batches["training"]],
+            [batches["validation"]],
+            per_sample,
+            scope=scope,
+            projection_dim=_SKETCH_DIM,
+            progress=False,
+            **options,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported with the fix
+        raise CallbackConfigError(
+            f"scoring cannot differentiate {origin[0]} with respect to the {scope} parameters of the "
+            f"MoE-LoRA layers ({exc}); {origin[1]} computes the loss with autograd through the model "
+            "(no torch.no_grad(), no .detach() on the logits)"
+        ) from exc
 
 
 def _call(
