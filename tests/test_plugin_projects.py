@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from layermoe.adapters import layout, modules_to_save, moe_layers
+from layermoe.adapters import MoELoRAConfig, inject, layout, load_peft, modules_to_save, moe_layers
 from layermoe.callbacks.scoring_pass import resolve_per_sample_loss
 from layermoe.checkpointing import load_adapters, save_adapters
 from layermoe.scoring import sequence_classification_per_sample_loss
@@ -98,6 +98,14 @@ def test_bert_classifier_with_modules_to_save_rewires_resumes_and_exports(tmp_pa
         theirs = peft_model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert torch.allclose(ours, theirs, atol=1e-5, rtol=0), (ours - theirs).abs().max()
 
+    imported = tiny_bert_classifier().eval()  # and back through our peft importer, head included
+    inject(imported, MoELoRAConfig(experts=1, rank=2))
+    load_peft(imported, tmp_path / "artifact" / "peft")
+    assert layout(imported) == layout(model) and list(modules_to_save(imported)) == ["classifier"]
+    with torch.no_grad():
+        back = imported(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert torch.allclose(ours, back, atol=1e-5, rtol=0)
+
     fresh = tiny_bert_classifier().eval()
     assert load_adapters(fresh, tmp_path / "artifact") == layout(model)
     assert list(modules_to_save(fresh)) == ["classifier"] and fresh.classifier.weight.requires_grad
@@ -108,8 +116,6 @@ def test_bert_classifier_with_modules_to_save_rewires_resumes_and_exports(tmp_pa
 
 
 def test_modules_to_save_misuse_is_named() -> None:
-    from layermoe.adapters import MoELoRAConfig, inject
-
     with pytest.raises(ValueError, match="'classifer' matches no module"):
         inject(tiny_bert_classifier(), MoELoRAConfig(modules_to_save=["classifer"]))
     with pytest.raises(ValueError, match="overlaps the adapted layer"):
