@@ -24,7 +24,7 @@ from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject, layo
 from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_layout
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
 from layermoe.lightning_modules.losses import label_loss, label_positions, per_sample_loss_from_logits
-from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model
+from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model, check_vocabulary
 from layermoe.lightning_modules.reporting import format_layout_table
 from layermoe.lightning_modules.schedule import SCHEDULES, lr_multiplier
 
@@ -134,8 +134,12 @@ class MoELoRAFineTuner(pl.LightningModule):
             self.metrics[f"{stage}_loss"] = MeanMetric()
 
     def setup(self, stage: str) -> None:
-        """Take num_classes from the data module when it was not given (classification only)."""
+        """Check the data module's tokenizer against the model's vocabulary; take num_classes from the data
+        module when it was not given (classification only)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        prepare_tokenizer = getattr(datamodule, "prepare_tokenizer", None)
+        if callable(prepare_tokenizer):
+            check_vocabulary(self.model, prepare_tokenizer())
         num_classes = getattr(datamodule, "num_classes", None)
         given = self.hparams.get("num_classes")
         if self.task == "classification" and None not in (num_classes, given) and num_classes != given:
