@@ -155,6 +155,8 @@ class LayerInfluenceCallback(Callback):
         self._warmup_units: int | None = None
         self._step_at_batch_start: int | None = None
         self._val_batches: list[Any] | None = None
+        self._trainer: Trainer | None = None
+        self._validated_at_step: int | None = None
         #: ``ResizeReport`` list of the last rewire (what changed, exactness, optimizer-state maps).
         self.last_reports: list[Any] = []
 
@@ -194,7 +196,31 @@ class LayerInfluenceCallback(Callback):
         return self._generate_state_key(scorer=self.scorer, allocator=self.allocator)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state.to_dict()
+        state = self.state.to_dict()
+        state["validation_follows"] = self._validation_follows()
+        return state
+
+    def _validation_follows(self) -> int | None:
+        """Completed epochs when this save happens at a training batch end that a validation follows.
+
+        A checkpoint written there (``ModelCheckpoint(every_n_train_steps=...)``, ``last.ckpt``) precedes
+        the validation; Lightning's resume fast-forwards past it without running it, so an
+        epoch-interval trigger due at that validation end would be lost (or move to a later one).
+        """
+        trainer = self._trainer
+        if (
+            trainer is None
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or trainer.validating
+            or self._validated_at_step == trainer.global_step
+        ):
+            return None
+        epoch_loop = trainer.fit_loop.epoch_loop
+        fetcher = trainer.fit_loop._data_fetcher  # private: what Lightning itself passes to the check
+        if fetcher is None or not epoch_loop._should_check_val_fx(fetcher):
+            return None
+        return trainer.current_epoch + (1 if epoch_loop.batch_progress.is_last_batch else 0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Store only; the pending plan is applied at the next optimizer step, the budget is reused."""
@@ -204,6 +230,7 @@ class LayerInfluenceCallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
         if stage == TrainerFn.FITTING:
             check_strategy(trainer.strategy)
         if self.inject is not None and not self._layers(pl_module):
@@ -260,7 +287,13 @@ class LayerInfluenceCallback(Callback):
 
         This is the published methods' one-shot allocation (LayerIF, AlphaLoRA) run from inside the fit:
         nothing has been accumulated yet, so applying the plan here is as safe as after a step.
+
+        Resumed from a checkpoint written right before a validation (which Lightning skips on resume),
+        the validation-end trigger of an epoch schedule runs here instead, on the same weights.
         """
+        skipped, self.state.validation_follows = self.state.validation_follows, None
+        if skipped is not None:
+            self._epoch_trigger(trainer, pl_module, skipped)
         if (
             self.schedule.interval == "step"
             and (self._warmup_units or 0) == 0
@@ -293,17 +326,18 @@ class LayerInfluenceCallback(Callback):
             self._apply_pending(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (
-            trainer.sanity_checking
-            or trainer.state.fn != TrainerFn.FITTING
-            or self.schedule.interval != "epoch"
-        ):
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        if self.state.pending is not None:
-            return
+        self._validated_at_step = trainer.global_step
         epochs_done = trainer.current_epoch + (
             1 if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch else 0
         )
+        self._epoch_trigger(trainer, pl_module, epochs_done)
+
+    def _epoch_trigger(self, trainer: Trainer, pl_module: LightningModule, epochs_done: int) -> None:
+        """At a validation end (or its replay on resume): plan when the epoch schedule is due."""
+        if self.schedule.interval != "epoch" or self.state.pending is not None:
+            return
         if self.schedule.is_due(epochs_done, self.state.plans_made, self._warmup_units or 0):
             self._score_and_plan(trainer, pl_module)
 

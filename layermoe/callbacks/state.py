@@ -34,6 +34,9 @@ class CallbackState:
     "time_scoring_s": float}`` or ``None``; ``history`` has one plain dict per applied rewire.
     ``budget`` is the resolved trainable-parameter budget, fixed at the first fit so a resumed run
     keeps the same one; ``inject`` is the MoE-LoRA config dict used by ``inject=`` (for reloading).
+    ``validation_follows`` is the number of completed epochs when the checkpoint was written at a
+    training batch end right before a validation (else ``None``): Lightning does not re-run that
+    validation when resuming from it, so the callback replays its validation-end trigger instead.
     """
 
     rewires_done: int = 0
@@ -41,6 +44,7 @@ class CallbackState:
     history: list[dict[str, Any]] = field(default_factory=list)
     budget: int | None = None
     inject: dict[str, Any] | None = None
+    validation_follows: int | None = None
 
     @property
     def plans_made(self) -> int:
@@ -54,6 +58,7 @@ class CallbackState:
                 "history": self.history,
                 "budget": self.budget,
                 "inject": self.inject,
+                "validation_follows": self.validation_follows,
             }
         )
 
@@ -79,4 +84,7 @@ class CallbackState:
             history=history,
             budget=None if state.get("budget") is None else int(state["budget"]),
             inject=state.get("inject"),
+            validation_follows=(
+                None if state.get("validation_follows") is None else int(state["validation_follows"])
+            ),
         )
