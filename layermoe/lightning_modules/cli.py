@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -23,7 +24,12 @@ from layermoe.precision import AUTO, describe_choice, resolve_precision
 class Trainer(pl.Trainer):
     """``lightning.pytorch.Trainer`` whose ``precision`` may also be ``"auto"`` (the default here), and whose
     checkpoints are written atomically (:class:`AtomicCheckpointIO`) unless another ``CheckpointIO`` is given:
-    a job killed while saving never leaves a half-written checkpoint behind."""
+    a job killed while saving never leaves a half-written checkpoint behind.
+
+    Every ``ModelCheckpoint`` that writes ``last.ckpt`` (``save_last`` or ``filename: last``) overwrites it:
+    Lightning's version counter would make a second run into the same folder write ``last-v1.ckpt`` and
+    leave ``last.ckpt`` at the old run's step, so ``--ckpt_path .../last.ckpt`` would resume the old run.
+    """
 
     def __init__(self, *, precision: str | int | None = AUTO, **kwargs: Any) -> None:
         accelerator = kwargs.get("accelerator", "auto")
@@ -38,6 +44,14 @@ class Trainer(pl.Trainer):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
         super().__init__(precision=resolved, **kwargs)
+        for callback in self.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and writes_last(callback):
+                callback._enable_version_counter = False  # no public setter; the init argument sets it
+
+
+def writes_last(callback: ModelCheckpoint) -> bool:
+    """Whether ``callback`` writes ``last.ckpt``: ``save_last``, or a plain ``filename: last``."""
+    return bool(callback.save_last) or callback.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST
 
 
 class LayerMoECLI(LightningCLI):
