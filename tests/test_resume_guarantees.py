@@ -41,3 +41,44 @@ def test_a_second_run_into_the_same_folder_overwrites_last_ckpt(run_dir, tiny_sp
     names = sorted(p.name for p in _checkpoints(run_dir).glob("last*.ckpt"))
     assert names == ["last.ckpt"]
     assert torch.load(_checkpoints(run_dir) / "last.ckpt", weights_only=True)["global_step"] == 6
+
+
+def _resume(run_dir: Path, spec: dict, files: dict[str, Path], ckpt: Path, *extra: str, max_steps: int = 6):
+    return _fit(run_dir, spec, files, *extra, "--ckpt_path", str(ckpt), max_steps=max_steps)
+
+
+def test_resume_with_a_new_lr_applies_it_from_the_resumed_step(run_dir, tiny_spec, toy_files) -> None:
+    """Case 3: --model.lr on resume is honoured (it used to be replaced by the checkpoint's)."""
+    _fit(run_dir, tiny_spec, toy_files, max_steps=3)
+    ckpt = _checkpoints(run_dir) / "last.ckpt"
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["hyper_parameters"]["lr"] == pytest.approx(1e-3)  # configs/quickstart.yaml
+    resumed = _resume(run_dir, tiny_spec, toy_files, ckpt, "--model.lr", "0.05", max_steps=6)
+    assert resumed.trainer.global_step == 6
+    assert resumed.model.hparams.lr == 0.05
+    group = resumed.trainer.optimizers[0].param_groups[0]
+    # Closed form of the quickstart schedule at step 6 of 6 (warmup 2, cosine to 0.1 x lr): 0.1 x 0.05.
+    assert group["lr"] == pytest.approx(0.1 * 0.05, rel=1e-9)
+    assert group["initial_lr"] == 0.05
+
+
+@pytest.mark.parametrize(
+    ("override", "listed"),
+    [
+        (("--model.model.num_hidden_layers", "3"), "model.model.num_hidden_layers: checkpoint 2, now 3"),
+        (("--model.adapter.rank", "8"), "model.adapter.rank: checkpoint 4, now 8"),
+        (("--model.model_seed", "1"), "base model weights: checkpoint fingerprint"),
+    ],
+)
+def test_resume_with_changed_model_settings_is_refused_listing_them(
+    run_dir, tiny_spec, toy_files, override, listed
+) -> None:
+    """Case 3: the model and adapter settings cannot change on resume; the run stops before training."""
+    _fit(run_dir, tiny_spec, toy_files, max_steps=3)
+    ckpt = _checkpoints(run_dir) / "last.ckpt"
+    from layermoe.lightning_modules.resume_settings import CheckpointSettingsError
+
+    with pytest.raises(CheckpointSettingsError, match="cannot change on resume") as info:
+        _resume(run_dir, tiny_spec, toy_files, ckpt, *override)
+    assert listed in str(info.value)
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 3  # nothing trained, nothing written

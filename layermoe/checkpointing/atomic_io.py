@@ -25,6 +25,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.types import _PATH
 
+from .integrity import check_finite_state, read_checkpoint, verify_checksum, with_checksum
 from .layout_check import validate_checkpoint_layout
 
 log = logging.getLogger(__name__)
@@ -95,8 +96,11 @@ def atomic_torch_save(obj: Any, path: _PATH, save_fn: Callable[[Any, Any], None]
 class AtomicCheckpointIO(TorchCheckpointIO):
     """A Lightning ``CheckpointIO`` whose saves and removals are all-or-nothing on local disks.
 
-    Use it with ``Trainer(plugins=[AtomicCheckpointIO()])``. Loading also checks the MoE-LoRA layout
-    (``validate_checkpoint_layout``) before Lightning hands the weights to the module. URL paths
+    Use it with ``Trainer(plugins=[AtomicCheckpointIO()])``. Every checkpoint it writes carries a content
+    checksum (``layermoe_checksum``), and one whose weights hold NaN or infinity is refused instead of
+    written. Loading names the file when it is empty, truncated or corrupt (checksum mismatch, non-finite
+    weights) and checks the MoE-LoRA layout (``validate_checkpoint_layout``), all before Lightning hands
+    the weights to the module. URL paths
     (``s3://``, ``file://``, ...) are saved by Lightning's stock fsspec code (object-store uploads are
     all-or-nothing there).
     """
@@ -107,7 +111,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        if _is_remote(path):
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        else:
+            checkpoint = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        verify_checksum(checkpoint, f"checkpoint {path}")
+        check_finite_state(checkpoint, f"checkpoint {path}", "load")
         validate_checkpoint_layout(checkpoint)
         return checkpoint
 
@@ -119,6 +128,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, which it does"
                 " not use; call Trainer.save_checkpoint(path) without storage_options."
             )
+        check_finite_state(checkpoint, f"checkpoint {path}", "write")
+        checkpoint = with_checksum(checkpoint)
         if _is_remote(path):
             super().save_checkpoint(checkpoint, path)
             return

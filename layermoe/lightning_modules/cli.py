@@ -7,6 +7,7 @@ printing the choice; every other Trainer argument passes through unchanged.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from layermoe.checkpointing import AtomicCheckpointIO
+from layermoe.checkpointing.integrity import read_checkpoint, verify_checksum
 from layermoe.data import TextDataModule
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
 from layermoe.precision import AUTO, describe_choice, resolve_precision
@@ -59,6 +61,11 @@ class LayerMoECLI(LightningCLI):
 
     The optimizer and LR schedule are the module's own (``configure_optimizers``: deterministic parameter
     order, needed when the callback resizes adapters), so LightningCLI's ``--optimizer`` options are off.
+
+    ``--ckpt_path`` keeps the configuration as given: LightningCLI would overlay the checkpoint's
+    hyperparameters on the model settings and command-line overrides, silently. The module then compares
+    them with the checkpoint's (:mod:`layermoe.lightning_modules.resume_settings`): optimizer settings
+    apply from the resumed step on, other differences stop the run before training with their list.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -66,6 +73,13 @@ class LayerMoECLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(MoELoRAFineTuner, TextDataModule, *args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read and verify the checkpoint early (a clear error before the model is built), overlay nothing."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).suffix == ".ckpt" and "://" not in str(ckpt_path):
+            verify_checksum(read_checkpoint(ckpt_path), f"checkpoint {ckpt_path}")
 
 
 def main(args: list[str] | None = None) -> LayerMoECLI:
