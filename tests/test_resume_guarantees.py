@@ -82,3 +82,42 @@ def test_resume_with_changed_model_settings_is_refused_listing_them(
         _resume(run_dir, tiny_spec, toy_files, ckpt, *override)
     assert listed in str(info.value)
     assert torch.load(ckpt, weights_only=True)["global_step"] == 3  # nothing trained, nothing written
+
+
+def _corrupt_tensor_bytes(path: Path, name: str) -> None:
+    """Overwrite 64 bytes inside the stored data of tensor ``name`` (what a disk or copy error does)."""
+    tensor = torch.load(path, weights_only=True)["state_dict"][name]
+    raw = path.read_bytes()
+    data = tensor.contiguous().numpy().tobytes()
+    start = raw.find(data)
+    assert start >= 0 and len(data) >= 128
+    middle = start + len(data) // 2
+    path.write_bytes(raw[:middle] + bytes(range(64, 128)) + raw[middle + 64 :])
+
+
+def test_corrupted_bytes_in_a_checkpoint_are_caught_before_training(run_dir, tiny_spec, toy_files) -> None:
+    """Case 4: 64 corrupted bytes inside a weight tensor unpickle fine; the checksum names the section."""
+    from layermoe.checkpointing.integrity import CheckpointIntegrityError
+
+    _fit(run_dir, tiny_spec, toy_files, max_steps=3)
+    ckpt = _checkpoints(run_dir) / "last.ckpt"
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    name = max((k for k in state if k.endswith("lora_B")), key=lambda k: state[k].numel())
+    _corrupt_tensor_bytes(ckpt, name)
+    assert not torch.equal(torch.load(ckpt, weights_only=True)["state_dict"][name], state[name])
+    with pytest.raises(CheckpointIntegrityError, match=r"section 'state_dict' does not match its checksum"):
+        _resume(run_dir, tiny_spec, toy_files, ckpt)
+
+
+@pytest.mark.parametrize("how", ["empty", "truncated"])
+def test_empty_or_truncated_checkpoint_names_the_file(run_dir, tiny_spec, toy_files, how) -> None:
+    from layermoe.checkpointing.integrity import CheckpointIntegrityError
+
+    _fit(run_dir, tiny_spec, toy_files, max_steps=3)
+    ckpt = _checkpoints(run_dir) / "last.ckpt"
+    raw = ckpt.read_bytes()
+    ckpt.write_bytes(b"" if how == "empty" else raw[: len(raw) // 2])
+    pattern = "is empty" if how == "empty" else "truncated or not a torch checkpoint"
+    with pytest.raises(CheckpointIntegrityError, match=pattern) as info:
+        _resume(run_dir, tiny_spec, toy_files, ckpt)
+    assert str(ckpt) in str(info.value)
