@@ -27,6 +27,7 @@ from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss, 
 from layermoe.callbacks.state import CallbackState, Layout, plain_layout, plain_scores
 
 _SCOPES = ("adapter", "base")
+_ON_ERROR = ("raise", "skip")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
@@ -79,6 +80,11 @@ class LayerInfluenceCallback(Callback):
         plot: save a PNG per rewire under ``<log_dir>/layermoe`` and add it to TensorBoard.
         verbose: print a table per rewire (rank zero).
         log_prefix: prefix of the logged metric names.
+        on_error: what a failed scoring pass, allocation or surgery does mid-fit. ``"raise"`` (default:
+            a failure is never silent) stops the fit with ``RewireError``; ``"skip"`` warns, logs
+            ``<log_prefix>/rewire_failures``, records the failure in the callback's state, and trains on
+            without that rewire (its schedule slot is used up). Either way the model, optimizer and LR
+            schedulers are exactly as before the attempt.
 
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
@@ -106,6 +112,7 @@ class LayerInfluenceCallback(Callback):
         plot: bool = True,
         verbose: bool = True,
         log_prefix: str = "layermoe",
+        on_error: str = "raise",
     ) -> None:
         super().__init__()
         from layermoe.allocation import Budget
@@ -150,6 +157,9 @@ class LayerInfluenceCallback(Callback):
         self.plot = bool(plot)
         self.verbose = bool(verbose)
         self.log_prefix = str(log_prefix)
+        if on_error not in _ON_ERROR:
+            raise CallbackConfigError(f"on_error={on_error!r}: must be one of {_ON_ERROR}")
+        self.on_error = on_error
 
         self.state = CallbackState(inject=self.inject)
         self._warmup_units: int | None = None
@@ -403,7 +413,7 @@ class LayerInfluenceCallback(Callback):
         per_sample = resolve_per_sample_loss(pl_module, self.loss_fn)
         with scoring_context(pl_module):
             if not getattr(self._scorer, "needs_statistics", True):
-                return plain_scores(self._scorer.score(pl_module))
+                return self._checked_scores(self._scorer.score(pl_module), pl_module)
             val_batches = self._scoring_val_batches(trainer)
             train = data_utils.training_batches(
                 self._training_loader(trainer),
@@ -423,10 +433,55 @@ class LayerInfluenceCallback(Callback):
                 scope=self.scope,
                 **options,
             )
-            return plain_scores(self._scorer.score(stats))
+            return self._checked_scores(self._scorer.score(stats), pl_module)
+
+    def _checked_scores(self, scores: Any, pl_module: nn.Module) -> dict[int, float]:
+        """A scorer's output as ``{block: float}``; anything else is named with what was expected."""
+        blocks = sorted(self._layers(pl_module))
+        expected = (
+            f"score() must return a dict {{block_index: float}} with one finite number per block {blocks}"
+        )
+        if not isinstance(scores, Mapping):
+            raise TypeError(
+                f"scorer {self.scorer!r} returned {type(scores).__name__} ({scores!r:.80}); {expected}"
+            )
+        try:
+            plain = plain_scores(scores)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"scorer {self.scorer!r} returned {scores!r:.120}: {exc}; {expected}") from exc
+        missing = [b for b in blocks if b not in plain]
+        bad = {b: v for b, v in plain.items() if not math.isfinite(v)}
+        if missing or bad:
+            raise ValueError(
+                f"scorer {self.scorer!r} returned no score for blocks {missing} / non-finite scores {bad};"
+                f" {expected}"
+            )
+        return plain
 
     def _score_and_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score (reduced over ranks), allocate on rank 0, broadcast, store as the pending plan."""
+        try:
+            self._score_and_plan_or_raise(trainer, pl_module)
+        except RewireError as exc:
+            self._failed(trainer, "scoring", exc)
+
+    def _failed(self, trainer: Trainer, stage: str, error: RewireError) -> None:
+        """``on_error="raise"``: re-raise; ``"skip"``: record, warn, log, and let training go on."""
+        if self.on_error == "raise":
+            raise error
+        self.state.pending = None
+        self.state.failures.append({"step": int(trainer.global_step), "stage": stage, "error": str(error)})
+        rank_zero_warn(
+            f"LayerInfluenceCallback: rewire skipped at global step {trainer.global_step} ({error});"
+            " on_error='skip': the model and optimizer are unchanged and training goes on."
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"{self.log_prefix}/rewire_failures": float(len(self.state.failures))},
+                step=trainer.global_step,
+            )
+
+    def _score_and_plan_or_raise(self, trainer: Trainer, pl_module: LightningModule) -> None:
         from layermoe.allocation import allocate
 
         start = time.perf_counter()
@@ -473,7 +528,11 @@ class LayerInfluenceCallback(Callback):
         before_layout = self._current_layout(pl_module)
         dims = self._block_dims(pl_module)
         loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
-        result = rewire(trainer, pl_module, plan["layout"], seed=self.seed + int(trainer.global_step))
+        try:
+            result = rewire(trainer, pl_module, plan["layout"], seed=self.seed + int(trainer.global_step))
+        except RewireError as exc:
+            self._failed(trainer, "rewire", exc)
+            return
         self.last_reports = result.reports
         loss_after = self._probe(trainer, pl_module, per_sample, val_batches)
         after_layout = self._current_layout(pl_module)

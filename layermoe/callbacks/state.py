@@ -34,7 +34,8 @@ class CallbackState:
     "time_scoring_s": float}`` or ``None``; ``history`` has one plain dict per applied rewire.
     ``budget`` is the resolved trainable-parameter budget, fixed at the first fit so a resumed run
     keeps the same one; ``inject`` is the MoE-LoRA config dict used by ``inject=`` (for reloading).
-    ``validation_follows`` is the number of completed epochs when the checkpoint was written at a
+    ``failures`` has one ``{"step", "stage", "error"}`` dict per rewire skipped under
+    ``on_error="skip"`` (each uses up its slot of the schedule). ``validation_follows`` is the number of completed epochs when the checkpoint was written at a
     training batch end right before a validation (else ``None``): Lightning does not re-run that
     validation when resuming from it, so the callback replays its validation-end trigger instead.
     """
@@ -45,10 +46,12 @@ class CallbackState:
     budget: int | None = None
     inject: dict[str, Any] | None = None
     validation_follows: int | None = None
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def plans_made(self) -> int:
-        return self.rewires_done + (1 if self.pending is not None else 0)
+        """Schedule slots used: applied rewires, the pending plan, and rewires skipped after a failure."""
+        return self.rewires_done + (1 if self.pending is not None else 0) + len(self.failures)
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(
@@ -59,6 +62,7 @@ class CallbackState:
                 "budget": self.budget,
                 "inject": self.inject,
                 "validation_follows": self.validation_follows,
+                "failures": self.failures,
             }
         )
 
@@ -84,6 +88,7 @@ class CallbackState:
             history=history,
             budget=None if state.get("budget") is None else int(state["budget"]),
             inject=state.get("inject"),
+            failures=[dict(f) for f in state.get("failures", [])],
             validation_follows=(
                 None if state.get("validation_follows") is None else int(state["validation_follows"])
             ),
