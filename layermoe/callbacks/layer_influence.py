@@ -268,6 +268,12 @@ class LayerInfluenceCallback(Callback):
                 "LayerInfluenceCallback scores on validation data: define val_dataloader() on the "
                 "LightningModule or its DataModule"
             )
+        if not self._has_validation_samples(trainer):
+            raise CallbackConfigError(
+                "LayerInfluenceCallback scores on validation data, but the validation dataloader is empty"
+                " (e.g. TextDataModule(val_size=0) and no val_file): give validation rows (data.val_size > 0"
+                " or data.val_file)"
+            )
         if self.schedule.interval == "epoch" and trainer.limit_val_batches == 0:
             raise CallbackConfigError(
                 "schedule.interval='epoch' triggers at validation end, but Trainer(limit_val_batches=0) disables "
@@ -289,7 +295,55 @@ class LayerInfluenceCallback(Callback):
             )
         if self.state.budget is None:
             self.state.budget = self._resolve_budget(pl_module)
+        if self.state.plans_made < self.schedule.limit:
+            self._check_budget_fits(pl_module)
         self._val_batches = None
+
+    def _check_budget_fits(self, pl_module: LightningModule) -> None:
+        """Allocate once on equal scores: an impossible budget or bounds fail here, not at the rewire."""
+        from layermoe.allocation import AllocationError, allocate
+
+        current = self._current_layout(pl_module)
+        try:
+            allocate(
+                dict.fromkeys(current, 1.0),
+                method=self.allocator,
+                budget=self._budget_for_allocate(),
+                current_layout=current,
+                block_dims=self._block_dims(pl_module),
+                **self.allocator_options,
+            )
+        except AllocationError as exc:
+            raise CallbackConfigError(
+                f"budget={str(self.budget)!r} / allocator_options cannot be met by any layout of the"
+                f" {len(current)} adapted blocks: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _has_validation_samples(trainer: Trainer) -> bool:
+        """Whether the validation loader the scoring pass will read has at least one row."""
+        source = trainer.fit_loop.epoch_loop.val_loop._data_source
+        loader = data_utils.first_loader(source.dataloader())
+        if loader is None:
+            return False
+        dataset = getattr(loader, "dataset", None)
+        return not (dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0)
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse a checkpoint whose influence-callback state was written under another scorer/allocator:
+        Lightning would drop that state (a warning only) and the rewires would start over."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        others = [k for k in states if str(k).startswith(type(self).__name__)]
+        if others:
+            raise CallbackConfigError(
+                f"the checkpoint holds the state of {others[0]} but this callback is {self.state_key}: its"
+                " rewire progress, pending plan and budget would be dropped. Resume with the same scorer and"
+                " allocator, or start a new run without --ckpt_path"
+            )
 
     # ------------------------------------------------------------------ triggers
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

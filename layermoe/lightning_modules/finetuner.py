@@ -10,6 +10,7 @@ influence callback resized come back at their new size because each layer re-all
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -164,6 +165,7 @@ class MoELoRAFineTuner(pl.LightningModule):
                 f"model.num_classes={given} but the data module has {num_classes} classes (label_words); "
                 "make them agree or leave model.num_classes null"
             )
+        self._check_vocabulary(getattr(datamodule, "tokenizer", None))
         if len(self.metrics):
             return
         if num_classes is None:
@@ -173,6 +175,18 @@ class MoELoRAFineTuner(pl.LightningModule):
             )
         self.hparams["num_classes"] = int(num_classes)
         self._build_metrics(int(num_classes))
+
+    def _check_vocabulary(self, tokenizer: Any) -> None:
+        """Token ids beyond the embedding would fail inside the first forward with an index error."""
+        if tokenizer is None:
+            return
+        rows = self.model.get_input_embeddings().num_embeddings
+        if len(tokenizer) > rows:
+            raise ValueError(
+                f"the data module's tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows}"
+                " rows (model.model vocab_size): token ids beyond it cannot be embedded. Use the model's own"
+                f" tokenizer, or set vocab_size >= {len(tokenizer)} for a tiny dict model"
+            )
 
     # ------------------------------------------------------------------ forward and losses
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -308,6 +322,12 @@ class MoELoRAFineTuner(pl.LightningModule):
             raise ValueError(
                 f"scheduler {hp.scheduler!r} needs a finite run length: set trainer.max_steps or "
                 "trainer.max_epochs, or use scheduler: constant"
+            )
+        if math.isfinite(total) and hp.warmup_steps > total:
+            raise ValueError(
+                f"model.warmup_steps={hp.warmup_steps} is longer than the run ({int(total)} optimizer steps):"
+                f" the LR would end at {total / hp.warmup_steps:.0%} of model.lr without ever reaching it;"
+                " lower model.warmup_steps or lengthen the run (trainer.max_steps / max_epochs)"
             )
         multiplier = lr_multiplier(hp.scheduler, hp.warmup_steps, int(min(total, 2**31)), hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
