@@ -37,6 +37,7 @@ from layermoe.adapters import (
     normalize_layout,
     split_block_name,
 )
+from layermoe.layout import is_adapter_key
 
 from .atomic_io import atomic_torch_save
 from .base_identity import base_fingerprint, base_identity, describe_source
@@ -286,7 +287,7 @@ def load_adapters(model: nn.Module, folder: str | Path, *, allow_other_base: boo
         _check_base(manifest, model, Path(folder))
     originals = {name: model.get_submodule(name) for name in manifest["modules"]}
     snapshot = {
-        name: {k: v.detach().clone() for k, v in layer.state_dict().items() if k.startswith("lora_")}
+        name: {k: v.detach().clone() for k, v in layer.state_dict().items() if is_adapter_key(k)}
         for name, layer in existing.items()
     }
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -306,7 +307,7 @@ def load_adapters(model: nn.Module, folder: str | Path, *, allow_other_base: boo
             }
             own = {k: v for k, v in own.items() if "." not in k}
             missing, unexpected = layer.load_state_dict(own, strict=False)
-            lora_missing = [k for k in missing if k.startswith("lora_")]
+            lora_missing = [k for k in missing if is_adapter_key(k)]
             if lora_missing or unexpected:
                 raise AdapterArtifactError(f"{name}: missing {lora_missing}, unexpected {unexpected}.")
     except BaseException:

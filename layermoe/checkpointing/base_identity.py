@@ -16,12 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from layermoe.layout import is_adapter_key
+
 SAMPLE = 1024
 BASE_KEY = "layermoe_base"
-
-
-def _is_adapter_name(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].startswith("lora_")
 
 
 def _sample(tensor: torch.Tensor) -> torch.Tensor:
@@ -35,7 +33,7 @@ def base_fingerprint(model: nn.Module) -> str:
     digest = hashlib.sha256()
     tensors = [*model.named_parameters(), *model.named_buffers()]
     for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        if _is_adapter_name(name) or tensor.device.type == "meta":
+        if is_adapter_key(name) or tensor.device.type == "meta":
             continue
         # A wrapped layer keeps its base under ``base_layer``: adapted and plain bases hash alike.
         plain = name.replace(".base_layer.", ".")

@@ -25,6 +25,7 @@ from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject, layo
 from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_layout
 from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
 from layermoe.checkpointing.integrity import check_finite_state, verify_checksum
+from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
 from layermoe.lightning_modules.losses import label_loss, label_positions, per_sample_loss_from_logits
 from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model
 from layermoe.lightning_modules.reporting import format_layout_table
@@ -37,7 +38,6 @@ from layermoe.lightning_modules.resume_settings import (
 from layermoe.lightning_modules.schedule import SCHEDULES, lr_multiplier
 
 Task = Literal["classification", "causal_lm"]
-LAYOUT_KEY = "layermoe_layout"
 ADAPTER_ONLY_KEY = "layermoe_adapter_only"
 STAGES = ("train", "val", "test")
 # What on_load_checkpoint verifies against the checksum: the sections Lightning never rewrites while
@@ -47,10 +47,6 @@ _VERIFIED_SECTIONS = ("state_dict", LAYOUT_KEY, BASE_KEY)
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the fit stops before the optimizer step applies it."""
-
-
-def _is_adapter_key(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].startswith("lora_")
 
 
 class MoELoRAFineTuner(pl.LightningModule):
@@ -108,7 +104,7 @@ class MoELoRAFineTuner(pl.LightningModule):
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or null, got {quantization!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_int_at_least(warmup_steps, 0):
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 or null, got {num_classes!r}")
@@ -360,16 +356,12 @@ class MoELoRAFineTuner(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the layout (plain ints) and, by default, drop the frozen base weights from the checkpoint."""
-        checkpoint[LAYOUT_KEY] = {
-            int(b): {k: int(v) for k, v in e.items()} for b, e in layout(self.model).items()
-        }
+        checkpoint[LAYOUT_KEY] = normalize_layout(layout(self.model))
         checkpoint[BASE_KEY] = dict(self.base_identity())
         if not self.hparams.save_base_weights:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             state = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {
-                k: v for k, v in state.items() if k in trainable or _is_adapter_key(k)
-            }
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable or is_adapter_key(k)}
             checkpoint[ADAPTER_ONLY_KEY] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -402,7 +394,7 @@ class MoELoRAFineTuner(pl.LightningModule):
         self._adapter_only_incoming = False
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        missing = [k for k in result.missing_keys if k in trainable or _is_adapter_key(k)]
+        missing = [k for k in result.missing_keys if k in trainable or is_adapter_key(k)]
         if missing or result.unexpected_keys:
             raise RuntimeError(
                 f"checkpoint does not match the adapters: missing {missing[:8]}, unexpected "
