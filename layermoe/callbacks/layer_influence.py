@@ -455,7 +455,7 @@ class LayerInfluenceCallback(Callback):
 
     def _checked_scores(self, scores: Any, pl_module: nn.Module) -> dict[int, float]:
         """A scorer's output as ``{block: float}``; anything else is named with what was expected."""
-        blocks = sorted(self._layers(pl_module))
+        blocks = sorted(moe_layers(pl_module))
         expected = (
             f"score() must return a dict {{block_index: float}} with one finite number per block {blocks}"
         )
