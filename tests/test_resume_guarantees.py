@@ -7,12 +7,14 @@ with changed settings, corrupted, truncated and empty checkpoints, non-finite va
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from layermoe.lightning_modules.cli import main
+from tests.conftest import tiny_llama_spec, toy_rows, write_jsonl
 from tests.test_cli_quickstart import QUICKSTART, _override
 
 
@@ -32,6 +34,30 @@ def _checkpoints(run_dir: Path) -> Path:
     return run_dir / "runs" / "quickstart" / "checkpoints"
 
 
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One 3-step quickstart fit (tiny model, toy data), shared: each test resumes from a copy of it."""
+    root = tmp_path_factory.mktemp("three_steps")
+    files = {
+        "train": write_jsonl(root / "data" / "train.jsonl", toy_rows(96, seed=0)),
+        "test": write_jsonl(root / "data" / "test.jsonl", toy_rows(24, seed=1)),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr("sys.argv", ["train.py"])
+        _fit(root, tiny_llama_spec(), files, max_steps=3)
+    return _checkpoints(root) / "last.ckpt"
+
+
+@pytest.fixture
+def resumable(three_steps: Path, run_dir: Path) -> Path:
+    """A copy of the shared 3-step checkpoint in this test's folder."""
+    target = _checkpoints(run_dir) / "last.ckpt"
+    target.parent.mkdir(parents=True)
+    shutil.copyfile(three_steps, target)
+    return target
+
+
 def test_a_second_run_into_the_same_folder_overwrites_last_ckpt(run_dir, tiny_spec, toy_files) -> None:
     """Case 5: no last-v1.ckpt next to a stale last.ckpt; last.ckpt is the newest run's newest step."""
     _fit(run_dir, tiny_spec, toy_files, max_steps=3)
@@ -47,10 +73,11 @@ def _resume(run_dir: Path, spec: dict, files: dict[str, Path], ckpt: Path, *extr
     return _fit(run_dir, spec, files, *extra, "--ckpt_path", str(ckpt), max_steps=max_steps)
 
 
-def test_resume_with_a_new_lr_applies_it_from_the_resumed_step(run_dir, tiny_spec, toy_files) -> None:
+def test_resume_with_a_new_lr_applies_it_from_the_resumed_step(
+    run_dir, tiny_spec, toy_files, resumable
+) -> None:
     """Case 3: --model.lr on resume is honoured (it used to be replaced by the checkpoint's)."""
-    _fit(run_dir, tiny_spec, toy_files, max_steps=3)
-    ckpt = _checkpoints(run_dir) / "last.ckpt"
+    ckpt = resumable
     saved = torch.load(ckpt, weights_only=True)
     assert saved["hyper_parameters"]["lr"] == pytest.approx(1e-3)  # configs/quickstart.yaml
     resumed = _resume(run_dir, tiny_spec, toy_files, ckpt, "--model.lr", "0.05", max_steps=6)
@@ -71,11 +98,10 @@ def test_resume_with_a_new_lr_applies_it_from_the_resumed_step(run_dir, tiny_spe
     ],
 )
 def test_resume_with_changed_model_settings_is_refused_listing_them(
-    run_dir, tiny_spec, toy_files, override, listed
+    run_dir, tiny_spec, toy_files, resumable, override, listed
 ) -> None:
     """Case 3: the model and adapter settings cannot change on resume; the run stops before training."""
-    _fit(run_dir, tiny_spec, toy_files, max_steps=3)
-    ckpt = _checkpoints(run_dir) / "last.ckpt"
+    ckpt = resumable
     from layermoe.lightning_modules.resume_settings import CheckpointSettingsError
 
     with pytest.raises(CheckpointSettingsError, match="cannot change on resume") as info:
@@ -95,12 +121,13 @@ def _corrupt_tensor_bytes(path: Path, name: str) -> None:
     path.write_bytes(raw[:middle] + bytes(range(64, 128)) + raw[middle + 64 :])
 
 
-def test_corrupted_bytes_in_a_checkpoint_are_caught_before_training(run_dir, tiny_spec, toy_files) -> None:
+def test_corrupted_bytes_in_a_checkpoint_are_caught_before_training(
+    run_dir, tiny_spec, toy_files, resumable
+) -> None:
     """Case 4: 64 corrupted bytes inside a weight tensor unpickle fine; the checksum names the section."""
     from layermoe.checkpointing.integrity import CheckpointIntegrityError
 
-    _fit(run_dir, tiny_spec, toy_files, max_steps=3)
-    ckpt = _checkpoints(run_dir) / "last.ckpt"
+    ckpt = resumable
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     name = max((k for k in state if k.endswith("lora_B")), key=lambda k: state[k].numel())
     _corrupt_tensor_bytes(ckpt, name)
@@ -110,11 +137,10 @@ def test_corrupted_bytes_in_a_checkpoint_are_caught_before_training(run_dir, tin
 
 
 @pytest.mark.parametrize("how", ["empty", "truncated"])
-def test_empty_or_truncated_checkpoint_names_the_file(run_dir, tiny_spec, toy_files, how) -> None:
+def test_empty_or_truncated_checkpoint_names_the_file(run_dir, tiny_spec, toy_files, resumable, how) -> None:
     from layermoe.checkpointing.integrity import CheckpointIntegrityError
 
-    _fit(run_dir, tiny_spec, toy_files, max_steps=3)
-    ckpt = _checkpoints(run_dir) / "last.ckpt"
+    ckpt = resumable
     raw = ckpt.read_bytes()
     ckpt.write_bytes(b"" if how == "empty" else raw[: len(raw) // 2])
     pattern = "is empty" if how == "empty" else "truncated or not a torch checkpoint"

@@ -118,9 +118,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         else:
             checkpoint = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        validate_checkpoint_layout(checkpoint)  # first: a broken layout is named layer by layer
         verify_checksum(checkpoint, f"checkpoint {path}")
         check_finite_state(checkpoint, f"checkpoint {path}", "load")
-        validate_checkpoint_layout(checkpoint)
         return checkpoint
 
     def save_checkpoint(

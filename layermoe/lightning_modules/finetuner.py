@@ -369,9 +369,9 @@ class MoELoRAFineTuner(pl.LightningModule):
         # and load_from_checkpoint alike: corrupt bytes, non-finite weights, a missing or corrupt layout,
         # another base model or settings that cannot change are reported by name here, before any weight
         # loads; then remember whether the frozen base is absent from the incoming state_dict.
+        validate_checkpoint_layout(checkpoint)
         verify_checksum(checkpoint, skip=[k for k in checkpoint if k not in _VERIFIED_SECTIONS])
         check_finite_state(checkpoint, "the checkpoint", "load")
-        validate_checkpoint_layout(checkpoint)
         saved = checkpoint.get("hyper_parameters")
         if isinstance(saved, Mapping):
             saved_base = checkpoint.get(BASE_KEY)
