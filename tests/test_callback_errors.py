@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
-from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
+from tests.scripts.callback_fixtures import TinyLlamaModule, assert_fit_fails_before_first_step, loaders
 
 
 @pytest.mark.parametrize(
@@ -54,24 +54,10 @@ def test_sharded_strategies_are_rejected_in_setup(strategy: type) -> None:
 def _fit_fails(
     module: TinyLlamaModule, cb: LayerInfluenceCallback, pattern: str, val: bool = True, **kw: Any
 ) -> None:
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    opts = dict(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    opts.update(kw)
-    trainer = Trainer(callbacks=[cb], **opts)
     train, val_loader = loaders()
-    with pytest.raises(CallbackConfigError, match=pattern):
-        trainer.fit(module, train, val_loader if val else None)
-    assert trainer.global_step == 0
-    for k, v in module.state_dict().items():
-        assert torch.equal(v, before[k]), f"{k} changed although training must not have started"
+    assert_fit_fails_before_first_step(
+        module, cb, CallbackConfigError, pattern, train, val_loader if val else None, **kw
+    )
 
 
 def test_module_without_adapters_and_no_inject() -> None:

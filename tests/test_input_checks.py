@@ -79,7 +79,9 @@ def test_warmup_longer_than_the_run_fails_before_training(tmp_path: Path) -> Non
 def test_tokenizer_larger_than_the_vocabulary_fails_before_training(tmp_path: Path) -> None:
     spec = {**tiny_llama_spec(), "vocab_size": 100}
     trainer = _trainer(tmp_path)
-    with pytest.raises(ValueError, match=r"tokenizer has \d+ tokens but the model's embedding has 100 rows"):
+    with pytest.raises(
+        ValueError, match=r"tokenizer has \d+ tokens but the model's embedding has only 100 rows"
+    ):
         trainer.fit(_module(model=spec), datamodule=_data(tmp_path))
     assert trainer.global_step == 0
 

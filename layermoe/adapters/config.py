@@ -83,6 +83,9 @@ class MoELoRAConfig:
     router_init_std: std of the router weight at init (0 = uniform gates at the start).
     routing_mass_decay: decay of the running average of gate probabilities kept per layer (the routing
         mass used to pick which expert to split or drop).
+    modules_to_save: names of other modules (task heads such as BERT's "classifier") that stay fully
+        trainable next to the adapters, matched like `target_modules` names (end of the dotted name);
+        peft's option of the same name. They travel with checkpoints, adapter artifacts and peft exports.
     """
 
     target_modules: list[str] | str | None = None
@@ -95,6 +98,7 @@ class MoELoRAConfig:
     router_z_loss_coef: float = 0.001
     router_init_std: float = 0.0
     routing_mass_decay: float = 0.99
+    modules_to_save: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -130,6 +134,7 @@ class MoELoRAConfig:
                 f"MoELoRAConfig.routing_mass_decay must be in [0, 1), got {self.routing_mass_decay!r}"
             )
         self.routing_mass_decay = float(self.routing_mass_decay)
+        self.modules_to_save = self._check_modules_to_save(self.modules_to_save)
         if not isinstance(self.extra, dict):
             raise ValueError(
                 f"MoELoRAConfig.extra must be a dict of plain data, got {type(self.extra).__name__}"
@@ -162,6 +167,26 @@ class MoELoRAConfig:
         raise ValueError(
             f"MoELoRAConfig.target_modules must be a list of names, a regex string or None, got {type(value).__name__}"
         )
+
+    @staticmethod
+    def _check_modules_to_save(value: Any) -> list[str] | None:
+        if value is None:
+            return None
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(
+                f"MoELoRAConfig.modules_to_save must be a list of module names like ['classifier'], got {value!r}"
+            )
+        names = list(value)
+        for name in names:
+            if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+                raise ValueError(
+                    f"MoELoRAConfig.modules_to_save entries must be non-empty module names like 'classifier', got {name!r}"
+                )
+        return names or None
+
+    def saves(self, module_name: str) -> bool:
+        """Whether the module with this full dotted name is one of `modules_to_save`."""
+        return any(module_name == t or module_name.endswith("." + t) for t in self.modules_to_save or ())
 
     def matches(self, module_name: str) -> bool:
         """Whether the module with this full dotted name is a target."""
@@ -200,6 +225,8 @@ class MoELoRAConfig:
         for name in ("experts", "rank"):
             if isinstance(out[name], dict):
                 out[name] = {int(k): int(v) for k, v in out[name].items()}
+        if out["modules_to_save"] is not None:
+            out["modules_to_save"] = list(out["modules_to_save"])
         out["extra"] = dict(out["extra"])
         return out
 

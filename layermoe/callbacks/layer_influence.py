@@ -14,20 +14,21 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from layermoe.adapters import MoELoRAConfig, inject, layout, moe_layers
 from layermoe.allocation import METHODS, AllocationError, Budget, allocate, check_method_options
 from layermoe.callbacks import data as data_utils
 from layermoe.callbacks.distributed import any_rank, broadcast, check_strategy, mean_scores
+from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
 from layermoe.callbacks.report import log_rewire, print_table, save_and_log_figure
 from layermoe.callbacks.rewire import rewire
 from layermoe.callbacks.schedule import RewireSchedule
 from layermoe.callbacks.scoring_pass import PerSampleLoss, mean_loss, resolve_per_sample_loss, scoring_context
 from layermoe.callbacks.state import CallbackState, RewirePlan, plain_scores
-from layermoe.layout import BlockDims, Layout, is_int_at_least, layout_params
+from layermoe.layout import LAYOUT_KEY, BlockDims, Layout, is_int_at_least, layout_params, normalize_layout
 from layermoe.lightning_compat import (
     validation_defined,
     validation_due_after_this_batch,
@@ -81,7 +82,9 @@ class LayerInfluenceCallback(Callback):
         scoring_batch_size: batch size of the scoring passes (default: the loader's).
         seed: seed of the training sample (rank ``r`` uses ``seed + r``).
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample loss, used when the module has no
-            ``per_sample_loss(batch)``; default: ``causal_lm_per_sample_loss`` on ``pl_module.model``.
+            ``per_sample_loss(batch)``; default: the built-in loss of the model's head
+            (:func:`layermoe.scoring.default_per_sample_loss`; dict batches only). Batches reach the
+            loss as the loaders yield them (any structure), cut into samples along the leading dimension.
         scope: ``"adapter"`` (score the adapters' gradients) or ``"base"``.
         capture_options: extra keyword options for ``capture_statistics``.
         inject: a ``MoELoRAConfig`` dict: adapters are added in ``setup`` to a module that has none.
@@ -98,7 +101,8 @@ class LayerInfluenceCallback(Callback):
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
             before training): unsupported strategy (FSDP/DeepSpeed/model-parallel), no MoE-LoRA layers
-            and no ``inject``, no validation data, a fractional warm-up on a run of unknown length.
+            and no ``inject``, no validation data, a fractional warm-up on a run of unknown length, or a
+            per-sample loss that fails the dry run on two samples (see ``callbacks/dry_run.py``).
         RewireError: scoring/allocation/surgery failed mid-fit; model and optimizer were restored first.
     """
 
@@ -249,6 +253,13 @@ class LayerInfluenceCallback(Callback):
                     f"inject={self.inject!r} could not adapt {type(pl_module).__name__}: {exc}. The model must "
                     "exist when the callback's setup runs (build it in __init__, not in configure_model)"
                 ) from exc
+            # load_from_checkpoint runs no callbacks: say how to reload before anyone tries
+            name = type(pl_module).__name__
+            rank_zero_info(
+                f"LayerInfluenceCallback added MoE-LoRA adapters to {name}; reload its checkpoints with "
+                f"layermoe.callbacks.load_adapted_checkpoint({name}, path) ({name}.load_from_checkpoint runs no "
+                "callbacks and fails on the adapter keys)"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check everything a rewire will need, so a bad setup fails before the first step."""
@@ -293,6 +304,23 @@ class LayerInfluenceCallback(Callback):
         if self.state.plans_made < self.schedule.limit:
             self._check_budget_fits(pl_module)
         self._val_batches = None
+        dry_run(
+            trainer,
+            pl_module,
+            self.loss_fn,
+            scope=self.scope,
+            capture_options=self.capture_options,
+            needs_gradients=getattr(self._scorer, "needs_statistics", True),
+            num_train_samples=self.num_train_samples,
+            num_val_samples=self.num_val_samples,
+            seed=self.seed + trainer.global_rank,
+        )
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Every checkpoint carries the layout as plain data, whatever the module (inspection, reloading)."""
+        checkpoint[LAYOUT_KEY] = normalize_layout(layout(pl_module))
 
     def _check_budget_fits(self, pl_module: LightningModule) -> None:
         """Allocate once on equal scores: an impossible budget or bounds fail here, not at the rewire."""

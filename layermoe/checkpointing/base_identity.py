@@ -11,6 +11,7 @@ architecture, dtype or weights (bases that differ in only a few unsampled values
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,12 +29,14 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor:
     return flat[::stride][:SAMPLE].to("cpu").contiguous()
 
 
-def base_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over the names, dtypes, shapes and sampled values of ``model``'s non-adapter tensors."""
+def base_fingerprint(model: nn.Module, trained_modules: Iterable[str] = ()) -> str:
+    """SHA-256 over the names, dtypes, shapes and sampled values of ``model``'s frozen tensors: every
+    tensor except adapters and those under ``trained_modules`` (``modules_to_save``, e.g. a new head)."""
     digest = hashlib.sha256()
+    skipped = tuple(f"{name}." for name in trained_modules)
     tensors = [*model.named_parameters(), *model.named_buffers()]
     for name, tensor in sorted(tensors, key=lambda item: item[0]):
-        if is_adapter_key(name) or tensor.device.type == "meta":
+        if is_adapter_key(name) or name.startswith(skipped) or tensor.device.type == "meta":
             continue
         # A wrapped layer keeps its base under ``base_layer``: adapted and plain bases hash alike.
         plain = name.replace(".base_layer.", ".")
@@ -45,11 +48,14 @@ def base_fingerprint(model: nn.Module) -> str:
 
 
 def base_identity(model: nn.Module, source: Any = None) -> dict[str, Any]:
-    """Plain data naming the base: where it came from (``source`` or the HF config's name) and its fingerprint."""
+    """Plain data naming the base: where it came from (``source`` or the HF config's name) and the
+    fingerprint of its frozen weights (trained ``modules_to_save`` excluded)."""
+    from layermoe.adapters import modules_to_save
+
     if source is None:
         config = getattr(model, "config", None)
         source = getattr(config, "_name_or_path", None) or None
-    return {"source": source, "fingerprint": base_fingerprint(model)}
+    return {"source": source, "fingerprint": base_fingerprint(model, modules_to_save(model))}
 
 
 def describe_source(source: Any) -> str:

@@ -7,6 +7,7 @@ printing the choice; every other Trainer argument passes through unchanged.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,31 @@ def writes_last(callback: ModelCheckpoint) -> bool:
     return bool(callback.save_last) or callback.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST
 
 
+def check_influence_callback_entry(index: int, entry: Any) -> None:
+    """Raise ``CallbackConfigError`` naming ``trainer.callbacks[index]`` when the entry is a
+    ``LayerInfluenceCallback`` (or subclass) whose arguments it rejects."""
+    from jsonargparse import Namespace
+
+    from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
+
+    class_path = getattr(entry, "class_path", None) if isinstance(entry, Namespace) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return  # jsonargparse reports unknown classes itself
+    if not (isinstance(cls, type) and issubclass(cls, LayerInfluenceCallback)):
+        return
+    init_args = entry.get("init_args")
+    kwargs = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
+    try:
+        cls(**kwargs)
+    except CallbackConfigError as exc:
+        raise CallbackConfigError(f"trainer.callbacks[{index}] ({name}): {exc}") from None
+
+
 class LayerMoECLI(LightningCLI):
     """LightningCLI over :class:`MoELoRAFineTuner` and :class:`TextDataModule` with the auto-precision Trainer.
 
@@ -67,6 +93,16 @@ class LayerMoECLI(LightningCLI):
     them with the checkpoint's (:mod:`layermoe.lightning_modules.resume_settings`): optimizer settings
     apply from the resumed step on, other differences stop the run before training with their list.
     """
+
+    def before_instantiate_classes(self) -> None:
+        """Build each ``LayerInfluenceCallback`` entry once before jsonargparse does, so a bad argument (an
+        unknown scorer or allocator name, say) fails with the callback's own short message instead of
+        inside jsonargparse's many-line union error."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        callbacks = config.get("trainer.callbacks") if config is not None else None
+        entries = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks is not None else []
+        for index, entry in enumerate(entries):
+            check_influence_callback_entry(index, entry)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", Trainer)

@@ -27,7 +27,7 @@ from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
 from layermoe.checkpointing.integrity import check_finite_state, verify_checksum
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
 from layermoe.lightning_modules.losses import label_loss, label_positions, per_sample_loss_from_logits
-from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model
+from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model, check_vocabulary
 from layermoe.lightning_modules.reporting import format_layout_table
 from layermoe.lightning_modules.resume_settings import (
     OPTIMIZER_SETTINGS,
@@ -152,8 +152,12 @@ class MoELoRAFineTuner(pl.LightningModule):
             self.metrics[f"{stage}_loss"] = MeanMetric()
 
     def setup(self, stage: str) -> None:
-        """Take num_classes from the data module when it was not given (classification only)."""
+        """Check the data module's tokenizer against the model's vocabulary; take num_classes from the data
+        module when it was not given (classification only)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        prepare_tokenizer = getattr(datamodule, "prepare_tokenizer", None)
+        if callable(prepare_tokenizer):
+            check_vocabulary(self.model, prepare_tokenizer())
         num_classes = getattr(datamodule, "num_classes", None)
         given = self.hparams.get("num_classes")
         if self.task == "classification" and None not in (num_classes, given) and num_classes != given:
@@ -161,7 +165,6 @@ class MoELoRAFineTuner(pl.LightningModule):
                 f"model.num_classes={given} but the data module has {num_classes} classes (label_words); "
                 "make them agree or leave model.num_classes null"
             )
-        self._check_vocabulary(getattr(datamodule, "tokenizer", None))
         if len(self.metrics):
             return
         if num_classes is None:
@@ -171,18 +174,6 @@ class MoELoRAFineTuner(pl.LightningModule):
             )
         self.hparams["num_classes"] = int(num_classes)
         self._build_metrics(int(num_classes))
-
-    def _check_vocabulary(self, tokenizer: Any) -> None:
-        """Token ids beyond the embedding would fail inside the first forward with an index error."""
-        if tokenizer is None:
-            return
-        rows = self.model.get_input_embeddings().num_embeddings
-        if len(tokenizer) > rows:
-            raise ValueError(
-                f"the data module's tokenizer has {len(tokenizer)} tokens but the model's embedding has {rows}"
-                " rows (model.model vocab_size): token ids beyond it cannot be embedded. Use the model's own"
-                f" tokenizer, or set vocab_size >= {len(tokenizer)} for a tiny dict model"
-            )
 
     # ------------------------------------------------------------------ forward and losses
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

@@ -67,8 +67,9 @@ class KillableFineTuner(MoELoRAFineTuner):
             die("train_step")
 
     def per_sample_loss(self, batch: Any) -> torch.Tensor:
-        # Only the influence callback's scoring pass calls this (training and validation do not).
-        if KILL_AT == "scoring":
+        # Only the influence callback calls this (training and validation do not): its dry run at fit start,
+        # before any step (global_step is still 0 there, also on resume), and its scoring pass.
+        if KILL_AT == "scoring" and self.trainer.global_step > 0:
             die("scoring")
         return super().per_sample_loss(batch)
 
