@@ -43,6 +43,7 @@ from layermoe.adapters.inject import SAVED_MODULE_FLAG
 from layermoe.layout import is_adapter_key
 
 from .atomic_io import atomic_torch_save
+from .base_identity import base_fingerprint, base_identity, describe_source
 
 WEIGHTS_NAME = "layermoe_adapters.safetensors"
 CONFIG_NAME = "layermoe_adapters.json"
@@ -148,6 +149,7 @@ def save_adapters(
         "modules": sorted(layers),
         "modules_to_save": sorted(saved),
         "dtype": str(next(iter(layers.values())).lora_A.dtype).removeprefix("torch."),
+        "base": base_identity(model, base_model_name_or_path),
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -288,12 +290,27 @@ def _check_existing_layers(
                 )
 
 
-def load_adapters(model: nn.Module, folder: str | Path) -> Layout:
+def _check_base(manifest: dict[str, Any], model: nn.Module, folder: Path) -> None:
+    saved = manifest.get("base")
+    if not isinstance(saved, dict) or "fingerprint" not in saved:
+        return  # written before base fingerprints existed
+    current = base_fingerprint(model, manifest["modules_to_save"])
+    if current != saved["fingerprint"]:
+        raise AdapterArtifactError(
+            f"the adapters in {folder} were trained on another base model: saved from"
+            f" {describe_source(saved.get('source'))} with weight fingerprint {saved['fingerprint'][:12]},"
+            f" but this model's fingerprint is {current[:12]} (another model, size, dtype or seed). Load"
+            " them onto the base they were trained on, or pass allow_other_base=True to load them anyway."
+        )
+
+
+def load_adapters(model: nn.Module, folder: str | Path, *, allow_other_base: bool = False) -> Layout:
     """Put the adapters saved in ``folder`` onto ``model`` in place; returns the loaded layout.
 
     ``model`` is the base model (adapters are injected with the saved config and layout, everything
     else frozen) or a model already adapted on the same modules with the same hyperparameters (layers
-    are resized to the saved layout). All-or-nothing: on any error the model is left as it was.
+    are resized to the saved layout). The base's weight fingerprint must match the one saved with the
+    adapters unless ``allow_other_base=True``. All-or-nothing: on any error the model is left as it was.
     """
     manifest = read_adapter_manifest(folder)
     try:
@@ -306,6 +323,8 @@ def load_adapters(model: nn.Module, folder: str | Path) -> Layout:
     existing = named_moe_layers(model)
     if existing:
         _check_existing_layers(existing, sorted(modules_to_save(model)), manifest)
+    if not allow_other_base:
+        _check_base(manifest, model, Path(folder))
     originals = {name: model.get_submodule(name) for name in manifest["modules"]}
     snapshot = {
         name: {k: v.detach().clone() for k, v in layer.state_dict().items() if is_adapter_key(k)}

@@ -8,14 +8,17 @@ printing the choice; every other Trainer argument passes through unchanged.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from layermoe.checkpointing import AtomicCheckpointIO
+from layermoe.checkpointing.integrity import read_checkpoint, verify_checksum
 from layermoe.data import TextDataModule
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
 from layermoe.precision import AUTO, describe_choice, resolve_precision
@@ -24,7 +27,12 @@ from layermoe.precision import AUTO, describe_choice, resolve_precision
 class Trainer(pl.Trainer):
     """``lightning.pytorch.Trainer`` whose ``precision`` may also be ``"auto"`` (the default here), and whose
     checkpoints are written atomically (:class:`AtomicCheckpointIO`) unless another ``CheckpointIO`` is given:
-    a job killed while saving never leaves a half-written checkpoint behind."""
+    a job killed while saving never leaves a half-written checkpoint behind.
+
+    Every ``ModelCheckpoint`` that writes ``last.ckpt`` (``save_last`` or ``filename: last``) overwrites it:
+    Lightning's version counter would make a second run into the same folder write ``last-v1.ckpt`` and
+    leave ``last.ckpt`` at the old run's step, so ``--ckpt_path .../last.ckpt`` would resume the old run.
+    """
 
     def __init__(self, *, precision: str | int | None = AUTO, **kwargs: Any) -> None:
         accelerator = kwargs.get("accelerator", "auto")
@@ -39,6 +47,14 @@ class Trainer(pl.Trainer):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
         super().__init__(precision=resolved, **kwargs)
+        for callback in self.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and writes_last(callback):
+                callback._enable_version_counter = False  # no public setter; the init argument sets it
+
+
+def writes_last(callback: ModelCheckpoint) -> bool:
+    """Whether ``callback`` writes ``last.ckpt``: ``save_last``, or a plain ``filename: last``."""
+    return bool(callback.save_last) or callback.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST
 
 
 def check_influence_callback_entry(index: int, entry: Any) -> None:
@@ -71,6 +87,11 @@ class LayerMoECLI(LightningCLI):
 
     The optimizer and LR schedule are the module's own (``configure_optimizers``: deterministic parameter
     order, needed when the callback resizes adapters), so LightningCLI's ``--optimizer`` options are off.
+
+    ``--ckpt_path`` keeps the configuration as given: LightningCLI would overlay the checkpoint's
+    hyperparameters on the model settings and command-line overrides, silently. The module then compares
+    them with the checkpoint's (:mod:`layermoe.lightning_modules.resume_settings`): optimizer settings
+    apply from the resumed step on, other differences stop the run before training with their list.
     """
 
     def before_instantiate_classes(self) -> None:
@@ -88,6 +109,13 @@ class LayerMoECLI(LightningCLI):
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(MoELoRAFineTuner, TextDataModule, *args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read and verify the checkpoint early (a clear error before the model is built), overlay nothing."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).suffix == ".ckpt" and "://" not in str(ckpt_path):
+            verify_checksum(read_checkpoint(ckpt_path), f"checkpoint {ckpt_path}")
 
 
 def main(args: list[str] | None = None) -> LayerMoECLI:
