@@ -182,3 +182,58 @@ def test_callback_table_metrics_and_config_checks() -> None:
     with pytest.raises(CallbackConfigError, match="error_shrinkage"):
         LayerInfluenceCallback(scorer="grad_norm", allocator_options={"error_shrinkage": 1.0}, error_groups=0)
     LayerInfluenceCallback(scorer="grad_norm", allocator_options={"error_shrinkage": 1.0})
+
+
+def test_error_shrinkage_in_a_fit_from_a_layout_with_an_empty_block() -> None:
+    """The fit-start checks (budget on equal scores, dry run through a block without adapter) accept
+    error_shrinkage; the rewire's layout is the allocator's on the recorded scores and errors."""
+    from lightning.pytorch import Trainer, seed_everything
+    from torch.utils.data import DataLoader
+
+    from layermoe.adapters import layout
+    from layermoe.layout import layout_params
+    from tests.scripts.callback_fixtures import CountingDataset, TinyLlamaModule
+
+    seed_everything(0)
+    module = TinyLlamaModule(adapt=False)
+    inject(module.model, MoELoRAConfig(experts={0: 0, 1: 2, 2: 2}, rank=4, lora_alpha=8.0))
+    options = {"experts_bounds": [0, None], "error_shrinkage": 0.5}
+    cb = LayerInfluenceCallback(
+        scorer="layerif",
+        allocator_options=options,
+        schedule={"warmup": 2, "interval": "step"},
+        num_train_samples=8,
+        num_val_samples=8,
+        plot=False,
+        verbose=False,
+    )
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        callbacks=[cb],
+    )
+    trainer.fit(
+        module,
+        DataLoader(CountingDataset(32, 0), batch_size=4),
+        DataLoader(CountingDataset(16, 1), batch_size=4),
+    )
+    (entry,) = cb.history
+    assert sorted(entry["score_errors"]) == [0, 1, 2] and all(v > 0 for v in entry["score_errors"].values())
+    dims = cb._block_dims(module)
+    expected = allocate(
+        entry["scores"],
+        "power_law",
+        cb.state.resolved_budget,
+        entry["layout_before"],
+        dims,
+        score_errors=entry["score_errors"],
+        **options,
+    )
+    assert entry["layout_after"] == expected == layout(module)
+    assert layout_params(expected, dims) <= entry["budget"]
