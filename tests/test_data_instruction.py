@@ -7,7 +7,7 @@ import pytest
 import torch
 from tokenizers import AddedToken
 
-from layermoe.data import DataError, TextDataModule, build_tiny_tokenizer
+from layermoe.data import Collator, DataError, TextDataModule, build_tiny_tokenizer
 from layermoe.data.chat import render_chat
 from layermoe.data.responses import ResponseFormat, encode_response
 from tests.conftest import write_jsonl
@@ -193,3 +193,28 @@ def test_instruction_batch_loss_is_the_response_only_cross_entropy(tmp_path):
         ]
         assert len(terms) == len(PAIRS[row][1].encode()) + 1  # response bytes + EOS
         assert float(losses[row]) == pytest.approx(float(torch.stack(terms).mean()), abs=1e-5)
+
+
+def test_exact_match_is_greedy_decoding_reproducing_the_response():
+    """``greedy_exact_match`` (teacher-forced argmax on every response token) against ``generate``."""
+    from layermoe.lightning_modules import MoELoRAFineTuner
+    from layermoe.lightning_modules.losses import greedy_exact_match
+    from tests.conftest import tiny_llama_spec
+
+    module = MoELoRAFineTuner(model=tiny_llama_spec(), task="instruction", print_layout=False).eval()
+    tok = build_tiny_tokenizer()
+    rows = []
+    for prompt in ("Q: a\nA:", "Q: longer prompt\nA:", "Q: x\nA:"):
+        ids = torch.tensor([tok(prompt)["input_ids"]])
+        with torch.no_grad():
+            generated = module.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, use_cache=True
+            )[0, ids.shape[1] :].tolist()
+        rows.append({"input_ids": ids[0].tolist() + generated, "supervised": [0] * ids.shape[1] + [1] * 6})
+        wrong = list(generated)
+        wrong[3] = (wrong[3] + 1) % 259  # one response token is not the greedy choice
+        rows.append({"input_ids": ids[0].tolist() + wrong, "supervised": [0] * ids.shape[1] + [1] * 6})
+    batch = Collator(tok.pad_token_id)(rows)
+    with torch.no_grad():
+        logits = module(batch)
+    assert greedy_exact_match(logits, batch["labels"]).tolist() == [True, False] * 3
