@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-Layout = dict[int, dict[str, int]]
+from layermoe.layout import Layout
 
 
 def _require_matplotlib() -> Any:

@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from layermoe.layout import effective_top_k, is_int_at_least
+
 # Attention and MLP projections of the supported families. Matched against the last component(s) of a
 # module's name, so "dense" matches BERT's attention.output.dense, intermediate.dense and output.dense.
 DEFAULT_TARGET_MODULES: tuple[str, ...] = (
@@ -57,7 +59,7 @@ def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
                 ) from None
             if block < 0:
                 raise ValueError(f"MoELoRAConfig.{name} has negative block index {block}")
-            if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            if not is_int_at_least(item):
                 raise ValueError(f"MoELoRAConfig.{name}[{block}] must be an int >= 1, got {item!r}")
             out[block] = item
         return out
@@ -100,7 +102,7 @@ class MoELoRAConfig:
         self.experts = _check_capacity("experts", self.experts)
         self.rank = _check_capacity("rank", self.rank)
         if self.top_k is not None:
-            if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1:
+            if not is_int_at_least(self.top_k):
                 raise ValueError(
                     f"MoELoRAConfig.top_k must be None (dense routing) or an int >= 1, got {self.top_k!r}"
                 )
@@ -177,10 +179,7 @@ class MoELoRAConfig:
 
     def top_k_for(self, block: int) -> int | None:
         """Effective top-k of `block`: None when routing is dense (top_k unset or >= its experts)."""
-        experts = self.experts_for(block)
-        if self.top_k is None or self.top_k >= experts:
-            return None
-        return self.top_k
+        return effective_top_k(self.top_k, self.experts_for(block))
 
     def _capacity_for(self, name: str, block: int) -> int:
         value = getattr(self, name)

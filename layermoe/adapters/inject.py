@@ -12,6 +12,8 @@ import re
 
 from torch import nn
 
+from layermoe.layout import is_adapter_key
+
 from .base import is_supported_base, keep_four_bit_base_differentiable
 from .config import DEFAULT_TARGET_MODULES, MoELoRAConfig
 from .layer import MoELoRALinear
@@ -127,12 +129,8 @@ def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELo
     for module in model.modules():
         keep_four_bit_base_differentiable(module)
     for name, param in model.named_parameters():
-        param.requires_grad_(_is_adapter_param(name))
+        param.requires_grad_(is_adapter_key(name))
     return built
-
-
-def _is_adapter_param(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].startswith("lora_")
 
 
 def named_moe_layers(model: nn.Module) -> dict[str, MoELoRALinear]:

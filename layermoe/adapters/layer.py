@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from layermoe.layout import effective_top_k, is_int_at_least
+
 from .base import BaseInfo, base_info
 from .grouped import grouped_lora_output
 from .router import compute_gates, router_statistics
@@ -58,9 +60,9 @@ class MoELoRALinear(nn.Module):
     ) -> None:
         super().__init__()
         for name, value in (("experts", experts), ("rank", rank)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int_at_least(value):
                 raise ValueError(f"MoELoRALinear {name} must be an int >= 1, got {value!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        if top_k is not None and not is_int_at_least(top_k):
             raise ValueError(f"MoELoRALinear top_k must be None (dense) or an int >= 1, got {top_k!r}")
         if lora_alpha <= 0:
             raise ValueError(f"MoELoRALinear lora_alpha must be > 0, got {lora_alpha}")
@@ -107,9 +109,7 @@ class MoELoRALinear(nn.Module):
     @property
     def effective_top_k(self) -> int | None:
         """None when routing is dense (no top_k or top_k >= experts)."""
-        if self.top_k is None or self.top_k >= self.experts:
-            return None
-        return self.top_k
+        return effective_top_k(self.top_k, self.experts)
 
     def reset_lora_parameters(self, experts: int, rank: int) -> None:
         """Fresh LoRA init for shape (experts, rank): A kaiming, B zero, router small or zero, bias zero."""
@@ -231,6 +231,23 @@ class MoELoRALinear(nn.Module):
         low_precision = self.lora_A.dtype in (torch.bfloat16, torch.float16)
         return low_precision and self.lora_A.device.type == "cpu" and 2 * top_k <= self.experts
 
+    def gated_hidden(
+        self, expert_hidden: torch.Tensor, logits: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What lora_B multiplies, (..., E*r): each expert's r columns of ``expert_hidden`` times its gate
+        and the scaling; and the router probabilities (None with one expert).
+
+        Gates are computed in float32 (or wider) from the logits, then cast to the adapter dtype. The
+        per-sample gradient capture calls this too, so scoring sees exactly the forward's computation.
+        """
+        if logits is None:
+            return expert_hidden * self.scaling, None
+        gates, probs = compute_gates(logits, self.effective_top_k)
+        weights = (gates * self.scaling).to(expert_hidden.dtype)
+        lead = expert_hidden.shape[:-1]
+        hidden = expert_hidden.view(*lead, self.experts, self.rank) * weights.unsqueeze(-1)
+        return hidden.view(*lead, self.experts * self.rank), probs
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
         if self.info.four_bit:
@@ -244,14 +261,9 @@ class MoELoRALinear(nn.Module):
         # the tensors given to capture_hook keep x's leading shape and are the ones used downstream
         lora_input = self.lora_dropout(lora_x)
         expert_hidden, logits = self._project(lora_x, lora_input)
-        if logits is None:
-            hidden = expert_hidden * self.scaling
-        else:
-            top_k = self.effective_top_k
-            gates, probs = compute_gates(logits, top_k)
-            self._record_router_stats(logits, probs, top_k)
-            weights = (gates * self.scaling).to(expert_hidden.dtype)
-            hidden = expert_hidden.view(*lead, self.experts, self.rank) * weights.unsqueeze(-1)
+        hidden, probs = self.gated_hidden(expert_hidden, logits)
+        if probs is not None:
+            self._record_router_stats(logits, probs, self.effective_top_k)
         hidden = hidden.reshape(-1, self.experts * self.rank)
         flat_result = result.reshape(-1, self.out_features)
         if flat_result.dtype == hidden.dtype:

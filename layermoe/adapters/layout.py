@@ -1,8 +1,6 @@
-"""Layouts: the plain-data per-block capacity `{block: {"experts": int, "rank": int}}` of an adapted model.
-
-`layout` reads it, `normalize_layout` validates one that came back from JSON/hparams (string keys), and
-`apply_layout` resizes every layer to it, all-or-nothing: every layer's new tensors are planned before
-any layer changes.
+"""Layouts on a live model: `layout` reads the plain-data per-block capacity of an adapted model and
+`apply_layout` resizes every layer to one, all-or-nothing: every layer's new tensors are planned before
+any layer changes. The format itself (`Layout`, `normalize_layout`) lives in :mod:`layermoe.layout`.
 """
 
 from __future__ import annotations
@@ -13,10 +11,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from layermoe.layout import Layout, normalize_layout
+
 from .inject import moe_layers, named_moe_layers, split_block_name
 from .resize import ResizeReport, install_state, plan_resize, single_thread
-
-Layout = dict[int, dict[str, int]]
 
 
 def layout(model: nn.Module) -> Layout:
@@ -29,42 +27,6 @@ def layout(model: nn.Module) -> Layout:
         experts, rank = shapes.pop()
         out[block] = {"experts": experts, "rank": rank}
     return out
-
-
-def normalize_layout(data: Mapping[Any, Any]) -> Layout:
-    """Validated copy with int block keys (JSON turns them into strings) and int experts/rank."""
-    if not isinstance(data, Mapping):
-        raise ValueError(
-            f"layout must be a mapping block -> {{'experts', 'rank'}}, got {type(data).__name__}"
-        )
-    out: Layout = {}
-    for key, entry in data.items():
-        try:
-            block = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"layout key {key!r} is not a block index (int or digit string)") from None
-        if block < 0:
-            raise ValueError(f"layout key {block} is negative; block indices start at 0")
-        if not isinstance(entry, Mapping) or set(entry) != {"experts", "rank"}:
-            raise ValueError(f"layout[{block}] must be {{'experts': int, 'rank': int}}, got {entry!r}")
-        values = {}
-        for field_name in ("experts", "rank"):
-            value = entry[field_name]
-            if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-                raise ValueError(f"layout[{block}][{field_name!r}] must be an int >= 1, got {value!r}")
-            try:
-                value = int(value)
-            except (TypeError, ValueError):
-                raise ValueError(
-                    f"layout[{block}][{field_name!r}] must be an int >= 1, got {value!r}"
-                ) from None
-            if value < 1:
-                raise ValueError(f"layout[{block}][{field_name!r}] must be >= 1, got {value}")
-            values[field_name] = value
-        if block in out:
-            raise ValueError(f"layout has block {block} twice (as int and string keys)")
-        out[block] = values
-    return dict(sorted(out.items()))
 
 
 def _mass_for(routing_mass: Mapping[Any, torch.Tensor] | None, name: str, block: int) -> torch.Tensor | None:

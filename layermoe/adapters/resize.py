@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from layermoe.layout import effective_top_k, is_int_at_least
+
 from .layer import MoELoRALinear
 from .surgery import PARAM_NAMES, LayerState, ParamMap, _add, _grow, _remove, _shrink, adapter_output
 
@@ -65,13 +67,9 @@ def single_thread() -> Iterator[None]:
 
 
 def _check_target(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_int_at_least(value):
         raise ValueError(f"resize: {name} must be an int >= 1, got {value!r}")
     return value
-
-
-def _effective_top_k(layer: MoELoRALinear, experts: int) -> int | None:
-    return None if layer.top_k is None or layer.top_k >= experts else layer.top_k
 
 
 def plan_resize(
@@ -94,7 +92,7 @@ def plan_resize(
         state, _ = _grow(state, rank, alpha)
     if experts < state.experts:
         report.operations.append(f"remove_experts {state.experts}->{experts}")
-        dense = _effective_top_k(layer, state.experts) is None
+        dense = effective_top_k(layer.top_k, state.experts) is None
         state, stats = _remove(state, experts, alpha)
         report.exact = report.exact and bool(stats["exact"]) and dense
         kept_energy *= 1.0 - stats["discarded"]
@@ -108,14 +106,14 @@ def plan_resize(
     if experts > state.experts:
         report.operations.append(f"add_experts {state.experts}->{experts}")
         state, _ = _add(state, experts, alpha)
-        report.exact = report.exact and _effective_top_k(layer, experts) is None
+        report.exact = report.exact and effective_top_k(layer.top_k, experts) is None
     state.check(layer.in_features, layer.out_features)
     report.discarded_energy = max(0.0, 1.0 - kept_energy)
     if probe is not None:
         x = probe.detach().to(device=layer.lora_A.device)
         with torch.no_grad():
-            before = adapter_output(old, x, _effective_top_k(layer, old.experts), alpha)
-            after = adapter_output(state, x, _effective_top_k(layer, state.experts), alpha)
+            before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), alpha)
+            after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts), alpha)
         report.output_change = float((after - before).norm(dim=-1).max()) if x.numel() else 0.0
     prefix = f"{name}." if name else ""
     report.state_map = {

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from layermoe.layout import effective_top_k
+
 
 def compute_gates(logits: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Gates (..., E) from router logits and the softmax probabilities (float32 or wider) they came from.
@@ -22,7 +24,8 @@ def compute_gates(logits: torch.Tensor, top_k: int | None) -> tuple[torch.Tensor
     """
     # at least float32 (bf16 softmax is too coarse for gates), float64 stays float64
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    if top_k is None or top_k >= logits.shape[-1]:
+    top_k = effective_top_k(top_k, logits.shape[-1])
+    if top_k is None:
         return probs, probs
     values, index = probs.topk(top_k, dim=-1)
     values = values / values.sum(dim=-1, keepdim=True)
@@ -37,7 +40,7 @@ def router_statistics(
     num_experts = logits.shape[-1]
     flat_probs = probs.reshape(-1, num_experts)
     flat_logits = logits.reshape(-1, num_experts).to(flat_probs.dtype)
-    k = 1 if top_k is None or top_k >= num_experts else top_k
+    k = effective_top_k(top_k, num_experts) or 1
     selected = flat_probs.detach().topk(k, dim=-1).indices
     counts = torch.zeros(num_experts, dtype=flat_probs.dtype, device=logits.device)
     counts.scatter_add_(0, selected.reshape(-1), torch.ones_like(selected.reshape(-1), dtype=counts.dtype))

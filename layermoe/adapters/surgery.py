@@ -233,12 +233,6 @@ def _factor_energy(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return ((B.transpose(-1, -2) @ B) * (A @ A.transpose(-1, -2))).sum(dim=(-1, -2)).clamp(min=0)
 
 
-def expert_importance(state: LayerState, alpha: float) -> torch.Tensor:
-    """routing mass x ||scaling * B_e A_e||_F per expert (what remove_experts keeps)."""
-    A, B = _expert_blocks(state)
-    return state.mass * _factor_energy(B, A).sqrt() * (alpha / state.rank)
-
-
 def _add(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerState, dict[str, float]]:
     """Split the most-loaded experts into copies; dense routing output unchanged exactly."""
     E, r = state.experts, state.rank

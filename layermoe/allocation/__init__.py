@@ -5,7 +5,7 @@ Pure math (numpy only): no torch.nn, no Lightning, no other layermoe subpackage.
 """
 
 from .aliases import BlockDims, Bounds, Layout, Scores
-from .allocate import RANK_POLICIES, allocate
+from .allocate import ALLOCATE_OPTIONS, RANK_POLICIES, allocate, check_method_options
 from .budget import Budget
 from .continuous import mdl_units, proportional_units
 from .costs import block_cost, layout_params
@@ -13,6 +13,7 @@ from .errors import AllocationError
 from .programs import METHODS, mdl, mdl_quality, power_law, power_law_weights
 
 __all__ = [
+    "ALLOCATE_OPTIONS",
     "METHODS",
     "RANK_POLICIES",
     "AllocationError",
@@ -22,6 +23,7 @@ __all__ = [
     "Layout",
     "Scores",
     "allocate",
+    "check_method_options",
     "block_cost",
     "layout_params",
     "mdl",

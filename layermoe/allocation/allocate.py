@@ -8,9 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from layermoe.layout import is_int_at_least
+
 from .aliases import BlockDims, Bounds, Layout, Scores
 from .budget import Budget
-from .costs import block_cost
 from .errors import AllocationError
 from .fill import target_layout
 from .programs import method_options
@@ -19,6 +20,24 @@ from .stability import project, stabilize
 from .validation import bounds_arrays, normalize_block_dims, normalize_layout, per_block_ints, score_array
 
 RANK_POLICIES = ("fixed", "scores")
+#: ``allocate``'s own keyword options; every other keyword is an option of the method.
+ALLOCATE_OPTIONS = (
+    "rank",
+    "rank_policy",
+    "experts_bounds",
+    "rank_bounds",
+    "rank_step",
+    "allowed_ranks",
+    "experts_total",
+    "hysteresis",
+    "max_moves",
+)
+
+
+def check_method_options(method: str, options: Mapping[str, Any]) -> None:
+    """Raise ``AllocationError`` now (e.g. at configuration time) for an unknown method or an unknown
+    method option among ``allocate``'s keyword ``options``; the values are checked by ``allocate``."""
+    method_options(method, {k: v for k, v in options.items() if k not in ALLOCATE_OPTIONS})
 
 
 def _rank_ladders(
@@ -31,7 +50,7 @@ def _rank_ladders(
 ) -> list[list[int]]:
     """Allowed ranks per block within [lo, hi]: the given list, or multiples of ``rank_step``. Unbounded
     ladders stop at ``cap`` (the largest rank the budget could pay for)."""
-    if isinstance(rank_step, bool) or not isinstance(rank_step, (int, np.integer)) or rank_step < 1:
+    if not is_int_at_least(rank_step):
         raise AllocationError(f"rank_step = {rank_step!r} must be a positive int (e.g. 2 for even ranks)")
     if allowed_ranks is not None:
         if rank_step != 1:
@@ -104,9 +123,7 @@ def allocate(
         raise AllocationError(f"rank_policy = {rank_policy!r}; use one of {RANK_POLICIES}")
     if not (isinstance(hysteresis, (int, float)) and math.isfinite(hysteresis) and hysteresis >= 0):
         raise AllocationError(f"hysteresis = {hysteresis!r} must be a number >= 0 (0 disables it)")
-    if max_moves is not None and (
-        isinstance(max_moves, bool) or not isinstance(max_moves, int) or max_moves < 0
-    ):
+    if max_moves is not None and not is_int_at_least(max_moves, 0):
         raise AllocationError(f"max_moves = {max_moves!r} must be an int >= 0 or None (no cap)")
     current = normalize_layout(current_layout, blocks) if current_layout is not None else None
     if current is None and (hysteresis > 0 or max_moves is not None):
@@ -120,17 +137,7 @@ def allocate(
         )
     if kind == "total_experts" and rank_policy != "fixed":
         raise AllocationError("rank_policy='scores' needs a params budget; total_experts keeps ranks fixed")
-    if spec.value is None and current is None:
-        raise AllocationError(f"budget {spec} means 'as much as the current layout': pass current_layout")
-    if spec.value is not None:
-        value = spec.value
-    elif kind == "total_experts":
-        value = sum(v["experts"] for v in current.values())  # type: ignore[union-attr]
-    else:
-        s, r = dims  # type: ignore[misc]
-        value = sum(
-            block_cost(current[b]["experts"], current[b]["rank"], s[i], r[i]) for i, b in enumerate(blocks)
-        )  # type: ignore[index]
+    value = spec.resolve(current, block_dims).value
 
     e_lo, e_hi = bounds_arrays(experts_bounds, blocks, "experts_bounds")
     r_lo, r_hi = bounds_arrays(rank_bounds, blocks, "rank_bounds")

@@ -6,6 +6,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from layermoe.layout import BlockDims, normalize_layout
+
+from .costs import layout_params
 from .errors import AllocationError
 
 BudgetKind = Literal["total_experts", "params", "current"]
@@ -76,6 +79,31 @@ class Budget:
             f"budget {spec!r}: give a Budget, a string like 'total_experts:160' / 'params' / 'current', "
             "or a dict like {'params': 1000000}"
         )
+
+    @property
+    def unit(self) -> str:
+        """What ``value`` counts: ``"total_experts"`` (experts) or ``"params"`` (trainable parameters)."""
+        return "total_experts" if self.kind == "total_experts" else "params"
+
+    def resolve(self, current_layout: Mapping | None, block_dims: BlockDims | None = None) -> Budget:
+        """This budget with its number fixed: ``current`` and a missing value become the count of
+        ``current_layout`` in this budget's unit (experts, or parameters from ``block_dims``).
+
+        The callback resolves once at the first fit and keeps the result (a resumed run reuses it);
+        ``allocate`` resolves what it is given.
+        """
+        if self.value is not None:
+            return Budget(self.unit, self.value)  # type: ignore[arg-type]
+        if current_layout is None:
+            raise AllocationError(f"budget {self} means 'as much as the current layout': pass current_layout")
+        if self.unit == "total_experts":
+            current = normalize_layout(current_layout, "current_layout", AllocationError)
+            return Budget("total_experts", sum(spec["experts"] for spec in current.values()))
+        if block_dims is None:
+            raise AllocationError(
+                f"budget {self}: parameter budgets need block_dims={{block: [(d_in, d_out), ...]}}"
+            )
+        return Budget("params", layout_params(current_layout, block_dims))
 
     def __str__(self) -> str:
         return self.kind if self.value is None else f"{self.kind}:{self.value}"

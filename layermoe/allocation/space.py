@@ -118,13 +118,3 @@ class Space:
                     raise AssertionError("repair_down: minimum layout exceeds the budget (checked before)")
                 allowed = None
                 order = list(self.by_score(descending=False))
-
-    def maximal_violations(self, e: np.ndarray, k: np.ndarray) -> list[tuple[int, str]]:
-        """Blocks and unit kinds that could still be added within the budget (empty = maximal)."""
-        slack = self.budget - self.cost(e, k)
-        return [
-            (self.blocks[i], kind)
-            for i in range(self.n)
-            for kind in (EXPERT, RANK)
-            if self.can_step(i, kind, +1, e, k) and self.step_delta(i, kind, +1, e, k) <= slack
-        ]

@@ -11,19 +11,15 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from layermoe.layout import block_key, block_sizes, is_int_at_least
+from layermoe.layout import normalize_layout as normalize_plain_layout
+
 from .aliases import BlockDims, Bounds, Layout, Scores
 from .errors import AllocationError
 
 
 def _block_key(key: object, field: str) -> int:
-    """Block indices may arrive as strings from JSON/hparams; turn them back into ints."""
-    if isinstance(key, bool):
-        raise AllocationError(f"{field}: block key {key!r} is not a block index; use ints like 0, 1, 2")
-    if isinstance(key, int):
-        return key
-    if isinstance(key, str) and key.strip().lstrip("-").isdigit():
-        return int(key)
-    raise AllocationError(f"{field}: block key {key!r} is not a block index; use ints like 0, 1, 2")
+    return block_key(key, field, AllocationError)
 
 
 def score_array(scores: Scores, field: str = "scores") -> tuple[list[int], np.ndarray]:
@@ -76,9 +72,9 @@ def bounds_arrays(
         if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
             raise AllocationError(f"{field}[{b}] = {pair!r}: give a (low, high) pair, high may be None")
         low, high = pair
-        if isinstance(low, bool) or not isinstance(low, (int, np.integer)) or low < 1:
+        if not is_int_at_least(low):
             raise AllocationError(f"{field}[{b}]: low = {low!r} must be an int >= 1")
-        if high is not None and (isinstance(high, bool) or not isinstance(high, (int, np.integer))):
+        if high is not None and not is_int_at_least(high, -math.inf):
             raise AllocationError(f"{field}[{b}]: high = {high!r} must be an int or None (unbounded)")
         if high is not None and high < low:
             raise AllocationError(
@@ -100,25 +96,14 @@ def per_block_ints(value: int | Mapping[int, int], blocks: list[int], field: str
     else:
         vals = [value] * len(blocks)
     for b, v in zip(blocks, vals, strict=True):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        if not is_int_at_least(v):
             raise AllocationError(f"{field}[{b}] = {v!r} must be a positive int")
     return np.array(vals, dtype=np.int64)
 
 
 def normalize_layout(layout: Mapping, blocks: list[int] | None, field: str = "current_layout") -> Layout:
     """Plain-data layout with int keys, checked to cover exactly ``blocks`` (the scored blocks) if given."""
-    if not isinstance(layout, Mapping):
-        raise AllocationError(f"{field} must be a mapping {{block: {{'experts': int, 'rank': int}}}}")
-    out: Layout = {}
-    for k, v in layout.items():
-        b = _block_key(k, field)
-        if not isinstance(v, Mapping) or "experts" not in v or "rank" not in v:
-            raise AllocationError(f"{field}[{b}] = {v!r}: expected {{'experts': int, 'rank': int}}")
-        e, r = v["experts"], v["rank"]
-        for name, x in (("experts", e), ("rank", r)):
-            if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x < 1:
-                raise AllocationError(f"{field}[{b}]['{name}'] = {x!r} must be a positive int")
-        out[b] = {"experts": int(e), "rank": int(r)}
+    out = normalize_plain_layout(layout, field, AllocationError)
     if blocks is not None and sorted(out) != blocks:
         raise AllocationError(
             f"{field}: blocks {sorted(out)} do not match the scored blocks {blocks}; score every block"
@@ -127,27 +112,9 @@ def normalize_layout(layout: Mapping, blocks: list[int] | None, field: str = "cu
 
 
 def normalize_block_dims(block_dims: BlockDims, blocks: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Per-block ``S = sum(d_in + d_out)`` (params per unit of rank per expert) and ``R = sum(d_in + 1)``
-    (router params per expert when a block has more than one expert), as int64 arrays."""
-    if not isinstance(block_dims, Mapping):
-        raise AllocationError("block_dims must be a mapping {block: [(d_in, d_out), ...]}")
-    given = {_block_key(k, "block_dims"): v for k, v in block_dims.items()}
-    missing = [b for b in blocks if b not in given]
-    if missing:
-        raise AllocationError(f"block_dims: no module shapes for block(s) {missing}; pass every block")
-    s = np.zeros(len(blocks), dtype=np.int64)
-    r = np.zeros(len(blocks), dtype=np.int64)
-    for i, b in enumerate(blocks):
-        mods = given[b]
-        if not isinstance(mods, Sequence) or len(mods) == 0:
-            raise AllocationError(f"block_dims[{b}]: give a non-empty list of (d_in, d_out) pairs")
-        for pair in mods:
-            if not isinstance(pair, Sequence) or len(pair) != 2:
-                raise AllocationError(f"block_dims[{b}]: {pair!r} is not a (d_in, d_out) pair")
-            d_in, d_out = pair
-            for name, d in (("d_in", d_in), ("d_out", d_out)):
-                if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
-                    raise AllocationError(f"block_dims[{b}]: {name} = {d!r} must be a positive int")
-            s[i] += d_in + d_out
-            r[i] += d_in + 1
+    """Per-block ``S = sum(d_in + d_out)`` and ``R = sum(d_in + 1)`` (see ``layermoe.layout.block_sizes``)
+    as int64 arrays."""
+    sizes = block_sizes(block_dims, blocks, AllocationError)
+    s = np.array([size[0] for size in sizes], dtype=np.int64)
+    r = np.array([size[1] for size in sizes], dtype=np.int64)
     return s, r

@@ -17,20 +17,25 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
+from layermoe.adapters import MoELoRAConfig, inject, layout, moe_layers
+from layermoe.allocation import METHODS, AllocationError, Budget, allocate, check_method_options
 from layermoe.callbacks import data as data_utils
 from layermoe.callbacks.distributed import any_rank, broadcast, check_strategy, mean_scores
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
 from layermoe.callbacks.report import log_rewire, print_table, save_and_log_figure
 from layermoe.callbacks.rewire import rewire
 from layermoe.callbacks.schedule import RewireSchedule
-from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss, scoring_context
-from layermoe.callbacks.state import CallbackState, Layout, plain_layout, plain_scores
+from layermoe.callbacks.scoring_pass import PerSampleLoss, mean_loss, resolve_per_sample_loss, scoring_context
+from layermoe.callbacks.state import CallbackState, RewirePlan, plain_scores
+from layermoe.layout import BlockDims, Layout, is_int_at_least, layout_params
+from layermoe.lightning_compat import validation_defined, validation_source_loader
+from layermoe.scoring import capture_statistics, get_scorer, torch_distributed_gather
 
 _SCOPES = ("adapter", "base")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int_at_least(value, minimum):
         raise CallbackConfigError(f"{name}={value!r}: must be an int >= {minimum}")
     return value
 
@@ -108,9 +113,6 @@ class LayerInfluenceCallback(Callback):
         log_prefix: str = "layermoe",
     ) -> None:
         super().__init__()
-        from layermoe.allocation import Budget
-        from layermoe.scoring import get_scorer
-
         self.scorer_options = _check_options("scorer_options", scorer_options)
         if not isinstance(scorer, str):
             raise CallbackConfigError(f"scorer={scorer!r}: give a registry name such as 'layerif'")
@@ -160,14 +162,10 @@ class LayerInfluenceCallback(Callback):
 
     # ------------------------------------------------------------------ validation of arguments
     def _check_allocator(self) -> None:
-        from layermoe.allocation import AllocationError
-        from layermoe.allocation.programs import METHODS, method_options
-
         if self.allocator not in METHODS:
             raise CallbackConfigError(f"allocator={self.allocator!r}: use one of {list(METHODS)}")
-        method_keys = {k: v for k, v in self.allocator_options.items() if k not in _allocate_keywords()}
         try:
-            method_options(self.allocator, method_keys)
+            check_method_options(self.allocator, self.allocator_options)
         except AllocationError as exc:
             raise CallbackConfigError(f"allocator_options: {exc}") from exc
 
@@ -175,8 +173,6 @@ class LayerInfluenceCallback(Callback):
     def _check_inject(inject: Any) -> dict[str, Any] | None:
         if inject is None:
             return None
-        from layermoe.adapters import MoELoRAConfig
-
         if isinstance(inject, MoELoRAConfig):
             return inject.to_dict()
         if not isinstance(inject, Mapping):
@@ -206,9 +202,7 @@ class LayerInfluenceCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == TrainerFn.FITTING:
             check_strategy(trainer.strategy)
-        if self.inject is not None and not self._layers(pl_module):
-            from layermoe.adapters import MoELoRAConfig, inject
-
+        if self.inject is not None and not moe_layers(pl_module):
             try:
                 inject(pl_module, MoELoRAConfig.from_dict(self.inject))
             except ValueError as exc:
@@ -219,14 +213,12 @@ class LayerInfluenceCallback(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check everything a rewire will need, so a bad setup fails before the first step."""
-        layers = self._layers(pl_module)
-        if not layers:
+        if not moe_layers(pl_module):
             raise CallbackConfigError(
                 f"{type(pl_module).__name__} has no MoE-LoRA layers: adapt the model with "
                 "layermoe.adapters.inject(model, MoELoRAConfig(...)) or pass LayerInfluenceCallback(inject={...})"
             )
-        val_loop = trainer.fit_loop.epoch_loop.val_loop
-        if not val_loop._data_source.is_defined():
+        if not validation_defined(trainer):
             raise CallbackConfigError(
                 "LayerInfluenceCallback scores on validation data: define val_dataloader() on the "
                 "LightningModule or its DataModule"
@@ -250,8 +242,9 @@ class LayerInfluenceCallback(Callback):
                 f"schedule.warmup resolves to {self._warmup_units} {unit} but the run has only {int(total)}: no "
                 "rewire would happen; lower schedule.warmup or lengthen the run"
             )
-        if self.state.budget is None:
-            self.state.budget = self._resolve_budget(pl_module)
+        kept = self.state.resolved_budget
+        if kept is None or kept.unit != self.budget.unit:
+            self.state.keep_budget(self.budget.resolve(layout(pl_module), self._block_dims(pl_module)))
         self._val_batches = None
 
     # ------------------------------------------------------------------ triggers
@@ -309,38 +302,11 @@ class LayerInfluenceCallback(Callback):
 
     # ------------------------------------------------------------------ scoring and planning
     @staticmethod
-    def _layers(pl_module: nn.Module) -> dict[int, dict[str, Any]]:
-        from layermoe.adapters import moe_layers
-
-        return moe_layers(pl_module)
-
-    def _block_dims(self, pl_module: nn.Module) -> dict[int, list[tuple[int, int]]]:
+    def _block_dims(pl_module: nn.Module) -> BlockDims:
         return {
             b: [(int(layer.in_features), int(layer.out_features)) for _, layer in sorted(mods.items())]
-            for b, mods in self._layers(pl_module).items()
+            for b, mods in moe_layers(pl_module).items()
         }
-
-    def _current_layout(self, pl_module: nn.Module) -> Layout:
-        from layermoe.adapters import layout
-
-        return plain_layout(layout(pl_module))
-
-    def _resolve_budget(self, pl_module: nn.Module) -> int | None:
-        """Adapter parameter count for ``current``/``params`` budgets (stored, so a resume keeps it)."""
-        from layermoe.allocation import layout_params
-
-        if self.budget.kind == "total_experts":
-            return self.budget.value
-        if self.budget.value is not None:
-            return int(self.budget.value)
-        return int(layout_params(self._current_layout(pl_module), self._block_dims(pl_module)))
-
-    def _budget_for_allocate(self) -> Any:
-        from layermoe.allocation import Budget
-
-        if self.budget.kind == "total_experts":
-            return self.budget
-        return Budget("params", self.state.budget)
 
     def _training_loader(self, trainer: Trainer) -> Any:
         return data_utils.first_loader(trainer.train_dataloader)
@@ -348,25 +314,24 @@ class LayerInfluenceCallback(Callback):
     def _validation_loader(self, trainer: Trainer) -> Any:
         loader = data_utils.first_loader(trainer.val_dataloaders)
         if loader is None:
-            val_loop = trainer.fit_loop.epoch_loop.val_loop
-            val_loop.setup_data()
+            trainer.fit_loop.epoch_loop.val_loop.setup_data()
             loader = data_utils.first_loader(trainer.val_dataloaders)
-            if loader is None and val_loop._data_source.is_defined():
-                loader = data_utils.first_loader(val_loop._data_source.dataloader())
+            if loader is None and validation_defined(trainer):
+                loader = data_utils.first_loader(validation_source_loader(trainer))
         return loader
 
     def _scoring_val_batches(self, trainer: Trainer) -> list[Any]:
+        """The first ``num_val_samples`` validation samples on the device, loaded once per fit; built
+        outside inference mode so the scoring passes can differentiate through them."""
         if self._val_batches is None:
-            batches = data_utils.validation_batches(
-                self._validation_loader(trainer), self.num_val_samples, self.scoring_batch_size
-            )
-            self._val_batches = data_utils.to_device(trainer.strategy, batches)
+            with torch.inference_mode(False):
+                batches = data_utils.validation_batches(
+                    self._validation_loader(trainer), self.num_val_samples, self.scoring_batch_size
+                )
+                self._val_batches = data_utils.to_device(trainer.strategy, batches)
         return self._val_batches
 
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> dict[int, float]:
-        from layermoe.scoring import capture_statistics, torch_distributed_gather
-
-        per_sample = resolve_per_sample_loss(pl_module, self.loss_fn)
         with scoring_context(pl_module):
             if not getattr(self._scorer, "needs_statistics", True):
                 return plain_scores(self._scorer.score(pl_module))
@@ -385,7 +350,7 @@ class LayerInfluenceCallback(Callback):
                 pl_module,
                 train,
                 val_batches,
-                lambda model, batch: per_sample(batch),
+                resolve_per_sample_loss(pl_module, self.loss_fn),
                 scope=self.scope,
                 **options,
             )
@@ -393,25 +358,22 @@ class LayerInfluenceCallback(Callback):
 
     def _score_and_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score (reduced over ranks), allocate on rank 0, broadcast, store as the pending plan."""
-        from layermoe.allocation import allocate
-
         start = time.perf_counter()
         error: BaseException | None = None
-        plan: dict[str, Any] | None = None
+        planned: tuple[Layout, dict[int, float]] | None = None
         try:
             scores = self._score(trainer, pl_module)
             scores = mean_scores(trainer.strategy, scores, pl_module.device)
-            current = self._current_layout(pl_module)
             if trainer.global_rank == 0:
                 new_layout = allocate(
                     scores,
                     method=self.allocator,
-                    budget=self._budget_for_allocate(),
-                    current_layout=current,
+                    budget=self.state.resolved_budget,
+                    current_layout=layout(pl_module),
                     block_dims=self._block_dims(pl_module),
                     **self.allocator_options,
                 )
-                plan = {"layout": plain_layout(new_layout), "scores": scores}
+                planned = (new_layout, scores)
         except Exception as exc:  # noqa: BLE001 - re-raised with context below
             error = exc
         if any_rank(trainer.strategy, error is not None):
@@ -420,41 +382,44 @@ class LayerInfluenceCallback(Callback):
                 f"scoring/allocation at global step {trainer.global_step} failed: {where} "
                 "(the model and optimizer are unchanged)"
             ) from error
-        plan = broadcast(trainer.strategy, plan)
-        assert plan is not None
-        plan["step"] = int(trainer.global_step)
-        plan["epoch"] = int(trainer.current_epoch)
-        plan["time_scoring_s"] = time.perf_counter() - start
-        self.state.pending = plan
+        planned = broadcast(trainer.strategy, planned)
+        assert planned is not None
+        new_layout, scores = planned
+        plan = RewirePlan(
+            layout=new_layout,
+            scores=scores,
+            step=int(trainer.global_step),
+            epoch=int(trainer.current_epoch),
+            time_scoring_s=time.perf_counter() - start,
+        )
+        self.state.pending = plan.to_dict()
 
     # ------------------------------------------------------------------ applying
     def _apply_pending(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        from layermoe.allocation import layout_params
-
-        plan = self.state.pending
+        plan = self.state.plan
         assert plan is not None
         per_sample = resolve_per_sample_loss(pl_module, self.loss_fn)
-        with scoring_context(pl_module):
-            val_batches = self._scoring_val_batches(trainer)
-        before_layout = self._current_layout(pl_module)
+        val_batches = self._scoring_val_batches(trainer)
+        before_layout = layout(pl_module)
         dims = self._block_dims(pl_module)
         loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
-        result = rewire(trainer, pl_module, plan["layout"], seed=self.seed + int(trainer.global_step))
+        result = rewire(trainer, pl_module, plan.layout, seed=self.seed + int(trainer.global_step))
         self.last_reports = result.reports
         loss_after = self._probe(trainer, pl_module, per_sample, val_batches)
-        after_layout = self._current_layout(pl_module)
+        after_layout = layout(pl_module)
         entry = {
             "index": self.state.rewires_done,
             "step": int(trainer.global_step),
             "epoch": int(trainer.current_epoch),
-            "scored_at_step": plan["step"],
-            "scores": plan["scores"],
+            "scored_at_step": plan.step,
+            "scores": plan.scores,
             "layout_before": before_layout,
             "layout_after": after_layout,
             "params_before": int(layout_params(before_layout, dims)),
             "params_after": int(layout_params(after_layout, self._block_dims(pl_module))),
             "budget": self.state.budget,
-            "time_scoring_s": float(plan.get("time_scoring_s", 0.0)),
+            "budget_unit": self.state.budget_unit,
+            "time_scoring_s": plan.time_scoring_s,
             "time_rewire_s": float(result.time_total_s),
             "time_surgery_s": float(result.time_surgery_s),
             "val_loss_before": loss_before,
@@ -479,7 +444,7 @@ class LayerInfluenceCallback(Callback):
             print_table(entry)
 
     def _probe(
-        self, trainer: Trainer, pl_module: LightningModule, per_sample: Any, batches: list[Any]
+        self, trainer: Trainer, pl_module: LightningModule, per_sample: PerSampleLoss, batches: list[Any]
     ) -> float:
         """Mean loss on the scoring validation samples, averaged over ranks."""
         with torch.inference_mode(False):
@@ -495,13 +460,3 @@ class LayerInfluenceCallback(Callback):
     def history(self) -> list[dict[str, Any]]:
         """One plain dict per applied rewire (layouts, scores, params, timings, disturbance)."""
         return self.state.history
-
-
-def _allocate_keywords() -> set[str]:
-    """Keyword-only arguments of ``allocate`` (everything else in ``allocator_options`` is a method option)."""
-    import inspect
-
-    from layermoe.allocation import allocate
-
-    params = inspect.signature(allocate).parameters.values()
-    return {p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY}

@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from layermoe.lightning_compat import lightning_optimizers, set_optimizers
+
 _LINEAR_IN_GRAD = {"exp_avg", "momentum_buffer"}
 _QUADRATIC_IN_GRAD = {"exp_avg_sq", "max_exp_avg_sq"}
 
@@ -56,7 +58,7 @@ def snapshot_optimizers(strategy: Any, module: nn.Module) -> OptimizerSnapshot:
     named = dict(module.named_parameters())
     return OptimizerSnapshot(
         optimizers=list(strategy.optimizers),
-        lightning_optimizers=list(strategy._lightning_optimizers),
+        lightning_optimizers=lightning_optimizers(strategy),
         scheduler_configs=list(strategy.lr_scheduler_configs),
         scheduler_states=[cfg.scheduler.state_dict() for cfg in strategy.lr_scheduler_configs],
         param_groups=[
@@ -70,8 +72,7 @@ def snapshot_optimizers(strategy: Any, module: nn.Module) -> OptimizerSnapshot:
 
 def restore_optimizers(strategy: Any, snap: OptimizerSnapshot) -> None:
     """Put the old optimizer objects and scheduler configs back (rollback)."""
-    strategy._optimizers = list(snap.optimizers)
-    strategy._lightning_optimizers = list(snap.lightning_optimizers)
+    set_optimizers(strategy, snap.optimizers, snap.lightning_optimizers)
     strategy.lr_scheduler_configs = list(snap.scheduler_configs)
     for cfg, state in zip(snap.scheduler_configs, snap.scheduler_states, strict=True):
         cfg.scheduler.load_state_dict(state)

@@ -12,8 +12,6 @@ from typing import Any
 
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-Layout = dict[int, dict[str, int]]
-
 
 def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
     """Flat ``{name: float}`` for ``logger.log_metrics`` from one history entry."""
@@ -93,7 +91,7 @@ def console_table(entry: dict[str, Any]) -> str:
         arrow = f"{old['experts']}x{old['rank']} -> {new['experts']}x{new['rank']}"
         lines.append(f"{b:>5} {scores.get(b, float('nan')):>11.4g}  {arrow:>16}")
     lines.append(
-        f"params {entry['params_before']} -> {entry['params_after']} (budget {entry['budget']}); "
+        f"params {entry['params_before']} -> {entry['params_after']} (budget {entry['budget']} {entry.get('budget_unit') or 'params'}); "
         f"scoring {entry['time_scoring_s']:.2f}s, rewire {entry['time_rewire_s']:.2f}s "
         f"(surgery {entry['time_surgery_s']:.3f}s)"
     )

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
+from layermoe.adapters import apply_layout, named_moe_layers
 from layermoe.callbacks.distributed import any_rank, is_ddp, rewrap
 from layermoe.callbacks.errors import RewireError
 from layermoe.callbacks.optimizer_carry import (
@@ -27,6 +27,7 @@ from layermoe.callbacks.optimizer_carry import (
     snapshot_optimizers,
 )
 from layermoe.callbacks.transaction import ModuleSnapshot
+from layermoe.lightning_compat import is_compiled, optimizers_to_device
 
 
 @dataclass
@@ -37,8 +38,8 @@ class RewireResult:
     time_total_s: float
 
 
-def _merged_state_map(reports: list[Any], module: nn.Module) -> dict[str, Any]:
-    """One ``{full parameter name: ParamMap | None}`` over all resize reports (names relative to ``module``)."""
+def _merged_state_map(reports: list[Any]) -> dict[str, Any]:
+    """One ``{full parameter name: ParamMap | None}`` over all resize reports (names relative to the module)."""
     merged: dict[str, Any] = {}
     for report in reports:
         merged.update(getattr(report, "state_map", None) or {})
@@ -53,8 +54,6 @@ def shared_routing_mass(strategy: Any, pl_module: nn.Module) -> dict[str, torch.
     """
     if strategy.world_size <= 1:
         return None
-    from layermoe.adapters import named_moe_layers
-
     layers = sorted(named_moe_layers(pl_module).items())
     masses = [layer.lora_routing_mass.detach().to(torch.float64).reshape(-1) for _, layer in layers]
     flat = strategy.reduce(torch.cat(masses), reduce_op="mean")
@@ -63,12 +62,6 @@ def shared_routing_mass(strategy: Any, pl_module: nn.Module) -> dict[str, torch.
         out[name] = flat[start : start + mass.numel()].to(torch.float32)
         start += mass.numel()
     return out
-
-
-def _is_compiled(pl_module: nn.Module) -> bool:
-    if getattr(pl_module, "_compiler_ctx", None):
-        return True
-    return any(type(m).__name__ == "OptimizedModule" for m in pl_module.modules())
 
 
 def rewire(
@@ -82,8 +75,6 @@ def rewire(
 
     Raises :class:`RewireError` (cause chained) after restoring everything when any step fails.
     """
-    from layermoe.adapters import apply_layout
-
     strategy = trainer.strategy
     start = time.perf_counter()
     module_snap = ModuleSnapshot(pl_module)
@@ -110,11 +101,11 @@ def rewire(
         rewrap(strategy, pl_module)
         stage = "configure_optimizers"
         strategy.setup_optimizers(trainer)
-        _optimizers_to_device(strategy.optimizers, strategy.root_device)
+        optimizers_to_device(strategy.optimizers, strategy.root_device)
         stage = "optimizer coverage check"
         check_coverage(strategy.optimizers, pl_module, opt_snap)
         stage = "optimizer state carry-over"
-        carry = carry_state(opt_snap, strategy.optimizers, pl_module, _merged_state_map(reports, pl_module))
+        carry = carry_state(opt_snap, strategy.optimizers, pl_module, _merged_state_map(reports))
         stage = "LR scheduler restore"
         restore_schedulers(opt_snap, strategy.lr_scheduler_configs)
     except Exception as exc:  # noqa: BLE001
@@ -126,7 +117,7 @@ def rewire(
             strategy.model = old_wrapper
         raise RewireError(_message(stage, trainer, error)) from error
 
-    if _is_compiled(pl_module):
+    if is_compiled(pl_module):
         torch._dynamo.reset()
     return RewireResult(reports, carry, surgery, time.perf_counter() - start)
 

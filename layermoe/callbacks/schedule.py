@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from layermoe.callbacks.errors import CallbackConfigError
+from layermoe.layout import is_int_at_least
 
 Interval = Literal["step", "epoch"]
 
@@ -52,14 +53,12 @@ class RewireSchedule:
                 f"schedule.warmup={w}: a float is a fraction of the run and must be in [0, 1); "
                 "use an int for an absolute number of steps/epochs"
             )
-        if self.every is not None and (
-            isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1
-        ):
+        if self.every is not None and not is_int_at_least(self.every):
             raise CallbackConfigError(
                 f"schedule.every={self.every!r}: must be None (rewire once) or an int >= 1"
             )
         m = self.max_rewires
-        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+        if m is not None and not is_int_at_least(m):
             raise CallbackConfigError(f"schedule.max_rewires={m!r}: must be None or an int >= 1")
         if self.every is None and m is not None and m > 1:
             raise CallbackConfigError(

@@ -3,7 +3,7 @@
 Why each guard: validation hooks run under ``torch.inference_mode`` (no autograd), so scoring re-enables
 gradients explicitly; scoring may run in the middle of gradient accumulation, so every ``.grad`` is put
 aside and restored; dropout would make scores noisy, so modules are put in eval mode and each module's
-own ``training`` flag is restored afterwards.
+own ``training`` flag is restored afterwards (:func:`eval_mode`, the one mode guard).
 """
 
 from __future__ import annotations
@@ -15,58 +15,64 @@ from typing import Any
 import torch
 from torch import nn
 
-PerSampleLoss = Callable[[Any], torch.Tensor]
+from layermoe.scoring import causal_lm_per_sample_loss
+
+#: ``loss(pl_module, batch) -> (B,)`` per-sample losses: the form ``capture_statistics`` calls.
+PerSampleLoss = Callable[[nn.Module, Any], torch.Tensor]
 
 
 @contextmanager
-def scoring_context(module: nn.Module, train: bool = False) -> Iterator[None]:
-    """Autograd on (even inside inference mode), modules in eval mode, ``.grad`` and modes restored."""
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode; each one's own ``training`` flag restored afterwards."""
     modes = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in modes:
+            m.training = flag
+
+
+@contextmanager
+def scoring_context(module: nn.Module) -> Iterator[None]:
+    """Autograd on (even inside inference mode), modules in eval mode, ``.grad`` and modes restored."""
     grads = [(p, p.grad) for p in module.parameters()]
     for p, _ in grads:
         p.grad = None
     try:
-        with torch.inference_mode(False), torch.enable_grad():
-            module.train(train)
+        with torch.inference_mode(False), torch.enable_grad(), eval_mode(module):
             yield
     finally:
-        for m, flag in modes:
-            m.training = flag
         for p, g in grads:
             p.grad = g
+
+
+def _inner_model(pl_module: nn.Module) -> nn.Module:
+    model = getattr(pl_module, "model", None)
+    return model if isinstance(model, nn.Module) else pl_module
 
 
 def resolve_per_sample_loss(
     pl_module: nn.Module, loss_fn: Callable[..., torch.Tensor] | None
 ) -> PerSampleLoss:
-    """``pl_module.per_sample_loss`` if defined, else ``loss_fn(model, batch)``, else the causal-LM loss.
+    """``pl_module.per_sample_loss(batch)`` if defined, else ``loss_fn(model, batch)``, else the causal-LM
+    loss, as one ``loss(pl_module, batch)`` function.
 
     ``model`` is ``pl_module.model`` when the module has one, else the module itself.
     """
-    own = getattr(pl_module, "per_sample_loss", None)
-    if callable(own):
-        return own
-    model = getattr(pl_module, "model", None)
-    model = model if isinstance(model, nn.Module) else pl_module
-    if loss_fn is not None:
-        return lambda batch: loss_fn(model, batch)
-    from layermoe.scoring import causal_lm_per_sample_loss
-
-    return lambda batch: causal_lm_per_sample_loss(model, batch)
+    if callable(getattr(pl_module, "per_sample_loss", None)):
+        return lambda module, batch: module.per_sample_loss(batch)
+    model_loss = loss_fn if loss_fn is not None else causal_lm_per_sample_loss
+    return lambda module, batch: model_loss(_inner_model(module), batch)
 
 
 @torch.no_grad()
 def mean_loss(module: nn.Module, per_sample: PerSampleLoss, batches: Sequence[Any]) -> float:
     """Mean per-sample loss over ``batches`` in eval mode (the "rewire disturbance" probe)."""
-    modes = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
+    with eval_mode(module):
         total, count = 0.0, 0
         for batch in batches:
-            losses = per_sample(batch).detach().double()
+            losses = per_sample(module, batch).detach().double()
             total += float(losses.sum())
             count += losses.numel()
-    finally:
-        for m, flag in modes:
-            m.training = flag
     return total / max(count, 1)

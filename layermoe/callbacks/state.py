@@ -1,25 +1,18 @@
 """The callback's checkpointed state, as primitives only.
 
 Checkpoints load with ``torch.load(weights_only=True)``, so everything here is ints, floats, strings,
-lists and dicts. Layout keys may come back as strings (JSON, YAML hparams); :func:`plain_layout`
-turns them back into ints.
+lists and dicts. Layout keys may come back as strings (JSON, YAML hparams); ``normalize_layout`` (from
+:mod:`layermoe.layout`) turns them back into ints.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-Layout = dict[int, dict[str, int]]
-
-
-def plain_layout(layout: dict[Any, Any]) -> Layout:
-    """``{block: {"experts": int, "rank": int}}`` with int keys and plain int values (keys may be strings)."""
-    out: Layout = {}
-    for block, spec in layout.items():
-        out[int(block)] = {"experts": int(spec["experts"]), "rank": int(spec["rank"])}
-    return dict(sorted(out.items()))
+from layermoe.allocation import Budget
+from layermoe.layout import Layout, normalize_layout
 
 
 def plain_scores(scores: dict[Any, Any]) -> dict[int, float]:
@@ -27,24 +20,64 @@ def plain_scores(scores: dict[Any, Any]) -> dict[int, float]:
 
 
 @dataclass
+class RewirePlan:
+    """A layout waiting for the next optimizer step, with the scores it came from and when they were taken."""
+
+    layout: Layout
+    scores: dict[int, float]
+    step: int
+    epoch: int
+    time_scoring_s: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RewirePlan:
+        return cls(
+            layout=normalize_layout(data["layout"]),
+            scores=plain_scores(data.get("scores", {})),
+            step=int(data["step"]),
+            epoch=int(data["epoch"]),
+            time_scoring_s=float(data.get("time_scoring_s", 0.0)),
+        )
+
+
+@dataclass
 class CallbackState:
     """What survives a checkpoint: progress, the plan waiting for a step boundary, the history.
 
-    ``pending`` is ``{"layout": Layout, "scores": {block: float}, "step": int, "epoch": int,
-    "time_scoring_s": float}`` or ``None``; ``history`` has one plain dict per applied rewire.
-    ``budget`` is the resolved trainable-parameter budget, fixed at the first fit so a resumed run
-    keeps the same one; ``inject`` is the MoE-LoRA config dict used by ``inject=`` (for reloading).
+    ``pending`` is a :class:`RewirePlan` as a plain dict (``plan`` reads it back) or ``None``; ``history``
+    has one plain dict per applied rewire. ``budget`` is the resolved budget's value counted in
+    ``budget_unit`` (``"params"`` or ``"total_experts"``), fixed at the first fit so a resumed run keeps
+    the same one (``resolved_budget`` is it as a ``Budget``); ``inject`` is the MoE-LoRA config dict used
+    by ``inject=`` (for reloading).
     """
 
     rewires_done: int = 0
     pending: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     budget: int | None = None
+    budget_unit: str | None = None
     inject: dict[str, Any] | None = None
 
     @property
     def plans_made(self) -> int:
         return self.rewires_done + (1 if self.pending is not None else 0)
+
+    @property
+    def plan(self) -> RewirePlan | None:
+        return None if self.pending is None else RewirePlan.from_dict(self.pending)
+
+    @property
+    def resolved_budget(self) -> Budget | None:
+        if self.budget is None:
+            return None
+        return Budget(self.budget_unit or "params", self.budget)  # type: ignore[arg-type]
+
+    def keep_budget(self, budget: Budget) -> None:
+        """Store a resolved budget (value and unit)."""
+        self.budget, self.budget_unit = budget.value, budget.unit
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(
@@ -53,6 +86,7 @@ class CallbackState:
                 "pending": self.pending,
                 "history": self.history,
                 "budget": self.budget,
+                "budget_unit": self.budget_unit,
                 "inject": self.inject,
             }
         )
@@ -62,21 +96,24 @@ class CallbackState:
         state = copy.deepcopy(state)
         pending = state.get("pending")
         if pending is not None:
-            pending["layout"] = plain_layout(pending["layout"])
-            pending["scores"] = plain_scores(pending.get("scores", {}))
+            pending = RewirePlan.from_dict(pending).to_dict()
         history = []
         for entry in state.get("history", []):
             entry = dict(entry)
             for key in ("layout_before", "layout_after"):
                 if key in entry:
-                    entry[key] = plain_layout(entry[key])
+                    entry[key] = normalize_layout(entry[key])
             if "scores" in entry:
                 entry["scores"] = plain_scores(entry["scores"])
             history.append(entry)
+        budget = None if state.get("budget") is None else int(state["budget"])
+        # checkpoints from before budget_unit existed stored parameters here (or nothing)
+        unit = state.get("budget_unit") or (None if budget is None else "params")
         return cls(
             rewires_done=int(state.get("rewires_done", 0)),
             pending=pending,
             history=history,
-            budget=None if state.get("budget") is None else int(state["budget"]),
+            budget=budget,
+            budget_unit=unit,
             inject=state.get("inject"),
         )

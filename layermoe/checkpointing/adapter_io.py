@@ -37,6 +37,7 @@ from layermoe.adapters import (
     normalize_layout,
     split_block_name,
 )
+from layermoe.layout import is_adapter_key
 
 from .atomic_io import atomic_torch_save
 
@@ -267,7 +268,7 @@ def load_adapters(model: nn.Module, folder: str | Path) -> Layout:
         _check_existing_layers(existing, manifest)
     originals = {name: model.get_submodule(name) for name in manifest["modules"]}
     snapshot = {
-        name: {k: v.detach().clone() for k, v in layer.state_dict().items() if k.startswith("lora_")}
+        name: {k: v.detach().clone() for k, v in layer.state_dict().items() if is_adapter_key(k)}
         for name, layer in existing.items()
     }
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -287,7 +288,7 @@ def load_adapters(model: nn.Module, folder: str | Path) -> Layout:
             }
             own = {k: v for k, v in own.items() if "." not in k}
             missing, unexpected = layer.load_state_dict(own, strict=False)
-            lora_missing = [k for k in missing if k.startswith("lora_")]
+            lora_missing = [k for k in missing if is_adapter_key(k)]
             if lora_missing or unexpected:
                 raise AdapterArtifactError(f"{name}: missing {lora_missing}, unexpected {unexpected}.")
     except BaseException:

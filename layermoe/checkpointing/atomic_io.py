@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning.fabric.utilities.types import _PATH
 
 from .layout_check import validate_checkpoint_layout
+
+CheckpointPath = str | os.PathLike  # what Lightning passes as a checkpoint path (its own alias is private)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def stale_temp_files(path: _PATH) -> list[Path]:
+def stale_temp_files(path: CheckpointPath) -> list[Path]:
     """Temporary files left next to ``path`` by writers that were killed before their rename."""
     path = Path(path)
     if not path.parent.is_dir():
@@ -60,7 +61,9 @@ def stale_temp_files(path: _PATH) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
 
 
-def atomic_torch_save(obj: Any, path: _PATH, save_fn: Callable[[Any, Any], None] | None = None) -> None:
+def atomic_torch_save(
+    obj: Any, path: CheckpointPath, save_fn: Callable[[Any, Any], None] | None = None
+) -> None:
     """``torch.save(obj, path)`` such that ``path`` never holds a partial file.
 
     ``save_fn(obj, file_object)`` does the serialization (``torch.save``, looked up at call time).
@@ -103,7 +106,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(
         self,
-        path: _PATH,
+        path: CheckpointPath,
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
@@ -112,7 +115,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
     def save_checkpoint(
-        self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None
+        self, checkpoint: dict[str, Any], path: CheckpointPath, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None:
             raise TypeError(
@@ -125,7 +128,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         log.debug("Saving checkpoint atomically: %s", path)
         atomic_torch_save(checkpoint, path)
 
-    def remove_checkpoint(self, path: _PATH) -> None:
+    def remove_checkpoint(self, path: CheckpointPath) -> None:
         """Delete ``path``; the unlink is atomic, and fsyncing the folder makes it durable."""
         if _is_remote(path):
             super().remove_checkpoint(path)
@@ -143,5 +146,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         log.debug("Removed checkpoint: %s", path)
 
 
-def _is_remote(path: _PATH) -> bool:
+def _is_remote(path: CheckpointPath) -> bool:
     return "://" in str(path)

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-LAYOUT_KEY = "layermoe_layout"  # where MoELoRAFineTuner.on_save_checkpoint stores the plain layout
+from layermoe.layout import LAYOUT_KEY, normalize_layout
+
 _MAX_LISTED = 6
 
 
@@ -105,8 +106,6 @@ def _block_of(prefix: str) -> int | None:
 
 
 def _compare_with_saved_layout(saved: Any, per_block: dict[int, set[tuple[int, int]]]) -> list[str]:
-    from layermoe.adapters import normalize_layout
-
     try:
         layout = normalize_layout(saved)
     except ValueError as err:

@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from layermoe.layout import is_int_at_least
+
 LOADER_STATE_VERSION = 1
 _SEED_MIX = 1_000_003  # odd multiplier so (seed, epoch) pairs map to distinct worker base seeds
 DEFAULT_GROUP_FACTOR = 50  # megabatch = batch_size * group_factor rows, as in HF's LengthGroupedSampler
@@ -88,7 +90,7 @@ class ResumableSampler(DistributedSampler):
         group_factor: int = DEFAULT_GROUP_FACTOR,
     ) -> None:
         for name, value in (("batch_size", batch_size), ("group_factor", group_factor)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int_at_least(value):
                 raise ValueError(f"ResumableSampler {name} must be a positive int, got {value!r}.")
         self.lengths = _check_lengths(lengths, len(dataset))  # type: ignore[arg-type]
         self.batch_size = batch_size

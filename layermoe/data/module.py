@@ -30,6 +30,7 @@ from layermoe.data.responses import ResponseFormat, encode_multiple_choice, enco
 from layermoe.data.sources import PROJECT_READER_SUFFIXES, load_split, read_source
 from layermoe.data.split import stratified_indices
 from layermoe.data.tokenizer import TINY, load_tokenizer
+from layermoe.layout import is_int_at_least
 from layermoe.models.paths import resolve_path
 
 Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
@@ -153,13 +154,13 @@ class TextDataModule(pl.LightningDataModule):
             if label_column is None:
                 raise DataError("task 'classification' needs label_column (the column holding class indices)")
         check_template(prompt_template)
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+        if not is_int_at_least(max_length, 2):
             raise DataError(f"max_length must be an int >= 2, got {max_length!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int_at_least(value):
                 raise DataError(f"{name} must be a positive int, got {value!r}")
         for name, value in (("limit_train_rows", limit_train_rows), ("limit_eval_rows", limit_eval_rows)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            if value is not None and not is_int_at_least(value):
                 raise DataError(f"{name} must be a positive int or null, got {value!r}")
         if not isinstance(group_by_length, bool):
             raise DataError(f"group_by_length must be true or false, got {group_by_length!r}")

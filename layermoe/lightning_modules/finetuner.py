@@ -22,6 +22,7 @@ from torchmetrics.text import Perplexity
 
 from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject, layout
 from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_layout
+from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
 from layermoe.lightning_modules.losses import (
     greedy_exact_match,
     label_loss,
@@ -36,13 +37,8 @@ from layermoe.lightning_modules.schedule import SCHEDULES, lr_multiplier
 Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
 TASKS = ("classification", "causal_lm", "instruction", "multiple_choice")
 CHOICE_SCORES = ("sum", "mean")
-LAYOUT_KEY = "layermoe_layout"
 ADAPTER_ONLY_KEY = "layermoe_adapter_only"
 STAGES = ("train", "val", "test")
-
-
-def _is_adapter_key(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].startswith("lora_")
 
 
 class MoELoRAFineTuner(pl.LightningModule):
@@ -108,7 +104,7 @@ class MoELoRAFineTuner(pl.LightningModule):
             raise ValueError(f"quantization must be one of {QUANTIZATIONS} or null, got {quantization!r}")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
+        if not is_int_at_least(warmup_steps, 0):
             raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes < 2):
             raise ValueError(f"num_classes must be an int >= 2 or null, got {num_classes!r}")
@@ -361,15 +357,11 @@ class MoELoRAFineTuner(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the layout (plain ints) and, by default, drop the frozen base weights from the checkpoint."""
-        checkpoint[LAYOUT_KEY] = {
-            int(b): {k: int(v) for k, v in e.items()} for b, e in layout(self.model).items()
-        }
+        checkpoint[LAYOUT_KEY] = normalize_layout(layout(self.model))
         if not self.hparams.save_base_weights:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             state = checkpoint["state_dict"]
-            checkpoint["state_dict"] = {
-                k: v for k, v in state.items() if k in trainable or _is_adapter_key(k)
-            }
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable or is_adapter_key(k)}
             checkpoint[ADAPTER_ONLY_KEY] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -388,7 +380,7 @@ class MoELoRAFineTuner(pl.LightningModule):
         self._adapter_only_incoming = False
         result = super().load_state_dict(state_dict, strict=False, assign=assign)
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
-        missing = [k for k in result.missing_keys if k in trainable or _is_adapter_key(k)]
+        missing = [k for k in result.missing_keys if k in trainable or is_adapter_key(k)]
         if missing or result.unexpected_keys:
             raise RuntimeError(
                 f"checkpoint does not match the adapters: missing {missing[:8]}, unexpected "

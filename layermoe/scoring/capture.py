@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from layermoe.layout import is_int_at_least
+
 from .distributed import ReduceFn, gather_rows
 from .errors import ScoringError
 from .losses import causal_lm_per_sample_loss
@@ -280,11 +282,9 @@ def _scoring_mode(
 def _check_options(scope: str, chunk_size: int, projection_dim: int | None) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int_at_least(chunk_size):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if projection_dim is not None and (
-        isinstance(projection_dim, bool) or not isinstance(projection_dim, int) or projection_dim < 1
-    ):
+    if projection_dim is not None and not is_int_at_least(projection_dim):
         raise ValueError(f"projection_dim must be None (exact) or an int >= 1, got {projection_dim!r}")
 
 

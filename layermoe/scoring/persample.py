@@ -9,28 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from layermoe.adapters.router import compute_gates
-
 
 def _tokens(t: torch.Tensor) -> torch.Tensor:
     """(B, ..., d) -> (B, tokens, d): every position between the batch and feature axes is a token."""
     return t.reshape(t.shape[0], -1, t.shape[-1])
-
-
-def gated_hidden(layer: torch.nn.Module, expert_hidden: torch.Tensor, router_logits: torch.Tensor | None):
-    """Recompute what lora_B multiplies: expert_hidden * gate_e * scaling per expert block of r columns.
-
-    Mirrors MoELoRALinear.forward exactly (gates in float32 from the same logits, then cast), so the
-    capture needs no extra tensor from the layer.
-    """
-    if router_logits is None:
-        return expert_hidden * layer.scaling
-    gates, _ = compute_gates(router_logits, layer.effective_top_k)
-    weights = (gates * layer.scaling).to(expert_hidden.dtype)
-    lead = expert_hidden.shape[:-1]
-    return (expert_hidden.view(*lead, layer.experts, layer.rank) * weights.unsqueeze(-1)).view(
-        *lead, layer.experts * layer.rank
-    )
 
 
 def outer_sum(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -42,7 +24,7 @@ def outer_sum(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
 
 def adapter_pieces_from_output(layer: torch.nn.Module, saved: dict, grad_output: torch.Tensor) -> list:
     """Per-sample gradient of lora_B, (B, d_out, E*r), from d(output)."""
-    hidden = gated_hidden(layer, saved["expert_hidden"], saved["router_logits"])
+    hidden, _ = layer.gated_hidden(saved["expert_hidden"], saved["router_logits"])
     return [("lora_B", outer_sum(grad_output.to(hidden.dtype), hidden))]
 
 

@@ -1,0 +1,62 @@
+"""Every use of a private Lightning API, in one place (tested against ``lightning>=2.6.6,<2.7``).
+
+Lightning has no public way to do these; each function says which private name it touches and why, so a
+Lightning upgrade means checking this file (and the upper bound in pyproject.toml) only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from torch import nn
+
+
+def _validation_source(trainer: Any) -> Any:
+    # The fit loop's validation loop keeps its dataloader source in the private ``_data_source``
+    # (``_DataConnector``-built ``_DataLoaderSource``); there is no public "is validation defined" query.
+    return trainer.fit_loop.epoch_loop.val_loop._data_source
+
+
+def validation_defined(trainer: Any) -> bool:
+    """Whether the module or datamodule defines ``val_dataloader`` (known before any loader is built)."""
+    return bool(_validation_source(trainer).is_defined())
+
+
+def validation_source_loader(trainer: Any) -> Any:
+    """The validation dataloader(s) straight from their source, for when ``trainer.val_dataloaders`` is
+    still unset (e.g. ``limit_val_batches=0``, where Lightning never builds them)."""
+    return _validation_source(trainer).dataloader()
+
+
+def optimizers_to_device(optimizers: Iterable[torch.optim.Optimizer], device: torch.device) -> None:
+    """Move optimizer state to ``device``.
+
+    The private fabric helper is what ``Strategy.setup`` itself uses after ``setup_optimizers``; a rebuilt
+    optimizer mid-fit needs the same step.
+    """
+    _optimizers_to_device(optimizers, device)
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether the module runs under ``torch.compile``: Lightning records ``trainer.fit(torch.compile(m))``
+    in the private ``_compiler_ctx`` of the unwrapped module; a compiled submodule is an OptimizedModule."""
+    if getattr(module, "_compiler_ctx", None):
+        return True
+    return any(type(m).__name__ == "OptimizedModule" for m in module.modules())
+
+
+def lightning_optimizers(strategy: Any) -> list[Any]:
+    """The strategy's ``LightningOptimizer`` wrappers (private ``_lightning_optimizers``; the public
+    ``strategy.optimizers`` are the raw ones), recorded so a failed rewire can put them back."""
+    return list(strategy._lightning_optimizers)
+
+
+def set_optimizers(strategy: Any, optimizers: list[Any], wrappers: list[Any]) -> None:
+    """Put back both lists without re-wrapping: the ``optimizers`` setter would build new
+    ``LightningOptimizer`` objects, so rollback writes the private ``_optimizers`` and
+    ``_lightning_optimizers`` directly."""
+    strategy._optimizers = list(optimizers)
+    strategy._lightning_optimizers = list(wrappers)
