@@ -112,3 +112,11 @@ def test_answer_formats_and_errors(tmp_path):
         TextDataModule(train_file=str(bad), task="multiple_choice", label_column=None)
     with pytest.raises(ValueError, match="choice_score must be one of"):
         MoELoRAFineTuner(model=tiny_llama_spec(), task="multiple_choice", choice_score="max")
+
+
+def test_model_and_data_tasks_must_agree(tmp_path):
+    module, dm = _module_and_data(tmp_path)
+    other = MoELoRAFineTuner(model=tiny_llama_spec(), task="instruction", print_layout=False)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=1)
+    with pytest.raises(ValueError, match="model.task='instruction' but data.task='multiple_choice'"):
+        trainer.fit(other, dm)
