@@ -31,6 +31,26 @@ def validation_source_loader(trainer: Any) -> Any:
     return _validation_source(trainer).dataloader()
 
 
+def validation_due_after_this_batch(trainer: Any) -> bool:
+    """Whether the training epoch loop will run a validation right after the current batch.
+
+    Asks the private ``_TrainingEpochLoop._should_check_val_fx`` with the fit loop's private
+    ``_data_fetcher``: exactly the decision Lightning takes next, so a checkpoint written at this batch end
+    can record that it precedes a validation (which Lightning skips, without running it, on resume).
+    """
+    fetcher = trainer.fit_loop._data_fetcher
+    return fetcher is not None and bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
+
+
+def training_source_loader(trainer: Any) -> Any:
+    """The training dataloader(s) straight from their source (the module's or datamodule's
+    ``train_dataloader`` hook, or the loader given to ``fit``), or None when none is defined. At
+    ``on_fit_start`` the fit loop has not built its own yet, and building it early would skip the restore
+    of a resumable loader's position; the fit loop keeps the source in the private ``_data_source``."""
+    source = trainer.fit_loop._data_source
+    return source.dataloader() if source.is_defined() else None
+
+
 def optimizers_to_device(optimizers: Iterable[torch.optim.Optimizer], device: torch.device) -> None:
     """Move optimizer state to ``device``.
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from layermoe.adapters import DEFAULT_TARGET_MODULES, MoELoRAConfig
+from layermoe.adapters import DEFAULT_TARGET_MODULES, MoELoRAConfig, MoELoRALinear
 
 
 def test_defaults_cover_all_families():
@@ -84,3 +84,25 @@ def test_bad_values_name_the_field(kwargs, field):
 def test_from_dict_rejects_unknown_fields():
     with pytest.raises(ValueError, match="unknown fields \\['expert'\\]"):
         MoELoRAConfig.from_dict({"expert": 3})
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"experts": 0}, "experts"),
+        ({"rank": 2.5}, "rank"),
+        ({"top_k": 0}, "top_k"),
+        ({"lora_alpha": -1}, "lora_alpha"),
+        ({"lora_dropout": 1.0}, "lora_dropout"),
+        ({"router_aux_loss_coef": -0.1}, "router_aux_loss_coef"),
+        ({"router_z_loss_coef": "x"}, "router_z_loss_coef"),
+        ({"router_init_std": -1.0}, "router_init_std"),
+        ({"routing_mass_decay": 1.0}, "routing_mass_decay"),
+    ],
+)
+def test_layer_built_directly_rejects_what_the_config_rejects(kwargs, field):
+    """One check serves both: a bad value reaching MoELoRALinear without a config names the layer's field."""
+    with pytest.raises(ValueError, match=f"MoELoRAConfig.{field}"):
+        MoELoRAConfig(**kwargs)
+    with pytest.raises(ValueError, match=f"MoELoRALinear.{field}"):
+        MoELoRALinear(torch.nn.Linear(4, 4), **kwargs)

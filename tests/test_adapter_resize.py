@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -227,6 +227,9 @@ def test_failed_resize_leaves_layer_unchanged():
 
 
 @settings(max_examples=20, deadline=None)
+# regression: splitting under top-k used to tie the copies' logits, which the report and the forward broke
+# differently (output change off by 1.7e-3)
+@example(experts=4, rank=3, new_experts=7, new_rank=1, top_k=2, seed=20)
 @given(
     experts=st.integers(1, 5),
     rank=st.integers(1, 5),
@@ -244,12 +247,10 @@ def test_random_resizes_keep_forward_consistent(experts, rank, new_experts, new_
     assert layer.lora_shape.tolist() == [new_experts, new_rank]
     assert (layer.lora_router_weight is None) == (new_experts == 1)
     after = outputs(layer, x)
-    # the batched forward still matches the naive loop after surgery (split copies tie under top-k,
-    # and the two break ties differently, so only without that case)
-    if top_k is None or new_experts <= experts:
-        torch.testing.assert_close(
-            (after - layer.base_layer(x)).double(), layer_reference(layer, x), atol=1e-5, rtol=1e-5
-        )
+    # the batched forward still matches the naive loop after surgery (split copies no longer tie)
+    torch.testing.assert_close(
+        (after - layer.base_layer(x)).double(), layer_reference(layer, x), atol=1e-5, rtol=1e-5
+    )
     assert abs(report.output_change - float((after - before).norm(dim=-1).max())) < 1e-4
     if report.exact:
         torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fractions import Fraction
 
 import numpy as np
+import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -54,6 +55,19 @@ def test_exact_total_bounds_and_monotone(scores, extra, method, lo, data):
         for b in range(n):
             if scores[a] > scores[b]:
                 assert out[a] >= out[b], (scores, out)
+
+
+@pytest.mark.parametrize("scale", [2.0**-1074, 2.0**1022])
+@pytest.mark.parametrize("method", ["power_law", "mdl"])
+def test_denormal_and_huge_scores_match_their_power_of_two_rescaling(scale, method):
+    """Regression (hypothesis found mdl([0.0, 5e-324], 2) raising "q must be finite"): a power-of-two
+    rescaling is exact in floating point, so scores at the bottom (denormal) or top (sum overflows) of the
+    float range must give exactly the layout of the same scores near 1."""
+    fn = power_law if method == "power_law" else mdl
+    assert fn([0.0, 5e-324], 2) == [1, 1]
+    for base in ([0.0, 1.0], [1.0, 2.0, 3.0], [0.0, 1.0, 1.0, 3.0]):
+        for total in (len(base), len(base) + 7):
+            assert fn([x * scale for x in base], total) == fn(base, total), (base, total)
 
 
 @FAST

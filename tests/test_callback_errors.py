@@ -11,7 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
-from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
+from tests.scripts.callback_fixtures import TinyLlamaModule, assert_fit_fails_before_first_step, loaders
 
 
 @pytest.mark.parametrize(
@@ -54,24 +54,10 @@ def test_sharded_strategies_are_rejected_in_setup(strategy: type) -> None:
 def _fit_fails(
     module: TinyLlamaModule, cb: LayerInfluenceCallback, pattern: str, val: bool = True, **kw: Any
 ) -> None:
-    before = {k: v.clone() for k, v in module.state_dict().items()}
-    opts = dict(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    opts.update(kw)
-    trainer = Trainer(callbacks=[cb], **opts)
     train, val_loader = loaders()
-    with pytest.raises(CallbackConfigError, match=pattern):
-        trainer.fit(module, train, val_loader if val else None)
-    assert trainer.global_step == 0
-    for k, v in module.state_dict().items():
-        assert torch.equal(v, before[k]), f"{k} changed although training must not have started"
+    assert_fit_fails_before_first_step(
+        module, cb, CallbackConfigError, pattern, train, val_loader if val else None, **kw
+    )
 
 
 def test_module_without_adapters_and_no_inject() -> None:
@@ -167,3 +153,116 @@ def test_failed_rewire_restores_model_and_optimizer() -> None:
         for key, value in state.items():
             assert torch.equal(value, before["opt_state"][p][key])
     assert cb.state_dict()["pending"] is not None and cb.state_dict()["rewires_done"] == 0
+
+
+def _fit_to_the_end(module: Any, cb: LayerInfluenceCallback, max_steps: int = 4) -> Trainer:
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=max_steps,
+        callbacks=[cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    train, val = loaders()
+    trainer.fit(module, train, val)
+    return trainer
+
+
+class _Returns:
+    """A registered scorer whose output is wrong in a given way."""
+
+    value: Any = None
+
+
+def _register_bad_scorer() -> None:
+    from layermoe.scoring import SCORERS, Scorer, register_scorer
+
+    if "test_bad_output" in SCORERS:
+        return
+
+    @register_scorer("test_bad_output")
+    class BadOutput(Scorer):
+        def score(self, stats: dict[int, Any]) -> Any:
+            return _Returns.value
+
+
+@pytest.mark.parametrize("value", [[0.1, 4.0, 0.1], None, {0: 1.0, 1: "high", 2: 1.0}, {0: 1.0, 1: 2.0}])
+def test_scorer_with_bad_output_is_named(value: Any) -> None:
+    """Issue 24: a scorer returning a list, None, a non-number or too few blocks gets a message saying
+    what score() must return, instead of an AttributeError from deep inside the callback."""
+    from layermoe.callbacks import RewireError
+
+    _register_bad_scorer()
+    _Returns.value = value
+    cb = LayerInfluenceCallback(
+        scorer="test_bad_output", schedule={"warmup": 2}, num_train_samples=4, num_val_samples=4, plot=False
+    )
+    with pytest.raises(RewireError, match=r"score\(\) must return a dict \{block_index: float\}"):
+        _fit_to_the_end(TinyLlamaModule(experts=2, rank=4), cb)
+
+
+class SkipSpy(RewireSpy):
+    """Checks, right after a skipped rewire, that the model and optimizer are as they were before it."""
+
+    def _apply_pending(self, trainer: Trainer, pl_module: Any) -> None:
+        from layermoe.adapters import layout
+
+        super()._apply_pending(trainer, pl_module)
+        before = self.before
+        self.unchanged = (
+            layout(pl_module) == before["layout"]
+            and all(p is before["params"][k] for k, p in pl_module.named_parameters())
+            and all(torch.equal(v, before["values"][k]) for k, v in pl_module.state_dict().items())
+            and trainer.optimizers[0] is before["optimizer"]
+            and all(
+                torch.equal(value, before["opt_state"][p][key])
+                for p, state in trainer.optimizers[0].state.items()
+                for key, value in state.items()
+            )
+        )
+
+
+def test_on_error_skip_keeps_model_and_optimizer_and_trains_on() -> None:
+    """Issue 24: on_error="skip" warns, records the failure, leaves everything as it was, trains on."""
+    FailsOnRebuild.calls = 0
+    module = FailsOnRebuild(experts=2, rank=4)
+    cb = SkipSpy(
+        scorer="test_fixed_scores",
+        scorer_options={"scores": {0: 0.1, 1: 4.0, 2: 0.1}},
+        schedule={"warmup": 2},
+        num_train_samples=4,
+        num_val_samples=4,
+        plot=False,
+        on_error="skip",
+    )
+    with pytest.warns(UserWarning, match="rewire skipped at global step 2.*exploded"):
+        trainer = _fit_to_the_end(module, cb, max_steps=5)
+    assert trainer.global_step == 5  # trained on to the end
+    assert cb.unchanged
+    state = cb.state_dict()
+    assert state["rewires_done"] == 0 and state["pending"] is None
+    assert [(f["step"], f["stage"]) for f in state["failures"]] == [(2, "rewire")]
+    assert "exploded" in state["failures"][0]["error"]
+
+
+def test_on_error_skip_after_a_scoring_failure_uses_up_the_slot() -> None:
+    _register_bad_scorer()
+    _Returns.value = None
+    cb = LayerInfluenceCallback(
+        scorer="test_bad_output",
+        schedule={"warmup": 2, "every": 2, "max_rewires": 2},
+        num_train_samples=4,
+        num_val_samples=4,
+        plot=False,
+        on_error="skip",
+    )
+    with pytest.warns(UserWarning, match="rewire skipped"):
+        _fit_to_the_end(TinyLlamaModule(experts=2, rank=4), cb, max_steps=6)
+    # due at steps 2 and 4; each failure uses its slot, so scoring is not retried at every step
+    assert [(f["step"], f["stage"]) for f in cb.state.failures] == [(2, "scoring"), (4, "scoring")]
+    with pytest.raises(CallbackConfigError, match="on_error='ignore'"):
+        LayerInfluenceCallback(on_error="ignore")

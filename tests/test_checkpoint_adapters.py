@@ -166,3 +166,20 @@ def test_peft_export_of_a_multi_expert_layout_is_refused_before_writing(tmp_path
     with pytest.raises(AdapterArtifactError, match=r"blocks \[0, 2\] have \[2, 3\]"):
         save_adapters(_trained_adapted_model(), tmp_path / "out", peft=True)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "other", [lambda: tiny_llama(seed=1), lambda: tiny_llama(num_blocks=4), lambda: tiny_llama(num_blocks=2)]
+)
+def test_adapters_are_not_loaded_onto_another_base_silently(tmp_path: Path, other) -> None:
+    """Issue 24: another base (other weights, more or fewer blocks) is refused naming the fingerprints;
+    ``allow_other_base=True`` loads anyway where the shapes fit."""
+    save_adapters(_trained_adapted_model(), tmp_path)
+    assert "fingerprint" in json.loads((tmp_path / CONFIG_NAME).read_text())["base"]
+    model = other()
+    before = _snapshot(model)
+    with pytest.raises(AdapterArtifactError, match="trained on another base model|does not have"):
+        load_adapters(model, tmp_path)
+    _assert_untouched(model, before, adapted=False)
+    if model.config.num_hidden_layers >= 3:
+        assert load_adapters(model, tmp_path, allow_other_base=True) == RESIZED

@@ -70,7 +70,13 @@ def _run(args: list[str], kill: str = "") -> subprocess.CompletedProcess:
 
 
 def _script(
-    data: Path, run_dir: Path, out: Path, ckpt: str | None = None, kill: str = "", kill_step: int = -1
+    data: Path,
+    run_dir: Path,
+    out: Path,
+    ckpt: str | None = None,
+    kill: str = "",
+    kill_step: int = -1,
+    extra: tuple[str, ...] = (),
 ):
     args = [
         str(SCRIPT),
@@ -83,7 +89,7 @@ def _script(
         "--kill-step",
         str(kill_step),
     ]
-    return _run(args + (["--ckpt", ckpt] if ckpt else []), kill)
+    return _run(args + list(extra) + (["--ckpt", ckpt] if ckpt else []), kill)
 
 
 def _last(run_dir: Path) -> dict[str, Any]:
@@ -120,6 +126,22 @@ def _chain(data: Path, root: Path) -> dict[str, Any]:
     return {"observed": observed, "final": final, "run_dir": run_dir}
 
 
+# Epoch mode (issue 24): 2 epochs of 10 steps, validation at each epoch end, an epoch-interval rewire
+# scored at the end of epoch 0's validation and applied after step 11, a checkpoint after every step and
+# one at every validation end (val-step=K.ckpt, where a monitored "best" checkpoint is written).
+EPOCH_MODE = ("--epochs", "2", "--rewire-step", "1")
+
+
+def _epoch_chain(data: Path, root: Path) -> dict[str, Any]:
+    """SIGKILL inside the epoch-end validation that scores the rewire, then resume from last.ckpt."""
+    run_dir = root / "epoch_chain"
+    out = root / "epoch_chain.pt"
+    killed = _script(data, run_dir, out, None, "validation", 10, EPOCH_MODE)
+    saved = _last(run_dir)
+    resumed = _script(data, run_dir, out, "last", extra=EPOCH_MODE)
+    return {"killed": killed, "saved": saved, "resumed": resumed, "out": out}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("resume")
@@ -127,6 +149,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     _write_data(data)
     with ThreadPoolExecutor(max_workers=3) as pool:
         chain = pool.submit(_chain, data, root)
+        epoch_chain = pool.submit(_epoch_chain, data, root)
+        a_epoch = _script(data, root / "A_epoch", root / "A_epoch.pt", extra=EPOCH_MODE)
+        assert a_epoch.returncode == 0, a_epoch.stderr[-3000:]
+        at_validation = pool.submit(
+            _script,
+            data,
+            root / "B_epoch",
+            root / "B_epoch.pt",
+            str(root / "A_epoch" / "checkpoints" / "val-step=10.ckpt"),
+            extra=EPOCH_MODE,
+        )
         a = _script(data, root / "A", root / "A.pt")
         assert a.returncode == 0, a.stderr[-3000:]
         ckpts = root / "A" / "checkpoints"
@@ -138,12 +171,17 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         }
         results = {step: future.result() for step, future in resumed.items()}
         chain_result = chain.result()
+        epoch_chain_result = epoch_chain.result()
+        at_validation_result = at_validation.result()
     return {
         "root": root,
         "data": data,
         "A": torch.load(root / "A.pt"),
         "resumed": results,
         "chain": chain_result,
+        "A_epoch": torch.load(root / "A_epoch.pt"),
+        "epoch_chain": epoch_chain_result,
+        "at_validation": at_validation_result,
     }
 
 
@@ -255,3 +293,38 @@ def test_e_load_from_checkpoint_names_the_layout_problem(
 ) -> None:
     with pytest.raises(CheckpointLayoutError, match="layout is missing or corrupt"):
         MoELoRAFineTuner.load_from_checkpoint(_corrupted(runs, tmp_path, how))
+
+
+def _history_steps(checkpoint: dict[str, Any]) -> list[tuple[int, int]]:
+    states = [v for k, v in checkpoint["callbacks"].items() if k.startswith("LayerInfluenceCallback")]
+    return [(entry["scored_at_step"], entry["step"]) for entry in states[0]["history"]]
+
+
+def test_epoch_rewire_happens_after_a_sigkill_in_the_epoch_end_validation(runs: dict[str, Any]) -> None:
+    """Issue 24 case 1: last.ckpt precedes the validation that scores an epoch-interval rewire; Lightning
+    does not re-run that validation on resume, yet the rewire happens at the same step, bit-identically."""
+    reference = runs["A_epoch"]
+    assert reference["global_step"] == 20 and reference["rewires_done"] == 1
+    ref_ckpt = torch.load(runs["root"] / "A_epoch" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert _history_steps(ref_ckpt) == [(10, 11)]  # scored at epoch 0's validation end, applied after step 11
+    chain = runs["epoch_chain"]
+    assert chain["killed"].returncode == -signal.SIGKILL and "KILLING at validation" in chain["killed"].stdout
+    assert chain["saved"]["global_step"] == 10 and _rewires(chain["saved"]) == 0
+    assert chain["resumed"].returncode == 0, chain["resumed"].stderr[-3000:]
+    resumed = torch.load(chain["out"])
+    assert resumed["rewires_done"] == 1 and resumed["layout"] == reference["layout"]
+    assert _history_steps(_last(runs["root"] / "epoch_chain")) == [(10, 11)]
+    assert _max_difference(reference["trainable"], resumed["trainable"]) == 0.0
+
+
+def test_resume_from_the_epoch_end_validation_checkpoint_is_exact(runs: dict[str, Any]) -> None:
+    """Issue 24 case 2: the checkpoint written at epoch 0's validation end (where a monitored best is
+    saved, pending plan inside) resumes epoch 1 in the same sampler order, with the same dropout masks."""
+    saved = torch.load(runs["root"] / "A_epoch" / "checkpoints" / "val-step=10.ckpt", weights_only=True)
+    loader_state = saved["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert (loader_state["epoch"], loader_state["batches_yielded"]) == (0, 10)  # the end of epoch 0
+    proc = runs["at_validation"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resumed = torch.load(runs["root"] / "B_epoch.pt")
+    assert resumed["rewires_done"] == 1 and resumed["layout"] == runs["A_epoch"]["layout"]
+    assert _max_difference(runs["A_epoch"]["trainable"], resumed["trainable"]) == 0.0

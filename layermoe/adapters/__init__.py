@@ -2,7 +2,14 @@
 
 from .base import BaseInfo, base_info, is_supported_base
 from .config import DEFAULT_TARGET_MODULES, MoELoRAConfig
-from .inject import block_index, inject, moe_layers, named_moe_layers, split_block_name
+from .inject import (
+    block_index,
+    inject,
+    modules_to_save,
+    moe_layers,
+    named_moe_layers,
+    split_block_name,
+)
 from .layer import MoELoRALinear, lora_init_A
 from .layout import Layout, apply_layout, layout, normalize_layout
 from .peft_interop import export_peft, load_peft
@@ -37,6 +44,7 @@ __all__ = [
     "export_peft",
     "grow_rank",
     "inject",
+    "modules_to_save",
     "is_supported_base",
     "layout",
     "load_peft",

@@ -38,6 +38,48 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 )
 
 
+def check_layer_settings(
+    owner: str,
+    *,
+    top_k: Any,
+    lora_alpha: Any,
+    lora_dropout: Any,
+    router_aux_loss_coef: Any,
+    router_z_loss_coef: Any,
+    router_init_std: Any,
+    routing_mass_decay: Any,
+) -> dict[str, Any]:
+    """The per-layer settings shared by `MoELoRAConfig` and `MoELoRALinear`, checked in this one place
+    (errors name ``owner.field``); returns them with the numbers as floats."""
+    if top_k is not None and not is_int_at_least(top_k):
+        raise ValueError(f"{owner}.top_k must be None (dense routing) or an int >= 1, got {top_k!r}")
+    out: dict[str, Any] = {"top_k": top_k}
+    numbers = {
+        "lora_alpha": lora_alpha,
+        "router_aux_loss_coef": router_aux_loss_coef,
+        "router_z_loss_coef": router_z_loss_coef,
+        "router_init_std": router_init_std,
+    }
+    for name, value in numbers.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{owner}.{name} must be a number, got {value!r}")
+        out[name] = float(value)
+    if out["lora_alpha"] <= 0:
+        raise ValueError(f"{owner}.lora_alpha must be > 0, got {out['lora_alpha']}")
+    for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):
+        if out[name] < 0:
+            raise ValueError(f"{owner}.{name} must be >= 0 (0 disables it), got {out[name]}")
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, (int, float)):
+        raise ValueError(f"{owner}.lora_dropout must be a number in [0, 1), got {lora_dropout!r}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{owner}.lora_dropout must be in [0, 1), got {float(lora_dropout)}")
+    out["lora_dropout"] = float(lora_dropout)
+    if not isinstance(routing_mass_decay, (int, float)) or not 0.0 <= routing_mass_decay < 1.0:
+        raise ValueError(f"{owner}.routing_mass_decay must be in [0, 1), got {routing_mass_decay!r}")
+    out["routing_mass_decay"] = float(routing_mass_decay)
+    return out
+
+
 def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
     """Validate `experts` / `rank`: a positive int or a mapping block index -> positive int."""
     if isinstance(value, bool):
@@ -83,6 +125,9 @@ class MoELoRAConfig:
     router_init_std: std of the router weight at init (0 = uniform gates at the start).
     routing_mass_decay: decay of the running average of gate probabilities kept per layer (the routing
         mass used to pick which expert to split or drop).
+    modules_to_save: names of other modules (task heads such as BERT's "classifier") that stay fully
+        trainable next to the adapters, matched like `target_modules` names (end of the dotted name);
+        peft's option of the same name. They travel with checkpoints, adapter artifacts and peft exports.
     """
 
     target_modules: list[str] | str | None = None
@@ -95,45 +140,25 @@ class MoELoRAConfig:
     router_z_loss_coef: float = 0.001
     router_init_std: float = 0.0
     routing_mass_decay: float = 0.99
+    modules_to_save: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.target_modules = self._check_targets(self.target_modules)
         self.experts = _check_capacity("experts", self.experts)
         self.rank = _check_capacity("rank", self.rank)
-        if self.top_k is not None:
-            if not is_int_at_least(self.top_k):
-                raise ValueError(
-                    f"MoELoRAConfig.top_k must be None (dense routing) or an int >= 1, got {self.top_k!r}"
-                )
-        for name in ("lora_alpha", "router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"MoELoRAConfig.{name} must be a number, got {value!r}")
-            setattr(self, name, float(value))
-        if self.lora_alpha <= 0:
-            raise ValueError(f"MoELoRAConfig.lora_alpha must be > 0, got {self.lora_alpha}")
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_init_std"):
-            if getattr(self, name) < 0:
-                raise ValueError(
-                    f"MoELoRAConfig.{name} must be >= 0 (0 disables it), got {getattr(self, name)}"
-                )
-        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)):
-            raise ValueError(
-                f"MoELoRAConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}"
-            )
-        self.lora_dropout = float(self.lora_dropout)
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"MoELoRAConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        if not isinstance(self.routing_mass_decay, (int, float)) or not 0.0 <= self.routing_mass_decay < 1.0:
-            raise ValueError(
-                f"MoELoRAConfig.routing_mass_decay must be in [0, 1), got {self.routing_mass_decay!r}"
-            )
-        self.routing_mass_decay = float(self.routing_mass_decay)
+        for name, value in check_layer_settings("MoELoRAConfig", **self.layer_settings()).items():
+            setattr(self, name, value)
+        self.modules_to_save = self._check_modules_to_save(self.modules_to_save)
         if not isinstance(self.extra, dict):
             raise ValueError(
                 f"MoELoRAConfig.extra must be a dict of plain data, got {type(self.extra).__name__}"
             )
+
+    def layer_settings(self) -> dict[str, Any]:
+        """The `MoELoRALinear` keyword arguments every layer of this config shares (all but experts/rank)."""
+        names = ("top_k", "lora_alpha", "lora_dropout", "router_aux_loss_coef", "router_z_loss_coef")
+        return {name: getattr(self, name) for name in (*names, "router_init_std", "routing_mass_decay")}
 
     @staticmethod
     def _check_targets(value: Any) -> list[str] | str:
@@ -162,6 +187,26 @@ class MoELoRAConfig:
         raise ValueError(
             f"MoELoRAConfig.target_modules must be a list of names, a regex string or None, got {type(value).__name__}"
         )
+
+    @staticmethod
+    def _check_modules_to_save(value: Any) -> list[str] | None:
+        if value is None:
+            return None
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise ValueError(
+                f"MoELoRAConfig.modules_to_save must be a list of module names like ['classifier'], got {value!r}"
+            )
+        names = list(value)
+        for name in names:
+            if not isinstance(name, str) or not name or name.startswith(".") or name.endswith("."):
+                raise ValueError(
+                    f"MoELoRAConfig.modules_to_save entries must be non-empty module names like 'classifier', got {name!r}"
+                )
+        return names or None
+
+    def saves(self, module_name: str) -> bool:
+        """Whether the module with this full dotted name is one of `modules_to_save`."""
+        return any(module_name == t or module_name.endswith("." + t) for t in self.modules_to_save or ())
 
     def matches(self, module_name: str) -> bool:
         """Whether the module with this full dotted name is a target."""
@@ -200,6 +245,8 @@ class MoELoRAConfig:
         for name in ("experts", "rank"):
             if isinstance(out[name], dict):
                 out[name] = {int(k): int(v) for k, v in out[name].items()}
+        if out["modules_to_save"] is not None:
+            out["modules_to_save"] = list(out["modules_to_save"])
         out["extra"] = dict(out["extra"])
         return out
 

@@ -83,6 +83,47 @@ def _find_targets(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str
     return found
 
 
+SAVED_MODULE_FLAG = "_layermoe_module_to_save"
+
+
+def _find_modules_to_save(
+    model: nn.Module, config: MoELoRAConfig, targets: dict[int, dict[str, tuple[str, nn.Module]]]
+) -> dict[str, nn.Module]:
+    """The outermost modules named by `config.modules_to_save`; every entry must match, none may overlap
+    an adapted layer (its base weights would become trainable under the adapter)."""
+    if not config.modules_to_save:
+        return {}
+    target_names = [name for block in targets.values() for name, _ in block.values()]
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not name or not config.saves(name) or any(name.startswith(kept + ".") for kept in found):
+            continue
+        clash = next(
+            (t for t in target_names if t == name or t.startswith(name + ".") or name.startswith(t + ".")),
+            None,
+        )
+        if clash is not None:
+            raise ValueError(
+                f"MoELoRAConfig.modules_to_save names {name!r}, which overlaps the adapted layer {clash!r}; "
+                "modules_to_save is for modules outside the adapted layers (task heads such as 'classifier')"
+            )
+        found[name] = module
+    for entry in config.modules_to_save:
+        if not any(n == entry or n.endswith("." + entry) for n in found):
+            raise ValueError(
+                f"MoELoRAConfig.modules_to_save entry {entry!r} matches no module of {type(model).__name__}; "
+                "give the end of a module's dotted name, e.g. 'classifier' or 'lm_head'"
+            )
+    return found
+
+
+def modules_to_save(model: nn.Module) -> dict[str, nn.Module]:
+    """The modules that `inject` kept trainable through `MoELoRAConfig.modules_to_save`, by full name."""
+    return {
+        name: module for name, module in model.named_modules() if getattr(module, SAVED_MODULE_FLAG, False)
+    }
+
+
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -90,7 +131,8 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELoRALinear]]:
-    """Wrap the config's target modules with `MoELoRALinear`, in place; freeze everything else.
+    """Wrap the config's target modules with `MoELoRALinear`, in place; freeze everything else except the
+    config's `modules_to_save` (kept fully trainable).
 
     Returns the new layers grouped by block index, module names relative to the block. Every layer is
     built before any is swapped in, so a bad config leaves the model untouched.
@@ -104,23 +146,14 @@ def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELo
         raise ValueError(
             f"no module of {type(model).__name__} matches MoELoRAConfig.target_modules={config.target_modules!r}"
         )
+    saved = _find_modules_to_save(model, config, targets)
     built: dict[int, dict[str, MoELoRALinear]] = {}
     swaps: list[tuple[str, MoELoRALinear]] = []
     for block in sorted(targets):
         experts, rank = config.experts_for(block), config.rank_for(block)
         for rest, (name, module) in sorted(targets[block].items()):
-            layer = MoELoRALinear(
-                module,
-                experts=experts,
-                rank=rank,
-                top_k=config.top_k,
-                lora_alpha=config.lora_alpha,
-                lora_dropout=config.lora_dropout,
-                router_aux_loss_coef=config.router_aux_loss_coef,
-                router_z_loss_coef=config.router_z_loss_coef,
-                router_init_std=config.router_init_std,
-                routing_mass_decay=config.routing_mass_decay,
-            )
+            layer = MoELoRALinear(module, experts=experts, rank=rank, **config.layer_settings())
+            layer.train(module.training)  # a model in eval mode must not start dropping adapter inputs
             built.setdefault(block, {})[rest] = layer
             swaps.append((name, layer))
     for name, layer in swaps:
@@ -130,6 +163,9 @@ def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELo
         keep_four_bit_base_differentiable(module)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_key(name))
+    for module in saved.values():
+        setattr(module, SAVED_MODULE_FLAG, True)
+        module.requires_grad_(True)
     return built
 
 

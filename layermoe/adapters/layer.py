@@ -22,6 +22,7 @@ from torch import nn
 from layermoe.layout import effective_top_k, is_int_at_least
 
 from .base import BaseInfo, base_info
+from .config import check_layer_settings
 from .grouped import grouped_lora_output
 from .router import compute_gates, router_statistics
 
@@ -33,6 +34,20 @@ def lora_init_A(rows: int, d_in: int, *, device: torch.device, dtype: torch.dtyp
     weight = torch.empty(rows, d_in, device=device, dtype=dtype)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
     return weight
+
+
+def gate_expert_hidden(
+    expert_hidden: torch.Tensor, logits: torch.Tensor | None, rank: int, scaling: float, top_k: int | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gating of `MoELoRALinear.gated_hidden` for any (experts, rank): resize reports call it on
+    planned tensors, so a report measures the forward's own computation."""
+    if logits is None:
+        return expert_hidden * scaling, None
+    gates, probs = compute_gates(logits, top_k)
+    weights = (gates * scaling).to(expert_hidden.dtype)
+    lead, experts = expert_hidden.shape[:-1], logits.shape[-1]
+    hidden = expert_hidden.view(*lead, experts, rank) * weights.unsqueeze(-1)
+    return hidden.view(*lead, experts * rank), probs
 
 
 class MoELoRALinear(nn.Module):
@@ -61,13 +76,17 @@ class MoELoRALinear(nn.Module):
         super().__init__()
         for name, value in (("experts", experts), ("rank", rank)):
             if not is_int_at_least(value):
-                raise ValueError(f"MoELoRALinear {name} must be an int >= 1, got {value!r}")
-        if top_k is not None and not is_int_at_least(top_k):
-            raise ValueError(f"MoELoRALinear top_k must be None (dense) or an int >= 1, got {top_k!r}")
-        if lora_alpha <= 0:
-            raise ValueError(f"MoELoRALinear lora_alpha must be > 0, got {lora_alpha}")
-        if not 0.0 <= lora_dropout < 1.0:
-            raise ValueError(f"MoELoRALinear lora_dropout must be in [0, 1), got {lora_dropout}")
+                raise ValueError(f"MoELoRALinear.{name} must be an int >= 1, got {value!r}")
+        check_layer_settings(
+            "MoELoRALinear",
+            top_k=top_k,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            router_aux_loss_coef=router_aux_loss_coef,
+            router_z_loss_coef=router_z_loss_coef,
+            router_init_std=router_init_std,
+            routing_mass_decay=routing_mass_decay,
+        )
         self.info: BaseInfo = base_info(base_layer)
         self.base_layer = base_layer
         for param in base_layer.parameters():
@@ -240,13 +259,7 @@ class MoELoRALinear(nn.Module):
         Gates are computed in float32 (or wider) from the logits, then cast to the adapter dtype. The
         per-sample gradient capture calls this too, so scoring sees exactly the forward's computation.
         """
-        if logits is None:
-            return expert_hidden * self.scaling, None
-        gates, probs = compute_gates(logits, self.effective_top_k)
-        weights = (gates * self.scaling).to(expert_hidden.dtype)
-        lead = expert_hidden.shape[:-1]
-        hidden = expert_hidden.view(*lead, self.experts, self.rank) * weights.unsqueeze(-1)
-        return hidden.view(*lead, self.experts * self.rank), probs
+        return gate_expert_hidden(expert_hidden, logits, self.rank, self.scaling, self.top_k)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .inject import named_moe_layers, split_block_name
+from .inject import SAVED_MODULE_FLAG, modules_to_save, named_moe_layers, split_block_name
 from .layer import MoELoRALinear, lora_init_A
 from .layout import apply_layout, layout
 from .resize import ResizeReport
@@ -53,6 +53,7 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
         raise ValueError(
             "export_peft: the model mixes Conv1D and Linear targets; peft needs one fan_in_fan_out"
         )
+    saved = modules_to_save(model)
     dropouts = {layer.lora_dropout_p for layer in layers.values()}
     ranks = Counter(layer.rank for layer in layers.values())
     alphas = Counter(layer.lora_alpha for layer in layers.values())
@@ -68,6 +69,7 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
         lora_dropout=max(dropouts),
         fan_in_fan_out=fan_in_fan_out.pop(),
         bias="none",
+        modules_to_save=sorted(saved) or None,
     )
     config.base_model_name_or_path = base_model_name_or_path
     out = Path(folder)
@@ -77,6 +79,9 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
     for name, layer in layers.items():
         tensors[f"{_PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"{_PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    for name, module in saved.items():  # peft stores a saved module's whole state under its plain name
+        for key, value in module.state_dict().items():
+            tensors[f"{_PREFIX}{name}.{key}"] = value.detach().cpu().contiguous()
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out
 
@@ -89,7 +94,9 @@ def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
     return default
 
 
-def _read_peft(source: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+def _read_peft(
+    source: str | Path,
+) -> tuple[dict[str, Any], dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     folder = Path(source)
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
@@ -107,14 +114,42 @@ def _read_peft(source: str | Path) -> tuple[dict[str, Any], dict[str, dict[str, 
     else:
         raise FileNotFoundError(f"load_peft: no adapter_model.safetensors or adapter_model.bin in {folder}")
     factors: dict[str, dict[str, torch.Tensor]] = {}
+    others: dict[str, torch.Tensor] = {}
     for key, tensor in raw.items():
         match = _KEY.match(key)
         if match is None:
-            raise ValueError(
-                f"load_peft: unsupported tensor {key!r} (only lora_A/lora_B weights are imported)"
-            )
+            others[key.removeprefix(_PREFIX)] = tensor
+            continue
         factors.setdefault(match.group("module"), {})[match.group("which")] = tensor
-    return config, factors
+    return config, factors, others
+
+
+def _saved_module_states(
+    model: nn.Module, config: dict[str, Any], others: dict[str, torch.Tensor]
+) -> dict[str, dict[str, torch.Tensor]]:
+    """The peft ``modules_to_save`` tensors by module of ``model``; every other non-LoRA tensor is an error."""
+    entries = config.get("modules_to_save") or []
+    states: dict[str, dict[str, torch.Tensor]] = {}
+    for name, module in model.named_modules():
+        if not name or not any(name == e or name.endswith("." + e) for e in entries):
+            continue
+        if any(name.startswith(kept + ".") for kept in states):
+            continue
+        own = {key[len(name) + 1 :]: value for key, value in others.items() if key.startswith(name + ".")}
+        if own:
+            expected = module.state_dict()
+            if set(own) != set(expected) or any(own[k].shape != expected[k].shape for k in own):
+                raise ValueError(
+                    f"load_peft: the saved module {name!r} (modules_to_save) does not fit this model's module"
+                )
+            states[name] = own
+    leftover = sorted(k for k in others if not any(k.startswith(n + ".") for n in states))
+    if leftover:
+        raise ValueError(
+            f"load_peft: unsupported tensor {leftover[0]!r} (only lora_A/lora_B weights and the modules_to_save "
+            "of the adapter config are imported)"
+        )
+    return states
 
 
 def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> list[ResizeReport]:
@@ -123,10 +158,12 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
     Each block's rank becomes the largest LoRA rank among its modules (smaller LoRAs are zero-padded:
     the extra B columns are zero). All experts get the LoRA's delta, the router is reset to uniform
     gates, and a zero-sum perturbation of the experts' A rows breaks their symmetry (exact under dense
-    routing). Layers the adapter does not cover keep their parameters. Returns the resize reports.
+    routing). Layers the adapter does not cover keep their parameters. The adapter's ``modules_to_save``
+    are copied into the model's modules of those names, which stay trainable. Returns the resize reports.
     Everything is validated before the model changes.
     """
-    config, factors = _read_peft(source)
+    config, factors, others = _read_peft(source)
+    saved_states = _saved_module_states(model, config, others)
     layers = named_moe_layers(model)
     alpha, r_default = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
     rslora = bool(config.get("use_rslora", False))
@@ -163,6 +200,11 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
     with torch.no_grad():
         for module, (A, B, scale) in plan.items():
             _fill_experts(layers[module], A, B, scale, generator)
+    for name, state in saved_states.items():
+        saved = model.get_submodule(name)
+        saved.load_state_dict(state)
+        saved.requires_grad_(True)
+        setattr(saved, SAVED_MODULE_FLAG, True)
     return reports
 
 

@@ -8,9 +8,9 @@ Each operation returns a new state plus how each new parameter's entries come fr
 - shrink rank: per expert, truncated SVD of B_e A_e from the factors (QR of A_e^T and B_e, r x r SVD),
   split sqrt(S) to each side so A and B stay balanced; the discarded energy is reported.
 - add experts: split the expert with the largest routing mass per copy; copies share its router row
-  with the bias shifted by -log(copies), so dense softmax gates of the copies sum to the original gate,
-  and their A rows get a zero-sum perturbation (identical gates and B make the sum exact) that breaks
-  the symmetry between copies.
+  with the bias shifted by log(share), shares slightly unequal (SPLIT_SKEW) and summing to 1, so dense
+  softmax gates of the copies sum to the original gate while top-k never sees tied copies; their A rows
+  get a perturbation with zero share-weighted sum (same B makes the sum exact) that breaks the symmetry.
 - remove experts: drop the lowest routing mass x ||B_e A_e||_F, fold each into the survivor with the
   most similar router row (delta merged with gate/mass weights, truncated back to rank r, bias raised
   by the merged share): removing a just-split copy is exact.
@@ -23,11 +23,14 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from .layer import MoELoRALinear, lora_init_A
-from .router import compute_gates
+from .layer import MoELoRALinear, gate_expert_hidden, lora_init_A
 
 PARAM_NAMES = ("lora_A", "lora_B", "lora_router_weight", "lora_router_bias")
 SPLIT_PERTURBATION = 0.01  # zero-sum noise on the copies' A rows, relative to the RMS of the split expert's A
+# Copies of a split expert share its gate in proportions (1 + SPLIT_SKEW * t) / copies, t evenly spread in
+# [-1, 1]: their router logits then differ by a margin far above rounding, so top-k routing never meets an
+# exact tie that two computations (the resize report, the forward) could break differently.
+SPLIT_SKEW = 0.01
 
 
 @dataclass
@@ -243,24 +246,29 @@ def _add(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerState,
     src = torch.tensor(sources, dtype=torch.long)
     A, B = _expert_blocks(state)
     new_A, new_B = A[src].clone(), B[src].clone()
+    share = torch.ones(new_experts, dtype=torch.float64)  # each slot's part of its source's gate
     for e in range(E):
         members = [j for j, s in enumerate(sources) if s == e]
         if len(members) < 2:
             continue
+        parts = (1 + SPLIT_SKEW * torch.linspace(1, -1, len(members), dtype=torch.float64)) / len(members)
+        share[members] = parts
         noise = torch.randn(len(members), r, A.shape[-1], device=A.device, dtype=A.dtype)
-        noise = noise - noise.mean(dim=0, keepdim=True)
+        # zero mean under the gate shares: sum_j share_j A_j = A_e, so dense routing is unchanged
+        weights = parts.to(device=A.device, dtype=A.dtype).view(-1, 1, 1)
+        noise = noise - (weights * noise).sum(dim=0, keepdim=True)
         rms = A[e].pow(2).mean().sqrt()
         if rms == 0:
             rms = torch.tensor(1.0 / math.sqrt(A.shape[-1]), device=A.device)
         new_A[members] += SPLIT_PERTURBATION * rms * noise
-    log_copies = copies.log().to(state.mass.device)[src]
+    log_share = share.log().to(device=A.device, dtype=A.dtype)
     if state.router_weight is None:
         router_w = torch.zeros(new_experts, A.shape[-1], device=A.device, dtype=A.dtype)
-        router_b = torch.zeros(new_experts, device=A.device, dtype=A.dtype)
+        router_b = log_share
         router_maps: dict[str, ParamMap | None] = {"lora_router_weight": None, "lora_router_bias": None}
     else:
         router_w = state.router_weight[src].clone()
-        router_b = state.router_bias[src] - log_copies.to(state.router_bias.dtype)
+        router_b = state.router_bias[src] + log_share.to(state.router_bias.dtype)
         ones = torch.ones(new_experts)
         router_maps = {
             "lora_router_weight": ParamMap(0, src, ones),
@@ -360,13 +368,9 @@ def _remove(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerSta
 
 
 def adapter_output(state: LayerState, x: torch.Tensor, top_k: int | None, alpha: float) -> torch.Tensor:
-    """The adapter's contribution for input x under `state` (float32, no dropout), to measure changes."""
+    """The adapter's contribution for input x under `state` (float32, no dropout), to measure changes;
+    gated by the layer's own `gate_expert_hidden`."""
     x = x.to(torch.float32)
-    hidden = x @ state.A.T
-    scaling = alpha / state.rank
-    if state.router_weight is None:
-        return (hidden * scaling) @ state.B.T
-    gates, _ = compute_gates(x @ state.router_weight.T + state.router_bias, top_k)
-    lead = hidden.shape[:-1]
-    hidden = (hidden.view(*lead, state.experts, state.rank) * gates.unsqueeze(-1) * scaling).view(*lead, -1)
+    logits = None if state.router_weight is None else x @ state.router_weight.T + state.router_bias
+    hidden, _ = gate_expert_hidden(x @ state.A.T, logits, state.rank, alpha / state.rank, top_k)
     return hidden @ state.B.T

@@ -39,6 +39,18 @@ def method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
     return {**_OPTIONS[method], **options}
 
 
+def _scaled_by_power_of_two(values: np.ndarray) -> np.ndarray:
+    """``values * 2^-k`` with the largest magnitude in [0.5, 1).
+
+    Both programs are invariant to positive rescaling and a power-of-two scale is exact in floating point,
+    so shares come out as without it (bit for bit, except power_law with a fractional beta: within an
+    ulp), while denormal scores (whose mean rounds to 0) and huge ones (whose sum or power overflows) no
+    longer turn into 0/0, inf or a stalled rounding.
+    """
+    top = float(np.max(np.abs(values)))
+    return np.ldexp(values, -math.frexp(top)[1]) if top > 0 else values
+
+
 def power_law_weights(values: np.ndarray, beta: float = 1.0, shift: bool = True) -> np.ndarray:
     """``v_l = s_l^beta``, after ``s - min(s)`` when ``shift`` (so the lowest block gets its minimum).
 
@@ -48,13 +60,14 @@ def power_law_weights(values: np.ndarray, beta: float = 1.0, shift: bool = True)
     """
     if not math.isfinite(beta) or beta <= 0:
         raise AllocationError(f"power_law: beta = {beta!r} must be a positive finite number")
+    values = _scaled_by_power_of_two(values)
     s = values - values.min() if shift else values
     if np.any(s < 0):
         raise AllocationError(
             "power_law: negative scores with shift=False; pass shift=True (uses s - min(s)) or shift the "
             "scores yourself"
         )
-    return s**beta
+    return _scaled_by_power_of_two(s) ** beta
 
 
 def mdl_quality(values: np.ndarray, tau_fraction: float = 0.05, normalize: str | None = "mean") -> np.ndarray:
@@ -73,6 +86,8 @@ def mdl_quality(values: np.ndarray, tau_fraction: float = 0.05, normalize: str |
     pos = np.maximum(values, 0.0)
     if not np.any(pos > 0):
         return np.ones_like(values)
+    if normalize == "mean":
+        pos = _scaled_by_power_of_two(pos)
     med = float(np.median(pos))
     tau = tau_fraction * (med if med > 0 else float(pos.max()))
     q = pos + tau

@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch.utils.data import DataLoader, IterableDataset
 
 from layermoe.callbacks.errors import RewireError
+from layermoe.scoring.batches import slice_batch
 
 
 def first_loader(loaders: Any) -> Any:
@@ -33,27 +33,12 @@ def first_loader(loaders: Any) -> Any:
     return loaders
 
 
-def slice_batch(batch: Any, start: int, stop: int, size: int) -> Any:
-    """Rows ``[start, stop)`` of every tensor/list whose leading dimension is the batch size."""
-    if torch.is_tensor(batch):
-        return batch[start:stop] if batch.dim() > 0 and batch.shape[0] == size else batch
-    if isinstance(batch, Mapping):
-        return type(batch)({k: slice_batch(v, start, stop, size) for k, v in batch.items()})
-    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
-        return type(batch)(*(slice_batch(v, start, stop, size) for v in batch))
-    if isinstance(batch, (list, tuple)):
-        if len(batch) == size and not any(torch.is_tensor(v) for v in batch):
-            return batch[start:stop]
-        return type(batch)(slice_batch(v, start, stop, size) for v in batch)
-    return batch
-
-
 def take_samples(batches: Iterable[Any], n: int, batch_size: int | None = None) -> list[Any]:
     """The first ``n`` samples of an iterable of batches, re-cut to ``batch_size`` rows when given."""
     out: list[Any] = []
     got = 0
     for batch in batches:
-        size = extract_batch_size(batch)
+        size = batch_size(batch)
         step = batch_size or size
         start = 0
         while start < size and got < n:

@@ -14,24 +14,30 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from layermoe.adapters import MoELoRAConfig, inject, layout, moe_layers
 from layermoe.allocation import METHODS, AllocationError, Budget, allocate, check_method_options
 from layermoe.callbacks import data as data_utils
 from layermoe.callbacks.distributed import any_rank, broadcast, check_strategy, mean_scores
+from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
 from layermoe.callbacks.report import log_rewire, print_table, save_and_log_figure
 from layermoe.callbacks.rewire import rewire
 from layermoe.callbacks.schedule import RewireSchedule
 from layermoe.callbacks.scoring_pass import PerSampleLoss, mean_loss, resolve_per_sample_loss, scoring_context
 from layermoe.callbacks.state import CallbackState, RewirePlan, plain_scores
-from layermoe.layout import BlockDims, Layout, is_int_at_least, layout_params
-from layermoe.lightning_compat import validation_defined, validation_source_loader
+from layermoe.layout import LAYOUT_KEY, BlockDims, Layout, is_int_at_least, layout_params, normalize_layout
+from layermoe.lightning_compat import (
+    validation_defined,
+    validation_due_after_this_batch,
+    validation_source_loader,
+)
 from layermoe.scoring import capture_statistics, get_scorer, torch_distributed_gather
 
 _SCOPES = ("adapter", "base")
+_ON_ERROR = ("raise", "skip")
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
@@ -76,7 +82,9 @@ class LayerInfluenceCallback(Callback):
         scoring_batch_size: batch size of the scoring passes (default: the loader's).
         seed: seed of the training sample (rank ``r`` uses ``seed + r``).
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample loss, used when the module has no
-            ``per_sample_loss(batch)``; default: ``causal_lm_per_sample_loss`` on ``pl_module.model``.
+            ``per_sample_loss(batch)``; default: the built-in loss of the model's head
+            (:func:`layermoe.scoring.default_per_sample_loss`; dict batches only). Batches reach the
+            loss as the loaders yield them (any structure), cut into samples along the leading dimension.
         scope: ``"adapter"`` (score the adapters' gradients) or ``"base"``.
         capture_options: extra keyword options for ``capture_statistics``.
         inject: a ``MoELoRAConfig`` dict: adapters are added in ``setup`` to a module that has none.
@@ -84,11 +92,17 @@ class LayerInfluenceCallback(Callback):
         plot: save a PNG per rewire under ``<log_dir>/layermoe`` and add it to TensorBoard.
         verbose: print a table per rewire (rank zero).
         log_prefix: prefix of the logged metric names.
+        on_error: what a failed scoring pass, allocation or surgery does mid-fit. ``"raise"`` (default:
+            a failure is never silent) stops the fit with ``RewireError``; ``"skip"`` warns, logs
+            ``<log_prefix>/rewire_failures``, records the failure in the callback's state, and trains on
+            without that rewire (its schedule slot is used up). Either way the model, optimizer and LR
+            schedulers are exactly as before the attempt.
 
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
             before training): unsupported strategy (FSDP/DeepSpeed/model-parallel), no MoE-LoRA layers
-            and no ``inject``, no validation data, a fractional warm-up on a run of unknown length.
+            and no ``inject``, no validation data, a fractional warm-up on a run of unknown length, or a
+            per-sample loss that fails the dry run on two samples (see ``callbacks/dry_run.py``).
         RewireError: scoring/allocation/surgery failed mid-fit; model and optimizer were restored first.
     """
 
@@ -111,6 +125,7 @@ class LayerInfluenceCallback(Callback):
         plot: bool = True,
         verbose: bool = True,
         log_prefix: str = "layermoe",
+        on_error: str = "raise",
     ) -> None:
         super().__init__()
         self.scorer_options = _check_options("scorer_options", scorer_options)
@@ -152,11 +167,16 @@ class LayerInfluenceCallback(Callback):
         self.plot = bool(plot)
         self.verbose = bool(verbose)
         self.log_prefix = str(log_prefix)
+        if on_error not in _ON_ERROR:
+            raise CallbackConfigError(f"on_error={on_error!r}: must be one of {_ON_ERROR}")
+        self.on_error = on_error
 
         self.state = CallbackState(inject=self.inject)
         self._warmup_units: int | None = None
         self._step_at_batch_start: int | None = None
         self._val_batches: list[Any] | None = None
+        self._trainer: Trainer | None = None
+        self._validated_at_step: int | None = None
         #: ``ResizeReport`` list of the last rewire (what changed, exactness, optimizer-state maps).
         self.last_reports: list[Any] = []
 
@@ -190,7 +210,29 @@ class LayerInfluenceCallback(Callback):
         return self._generate_state_key(scorer=self.scorer, allocator=self.allocator)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.state.to_dict()
+        state = self.state.to_dict()
+        state["validation_follows"] = self._validation_follows()
+        return state
+
+    def _validation_follows(self) -> int | None:
+        """Completed epochs when this save happens at a training batch end that a validation follows.
+
+        A checkpoint written there (``ModelCheckpoint(every_n_train_steps=...)``, ``last.ckpt``) precedes
+        the validation; Lightning's resume fast-forwards past it without running it, so an
+        epoch-interval trigger due at that validation end would be lost (or move to a later one).
+        """
+        trainer = self._trainer
+        if (
+            trainer is None
+            or trainer.state.fn != TrainerFn.FITTING
+            or trainer.sanity_checking
+            or trainer.validating
+            or self._validated_at_step == trainer.global_step
+        ):
+            return None
+        if not validation_due_after_this_batch(trainer):
+            return None
+        return trainer.current_epoch + (1 if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch else 0)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Store only; the pending plan is applied at the next optimizer step, the budget is reused."""
@@ -200,6 +242,7 @@ class LayerInfluenceCallback(Callback):
 
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._trainer = trainer
         if stage == TrainerFn.FITTING:
             check_strategy(trainer.strategy)
         if self.inject is not None and not moe_layers(pl_module):
@@ -210,6 +253,13 @@ class LayerInfluenceCallback(Callback):
                     f"inject={self.inject!r} could not adapt {type(pl_module).__name__}: {exc}. The model must "
                     "exist when the callback's setup runs (build it in __init__, not in configure_model)"
                 ) from exc
+            # load_from_checkpoint runs no callbacks: say how to reload before anyone tries
+            name = type(pl_module).__name__
+            rank_zero_info(
+                f"LayerInfluenceCallback added MoE-LoRA adapters to {name}; reload its checkpoints with "
+                f"layermoe.callbacks.load_adapted_checkpoint({name}, path) ({name}.load_from_checkpoint runs no "
+                "callbacks and fails on the adapter keys)"
+            )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Check everything a rewire will need, so a bad setup fails before the first step."""
@@ -222,6 +272,12 @@ class LayerInfluenceCallback(Callback):
             raise CallbackConfigError(
                 "LayerInfluenceCallback scores on validation data: define val_dataloader() on the "
                 "LightningModule or its DataModule"
+            )
+        if not self._has_validation_samples(trainer):
+            raise CallbackConfigError(
+                "LayerInfluenceCallback scores on validation data, but the validation dataloader is empty"
+                " (e.g. TextDataModule(val_size=0) and no val_file): give validation rows (data.val_size > 0"
+                " or data.val_file)"
             )
         if self.schedule.interval == "epoch" and trainer.limit_val_batches == 0:
             raise CallbackConfigError(
@@ -245,7 +301,69 @@ class LayerInfluenceCallback(Callback):
         kept = self.state.resolved_budget
         if kept is None or kept.unit != self.budget.unit:
             self.state.keep_budget(self.budget.resolve(layout(pl_module), self._block_dims(pl_module)))
+        if self.state.plans_made < self.schedule.limit:
+            self._check_budget_fits(pl_module)
         self._val_batches = None
+        dry_run(
+            trainer,
+            pl_module,
+            self.loss_fn,
+            scope=self.scope,
+            capture_options=self.capture_options,
+            needs_gradients=getattr(self._scorer, "needs_statistics", True),
+            num_train_samples=self.num_train_samples,
+            num_val_samples=self.num_val_samples,
+            seed=self.seed + trainer.global_rank,
+        )
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Every checkpoint carries the layout as plain data, whatever the module (inspection, reloading)."""
+        checkpoint[LAYOUT_KEY] = normalize_layout(layout(pl_module))
+
+    def _check_budget_fits(self, pl_module: LightningModule) -> None:
+        """Allocate once on equal scores: an impossible budget or bounds fail here, not at the rewire."""
+        current = layout(pl_module)
+        try:
+            allocate(
+                dict.fromkeys(current, 1.0),
+                method=self.allocator,
+                budget=self.state.resolved_budget,
+                current_layout=current,
+                block_dims=self._block_dims(pl_module),
+                **self.allocator_options,
+            )
+        except AllocationError as exc:
+            raise CallbackConfigError(
+                f"budget={str(self.budget)!r} / allocator_options cannot be met by any layout of the"
+                f" {len(current)} adapted blocks: {exc}"
+            ) from exc
+
+    @staticmethod
+    def _has_validation_samples(trainer: Trainer) -> bool:
+        """Whether the validation loader the scoring pass will read has at least one row."""
+        loader = data_utils.first_loader(validation_source_loader(trainer))
+        if loader is None:
+            return False
+        dataset = getattr(loader, "dataset", None)
+        return not (dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0)
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Refuse a checkpoint whose influence-callback state was written under another scorer/allocator:
+        Lightning would drop that state (a warning only) and the rewires would start over."""
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        others = [k for k in states if str(k).startswith(type(self).__name__)]
+        if others:
+            raise CallbackConfigError(
+                f"the checkpoint holds the state of {others[0]} but this callback is {self.state_key}: its"
+                " rewire progress, pending plan and budget would be dropped. Resume with the same scorer and"
+                " allocator, or start a new run without --ckpt_path"
+            )
 
     # ------------------------------------------------------------------ triggers
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -253,7 +371,13 @@ class LayerInfluenceCallback(Callback):
 
         This is the published methods' one-shot allocation (LayerIF, AlphaLoRA) run from inside the fit:
         nothing has been accumulated yet, so applying the plan here is as safe as after a step.
+
+        Resumed from a checkpoint written right before a validation (which Lightning skips on resume),
+        the validation-end trigger of an epoch schedule runs here instead, on the same weights.
         """
+        skipped, self.state.validation_follows = self.state.validation_follows, None
+        if skipped is not None:
+            self._epoch_trigger(trainer, pl_module, skipped)
         if (
             self.schedule.interval == "step"
             and (self._warmup_units or 0) == 0
@@ -286,17 +410,18 @@ class LayerInfluenceCallback(Callback):
             self._apply_pending(trainer, pl_module)
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if (
-            trainer.sanity_checking
-            or trainer.state.fn != TrainerFn.FITTING
-            or self.schedule.interval != "epoch"
-        ):
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING:
             return
-        if self.state.pending is not None:
-            return
+        self._validated_at_step = trainer.global_step
         epochs_done = trainer.current_epoch + (
             1 if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch else 0
         )
+        self._epoch_trigger(trainer, pl_module, epochs_done)
+
+    def _epoch_trigger(self, trainer: Trainer, pl_module: LightningModule, epochs_done: int) -> None:
+        """At a validation end (or its replay on resume): plan when the epoch schedule is due."""
+        if self.schedule.interval != "epoch" or self.state.pending is not None:
+            return
         if self.schedule.is_due(epochs_done, self.state.plans_made, self._warmup_units or 0):
             self._score_and_plan(trainer, pl_module)
 
@@ -334,7 +459,7 @@ class LayerInfluenceCallback(Callback):
     def _score(self, trainer: Trainer, pl_module: LightningModule) -> dict[int, float]:
         with scoring_context(pl_module):
             if not getattr(self._scorer, "needs_statistics", True):
-                return plain_scores(self._scorer.score(pl_module))
+                return self._checked_scores(self._scorer.score(pl_module), pl_module)
             val_batches = self._scoring_val_batches(trainer)
             train = data_utils.training_batches(
                 self._training_loader(trainer),
@@ -354,10 +479,55 @@ class LayerInfluenceCallback(Callback):
                 scope=self.scope,
                 **options,
             )
-            return plain_scores(self._scorer.score(stats))
+            return self._checked_scores(self._scorer.score(stats), pl_module)
+
+    def _checked_scores(self, scores: Any, pl_module: nn.Module) -> dict[int, float]:
+        """A scorer's output as ``{block: float}``; anything else is named with what was expected."""
+        blocks = sorted(moe_layers(pl_module))
+        expected = (
+            f"score() must return a dict {{block_index: float}} with one finite number per block {blocks}"
+        )
+        if not isinstance(scores, Mapping):
+            raise TypeError(
+                f"scorer {self.scorer!r} returned {type(scores).__name__} ({scores!r:.80}); {expected}"
+            )
+        try:
+            plain = plain_scores(scores)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"scorer {self.scorer!r} returned {scores!r:.120}: {exc}; {expected}") from exc
+        missing = [b for b in blocks if b not in plain]
+        bad = {b: v for b, v in plain.items() if not math.isfinite(v)}
+        if missing or bad:
+            raise ValueError(
+                f"scorer {self.scorer!r} returned no score for blocks {missing} / non-finite scores {bad};"
+                f" {expected}"
+            )
+        return plain
 
     def _score_and_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score (reduced over ranks), allocate on rank 0, broadcast, store as the pending plan."""
+        try:
+            self._score_and_plan_or_raise(trainer, pl_module)
+        except RewireError as exc:
+            self._failed(trainer, "scoring", exc)
+
+    def _failed(self, trainer: Trainer, stage: str, error: RewireError) -> None:
+        """``on_error="raise"``: re-raise; ``"skip"``: record, warn, log, and let training go on."""
+        if self.on_error == "raise":
+            raise error
+        self.state.pending = None
+        self.state.failures.append({"step": int(trainer.global_step), "stage": stage, "error": str(error)})
+        rank_zero_warn(
+            f"LayerInfluenceCallback: rewire skipped at global step {trainer.global_step} ({error});"
+            " on_error='skip': the model and optimizer are unchanged and training goes on."
+        )
+        for logger in trainer.loggers:
+            logger.log_metrics(
+                {f"{self.log_prefix}/rewire_failures": float(len(self.state.failures))},
+                step=trainer.global_step,
+            )
+
+    def _score_and_plan_or_raise(self, trainer: Trainer, pl_module: LightningModule) -> None:
         start = time.perf_counter()
         error: BaseException | None = None
         planned: tuple[Layout, dict[int, float]] | None = None
@@ -403,7 +573,11 @@ class LayerInfluenceCallback(Callback):
         before_layout = layout(pl_module)
         dims = self._block_dims(pl_module)
         loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
-        result = rewire(trainer, pl_module, plan.layout, seed=self.seed + int(trainer.global_step))
+        try:
+            result = rewire(trainer, pl_module, plan.layout, seed=self.seed + int(trainer.global_step))
+        except RewireError as exc:
+            self._failed(trainer, "rewire", exc)
+            return
         self.last_reports = result.reports
         loss_after = self._probe(trainer, pl_module, per_sample, val_batches)
         after_layout = layout(pl_module)

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
-from layermoe.scoring import causal_lm_per_sample_loss
+from layermoe.scoring import default_per_sample_loss
 
 #: ``loss(pl_module, batch) -> (B,)`` per-sample losses: the form ``capture_statistics`` calls.
 PerSampleLoss = Callable[[nn.Module, Any], torch.Tensor]
@@ -47,23 +48,29 @@ def scoring_context(module: nn.Module) -> Iterator[None]:
             p.grad = g
 
 
-def _inner_model(pl_module: nn.Module) -> nn.Module:
+def scored_model(pl_module: nn.Module) -> nn.Module:
+    """The model a ``loss_fn(model, batch)`` or built-in loss receives: ``pl_module.model`` when it is a
+    module, else the outermost Hugging Face model inside ``pl_module``, else ``pl_module`` itself."""
     model = getattr(pl_module, "model", None)
-    return model if isinstance(model, nn.Module) else pl_module
+    if isinstance(model, nn.Module):
+        return model
+    return next((m for m in pl_module.modules() if isinstance(m, PreTrainedModel)), pl_module)
 
 
 def resolve_per_sample_loss(
     pl_module: nn.Module, loss_fn: Callable[..., torch.Tensor] | None
 ) -> PerSampleLoss:
-    """``pl_module.per_sample_loss(batch)`` if defined, else ``loss_fn(model, batch)``, else the causal-LM
-    loss, as one ``loss(pl_module, batch)`` function.
+    """``pl_module.per_sample_loss(batch)`` if defined, else ``loss_fn(model, batch)``, else the built-in
+    loss of the model's head (:func:`layermoe.scoring.default_per_sample_loss`), as one
+    ``loss(pl_module, batch)`` function; ``model`` is :func:`scored_model`'s.
 
-    ``model`` is ``pl_module.model`` when the module has one, else the module itself.
+    Raises:
+        TypeError: no loss was given and the model's head has no built-in loss.
     """
     if callable(getattr(pl_module, "per_sample_loss", None)):
         return lambda module, batch: module.per_sample_loss(batch)
-    model_loss = loss_fn if loss_fn is not None else causal_lm_per_sample_loss
-    return lambda module, batch: model_loss(_inner_model(module), batch)
+    model_loss = loss_fn if loss_fn is not None else default_per_sample_loss(scored_model(pl_module))
+    return lambda module, batch: model_loss(scored_model(module), batch)
 
 
 @torch.no_grad()

@@ -51,7 +51,11 @@ class CallbackState:
     has one plain dict per applied rewire. ``budget`` is the resolved budget's value counted in
     ``budget_unit`` (``"params"`` or ``"total_experts"``), fixed at the first fit so a resumed run keeps
     the same one (``resolved_budget`` is it as a ``Budget``); ``inject`` is the MoE-LoRA config dict used
-    by ``inject=`` (for reloading).
+    by ``inject=`` (for reloading). ``failures`` has one ``{"step", "stage", "error"}`` dict per rewire
+    skipped under ``on_error="skip"`` (each uses up its slot of the schedule). ``validation_follows`` is
+    the number of completed epochs when the checkpoint was written at a training batch end right before
+    a validation (else ``None``): Lightning does not re-run that validation when resuming from it, so the
+    callback replays its validation-end trigger instead.
     """
 
     rewires_done: int = 0
@@ -60,10 +64,13 @@ class CallbackState:
     budget: int | None = None
     budget_unit: str | None = None
     inject: dict[str, Any] | None = None
+    validation_follows: int | None = None
+    failures: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def plans_made(self) -> int:
-        return self.rewires_done + (1 if self.pending is not None else 0)
+        """Schedule slots used: applied rewires, the pending plan, and rewires skipped after a failure."""
+        return self.rewires_done + (1 if self.pending is not None else 0) + len(self.failures)
 
     @property
     def plan(self) -> RewirePlan | None:
@@ -88,6 +95,8 @@ class CallbackState:
                 "budget": self.budget,
                 "budget_unit": self.budget_unit,
                 "inject": self.inject,
+                "validation_follows": self.validation_follows,
+                "failures": self.failures,
             }
         )
 
@@ -116,4 +125,8 @@ class CallbackState:
             budget=budget,
             budget_unit=unit,
             inject=state.get("inject"),
+            failures=[dict(f) for f in state.get("failures", [])],
+            validation_follows=(
+                None if state.get("validation_follows") is None else int(state["validation_follows"])
+            ),
         )

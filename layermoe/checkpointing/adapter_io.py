@@ -6,9 +6,10 @@ the shapes of the config the run started from, so the artifact carries the curre
 injects adapters with exactly that layout into a fresh base model before copying the tensors.
 
 Folder layout: ``layermoe_adapters.safetensors`` (every ``lora_*`` parameter and buffer of every
-``MoELoRALinear``, keyed by full name relative to the saved module) and ``layermoe_adapters.json``
-(format version, ``MoELoRAConfig.to_dict()`` with per-block ``experts``/``rank`` equal to the layout,
-the layout, and the list of adapted module names). A layout with one expert per block can also be
+``MoELoRALinear``, and the whole state of every ``modules_to_save`` module, keyed by full name relative
+to the saved module) and ``layermoe_adapters.json`` (format version, ``MoELoRAConfig.to_dict()`` with
+per-block ``experts``/``rank`` equal to the layout, the layout, the list of adapted module names and of
+``modules_to_save`` by full name). A layout with one expert per block can also be
 exported to peft's format (``save_adapters(..., peft=True)``), through the adapter package's
 exporter ``layermoe.adapters.export_peft``: there is one peft writer in the code base.
 """
@@ -33,13 +34,16 @@ from layermoe.adapters import (
     export_peft,
     inject,
     layout,
+    modules_to_save,
     named_moe_layers,
     normalize_layout,
     split_block_name,
 )
+from layermoe.adapters.inject import SAVED_MODULE_FLAG
 from layermoe.layout import is_adapter_key
 
 from .atomic_io import atomic_torch_save
+from .base_identity import base_fingerprint, base_identity, describe_source
 
 WEIGHTS_NAME = "layermoe_adapters.safetensors"
 CONFIG_NAME = "layermoe_adapters.json"
@@ -85,12 +89,14 @@ def _shared_hyperparameters(layers: Mapping[str, MoELoRALinear]) -> dict[str, An
 
 
 def _config_dict(
-    layers: Mapping[str, MoELoRALinear], current: Layout, config: MoELoRAConfig | None
+    layers: Mapping[str, MoELoRALinear], current: Layout, config: MoELoRAConfig | None, saved: list[str]
 ) -> dict[str, Any]:
     if config is None:
         rest_names = sorted({split_block_name(name)[2] for name in layers})  # type: ignore[index]
         config = MoELoRAConfig(target_modules=rest_names, **_shared_hyperparameters(layers))
     data = config.to_dict()
+    # Full names, so that loading keeps exactly these modules trainable.
+    data["modules_to_save"] = saved or None
     # The layout, not the config the run started from, decides the shapes.
     data["experts"] = {str(b): spec["experts"] for b, spec in current.items()}
     data["rank"] = {str(b): spec["rank"] for b, spec in current.items()}
@@ -124,20 +130,26 @@ def save_adapters(
                 f"peft=True needs one expert per block, but blocks {sorted(many)} have {sorted(set(many.values()))};"
                 " merge them first (apply_layout(model, {block: {'experts': 1, 'rank': r}})) or save without peft."
             )
-    config_data = _config_dict(layers, current, config)
+    saved = modules_to_save(model)
+    config_data = _config_dict(layers, current, config, sorted(saved))
     tensors: dict[str, torch.Tensor] = {}
     for name, layer in sorted(layers.items()):
         for attr in _TENSORS:
             value = getattr(layer, attr)
             if value is not None:
                 tensors[f"{name}.{attr}"] = value.detach().to("cpu").contiguous()
+    for name, module in sorted(saved.items()):
+        for key, value in module.state_dict().items():
+            tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous()
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "config": config_data,
         "layout": {str(b): spec for b, spec in current.items()},
         "modules": sorted(layers),
+        "modules_to_save": sorted(saved),
         "dtype": str(next(iter(layers.values())).lora_A.dtype).removeprefix("torch."),
+        "base": base_identity(model, base_model_name_or_path),
     }
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,6 +198,11 @@ def read_adapter_manifest(folder: str | Path) -> dict[str, Any]:
         parts = split_block_name(name) if isinstance(name, str) else None
         if parts is None or parts[1] not in manifest["layout"]:
             raise AdapterArtifactError(f"{path}: module {name!r} is not in a block of the saved layout.")
+    saved = manifest.setdefault("modules_to_save", [])  # absent in artifacts written before the field
+    if not isinstance(saved, list) or not all(isinstance(n, str) and n for n in saved):
+        raise AdapterArtifactError(
+            f"{path}: 'modules_to_save' must be a list of module names, got {saved!r}."
+        )
     return manifest
 
 
@@ -226,12 +243,37 @@ def _check_tensors(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], m
                 f"{name}.lora_shape is {tensors[f'{name}.lora_shape'].tolist()} but the saved layout says"
                 f" [{experts}, {rank}]; the artifact is corrupt."
             )
+    for name in manifest["modules_to_save"]:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterArtifactError(
+                f"the adapters were saved with the trainable module {name!r} (modules_to_save), which"
+                f" {type(model).__name__} does not have; load them onto the same architecture."
+            ) from None
+        for key, value in module.state_dict().items():
+            full = f"{name}.{key}"
+            expected_keys.add(full)
+            if full not in tensors:
+                raise AdapterArtifactError(f"{WEIGHTS_NAME} lacks {full}; the artifact is corrupt.")
+            if tensors[full].shape != value.shape:
+                raise AdapterArtifactError(
+                    f"{full} has shape {tuple(tensors[full].shape)} but the model's module needs"
+                    f" {tuple(value.shape)}; the artifact does not fit this model."
+                )
     extra = sorted(set(tensors) - expected_keys)
     if extra:
         raise AdapterArtifactError(f"{WEIGHTS_NAME} holds tensors no saved module owns: {extra[:5]}.")
 
 
-def _check_existing_layers(layers: dict[str, MoELoRALinear], manifest: dict[str, Any]) -> None:
+def _check_existing_layers(
+    layers: dict[str, MoELoRALinear], saved: list[str], manifest: dict[str, Any]
+) -> None:
+    if saved != sorted(manifest["modules_to_save"]):
+        raise AdapterArtifactError(
+            f"the model already has MoE-LoRA layers with modules_to_save {saved}, but the adapters were saved"
+            f" with {sorted(manifest['modules_to_save'])}; load them onto the base model instead."
+        )
     if sorted(layers) != sorted(manifest["modules"]):
         raise AdapterArtifactError(
             "the model already has MoE-LoRA layers, but not on the saved modules (only saved:"
@@ -248,12 +290,27 @@ def _check_existing_layers(layers: dict[str, MoELoRALinear], manifest: dict[str,
                 )
 
 
-def load_adapters(model: nn.Module, folder: str | Path) -> Layout:
+def _check_base(manifest: dict[str, Any], model: nn.Module, folder: Path) -> None:
+    saved = manifest.get("base")
+    if not isinstance(saved, dict) or "fingerprint" not in saved:
+        return  # written before base fingerprints existed
+    current = base_fingerprint(model, manifest["modules_to_save"])
+    if current != saved["fingerprint"]:
+        raise AdapterArtifactError(
+            f"the adapters in {folder} were trained on another base model: saved from"
+            f" {describe_source(saved.get('source'))} with weight fingerprint {saved['fingerprint'][:12]},"
+            f" but this model's fingerprint is {current[:12]} (another model, size, dtype or seed). Load"
+            " them onto the base they were trained on, or pass allow_other_base=True to load them anyway."
+        )
+
+
+def load_adapters(model: nn.Module, folder: str | Path, *, allow_other_base: bool = False) -> Layout:
     """Put the adapters saved in ``folder`` onto ``model`` in place; returns the loaded layout.
 
     ``model`` is the base model (adapters are injected with the saved config and layout, everything
     else frozen) or a model already adapted on the same modules with the same hyperparameters (layers
-    are resized to the saved layout). All-or-nothing: on any error the model is left as it was.
+    are resized to the saved layout). The base's weight fingerprint must match the one saved with the
+    adapters unless ``allow_other_base=True``. All-or-nothing: on any error the model is left as it was.
     """
     manifest = read_adapter_manifest(folder)
     try:
@@ -265,12 +322,17 @@ def load_adapters(model: nn.Module, folder: str | Path) -> Layout:
     _check_tensors(manifest, tensors, model)
     existing = named_moe_layers(model)
     if existing:
-        _check_existing_layers(existing, manifest)
+        _check_existing_layers(existing, sorted(modules_to_save(model)), manifest)
+    if not allow_other_base:
+        _check_base(manifest, model, Path(folder))
     originals = {name: model.get_submodule(name) for name in manifest["modules"]}
     snapshot = {
         name: {k: v.detach().clone() for k, v in layer.state_dict().items() if is_adapter_key(k)}
         for name, layer in existing.items()
     }
+    saved_names = manifest["modules_to_save"]
+    saved_before = {name: model.get_submodule(name).state_dict() for name in saved_names}
+    saved_before = {n: {k: v.detach().clone() for k, v in state.items()} for n, state in saved_before.items()}
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     try:
         if not existing:
@@ -291,8 +353,16 @@ def load_adapters(model: nn.Module, folder: str | Path) -> Layout:
             lora_missing = [k for k in missing if is_adapter_key(k)]
             if lora_missing or unexpected:
                 raise AdapterArtifactError(f"{name}: missing {lora_missing}, unexpected {unexpected}.")
+        for name in saved_names:
+            module = model.get_submodule(name)
+            module.load_state_dict({k: tensors[f"{name}.{k}"] for k in module.state_dict()})
     except BaseException:
         _rollback(model, originals, snapshot, flags, had_adapters=bool(existing))
+        for name, state in saved_before.items():
+            module = model.get_submodule(name)
+            module.load_state_dict(state)
+            if not existing and hasattr(module, SAVED_MODULE_FLAG):
+                delattr(module, SAVED_MODULE_FLAG)
         raise
     return layout(model)
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from .integrity import check_finite_state, read_checkpoint, verify_checksum, with_checksum
 from .layout_check import validate_checkpoint_layout
 
 CheckpointPath = str | os.PathLike  # what Lightning passes as a checkpoint path (its own alias is private)
@@ -98,8 +99,11 @@ def atomic_torch_save(
 class AtomicCheckpointIO(TorchCheckpointIO):
     """A Lightning ``CheckpointIO`` whose saves and removals are all-or-nothing on local disks.
 
-    Use it with ``Trainer(plugins=[AtomicCheckpointIO()])``. Loading also checks the MoE-LoRA layout
-    (``validate_checkpoint_layout``) before Lightning hands the weights to the module. URL paths
+    Use it with ``Trainer(plugins=[AtomicCheckpointIO()])``. Every checkpoint it writes carries a content
+    checksum (``layermoe_checksum``), and one whose weights hold NaN or infinity is refused instead of
+    written. Loading names the file when it is empty, truncated or corrupt (checksum mismatch, non-finite
+    weights) and checks the MoE-LoRA layout (``validate_checkpoint_layout``), all before Lightning hands
+    the weights to the module. URL paths
     (``s3://``, ``file://``, ...) are saved by Lightning's stock fsspec code (object-store uploads are
     all-or-nothing there).
     """
@@ -110,8 +114,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        validate_checkpoint_layout(checkpoint)
+        if _is_remote(path):
+            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        else:
+            checkpoint = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        validate_checkpoint_layout(checkpoint)  # first: a broken layout is named layer by layer
+        verify_checksum(checkpoint, f"checkpoint {path}")
+        check_finite_state(checkpoint, f"checkpoint {path}", "load")
         return checkpoint
 
     def save_checkpoint(
@@ -122,6 +131,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"{type(self).__name__}.save_checkpoint got storage_options={storage_options!r}, which it does"
                 " not use; call Trainer.save_checkpoint(path) without storage_options."
             )
+        check_finite_state(checkpoint, f"checkpoint {path}", "write")
+        checkpoint = with_checksum(checkpoint)
         if _is_remote(path):
             super().save_checkpoint(checkpoint, path)
             return

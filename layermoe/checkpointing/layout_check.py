@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from layermoe.adapters import split_block_name
 from layermoe.layout import LAYOUT_KEY, normalize_layout
 
 _MAX_LISTED = 6
@@ -99,8 +100,6 @@ def validate_checkpoint_layout(checkpoint: Mapping[str, Any], state_key: str = "
 
 
 def _block_of(prefix: str) -> int | None:
-    from layermoe.adapters import split_block_name
-
     parts = split_block_name(prefix.rstrip("."))
     return None if parts is None else parts[1]
 

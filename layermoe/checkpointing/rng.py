@@ -87,18 +87,19 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 class RNGStateCallback(Callback):
-    """Pins the global RNG states at every checkpoint, in the run that saves it and in the one resuming it.
+    """Every training batch starts from the RNG states of the previous batch's end, in every run.
 
-    Rule: the states captured when a checkpoint is written during fit are the states at the start of
-    the next training batch, in both runs. The saving run sets them back at that batch start (a no-op
-    unless something drew in between); the resuming run sets them there too. Between the two points
-    Lightning does different things in the two runs: the original one may run a validation (a
-    ``DataLoader`` without its own generator draws its worker seed from the global torch generator)
-    and epoch hooks, while the resumed one runs the sanity check, ``on_fit_start`` hooks, and, for a
-    checkpoint written at the batch end right before a validation, a fast-forward of that validation
-    that still creates its loader iterator. Pinning makes all of that irrelevant to what follows:
-    dropout masks in ``training_step`` and scoring samples drawn from the global generators continue
-    identically. (So a run's random stream depends on where its checkpoints are; resuming is exact.)
+    Rule: at each training batch end the callback captures the global RNG states, and at the next
+    training batch start it sets them back; checkpoints hold the states of the last batch end, wherever
+    they are written (at that batch end, at a validation end, at an epoch end). Between a batch end
+    and the next batch start Lightning does different things in an uninterrupted and in a resumed run:
+    the original one may run a validation (a ``DataLoader`` without its own generator draws its worker
+    seed from the global torch generator) and epoch hooks, while the resumed one runs the sanity check,
+    ``on_fit_start`` hooks and, for a checkpoint written at the batch end right before a validation, a
+    fast-forward of that validation without running it. Restoring at the batch start makes all of that
+    irrelevant to what follows, so dropout masks in ``training_step`` and scoring samples drawn from the
+    global generators continue identically from any checkpoint, and a run's random stream does not
+    depend on where or how often it writes checkpoints.
 
     States are plain data (``capture_rng_state``), so checkpoints still load with
     ``weights_only=True``. Exactness also needs a training loader that does not draw from the global
@@ -109,6 +110,7 @@ class RNGStateCallback(Callback):
 
     def __init__(self) -> None:
         self._pinned: dict[str, Any] | None = None
+        self._at_batch_end: dict[str, Any] | None = None
         self._trainer: pl.Trainer | None = None
 
     @property
@@ -119,11 +121,13 @@ class RNGStateCallback(Callback):
         self._trainer = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        state = capture_rng_state()
         trainer = self._trainer
-        if trainer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._pinned = state
-        return {"rng": state}
+        fitting = (
+            trainer is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        )
+        if fitting and self._at_batch_end is not None:
+            return {"rng": self._at_batch_end}
+        return {"rng": capture_rng_state()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" not in state_dict:
@@ -139,3 +143,8 @@ class RNGStateCallback(Callback):
         if self._pinned is not None:
             state, self._pinned = self._pinned, None
             restore_rng_state(state)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._at_batch_end = self._pinned = capture_rng_state()

@@ -20,6 +20,18 @@ def _read_records(path: Path) -> list[dict[str, Any]]:
     kind = SUFFIXES.get(path.suffix.lower())
     if kind is None:
         raise DataError(f"{path}: unknown file type {path.suffix!r}; use .jsonl, .csv or .tsv")
+    try:
+        return _parse_records(path, kind)
+    except UnicodeDecodeError as err:
+        raw = path.read_bytes()
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise DataError(
+            f"{path}:{line}: byte {raw[err.start : err.start + 1]!r} at offset {err.start} is not UTF-8"
+            f" ({err.reason}); re-save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+        ) from None
+
+
+def _parse_records(path: Path, kind: str) -> list[dict[str, Any]]:
     if kind == "jsonl":
         records = []
         with path.open(encoding="utf-8") as handle:
@@ -82,7 +94,15 @@ def read_rows(
                 f"{file} row {number} has no text column {text_column!r} (columns: {sorted(record)}); "
                 "set text_column"
             )
-        texts.append(str(record[text_column]))
+        text = record[text_column]
+        if isinstance(text, (int, float)) and not isinstance(text, bool):
+            text = str(text)
+        if not isinstance(text, str):
+            raise DataError(
+                f"{file} row {number}: text column {text_column!r} holds {text!r}, not a string; drop or"
+                " fill the row (a null would otherwise train on the text 'None')"
+            )
+        texts.append(text)
         if labels is not None:
             if label_column not in record:
                 raise DataError(

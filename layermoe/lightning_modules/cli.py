@@ -7,14 +7,18 @@ printing the choice; every other Trainer argument passes through unchanged.
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins import CheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from layermoe.checkpointing import AtomicCheckpointIO
+from layermoe.checkpointing.integrity import read_checkpoint, verify_checksum
 from layermoe.data import TextDataModule
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
 from layermoe.precision import AUTO, describe_choice, resolve_precision
@@ -23,7 +27,12 @@ from layermoe.precision import AUTO, describe_choice, resolve_precision
 class Trainer(pl.Trainer):
     """``lightning.pytorch.Trainer`` whose ``precision`` may also be ``"auto"`` (the default here), and whose
     checkpoints are written atomically (:class:`AtomicCheckpointIO`) unless another ``CheckpointIO`` is given:
-    a job killed while saving never leaves a half-written checkpoint behind."""
+    a job killed while saving never leaves a half-written checkpoint behind.
+
+    Every ``ModelCheckpoint`` that writes ``last.ckpt`` (``save_last`` or ``filename: last``) overwrites it:
+    Lightning's version counter would make a second run into the same folder write ``last-v1.ckpt`` and
+    leave ``last.ckpt`` at the old run's step, so ``--ckpt_path .../last.ckpt`` would resume the old run.
+    """
 
     def __init__(self, *, precision: str | int | None = AUTO, **kwargs: Any) -> None:
         accelerator = kwargs.get("accelerator", "auto")
@@ -38,6 +47,39 @@ class Trainer(pl.Trainer):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
         super().__init__(precision=resolved, **kwargs)
+        for callback in self.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and writes_last(callback):
+                callback._enable_version_counter = False  # no public setter; the init argument sets it
+
+
+def writes_last(callback: ModelCheckpoint) -> bool:
+    """Whether ``callback`` writes ``last.ckpt``: ``save_last``, or a plain ``filename: last``."""
+    return bool(callback.save_last) or callback.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST
+
+
+def check_influence_callback_entry(index: int, entry: Any) -> None:
+    """Raise ``CallbackConfigError`` naming ``trainer.callbacks[index]`` when the entry is a
+    ``LayerInfluenceCallback`` (or subclass) whose arguments it rejects."""
+    from jsonargparse import Namespace
+
+    from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
+
+    class_path = getattr(entry, "class_path", None) if isinstance(entry, Namespace) else None
+    if not isinstance(class_path, str) or "." not in class_path:
+        return
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        return  # jsonargparse reports unknown classes itself
+    if not (isinstance(cls, type) and issubclass(cls, LayerInfluenceCallback)):
+        return
+    init_args = entry.get("init_args")
+    kwargs = init_args.as_dict() if isinstance(init_args, Namespace) else dict(init_args or {})
+    try:
+        cls(**kwargs)
+    except CallbackConfigError as exc:
+        raise CallbackConfigError(f"trainer.callbacks[{index}] ({name}): {exc}") from None
 
 
 class LayerMoECLI(LightningCLI):
@@ -45,13 +87,35 @@ class LayerMoECLI(LightningCLI):
 
     The optimizer and LR schedule are the module's own (``configure_optimizers``: deterministic parameter
     order, needed when the callback resizes adapters), so LightningCLI's ``--optimizer`` options are off.
+
+    ``--ckpt_path`` keeps the configuration as given: LightningCLI would overlay the checkpoint's
+    hyperparameters on the model settings and command-line overrides, silently. The module then compares
+    them with the checkpoint's (:mod:`layermoe.lightning_modules.resume_settings`): optimizer settings
+    apply from the resumed step on, other differences stop the run before training with their list.
     """
+
+    def before_instantiate_classes(self) -> None:
+        """Build each ``LayerInfluenceCallback`` entry once before jsonargparse does, so a bad argument (an
+        unknown scorer or allocator name, say) fails with the callback's own short message instead of
+        inside jsonargparse's many-line union error."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        callbacks = config.get("trainer.callbacks") if config is not None else None
+        entries = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks is not None else []
+        for index, entry in enumerate(entries):
+            check_influence_callback_entry(index, entry)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", Trainer)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(MoELoRAFineTuner, TextDataModule, *args, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Read and verify the checkpoint early (a clear error before the model is built), overlay nothing."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).suffix == ".ckpt" and "://" not in str(ckpt_path):
+            verify_checksum(read_checkpoint(ckpt_path), f"checkpoint {ckpt_path}")
 
 
 def main(args: list[str] | None = None) -> LayerMoECLI:

@@ -10,6 +10,7 @@ influence callback resized come back at their new size because each layer re-all
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -22,6 +23,8 @@ from torchmetrics.text import Perplexity
 
 from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject, layout
 from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_layout
+from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
+from layermoe.checkpointing.integrity import check_finite_state, verify_checksum
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
 from layermoe.lightning_modules.losses import (
     greedy_exact_match,
@@ -30,8 +33,14 @@ from layermoe.lightning_modules.losses import (
     per_sample_loss_from_logits,
     supervised_log_likelihood,
 )
-from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model
+from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model, check_vocabulary
 from layermoe.lightning_modules.reporting import format_layout_table
+from layermoe.lightning_modules.resume_settings import (
+    OPTIMIZER_SETTINGS,
+    apply_optimizer_settings,
+    refuse_changed_settings,
+    settings_differences,
+)
 from layermoe.lightning_modules.schedule import SCHEDULES, lr_multiplier
 
 Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
@@ -39,6 +48,13 @@ TASKS = ("classification", "causal_lm", "instruction", "multiple_choice")
 CHOICE_SCORES = ("sum", "mean")
 ADAPTER_ONLY_KEY = "layermoe_adapter_only"
 STAGES = ("train", "val", "test")
+# What on_load_checkpoint verifies against the checksum: the sections Lightning never rewrites while
+# loading (it migrates loops and versions, and load_from_checkpoint merges overrides into hparams).
+_VERIFIED_SECTIONS = ("state_dict", LAYOUT_KEY, BASE_KEY)
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the fit stops before the optimizer step applies it."""
 
 
 class MoELoRAFineTuner(pl.LightningModule):
@@ -124,6 +140,8 @@ class MoELoRAFineTuner(pl.LightningModule):
         self.model.train()
         self.metrics = nn.ModuleDict()
         self._adapter_only_incoming = False
+        self._base_identity: dict[str, Any] | None = None
+        self._resumed_settings: dict[str, Any] | None = None
         if task != "classification" or num_classes is not None:
             self._build_metrics(num_classes)
 
@@ -157,14 +175,17 @@ class MoELoRAFineTuner(pl.LightningModule):
         return metrics
 
     def setup(self, stage: str) -> None:
-        """Take num_classes from the data module when it was not given (classification only), and check
-        that the data module serves this task."""
+        """Check that the data module serves this task and its tokenizer fits the model's vocabulary; take
+        num_classes from the data module when it was not given (classification only)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         data_task = getattr(datamodule, "task", None)
         if isinstance(data_task, str) and data_task != self.task:
             raise ValueError(
                 f"model.task={self.task!r} but data.task={data_task!r}; set both to the same task"
             )
+        prepare_tokenizer = getattr(datamodule, "prepare_tokenizer", None)
+        if callable(prepare_tokenizer):
+            check_vocabulary(self.model, prepare_tokenizer())
         num_classes = getattr(datamodule, "num_classes", None)
         given = self.hparams.get("num_classes")
         if self.task == "classification" and None not in (num_classes, given) and num_classes != given:
@@ -300,7 +321,14 @@ class MoELoRAFineTuner(pl.LightningModule):
         return loss
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        if not bool(torch.isfinite(loss.detach())):
+            raise NonFiniteLossError(
+                f"training loss is {float(loss):.4g} at global step {self.global_step} (batch {batch_idx}); the"
+                " fit stops before this step updates the adapters, and no checkpoint of it is written. Lower"
+                " model.lr (or raise warmup_steps), check the data, or resume from an earlier checkpoint."
+            )
+        return loss
 
     def on_train_epoch_end(self) -> None:
         metrics = self.metrics["train_metrics"]
@@ -346,6 +374,12 @@ class MoELoRAFineTuner(pl.LightningModule):
                 f"scheduler {hp.scheduler!r} needs a finite run length: set trainer.max_steps or "
                 "trainer.max_epochs, or use scheduler: constant"
             )
+        if math.isfinite(total) and hp.warmup_steps > total:
+            raise ValueError(
+                f"model.warmup_steps={hp.warmup_steps} is longer than the run ({int(total)} optimizer steps):"
+                f" the LR would end at {total / hp.warmup_steps:.0%} of model.lr without ever reaching it;"
+                " lower model.warmup_steps or lengthen the run (trainer.max_steps / max_epochs)"
+            )
         multiplier = lr_multiplier(hp.scheduler, hp.warmup_steps, int(min(total, 2**31)), hp.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
@@ -355,9 +389,30 @@ class MoELoRAFineTuner(pl.LightningModule):
         if self.hparams.print_layout:
             self.print(format_layout_table(self.model, title="MoE-LoRA layout at fit start:"))
 
+    def on_train_start(self) -> None:
+        """Resumed with other optimizer settings than the checkpoint's: apply them from this step on
+        (runs after Lightning restored the optimizer and scheduler states, which hold the old ones)."""
+        saved, self._resumed_settings = self._resumed_settings, None
+        if saved is None:
+            return
+        changed = [k for k in OPTIMIZER_SETTINGS if k in saved and saved[k] != self.hparams[k]]
+        if not changed:
+            return
+        schedulers = [config.scheduler for config in self.trainer.lr_scheduler_configs]
+        lrs = apply_optimizer_settings(self.trainer.optimizers, schedulers, self.hparams)
+        shown = ", ".join(f"{k} {saved[k]!r} -> {self.hparams[k]!r}" for k in changed)
+        self.print(f"Resumed at step {self.global_step} with changed settings ({shown}); LR now {lrs[:1]}")
+
+    def base_identity(self) -> dict[str, Any]:
+        """The frozen base's source and weight fingerprint (computed once: the base does not train)."""
+        if self._base_identity is None:
+            self._base_identity = base_identity(self.model, self.hparams.model)
+        return self._base_identity
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the layout (plain ints) and, by default, drop the frozen base weights from the checkpoint."""
         checkpoint[LAYOUT_KEY] = normalize_layout(layout(self.model))
+        checkpoint[BASE_KEY] = dict(self.base_identity())
         if not self.hparams.save_base_weights:
             trainable = {name for name, p in self.named_parameters() if p.requires_grad}
             state = checkpoint["state_dict"]
@@ -365,10 +420,24 @@ class MoELoRAFineTuner(pl.LightningModule):
             checkpoint[ADAPTER_ONLY_KEY] = True
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # Runs right before load_state_dict (Lightning's restore order): a missing or corrupt layout is
-        # reported by name here instead of as torch's list of size mismatches; then remember whether the
-        # frozen base is expected to be absent from the incoming state_dict.
+        # Runs right before load_state_dict (Lightning's restore order), for fit/validate/test --ckpt_path
+        # and load_from_checkpoint alike: corrupt bytes, non-finite weights, a missing or corrupt layout,
+        # another base model or settings that cannot change are reported by name here, before any weight
+        # loads; then remember whether the frozen base is absent from the incoming state_dict.
         validate_checkpoint_layout(checkpoint)
+        verify_checksum(checkpoint, skip=[k for k in checkpoint if k not in _VERIFIED_SECTIONS])
+        check_finite_state(checkpoint, "the checkpoint", "load")
+        saved = checkpoint.get("hyper_parameters")
+        if isinstance(saved, Mapping):
+            saved_base = checkpoint.get(BASE_KEY)
+            refused, _ = settings_differences(
+                saved,
+                dict(self.hparams),
+                saved_base if isinstance(saved_base, Mapping) else None,
+                self.base_identity()["fingerprint"] if saved_base is not None else None,
+            )
+            refuse_changed_settings(refused)
+            self._resumed_settings = {k: saved[k] for k in OPTIMIZER_SETTINGS if k in saved}
         self._adapter_only_incoming = bool(checkpoint.get(ADAPTER_ONLY_KEY, False))
 
     def load_state_dict(

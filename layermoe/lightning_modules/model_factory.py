@@ -103,3 +103,20 @@ def build_model(
         if torch.cuda.is_available():
             kwargs["device_map"] = {"": torch.cuda.current_device()}
     return AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+
+
+def check_vocabulary(model: nn.Module, tokenizer: Any) -> None:
+    """The model's input embedding must have a row for every token id the tokenizer can produce.
+
+    Raises ValueError naming ``model.model.vocab_size`` and the size needed: otherwise the first training
+    step fails with an ``IndexError`` deep inside the embedding. (The tiny tokenizer has 259 ids, 3 specials
+    and 256 bytes, plus one per added label word.)
+    """
+    embeddings = model.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    needed = len(tokenizer)
+    if rows is not None and needed > rows:
+        raise ValueError(
+            f"the tokenizer has {needed} tokens but the model's embedding has only {rows} rows; set "
+            f"model.model.vocab_size >= {needed} (for a dict model) or use the tokenizer saved with the model"
+        )

@@ -6,10 +6,17 @@ scores = get_scorer("alpha_hill").score(model)       # model-only scorers take t
 """
 
 from .api import score_blocks
+from .batches import batch_size, map_tensors, slice_batch
 from .capture import SCOPES, capture_per_sample_gradients, capture_statistics
 from .distributed import gather_rows, torch_distributed_gather
 from .errors import ScoringError
-from .losses import causal_lm_per_sample_loss
+from .losses import (
+    UnsupportedBatchError,
+    causal_lm_per_sample_loss,
+    default_per_sample_loss,
+    masked_lm_per_sample_loss,
+    sequence_classification_per_sample_loss,
+)
 from .modules import base_weight, scored_layers
 from .projection import CountSketch
 from .reference import layerif_loop_influence_matrix, layerif_loop_influences
@@ -46,21 +53,28 @@ __all__ = [
     "Scorer",
     "ScoringError",
     "UniformScorer",
+    "UnsupportedBatchError",
     "aggregate_influence",
     "base_weight",
+    "batch_size",
     "capture_per_sample_gradients",
     "capture_statistics",
     "causal_lm_per_sample_loss",
     "datainf_influences",
+    "default_per_sample_loss",
     "fisher_influences",
     "gather_rows",
     "get_scorer",
     "hill_alpha_xmin_peak",
     "layerif_loop_influence_matrix",
     "layerif_loop_influences",
+    "map_tensors",
+    "masked_lm_per_sample_loss",
     "register_scorer",
     "score_blocks",
     "scored_layers",
+    "sequence_classification_per_sample_loss",
+    "slice_batch",
     "statistics_from_pieces",
     "statistics_from_rows",
     "torch_distributed_gather",

@@ -16,7 +16,7 @@ differentiates with respect to a detached copy of the input embeddings, so param
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,6 +25,7 @@ from torch import nn
 
 from layermoe.layout import is_int_at_least
 
+from .batches import batch_size, map_tensors, slice_batch
 from .distributed import ReduceFn, gather_rows
 from .errors import ScoringError
 from .losses import causal_lm_per_sample_loss
@@ -41,8 +42,8 @@ from .persample import (
 from .projection import CountSketch
 from .statistics import BlockStatistics, statistics_from_pieces
 
-LossFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
-Batch = Mapping[str, Any]
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Batch = Any  # any structure the loss accepts (batches.py)
 SCOPES = ("adapter", "base")
 
 
@@ -162,38 +163,26 @@ class _Collector:
         return out
 
 
-def _batch_size(batch: Batch) -> int:
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-    if isinstance(ids, torch.Tensor):
-        return int(ids.shape[0])
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.ndim > 0:
-            return int(value.shape[0])
-    raise ValueError("a scoring batch must be a dict holding at least one tensor with a batch dimension")
-
-
-def _chunks(batches: Iterable[Batch], chunk_size: int, device: torch.device, field: str) -> list[dict]:
+def _chunks(batches: Iterable[Batch], chunk_size: int, device: torch.device, field: str) -> list[Any]:
     """Split every batch into sub-batches of at most chunk_size samples, moved to the model's device.
 
-    Inference tensors (batches built under torch.inference_mode) are cloned into normal tensors so
-    autograd may save them.
+    Any batch structure works (see batches.py); inference tensors (batches built under
+    torch.inference_mode) are cloned into normal tensors so autograd may save them.
     """
-    out: list[dict] = []
+
+    def to_device(value: torch.Tensor) -> torch.Tensor:
+        value = value.to(device)
+        return value.clone() if value.is_inference() else value
+
+    out: list[Any] = []
     for batch in batches:
-        if not isinstance(batch, Mapping):
-            raise TypeError(f"{field} must yield dict batches (input_ids, attention_mask, labels, ...)")
-        size = _batch_size(batch)
+        try:
+            size = batch_size(batch)
+        except ValueError as exc:
+            raise ValueError(f"{field}: {exc}") from None
         for start in range(0, size, chunk_size):
-            part: dict[str, Any] = {}
-            for key, value in batch.items():
-                if isinstance(value, torch.Tensor) and value.ndim > 0 and value.shape[0] == size:
-                    value = value[start : start + chunk_size]
-                if isinstance(value, torch.Tensor):
-                    value = value.to(device)
-                    if value.is_inference():
-                        value = value.clone()
-                part[key] = value
-            out.append(part)
+            part = slice_batch(batch, start, start + chunk_size, size) if size > chunk_size else batch
+            out.append(map_tensors(part, to_device))
     if not out:
         raise ValueError(f"{field} is empty: scoring needs at least one sample")
     return out
@@ -291,7 +280,7 @@ def _check_options(scope: str, chunk_size: int, projection_dim: int | None) -> N
 def _run_passes(
     model: nn.Module,
     collector: _Collector,
-    splits: list[tuple[str, list[dict]]],
+    splits: list[tuple[str, list[Any]]],
     loss_fn: LossFn,
     groups: list[list[int]],
     progress: bool | None,
@@ -349,7 +338,7 @@ def capture_statistics(
     with torch.inference_mode(False):
         train_chunks = _chunks(train_batches, chunk_size, collector.device, "train_batches")
         val_chunks = _chunks(val_batches, chunk_size, collector.device, "val_batches")
-    samples = sum(_batch_size(c) for c in train_chunks) + sum(_batch_size(c) for c in val_chunks)
+    samples = sum(batch_size(c) for c in train_chunks) + sum(batch_size(c) for c in val_chunks)
     if reduce_fn is not None:
         # Every rank must split the blocks into the same passes (each pass gathers once per piece).
         counts = reduce_fn(torch.tensor([samples], dtype=torch.int64, device=collector.device))
@@ -413,13 +402,13 @@ def capture_per_sample_gradients(
 
 def _backward_chunk(
     model: nn.Module,
-    chunk: dict,
+    chunk: Any,
     loss_fn: LossFn,
     collector: _Collector,
     anchors: list[torch.Tensor],
     split: str,
 ) -> None:
-    size = _batch_size(chunk)
+    size = batch_size(chunk)
     collector.begin(size)
     anchors.clear()
     losses = loss_fn(model, chunk)

@@ -90,6 +90,41 @@ class TinyLlamaModule(LightningModule):
         return opt
 
 
+def assert_fit_fails_before_first_step(
+    module: LightningModule,
+    callback: Any,
+    error: type[Exception],
+    pattern: str,
+    *loaders: Any,
+    weights_unchanged: bool = True,
+    **kw: Any,
+) -> None:
+    """``trainer.fit`` raises ``error`` matching ``pattern`` with no optimizer step taken and (unless the
+    callback injects adapters) the weights unchanged."""
+    import pytest
+    from lightning.pytorch import Trainer
+
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    opts: dict[str, Any] = dict(
+        accelerator="cpu",
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    opts.update(kw)
+    trainer = Trainer(callbacks=[callback], **opts)
+    with pytest.raises(error, match=pattern):
+        trainer.fit(module, *loaders)
+    assert trainer.global_step == 0
+    if not weights_unchanged:
+        return
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), f"{k} changed although training must not have started"
+
+
 @register_scorer("test_fixed_scores")
 class FixedScorer(Scorer):
     """Returns the scores it was given, whatever the statistics (planted-case tests)."""

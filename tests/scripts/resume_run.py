@@ -11,6 +11,11 @@ trainable tensors, layout and progress go to ``--out`` (``torch.save``, plain da
 rewire's scoring pass), ``after_rewire`` (right after the rewire, before that step's checkpoint),
 ``checkpoint_write`` (halfway through writing ``last.ckpt`` for step ``--kill-step``), ``validation``
 (inside the validation that follows step ``--kill-step``).
+
+``--epochs N`` switches to epoch mode: ``max_epochs=N``, one validation at each epoch end, an
+epoch-interval rewire after epoch ``--rewire-step`` (scored at that epoch's validation end), and a
+``val-step=K.ckpt`` written at every validation end (where ``ModelCheckpoint(monitor=...)`` saves
+the best).
 """
 
 from __future__ import annotations
@@ -62,8 +67,9 @@ class KillableFineTuner(MoELoRAFineTuner):
             die("train_step")
 
     def per_sample_loss(self, batch: Any) -> torch.Tensor:
-        # Only the influence callback's scoring pass calls this (training and validation do not).
-        if KILL_AT == "scoring":
+        # Only the influence callback calls this (training and validation do not): its dry run at fit start,
+        # before any step (global_step is still 0 there, also on resume), and its scoring pass.
+        if KILL_AT == "scoring" and self.trainer.global_step > 0:
             die("scoring")
         return super().per_sample_loss(batch)
 
@@ -158,20 +164,37 @@ def build(
     )
     module.kill_step = args.kill_step
     data = data_module(args.data)
+    epochs = args.epochs is not None
     influence = LayerInfluenceCallback(
         scorer="grad_norm",
-        schedule={"warmup": args.rewire_step, "interval": "step"},
+        schedule={"warmup": args.rewire_step, "interval": "epoch" if epochs else "step"},
         num_train_samples=8,
         num_val_samples=8,
         plot=False,
         verbose=False,
     )
+    length: dict[str, Any] = (
+        {"max_epochs": args.epochs, "check_val_every_n_epoch": 1}
+        if epochs
+        else {
+            "max_steps": args.max_steps,
+            "val_check_interval": args.val_every,
+            "check_val_every_n_epoch": None,
+        }
+    )
+    at_validation = [
+        ModelCheckpoint(
+            dirpath=Path(args.run_dir) / "checkpoints",
+            filename="val-{step}",
+            monitor="val/loss",
+            save_top_k=-1,
+            save_on_train_epoch_end=False,
+        )
+    ]
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
-        max_steps=args.max_steps,
-        val_check_interval=args.val_every,
-        check_val_every_n_epoch=None,
+        **length,
         limit_val_batches=2,
         num_sanity_val_steps=1,
         deterministic=True,
@@ -191,6 +214,7 @@ def build(
                 save_top_k=-1,
                 save_last=True,
             ),
+            *(at_validation if epochs else []),
         ],
     )
     return trainer, module, data, influence
@@ -276,6 +300,7 @@ def main() -> None:
     parser.add_argument("--rewire-step", type=int, default=6)
     parser.add_argument("--val-every", type=int, default=4)
     parser.add_argument("--kill-step", type=int, default=-1)
+    parser.add_argument("--epochs", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny matrices: one thread is much faster on a shared 2-core machine
     trainer, module, data, influence = build(args)

@@ -1,0 +1,184 @@
+"""The callback's dry run at fit start: score two samples before any training, so a mismatch between
+the batches, the per-sample loss and the model fails before the first optimizer step.
+
+Without it, a batch the loss cannot read, a loss reduced over the batch, or a loss computed without
+autograd surfaces only at the first rewire, after the warm-up has been trained. The dry run takes two
+training and two validation samples (fewer when a set is smaller: two rows expose a loss that averages
+over the batch, which one row cannot), calls the per-sample loss on each, checks shape ``(B,)`` and
+finiteness, and runs the scoring pass on them (sketched to a few coordinates) to check that the loss is
+differentiable through the scored layers. It runs in eval mode with the RNG isolated and no ``.grad``
+left behind, so it changes nothing a resumed run could see. Loaders come from the module's or data
+module's hooks directly (``lightning_compat``): the trainer's own loaders do not exist yet at
+``on_fit_start``, and building them early would skip the restore of a resumable loader's position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
+
+from layermoe.callbacks import data as data_utils
+from layermoe.callbacks.distributed import any_rank
+from layermoe.callbacks.errors import CallbackConfigError
+from layermoe.callbacks.scoring_pass import PerSampleLoss, resolve_per_sample_loss, scoring_context
+from layermoe.lightning_compat import training_source_loader, validation_defined, validation_source_loader
+from layermoe.scoring import capture_statistics
+from layermoe.scoring.batches import batch_size
+from layermoe.scoring.losses import UnsupportedBatchError
+
+DRY_RUN_SAMPLES = 2
+_SKETCH_DIM = 8  # the gradient check needs reachability, not exact statistics
+
+
+def _describe(batch: Any) -> str:
+    if isinstance(batch, Mapping):
+        return f"a {type(batch).__name__} with keys {sorted(map(str, batch))}"
+    if isinstance(batch, (list, tuple)):
+        return f"a {type(batch).__name__} of {len(batch)} fields"
+    return f"a {type(batch).__name__}"
+
+
+def _loss_origin(pl_module: LightningModule, loss_fn: Any) -> tuple[str, str]:
+    """(what the loss is, how to fix it) for the messages."""
+    if callable(getattr(pl_module, "per_sample_loss", None)):
+        return f"{type(pl_module).__name__}.per_sample_loss", "fix per_sample_loss(batch) so it"
+    if loss_fn is not None:
+        return "loss_fn(model, batch)", "fix loss_fn so it"
+    return (
+        "the built-in per-sample loss",
+        "define per_sample_loss(batch) -> Tensor[B] on the LightningModule (or pass loss_fn=...) that",
+    )
+
+
+def _warn_truncation(what: str, loader: Any, requested: int, option: str) -> None:
+    dataset = getattr(loader, "dataset", None)
+    try:
+        available = len(dataset)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    if available < requested:
+        rank_zero_warn(
+            f"LayerInfluenceCallback: {option}={requested} but the {what} set has only {available} samples; "
+            f"scoring uses {available}. Lower {option} to silence this warning."
+        )
+
+
+def _check_losses(losses: Any, batch: Any, split: str, origin: tuple[str, str]) -> None:
+    name, fix = origin
+    size = batch_size(batch)
+    shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+    if not isinstance(losses, torch.Tensor) or losses.shape != (size,):
+        raise CallbackConfigError(
+            f"{name} returned {shape} for a {split} batch of {size} samples; it must return one loss per "
+            f"sample, a tensor of shape ({size},): {fix} reduces over tokens only, not over the batch "
+            "(e.g. F.cross_entropy(..., reduction='none'))"
+        )
+    if not bool(torch.isfinite(losses.detach()).all()):
+        raise CallbackConfigError(
+            f"{name} returned NaN/inf on {split} samples ({losses.detach().tolist()}); check the loss and "
+            "those samples before training"
+        )
+
+
+def dry_run(
+    trainer: Trainer,
+    pl_module: LightningModule,
+    loss_fn: Any,
+    *,
+    scope: str,
+    capture_options: dict[str, Any],
+    needs_gradients: bool,
+    num_train_samples: int,
+    num_val_samples: int,
+    seed: int,
+) -> None:
+    """Check the scoring loss on two training and two validation samples; ``CallbackConfigError`` naming
+    the fix on any mismatch (raised on every rank when one rank fails)."""
+    error: BaseException | None = None
+    try:
+        origin = _loss_origin(pl_module, loss_fn)
+        try:
+            per_sample = resolve_per_sample_loss(pl_module, loss_fn)
+        except TypeError as exc:
+            raise CallbackConfigError(str(exc)) from exc
+        with isolate_rng():
+            batches = _samples(trainer, num_train_samples, num_val_samples, seed)
+            with scoring_context(pl_module):
+                for split, batch in batches.items():
+                    _check_losses(_call(per_sample, pl_module, batch, split, origin), batch, split, origin)
+            if needs_gradients:
+                _check_gradients(pl_module, per_sample, batches, scope, capture_options, origin)
+    except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank agreed
+        error = exc
+    if any_rank(trainer.strategy, error is not None):
+        if isinstance(error, CallbackConfigError):
+            raise error
+        raise CallbackConfigError(
+            f"the scoring dry run failed: {type(error).__name__}: {error}"
+            if error is not None
+            else "the scoring dry run failed on another rank (see its error)"
+        ) from error
+
+
+def _samples(trainer: Trainer, num_train_samples: int, num_val_samples: int, seed: int) -> dict[str, Any]:
+    """One batch of (up to) two samples per split, on the module's device; warns when scoring would be cut."""
+    train_loader = data_utils.first_loader(training_source_loader(trainer))
+    val_loader = data_utils.first_loader(
+        validation_source_loader(trainer) if validation_defined(trainer) else None
+    )
+    _warn_truncation("training", train_loader, num_train_samples, "num_train_samples")
+    _warn_truncation("validation", val_loader, num_val_samples, "num_val_samples")
+    batches = {
+        "training": data_utils.training_batches(train_loader, DRY_RUN_SAMPLES, seed, DRY_RUN_SAMPLES)[0],
+        "validation": data_utils.validation_batches(val_loader, DRY_RUN_SAMPLES, DRY_RUN_SAMPLES)[0],
+    }
+    return {k: trainer.strategy.batch_to_device(b) for k, b in batches.items()}
+
+
+def _check_gradients(
+    pl_module: LightningModule,
+    per_sample: PerSampleLoss,
+    batches: dict[str, Any],
+    scope: str,
+    capture_options: dict[str, Any],
+    origin: tuple[str, str],
+) -> None:
+    """The scoring pass itself on the two batches, sketched: it fails where scoring would."""
+    options = {k: v for k, v in capture_options.items() if k in ("modules", "blocks")}
+    try:
+        capture_statistics(
+            pl_module,
+            [batches["training"]],
+            [batches["validation"]],
+            per_sample,
+            scope=scope,
+            projection_dim=_SKETCH_DIM,
+            progress=False,
+            **options,
+        )
+    except Exception as exc:  # noqa: BLE001 - reported with the fix
+        raise CallbackConfigError(
+            f"scoring cannot differentiate {origin[0]} with respect to the {scope} parameters of the "
+            f"MoE-LoRA layers ({exc}); {origin[1]} computes the loss with autograd through the model "
+            "(no torch.no_grad(), no .detach() on the logits)"
+        ) from exc
+
+
+def _call(
+    per_sample: PerSampleLoss, pl_module: LightningModule, batch: Any, split: str, origin: tuple[str, str]
+) -> Any:
+    name, fix = origin
+    try:
+        return per_sample(pl_module, batch)
+    except UnsupportedBatchError as exc:  # its message already names the fix
+        raise CallbackConfigError(f"scoring a {split} batch ({_describe(batch)}): {exc}") from exc
+    except Exception as exc:  # noqa: BLE001 - reported with the batch structure and the fix
+        raise CallbackConfigError(
+            f"{name} failed on a {split} batch ({_describe(batch)}): {type(exc).__name__}: {exc}. "
+            f"Scoring passes batches exactly as the loader yields them: {fix} accepts them"
+        ) from exc

@@ -1,0 +1,157 @@
+"""Checkpoints that prove their integrity: a content checksum, finite weights, readable files.
+
+Why: a few corrupted bytes inside a tensor's storage unpickle without complaint, and the loss only turns
+NaN at the next step, after which the non-finite weights are written to the next checkpoint. Here every
+checkpoint written by :class:`AtomicCheckpointIO` carries a SHA-256 digest of each of its top-level
+sections (``state_dict``, ``optimizer_states``, ``loops``, ...), computed over a canonical walk of the
+content (tensor dtype, shape and bytes; keys, lists and primitives), and loading recomputes them and
+names the section that changed. A checkpoint without the digest (written by other code) still loads.
+Non-finite floats in a ``state_dict`` are refused both when writing and when reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import zipfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKSUM_KEY = "layermoe_checksum"
+_ALGORITHM = "sha256"
+_MAX_LISTED = 6
+
+
+class CheckpointIntegrityError(ValueError):
+    """A checkpoint file is empty, truncated, corrupt, or holds non-finite weights."""
+
+
+def _feed(digest: Any, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().to("cpu").contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, Mapping):
+        digest.update(f"D{len(value)}".encode())
+        for key in sorted(value, key=repr):
+            _feed(digest, key)
+            _feed(digest, value[key])
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(f"{type(value).__name__}:{value!r};".encode())
+
+
+def content_digest(value: Any) -> str:
+    """SHA-256 of ``value``'s content (tensors by dtype, shape and bytes; containers in key order)."""
+    digest = hashlib.sha256()
+    _feed(digest, value)
+    return digest.hexdigest()
+
+
+def section_digests(checkpoint: Mapping[str, Any]) -> dict[str, str]:
+    """One digest per top-level section of a checkpoint (the checksum entry itself excluded)."""
+    return {str(k): content_digest(v) for k, v in checkpoint.items() if k != CHECKSUM_KEY}
+
+
+def with_checksum(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """A shallow copy of ``checkpoint`` carrying its section digests under ``layermoe_checksum``."""
+    return {
+        **checkpoint,
+        CHECKSUM_KEY: {"algorithm": _ALGORITHM, "sections": section_digests(checkpoint)},
+    }
+
+
+def verify_checksum(
+    checkpoint: Mapping[str, Any], source: str = "the checkpoint", skip: Iterable[str] = ()
+) -> bool:
+    """Raise ``CheckpointIntegrityError`` naming every section whose content no longer matches its digest.
+
+    Returns False when the checkpoint carries no checksum (written by other code), True when verified.
+    ``skip`` lists sections a caller legitimately changed after loading (e.g. ``hyper_parameters``
+    updated by ``load_from_checkpoint(..., **overrides)``).
+    """
+    entry = checkpoint.get(CHECKSUM_KEY)
+    if entry is None:
+        return False
+    if not isinstance(entry, Mapping) or entry.get("algorithm") != _ALGORITHM:
+        raise CheckpointIntegrityError(
+            f"{source}: {CHECKSUM_KEY} is malformed ({entry!r}); the file is corrupt."
+        )
+    saved = entry.get("sections")
+    if not isinstance(saved, Mapping):
+        raise CheckpointIntegrityError(f"{source}: {CHECKSUM_KEY} has no 'sections'; the file is corrupt.")
+    skipped = set(skip)
+    current = {k: v for k, v in section_digests(checkpoint).items() if k not in skipped}
+    expected = {k: v for k, v in saved.items() if k not in skipped}
+    problems = [f"section {k!r} is missing" for k in sorted(set(expected) - set(current))]
+    problems += [
+        f"section {k!r} was not in the checksummed file" for k in sorted(set(current) - set(expected))
+    ]
+    problems += [
+        f"section {k!r} does not match its checksum"
+        for k in sorted(set(current) & set(expected))
+        if current[k] != expected[k]
+    ]
+    if problems:
+        raise CheckpointIntegrityError(
+            f"{source} is corrupt: " + "; ".join(problems[:_MAX_LISTED]) + ". Its bytes changed after it was"
+            " written (disk or copy error, or an edit); resume from another checkpoint (e.g. an earlier"
+            " step=*.ckpt) instead."
+        )
+    return True
+
+
+def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
+    """Names of floating-point tensors in ``state`` holding NaN or infinity."""
+    return [
+        str(name)
+        for name, value in state.items()
+        if isinstance(value, torch.Tensor)
+        and value.is_floating_point()
+        and not bool(torch.isfinite(value).all())
+    ]
+
+
+def check_finite_state(checkpoint: Mapping[str, Any], source: str, action: str) -> None:
+    """Raise ``CheckpointIntegrityError`` when the checkpoint's ``state_dict`` holds non-finite floats."""
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, Mapping):
+        return
+    bad = non_finite_tensors(state)
+    if bad:
+        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+        raise CheckpointIntegrityError(
+            f"Refusing to {action} {source}: {len(bad)} weight tensors hold NaN or infinity"
+            f" ({', '.join(bad[:_MAX_LISTED])}{more}). The training diverged or the file is corrupt:"
+            " resume from an earlier checkpoint and lower the learning rate (model.lr) or check the data."
+        )
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True) -> Any:
+    """``torch.load`` with errors that name the file: missing, empty, truncated, not a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; check --ckpt_path (or use 'last').")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointIntegrityError(
+            f"checkpoint {path} is empty (0 bytes): the write that produced it never completed (a crash or a"
+            " full disk with a non-atomic writer). Resume from another checkpoint."
+        )
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as err:
+        if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
+            raise  # torch's own message about unsafe globals explains itself
+        raise CheckpointIntegrityError(
+            f"checkpoint {path} ({size} bytes) cannot be read: it is truncated or not a torch checkpoint"
+            f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Resume from another"
+            " checkpoint."
+        ) from err

@@ -1,0 +1,62 @@
+"""Issue 23: configuration mistakes in train.py configs fail before training with the short message:
+an unknown scorer or allocator name (not buried in jsonargparse's union error), and a dict model whose
+vocabulary is smaller than the tiny tokenizer's (not an IndexError at the first step)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from layermoe.callbacks import CallbackConfigError
+from layermoe.lightning_modules.cli import main
+from tests.test_cli_quickstart import QUICKSTART, _override
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    return tmp_path
+
+
+def _with_influence(path: Path, **init_args: object) -> Path:
+    config = yaml.safe_load(path.read_text())
+    config["trainer"]["callbacks"] = [
+        {"class_path": "layermoe.callbacks.LayerInfluenceCallback", "init_args": init_args}
+    ]
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("init_args", "pattern"),
+    [
+        (
+            {"scorer": "layerifff"},
+            r"^trainer.callbacks\[0\] \(LayerInfluenceCallback\): scorer='layerifff'.*registered",
+        ),
+        (
+            {"allocator": "greedy"},
+            r"^trainer.callbacks\[0\] \(LayerInfluenceCallback\): allocator='greedy'.*power_law",
+        ),
+    ],
+)
+def test_unknown_registry_names_fail_with_the_short_message(
+    run_dir, tiny_spec, toy_files, init_args, pattern
+):
+    override = _with_influence(_override(run_dir, tiny_spec, toy_files), **init_args)
+    with pytest.raises(CallbackConfigError, match=pattern) as info:
+        main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    assert "Union" not in str(info.value) and len(str(info.value).splitlines()) == 1
+
+
+def test_dict_model_smaller_than_the_tiny_vocabulary_fails_at_setup(run_dir, tiny_spec, toy_files):
+    spec = {**tiny_spec, "vocab_size": 100}
+    override = _override(run_dir, spec, toy_files)
+    with pytest.raises(
+        ValueError, match=r"tokenizer has 261 tokens but .* only 100 rows; set model.model.vocab_size >= 261"
+    ):
+        main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    assert not (run_dir / "runs" / "quickstart" / "checkpoints").exists()

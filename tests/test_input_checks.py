@@ -1,0 +1,125 @@
+"""Inputs that used to train silently wrong or crash late now fail before the first step (issue 24).
+
+Each case names the file, row, field or setting and the fix: a null text, a non-UTF-8 byte, a warm-up
+longer than the run, a tokenizer larger than the model's vocabulary, an empty validation split or an
+impossible budget with the influence callback, and a resume under another scorer.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
+from layermoe.data import DataError, TextDataModule, read_rows
+from layermoe.lightning_modules import MoELoRAFineTuner
+from tests.conftest import tiny_llama_spec, toy_rows, write_jsonl
+
+
+def test_null_text_names_the_row(tmp_path: Path) -> None:
+    rows = toy_rows(4)
+    rows[2]["text"] = None
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(DataError, match=r"train.jsonl row 3: text column 'text' holds None"):
+        read_rows(path)
+
+
+def test_non_utf8_byte_names_the_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "train.jsonl"
+    lines = [json.dumps(r) for r in toy_rows(4)]
+    lines[2] = lines[2].replace('"label"', '"caf\xe9", "label"')
+    path.write_bytes("\n".join(lines).encode("latin-1"))
+    with pytest.raises(DataError, match=r"train.jsonl:3: byte b'\\xe9' .* is not UTF-8"):
+        read_rows(path)
+    csv_path = tmp_path / "train.csv"
+    csv_path.write_bytes(b"text,label\ngood,1\nbad \xff,0\n")
+    with pytest.raises(DataError, match=r"train.csv:3: byte b'\\xff'"):
+        read_rows(csv_path)
+
+
+def _data(tmp_path: Path, **kwargs) -> TextDataModule:
+    train = write_jsonl(tmp_path / "train.jsonl", toy_rows(24))
+    defaults = {"train_file": str(train), "label_words": ["no", "yes"], "val_size": 8, "batch_size": 4}
+    return TextDataModule(**{**defaults, **kwargs})
+
+
+def _trainer(tmp_path: Path, callbacks: list | None = None, **kwargs) -> L.Trainer:
+    options = dict(
+        max_steps=4,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        default_root_dir=str(tmp_path),
+    )
+    options.update(kwargs)
+    return L.Trainer(callbacks=callbacks or [], **options)
+
+
+def _module(**kwargs) -> MoELoRAFineTuner:
+    defaults = {"model": tiny_llama_spec(), "adapter": {"experts": 2, "rank": 2}, "print_layout": False}
+    return MoELoRAFineTuner(**{**defaults, **kwargs})
+
+
+def test_warmup_longer_than_the_run_fails_before_training(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"model.warmup_steps=10 is longer than the run \(4 optimizer steps\)"
+    ):
+        trainer.fit(_module(warmup_steps=10), datamodule=_data(tmp_path))
+    assert trainer.global_step == 0
+
+
+def test_tokenizer_larger_than_the_vocabulary_fails_before_training(tmp_path: Path) -> None:
+    spec = {**tiny_llama_spec(), "vocab_size": 100}
+    trainer = _trainer(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"tokenizer has \d+ tokens but the model's embedding has only 100 rows"
+    ):
+        trainer.fit(_module(model=spec), datamodule=_data(tmp_path))
+    assert trainer.global_step == 0
+
+
+def _callback(**kwargs) -> LayerInfluenceCallback:
+    defaults = dict(
+        scorer="grad_norm", schedule={"warmup": 2}, num_train_samples=4, num_val_samples=4, plot=False
+    )
+    return LayerInfluenceCallback(**{**defaults, **kwargs})
+
+
+def test_empty_validation_split_with_the_callback_fails_at_fit_start(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [_callback()])
+    with pytest.raises(CallbackConfigError, match="validation dataloader is empty.*data.val_size"):
+        trainer.fit(_module(), datamodule=_data(tmp_path, val_size=0))
+    assert trainer.global_step == 0
+
+
+def test_impossible_budget_fails_at_fit_start(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path, [_callback(budget="total_experts:1")])
+    with pytest.raises(
+        CallbackConfigError, match="total_experts:1.*2 adapted blocks.*below the minimum layout"
+    ):
+        trainer.fit(_module(), datamodule=_data(tmp_path))
+    assert trainer.global_step == 0
+
+
+def test_resume_under_another_scorer_is_refused(tmp_path: Path) -> None:
+    folder = tmp_path / "checkpoints"
+    _trainer(
+        tmp_path,
+        [_callback(), ModelCheckpoint(folder, filename="last")],
+        enable_checkpointing=True,
+        max_steps=3,
+    ).fit(_module(), datamodule=_data(tmp_path))
+    saved = torch.load(folder / "last.ckpt", weights_only=True)
+    assert any(k.startswith("LayerInfluenceCallback") for k in saved["callbacks"])
+    trainer = _trainer(tmp_path, [_callback(scorer="uniform")], max_steps=6)
+    with pytest.raises(CallbackConfigError, match=r"holds the state of LayerInfluenceCallback.*grad_norm"):
+        trainer.fit(_module(), datamodule=_data(tmp_path), ckpt_path=folder / "last.ckpt")
+    assert trainer.global_step == 0  # stopped while restoring, before the loops and any training
