@@ -1,18 +1,31 @@
-"""Local text data for fine-tuning: file reading, splits, tokenizers, encoding and `TextDataModule`."""
+"""Data for fine-tuning: local files and Hugging Face datasets, column mapping, splits, tokenizers, chat
+templates, response-only encoding and `TextDataModule`."""
 
+from layermoe.data.chat import render_chat
+from layermoe.data.columns import ColumnMap, task_rows
 from layermoe.data.encode import Collator, label_token_ids
 from layermoe.data.io import DataError, read_rows
 from layermoe.data.module import TextDataModule
+from layermoe.data.responses import ResponseFormat, encode_multiple_choice, encode_response
+from layermoe.data.sources import load_split, read_source
 from layermoe.data.split import stratified_indices
 from layermoe.data.tokenizer import build_tiny_tokenizer, load_tokenizer
 
 __all__ = [
     "Collator",
+    "ColumnMap",
     "DataError",
+    "ResponseFormat",
     "TextDataModule",
     "build_tiny_tokenizer",
+    "encode_multiple_choice",
+    "encode_response",
     "label_token_ids",
+    "load_split",
     "load_tokenizer",
     "read_rows",
+    "read_source",
+    "render_chat",
     "stratified_indices",
+    "task_rows",
 ]

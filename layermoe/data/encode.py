@@ -1,7 +1,9 @@
 """Turn texts into token ids for the two tasks, and collate them into the batch format of the contract.
 
 Batch (docs/architecture.md): ``input_ids``/``attention_mask``/``labels`` (B, T), labels -100 except the
-supervised tokens; classification adds ``class_label`` (B,) and ``candidate_token_ids`` (B, C).
+supervised tokens; classification adds ``class_label`` (B,) and ``candidate_token_ids`` (B, C); multiple
+choice evaluation batches add ``class_label`` (B,) and every option as ``choice_input_ids``,
+``choice_attention_mask``, ``choice_labels`` (B, K, T') with ``choice_mask`` (B, K) marking real options.
 """
 
 from __future__ import annotations
@@ -108,30 +110,63 @@ def encode_causal_lm(
     return {"input_ids": ids[:max_length]}
 
 
+def _pad(rows: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``/``attention_mask``/``labels`` of encoded rows; labels keep the supervised
+    tokens: one label position, a 0/1 ``supervised`` list, or (neither) every token."""
+    length = max(len(e["input_ids"]) for e in rows)
+    batch = len(rows)
+    input_ids = torch.full((batch, length), pad_token_id, dtype=torch.long)
+    attention = torch.zeros((batch, length), dtype=torch.long)
+    labels = torch.full((batch, length), -100, dtype=torch.long)
+    for row, example in enumerate(rows):
+        ids = torch.tensor(example["input_ids"], dtype=torch.long)
+        input_ids[row, : len(ids)] = ids
+        attention[row, : len(ids)] = 1
+        if "label_position" in example:
+            position = example["label_position"]
+            labels[row, position] = ids[position]
+        elif "supervised" in example:
+            keep = torch.tensor(example["supervised"], dtype=torch.bool)
+            labels[row, : len(ids)] = torch.where(keep, ids, torch.full_like(ids, -100))
+        else:
+            labels[row, : len(ids)] = ids
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
 class Collator:
     """Right-pads a list of encoded examples into the contract's batch dict."""
 
-    def __init__(self, pad_token_id: int, candidates: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, pad_token_id: int, candidates: Sequence[int] | None = None, with_choices: bool = False
+    ) -> None:
         self.pad_token_id = int(pad_token_id)
         self.candidates = None if candidates is None else [int(c) for c in candidates]
+        self.with_choices = with_choices
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        length = max(len(e["input_ids"]) for e in examples)
+        out = _pad(examples, self.pad_token_id)
         batch = len(examples)
-        input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
-        attention = torch.zeros((batch, length), dtype=torch.long)
-        labels = torch.full((batch, length), -100, dtype=torch.long)
-        for row, example in enumerate(examples):
-            ids = torch.tensor(example["input_ids"], dtype=torch.long)
-            input_ids[row, : len(ids)] = ids
-            attention[row, : len(ids)] = 1
-            if "label_position" in example:
-                position = example["label_position"]
-                labels[row, position] = ids[position]
-            else:
-                labels[row, : len(ids)] = ids
-        out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
         if self.candidates is not None:
             out["class_label"] = torch.tensor([e["class_label"] for e in examples], dtype=torch.long)
             out["candidate_token_ids"] = torch.tensor([self.candidates] * batch, dtype=torch.long)
+        if self.with_choices:
+            out.update(self._choices(examples))
         return out
+
+    def _choices(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Every option of every row as (B, K, T') tensors; rows with fewer options are padded with
+        empty options that ``choice_mask`` marks False."""
+        options = max(len(e["choices"]) for e in examples)
+        empty = {"input_ids": [self.pad_token_id], "supervised": [0]}
+        flat = [(e["choices"] + [empty] * options)[:options] for e in examples]
+        padded = _pad([o for row in flat for o in row], self.pad_token_id)
+        shape = (len(examples), options, -1)
+        return {
+            "class_label": torch.tensor([e["class_label"] for e in examples], dtype=torch.long),
+            "choice_input_ids": padded["input_ids"].view(shape),
+            "choice_attention_mask": padded["attention_mask"].view(shape),
+            "choice_labels": padded["labels"].view(shape),
+            "choice_mask": torch.tensor(
+                [[k < len(e["choices"]) for k in range(options)] for e in examples], dtype=torch.bool
+            ),
+        }

@@ -1,9 +1,12 @@
-"""`TextDataModule`: local text files -> tokenized batches for classification or causal-LM fine-tuning.
+"""`TextDataModule`: local files or Hugging Face datasets -> tokenized batches for fine-tuning.
 
-Classification is next-token prediction over verbalized labels: the prompt is followed by the single
-token of its class's label word, only that token is supervised, and accuracy is the argmax of the logits
-over the candidate label tokens. The validation split can be carved out of train (seeded, stratified),
-which is what the influence callback scores on.
+Tasks: classification is next-token prediction over verbalized labels (the prompt is followed by the
+single token of its class's label word, only that token is supervised, and accuracy is the argmax of the
+logits over the candidate label tokens); causal_lm supervises every token; instruction supervises the
+response tokens only (prompt/response columns, or a chat ``messages`` column rendered with the
+tokenizer's chat template); multiple_choice trains on the correct option as the response and evaluates
+by scoring every option. The validation split can be carved out of train (seeded, stratified), which is
+what the influence callback scores on.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any, Literal
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader, Dataset
 
+from layermoe.data.chat import check_chat_template
+from layermoe.data.columns import TASKS, ColumnMap, task_rows
 from layermoe.data.encode import (
     Collator,
     check_template,
@@ -21,11 +26,16 @@ from layermoe.data.encode import (
     label_token_ids,
 )
 from layermoe.data.io import DataError, read_rows
+from layermoe.data.responses import ResponseFormat, encode_multiple_choice, encode_response
+from layermoe.data.sources import PROJECT_READER_SUFFIXES, load_split, read_source
 from layermoe.data.split import stratified_indices
 from layermoe.data.tokenizer import TINY, load_tokenizer
 from layermoe.layout import is_int_at_least
+from layermoe.models.paths import resolve_path
 
-Task = Literal["classification", "causal_lm"]
+Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
+Rows = tuple[list[dict[str, Any]], list[int] | None]
+STAGE_SPLITS = {"train": "train_split", "val": "val_split", "test": "test_split"}
 
 
 class EncodedDataset(Dataset):
@@ -46,20 +56,38 @@ class EncodedDataset(Dataset):
 
 
 class TextDataModule(pl.LightningDataModule):
-    """Reads local JSONL/CSV/TSV files and serves batches in the format of docs/architecture.md.
+    """Reads local files or a Hugging Face dataset and serves batches in the format of docs/architecture.md.
 
     Args:
-        train_file: training rows; ``{cache}``, ``{shared}``, ``{quickstart}`` placeholders allowed.
-        val_file: validation rows; when None, ``val_size`` rows (int) or fraction (float) of train are
-            carved out, stratified by label and seeded (0 disables validation).
+        train_file: training rows (``.jsonl``, ``.csv``, ``.tsv``, ``.json``, ``.parquet``); ``{cache}``,
+            ``{shared}``, ``{quickstart}`` placeholders allowed.
+        val_file: validation rows; when None (and no ``val_split``), ``val_size`` rows (int) or fraction
+            (float) of train are carved out, stratified by label and seeded (0 disables validation).
         test_file: rows for ``trainer.test``.
-        text_column / label_column: column names (``label_column: null`` for unlabeled causal-LM text).
-        task: "classification" (verbalized labels) or "causal_lm" (every token supervised).
+        dataset / dataset_config / dataset_cache_dir: instead of the files, a Hugging Face dataset: a
+            name (from the local cache when offline), a local folder of data files, or one local file;
+            its ``train_split`` / ``val_split`` / ``test_split`` (``datasets`` slicing such as
+            ``"train[:2000]"`` allowed) are used.
+        text_column / label_column: column names (``label_column: null`` for unlabeled causal-LM text);
+            for multiple_choice, ``label_column`` holds the correct option.
+        prompt_column / response_column / messages_column: instruction columns; ``messages_column`` set
+            means chat data (a list of role/content messages per row). ``prompt_column`` is also the
+            question of multiple_choice.
+        choices_column: multiple_choice options: a column holding a list (or an ARC-style
+            ``{"text": [...], "label": [...]}`` dict), or a list of columns, one per option.
+        task: "classification" (verbalized labels), "causal_lm" (every token supervised),
+            "instruction" (response tokens supervised) or "multiple_choice" (options scored).
+        use_chat_template: render prompt/response pairs (instruction, multiple_choice) as a user turn and
+            an assistant turn with the tokenizer's chat template.
+        response_separator: without a chat template, the text between the formatted prompt and the
+            response (or option).
         tokenizer: a model folder, or "tiny" (byte-level, built in code; label words become whole tokens).
-        prompt_template: must contain ``{text}``; e.g. "Headline: {text}\\nSarcastic:".
+        prompt_template: must contain ``{text}`` (the text, or the prompt); e.g. "Headline: {text}\\nSarcastic:".
         label_words / label_separator: class c is verbalized as ``label_separator + label_words[c]``,
             which must be a single token.
-        max_length: longest sequence; longer prompts lose text tokens from the end, never the label.
+        max_length: longest sequence; longer prompts lose text tokens from the end, never the label;
+            instruction rows lose tokens from the end (rows with no response token left are dropped,
+            with a warning); multiple_choice rows with an option that does not fit are dropped.
         limit_train_rows / limit_eval_rows: keep a seeded, stratified subset of train / of val and test.
         batch_size / eval_batch_size / num_workers / seed: loader settings; ``seed`` drives the split,
             the limits and the training shuffle order.
@@ -91,10 +119,35 @@ class TextDataModule(pl.LightningDataModule):
         seed: int = 0,
         append_eos: bool = True,
         group_by_length: bool = False,
+        dataset: str | None = None,
+        dataset_config: str | None = None,
+        dataset_cache_dir: str | None = None,
+        train_split: str = "train",
+        val_split: str | None = None,
+        test_split: str | None = None,
+        prompt_column: str = "prompt",
+        response_column: str = "response",
+        messages_column: str | None = None,
+        choices_column: str | list[str] = "choices",
+        use_chat_template: bool = False,
+        response_separator: str = " ",
     ) -> None:
         super().__init__()
-        if task not in ("classification", "causal_lm"):
-            raise DataError(f"task must be 'classification' or 'causal_lm', got {task!r}")
+        if task not in TASKS:
+            raise DataError(f"task must be one of {list(TASKS)}, got {task!r}")
+        if dataset is not None and any(f is not None for f in (train_file, val_file, test_file)):
+            raise DataError(
+                "set either data.dataset (with train_split / val_split / test_split) or "
+                "data.train_file / val_file / test_file, not both"
+            )
+        if task == "multiple_choice" and label_column is None:
+            raise DataError(
+                "task 'multiple_choice' needs label_column (the column holding the correct option)"
+            )
+        if isinstance(choices_column, list) and len(choices_column) < 2:
+            raise DataError(
+                f"choices_column as a list needs one column per option (>= 2), got {choices_column}"
+            )
         if task == "classification":
             if not label_words:
                 raise DataError("task 'classification' needs label_words, e.g. ['no', 'yes'] (one per class)")
@@ -115,7 +168,22 @@ class TextDataModule(pl.LightningDataModule):
         self.train_file, self.val_file, self.test_file = train_file, val_file, test_file
         self.text_column = text_column
         self.label_column = label_column if task == "classification" or label_column else None
+        if task == "instruction":
+            self.label_column = None
         self.task = task
+        self.dataset, self.dataset_config, self.dataset_cache_dir = dataset, dataset_config, dataset_cache_dir
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.columns = ColumnMap(
+            text=text_column,
+            label=self.label_column,
+            prompt=prompt_column,
+            response=response_column,
+            messages=messages_column,
+            choices=list(choices_column) if isinstance(choices_column, list) else choices_column,
+        )
+        self.response_format = ResponseFormat(
+            prompt_template, response_separator, use_chat_template, append_eos
+        )
         self.tokenizer_source = tokenizer
         self.prompt_template = prompt_template
         self.label_words = list(label_words) if label_words else None
@@ -148,86 +216,142 @@ class TextDataModule(pl.LightningDataModule):
             tokenizer = load_tokenizer(self.tokenizer_source, extra_tokens=extra)
             if self.task == "classification":
                 self.candidate_ids = label_token_ids(tokenizer, self.label_words, self.label_separator)
+            if self.columns.messages is not None or self.response_format.use_chat_template:
+                check_chat_template(tokenizer, self.tokenizer_source)
             self.tokenizer = tokenizer
         return self.tokenizer
 
-    def _encode(self, texts: list[str], labels: list[int] | None) -> EncodedDataset:
+    def _encode(self, rows: list[dict[str, Any]], strata: list[int] | None = None) -> EncodedDataset:
         tok = self.prepare_tokenizer()
         if self.task == "classification":
-            assert labels is not None and self.candidate_ids is not None
+            assert self.candidate_ids is not None
             examples = [
-                encode_classification(tok, self.prompt_template, t, y, self.candidate_ids, self.max_length)
-                for t, y in zip(texts, labels, strict=True)
+                encode_classification(
+                    tok, self.prompt_template, r["text"], r["label"], self.candidate_ids, self.max_length
+                )
+                for r in rows
             ]
+        elif self.task == "causal_lm":
+            examples = [
+                encode_causal_lm(tok, self.prompt_template, r["text"], self.max_length, self.append_eos)
+                for r in rows
+            ]
+        elif self.task == "instruction":
+            fmt = self.response_format
+            encoded = [
+                encode_response(
+                    tok, fmt, r.get("prompt"), r.get("response"), r.get("messages"), self.max_length
+                )
+                for r in rows
+            ]
+            examples = [e for e in encoded if any(e["supervised"])]
+            self._report_dropped(len(rows) - len(examples), len(rows), "have no response token within")
         else:
-            examples = [
-                encode_causal_lm(tok, self.prompt_template, t, self.max_length, self.append_eos)
-                for t in texts
+            encoded = [
+                encode_multiple_choice(
+                    tok, self.response_format, r["prompt"], r["choices"], r["label"], self.max_length
+                )
+                for r in rows
             ]
+            examples = [e for e in encoded if e is not None]
+            self._report_dropped(len(rows) - len(examples), len(rows), "have an option longer than")
         return EncodedDataset(examples)
 
-    def _read(self, path: str) -> tuple[list[str], list[int] | None]:
-        return read_rows(path, self.text_column, self.label_column)
+    def _report_dropped(self, dropped: int, total: int, why: str) -> None:
+        if dropped == total:
+            raise DataError(f"all {total} rows {why} max_length={self.max_length}; raise data.max_length")
+        if dropped:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            rank_zero_warn(f"dropped {dropped} of {total} rows that {why} max_length={self.max_length}")
+
+    def _source(self, stage: str) -> str | None:
+        """What ``stage`` ("train", "val", "test") reads: its file, or the dataset when it has that split."""
+        if self.dataset is not None:
+            return self.dataset if self.splits[stage] is not None else None
+        return {"train": self.train_file, "val": self.val_file, "test": self.test_file}[stage]
+
+    def _read(self, stage: str) -> Rows:
+        """The task's rows of ``stage`` and their classes (for stratified splits)."""
+        if self.dataset is not None:
+            split = self.splits[stage]
+            assert split is not None
+            records = load_split(
+                self.dataset, split, self.dataset_config, self.dataset_cache_dir, field=STAGE_SPLITS[stage]
+            )
+            return task_rows(records, self.task, self.columns, f"{self.dataset} [{split}]")
+        path = self._source(stage)
+        assert path is not None
+        legacy = self.task in ("classification", "causal_lm")
+        if legacy and resolve_path(path).suffix.lower() in PROJECT_READER_SUFFIXES:
+            texts, labels = read_rows(path, self.text_column, self.label_column)
+            if labels is None:
+                return [{"text": t} for t in texts], None
+            return [{"text": t, "label": y} for t, y in zip(texts, labels, strict=True)], labels
+        return task_rows(read_source(path), self.task, self.columns, str(resolve_path(path)))
 
     @staticmethod
-    def _subset(
-        texts: list[str], labels: list[int] | None, index: list[int]
-    ) -> tuple[list[str], list[int] | None]:
-        return [texts[i] for i in index], None if labels is None else [labels[i] for i in index]
+    def _subset(rows: list[dict[str, Any]], strata: list[int] | None, index: list[int]) -> Rows:
+        return [rows[i] for i in index], None if strata is None else [strata[i] for i in index]
 
     def _limit(
-        self, texts: list[str], labels: list[int] | None, limit: int | None, field: str
-    ) -> tuple[list[str], list[int] | None]:
-        if limit is None or limit >= len(texts):
-            return texts, labels
-        _, taken = stratified_indices(labels, limit, self.seed + 1, total=len(texts), field=field)
-        return self._subset(texts, labels, taken)
+        self, rows: list[dict[str, Any]], strata: list[int] | None, limit: int | None, field: str
+    ) -> Rows:
+        if limit is None or limit >= len(rows):
+            return rows, strata
+        _, taken = stratified_indices(strata, limit, self.seed + 1, total=len(rows), field=field)
+        return self._subset(rows, strata, taken)
 
-    def _carve_val(
-        self, texts: list[str], labels: list[int] | None
-    ) -> tuple[tuple[list[str], list[int] | None], tuple[list[str], list[int] | None] | None]:
-        """(train rows, validation rows): from ``val_file`` if given, else a stratified slice of train."""
-        if self.val_file is not None:
-            return (texts, labels), self._read(self.val_file)
+    def _carve_val(self, rows: list[dict[str, Any]], strata: list[int] | None) -> tuple[Rows, Rows | None]:
+        """(train rows, validation rows): from the validation source if any, else a stratified slice of train."""
+        if self._source("val") is not None:
+            return (rows, strata), self._read("val")
         if not self.val_size:
-            return (texts, labels), None
-        kept, taken = stratified_indices(labels, self.val_size, self.seed, total=len(texts))
-        return self._subset(texts, labels, kept), self._subset(texts, labels, taken)
+            return (rows, strata), None
+        kept, taken = stratified_indices(strata, self.val_size, self.seed, total=len(rows))
+        return self._subset(rows, strata, kept), self._subset(rows, strata, taken)
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split and tokenize what ``stage`` needs (once; later calls reuse the datasets)."""
         self.prepare_tokenizer()
         if stage in (None, "fit", "validate") and "fit" not in self._built:
-            if self.train_file is not None:
-                train, val = self._carve_val(*self._read(self.train_file))
+            if self._source("train") is not None:
+                train, val = self._carve_val(*self._read("train"))
                 self.datasets["train"] = self._encode(
                     *self._limit(*train, self.limit_train_rows, "limit_train_rows")
                 )
-            elif stage == "validate" and self.val_file is not None:
-                val = self._read(self.val_file)
+            elif stage == "validate" and self._source("val") is not None:
+                val = self._read("val")
             else:
-                raise DataError("train_file is not set; give the training data file")
+                raise DataError("train_file is not set; give the training data file (or data.dataset)")
             if val is not None:
                 self.datasets["val"] = self._encode(
                     *self._limit(*val, self.limit_eval_rows, "limit_eval_rows")
                 )
             self._built.add("fit")
         if stage in (None, "test") and "test" not in self._built:
-            if self.test_file is None:
+            if self._source("test") is None:
                 if stage == "test":
-                    raise DataError("trainer.test needs data.test_file; set it to a labeled file")
+                    raise DataError(
+                        "trainer.test needs data.test_file (or data.test_split with data.dataset); set it"
+                    )
             else:
-                test = self._read(self.test_file)
+                test = self._read("test")
                 self.datasets["test"] = self._encode(
                     *self._limit(*test, self.limit_eval_rows, "limit_eval_rows")
                 )
             self._built.add("test")
 
     # ------------------------------------------------------------------ loaders
-    def collator(self) -> Collator:
-        """The batch builder (pads with the tokenizer's pad token)."""
+    def collator(self, with_choices: bool = False) -> Collator:
+        """The batch builder (pads with the tokenizer's pad token); ``with_choices`` adds every option of
+        multiple_choice rows (evaluation loaders)."""
         tokenizer = self.prepare_tokenizer()
-        return Collator(tokenizer.pad_token_id, self.candidate_ids if self.task == "classification" else None)
+        return Collator(
+            tokenizer.pad_token_id,
+            self.candidate_ids if self.task == "classification" else None,
+            with_choices=with_choices and self.task == "multiple_choice",
+        )
 
     def train_dataloader(self) -> DataLoader:
         """The only place the training loader is built: shuffled by ``seed`` + epoch, and resumable.
@@ -264,7 +388,7 @@ class TextDataModule(pl.LightningDataModule):
             batch_size=self.eval_batch_size,
             shuffle=False,
             sampler=order,
-            collate_fn=self.collator(),
+            collate_fn=self.collator(with_choices=True),
             num_workers=self.num_workers,
         )
 

@@ -15,10 +15,16 @@ from layermoe.models.paths import resolve_path
 
 TINY = "tiny"
 TINY_SPECIALS = ("<pad>", "<eos>", "<unk>")
+# ChatML, as SmolLM2-Instruct and Qwen use it (written out in bytes: the tiny vocabulary has no chat tokens).
+TINY_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def build_tiny_tokenizer(extra_tokens: Sequence[str] = ()) -> PreTrainedTokenizerBase:
-    """Byte-level tokenizer with 3 specials + 256 bytes (ids 0..258), then ``extra_tokens`` as whole tokens."""
+    """Byte-level tokenizer with 3 specials + 256 bytes (ids 0..258), then ``extra_tokens`` as whole tokens;
+    its chat template is ChatML (:data:`TINY_CHAT_TEMPLATE`)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -31,6 +37,7 @@ def build_tiny_tokenizer(extra_tokens: Sequence[str] = ()) -> PreTrainedTokenize
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
     )
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
     unique = list(dict.fromkeys(t for t in extra_tokens if t))
     if unique:
         tokenizer.add_tokens([AddedToken(t, normalized=False) for t in unique])

@@ -26,7 +26,13 @@ from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_l
 from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
 from layermoe.checkpointing.integrity import check_finite_state, verify_checksum
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
-from layermoe.lightning_modules.losses import label_loss, label_positions, per_sample_loss_from_logits
+from layermoe.lightning_modules.losses import (
+    greedy_exact_match,
+    label_loss,
+    label_positions,
+    per_sample_loss_from_logits,
+    supervised_log_likelihood,
+)
 from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model, check_vocabulary
 from layermoe.lightning_modules.reporting import format_layout_table
 from layermoe.lightning_modules.resume_settings import (
@@ -37,7 +43,9 @@ from layermoe.lightning_modules.resume_settings import (
 )
 from layermoe.lightning_modules.schedule import SCHEDULES, lr_multiplier
 
-Task = Literal["classification", "causal_lm"]
+Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
+TASKS = ("classification", "causal_lm", "instruction", "multiple_choice")
+CHOICE_SCORES = ("sum", "mean")
 ADAPTER_ONLY_KEY = "layermoe_adapter_only"
 STAGES = ("train", "val", "test")
 # What on_load_checkpoint verifies against the checksum: the sections Lightning never rewrites while
@@ -57,7 +65,12 @@ class MoELoRAFineTuner(pl.LightningModule):
             config for a tiny random model, e.g. ``{"type": "llama", "hidden_size": 32, ...}``.
         adapter: ``MoELoRAConfig.to_dict()`` form (missing fields take their defaults).
         task: "classification" (next-token prediction over verbalized labels; accuracy and Matthews
-            correlation) or "causal_lm" (token accuracy and perplexity).
+            correlation), "causal_lm" (token accuracy and perplexity), "instruction" (loss on the response
+            tokens only; token accuracy, perplexity and exact match: every response token is the greedy
+            choice) or "multiple_choice" (trained on the correct option; perplexity and exact match of it,
+            and in validation/test ``acc``: the best-scored option is the correct one).
+        choice_score: multiple_choice option score: "sum" (summed log-likelihood of the option's tokens)
+            or "mean" (per token, i.e. length-normalized).
         num_classes: classes for the metrics; None takes it from the data module at setup.
         lr / weight_decay / betas: AdamW settings. warmup_steps / scheduler / min_lr_ratio: per-step
             LR schedule (cosine, linear or constant after a linear warmup).
@@ -94,10 +107,13 @@ class MoELoRAFineTuner(pl.LightningModule):
         print_layout: bool = True,
         print_metrics: bool = True,
         exact_resume: bool = True,
+        choice_score: str = "sum",
     ) -> None:
         super().__init__()
-        if task not in ("classification", "causal_lm"):
-            raise ValueError(f"task must be 'classification' or 'causal_lm', got {task!r}")
+        if task not in TASKS:
+            raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
+        if choice_score not in CHOICE_SCORES:
+            raise ValueError(f"choice_score must be one of {list(CHOICE_SCORES)}, got {choice_score!r}")
         if scheduler not in SCHEDULES:
             raise ValueError(f"scheduler must be one of {SCHEDULES}, got {scheduler!r}")
         if quantization is not None and quantization not in QUANTIZATIONS:
@@ -126,7 +142,7 @@ class MoELoRAFineTuner(pl.LightningModule):
         self._adapter_only_incoming = False
         self._base_identity: dict[str, Any] | None = None
         self._resumed_settings: dict[str, Any] | None = None
-        if task == "causal_lm" or num_classes is not None:
+        if task != "classification" or num_classes is not None:
             self._build_metrics(num_classes)
 
     # ------------------------------------------------------------------ metrics
@@ -141,20 +157,32 @@ class MoELoRAFineTuner(pl.LightningModule):
                     }
                 )
             else:
-                vocab = int(self.model.config.vocab_size)
-                collection = MetricCollection(
-                    {
-                        "acc": MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100),
-                        "ppl": Perplexity(ignore_index=-100),
-                    }
-                )
+                collection = MetricCollection(self._generation_metrics(stage))
             self.metrics[f"{stage}_metrics"] = collection
             self.metrics[f"{stage}_loss"] = MeanMetric()
 
+    def _generation_metrics(self, stage: str) -> dict[str, Any]:
+        """Perplexity on the supervised tokens; token accuracy (``acc``) except for multiple_choice, whose
+        ``acc`` (validation/test) is option accuracy; ``exact_match`` for instruction and multiple_choice."""
+        metrics: dict[str, Any] = {"ppl": Perplexity(ignore_index=-100)}
+        if self.task != "multiple_choice":
+            vocab = int(self.model.config.vocab_size)
+            metrics["acc"] = MulticlassAccuracy(num_classes=vocab, average="micro", ignore_index=-100)
+        elif stage != "train":
+            metrics["acc"] = MeanMetric()
+        if self.task in ("instruction", "multiple_choice"):
+            metrics["exact_match"] = MeanMetric()
+        return metrics
+
     def setup(self, stage: str) -> None:
-        """Check the data module's tokenizer against the model's vocabulary; take num_classes from the data
-        module when it was not given (classification only)."""
+        """Check that the data module serves this task and its tokenizer fits the model's vocabulary; take
+        num_classes from the data module when it was not given (classification only)."""
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_task = getattr(datamodule, "task", None)
+        if isinstance(data_task, str) and data_task != self.task:
+            raise ValueError(
+                f"model.task={self.task!r} but data.task={data_task!r}; set both to the same task"
+            )
         prepare_tokenizer = getattr(datamodule, "prepare_tokenizer", None)
         if callable(prepare_tokenizer):
             check_vocabulary(self.model, prepare_tokenizer())
@@ -219,6 +247,33 @@ class MoELoRAFineTuner(pl.LightningModule):
         logits = self(batch)
         return per_sample_loss_from_logits(logits, batch["labels"]), logits
 
+    @torch.no_grad()
+    def choice_scores(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, K) score of every option of a multiple_choice evaluation batch (``choice_score``: summed or
+        per-token log-likelihood of its tokens); options that ``choice_mask`` marks absent get -inf.
+
+        One forward per option index (not all B*K rows at once) bounds the (rows, T, vocab) logits.
+        Router statistics of these forwards are discarded: they are not training steps.
+        """
+        if "choice_input_ids" not in batch:
+            raise ValueError(
+                "multiple_choice evaluation batches need choice_input_ids/choice_labels/choice_mask "
+                "(TextDataModule's validation and test loaders with task: multiple_choice provide them)"
+            )
+        ids, mask, labels = batch["choice_input_ids"], batch["choice_attention_mask"], batch["choice_labels"]
+        present = batch["choice_mask"].bool()
+        scores = torch.full(present.shape, float("-inf"), device=ids.device)
+        for k in range(ids.shape[1]):
+            rows = present[:, k]
+            if not bool(rows.any()):
+                continue
+            logits = self.model(input_ids=ids[rows, k], attention_mask=mask[rows, k], use_cache=False).logits
+            scores[rows, k] = supervised_log_likelihood(
+                logits, labels[rows, k], mean=self.hparams.choice_score == "mean"
+            ).to(scores.dtype)
+        collect_router_losses(self.model)
+        return scores
+
     def _shared_step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
         task_losses, logits = self._task_losses(batch)
         task_loss = task_losses.mean()
@@ -247,9 +302,18 @@ class MoELoRAFineTuner(pl.LightningModule):
                 metrics.update(scores, batch["class_label"])
             else:
                 shifted = logits.detach()[:, :-1].float()
-                targets = batch["labels"][:, 1:]
+                targets = batch["labels"][:, 1:].to(shifted.device)
                 metrics["ppl"].update(shifted, targets)
-                metrics["acc"].update(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1))
+                if self.task == "multiple_choice":
+                    if stage != "train":
+                        correct = self.choice_scores(batch).argmax(dim=1) == batch["class_label"]
+                        metrics["acc"].update(correct.float())
+                else:
+                    metrics["acc"].update(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1))
+                if "exact_match" in metrics:
+                    metrics["exact_match"].update(
+                        greedy_exact_match(logits.detach(), batch["labels"]).float()
+                    )
         if stage != "train":
             self.log_dict(
                 {f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=True, on_epoch=True, batch_size=size

@@ -1,5 +1,5 @@
-"""Classification helpers of the LightningModule; the per-sample loss itself is
-``layermoe.scoring.per_sample_loss_from_logits`` (one definition shared with scoring)."""
+"""Classification, exact-match and option-scoring helpers of the LightningModule; the per-sample loss
+itself is ``layermoe.scoring.per_sample_loss_from_logits`` (one definition shared with scoring)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import torch.nn.functional as F
 
 from layermoe.scoring.losses import per_sample_loss_from_logits
 
-__all__ = ["candidate_logits", "label_loss", "label_positions", "per_sample_loss_from_logits"]
+__all__ = [
+    "candidate_logits",
+    "greedy_exact_match",
+    "label_loss",
+    "label_positions",
+    "per_sample_loss_from_logits",
+    "supervised_log_likelihood",
+]
 
 
 def label_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -47,3 +54,30 @@ def label_loss(label_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(
         label_logits.to(torch.promote_types(label_logits.dtype, torch.float32)), targets, reduction="none"
     )
+
+
+def supervised_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    """(B,) log-likelihood of each row's supervised tokens: their sum, or (``mean``) their mean per token.
+
+    It is minus ``per_sample_loss_from_logits`` (the mean cross-entropy), times the token count for the sum.
+    """
+    mean_log_likelihood = -per_sample_loss_from_logits(logits, labels)
+    if mean:
+        return mean_log_likelihood
+    count = (labels[:, 1:] != -100).sum(dim=1).to(mean_log_likelihood.device)
+    return mean_log_likelihood * count
+
+
+def greedy_exact_match(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B,) bool: every supervised token is the argmax of the logits that predict it.
+
+    That is exactly "greedy decoding from the prompt reproduces the reference response, end marker
+    included": greedy decoding follows the reference for as long as each next token is the argmax given
+    the reference prefix, which is what the teacher-forced logits give. (For chats, every assistant turn
+    given the conversation before it.) Rows without a supervised token count as no match.
+    """
+    labels = labels.to(logits.device)
+    targets = labels[:, 1:]
+    supervised = targets != -100
+    hits = (logits[:, :-1].argmax(dim=-1) == targets) | ~supervised
+    return hits.all(dim=1) & supervised.any(dim=1)
