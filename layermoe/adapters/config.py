@@ -38,6 +38,18 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
 )
 
 
+#: The per-layer settings `MoELoRAConfig` and `MoELoRALinear` share (everything but experts and rank).
+LAYER_SETTINGS = (
+    "top_k",
+    "lora_alpha",
+    "lora_dropout",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_init_std",
+    "routing_mass_decay",
+)
+
+
 def check_layer_settings(
     owner: str,
     *,
@@ -165,8 +177,7 @@ class MoELoRAConfig:
 
     def layer_settings(self) -> dict[str, Any]:
         """The `MoELoRALinear` keyword arguments every layer of this config shares (all but experts/rank)."""
-        names = ("top_k", "lora_alpha", "lora_dropout", "router_aux_loss_coef", "router_z_loss_coef")
-        return {name: getattr(self, name) for name in (*names, "router_init_std", "routing_mass_decay")}
+        return {name: getattr(self, name) for name in LAYER_SETTINGS}
 
     @staticmethod
     def _check_targets(value: Any) -> list[str] | str:

@@ -22,7 +22,7 @@ from torch import nn
 from layermoe.layout import CAPACITY_MINIMUM, effective_top_k, is_int_at_least
 
 from .base import BaseInfo, base_info
-from .config import check_layer_settings
+from .config import LAYER_SETTINGS, check_layer_settings
 from .grouped import grouped_lora_output
 from .router import compute_gates, router_statistics
 
@@ -85,21 +85,13 @@ class MoELoRALinear(nn.Module):
         router_init_std: float = 0.0,
         routing_mass_decay: float = 0.99,
     ) -> None:
+        arguments = locals()  # before anything else is bound: exactly the constructor's arguments
         super().__init__()
         for name, value in (("experts", experts), ("rank", rank)):
             low = CAPACITY_MINIMUM[name]
             if not is_int_at_least(value, low):
                 raise ValueError(f"MoELoRALinear.{name} must be an int >= {low}, got {value!r}")
-        check_layer_settings(
-            "MoELoRALinear",
-            top_k=top_k,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            router_aux_loss_coef=router_aux_loss_coef,
-            router_z_loss_coef=router_z_loss_coef,
-            router_init_std=router_init_std,
-            routing_mass_decay=routing_mass_decay,
-        )
+        check_layer_settings("MoELoRALinear", **{name: arguments[name] for name in LAYER_SETTINGS})
         self.info: BaseInfo = base_info(base_layer)
         self.base_layer = base_layer
         for param in base_layer.parameters():
