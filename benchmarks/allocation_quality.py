@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from quality_results import build_table, layout_figure, load_results, result_path, write_result  # noqa: E402
+from run_queue import QueuedRun, run_queue  # noqa: E402
 
 CONFIGS = REPO / "configs" / "experiments" / "allocation_quality"
 MAIN_ARMS = ["uniform", "oneshot-layerif", "callback-layerif", "callback-curvature"]
@@ -272,39 +272,16 @@ def run_pending(args: argparse.Namespace, folder: Path, todo: list[tuple[str, st
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LAYERMOE_PARALLEL_RUNS": str(args.jobs)}
     if args.jobs > 1:
         env["OMP_NUM_THREADS"] = str(threads)
-    running: list[tuple[subprocess.Popen, Path, float, str, Any]] = []
-    queue = list(todo)
-    while queue or running:
-        while queue and len(running) < args.jobs:
-            task, arm, seed = queue.pop(0)
-            path = result_path(folder, task, arm, seed)
-            command = [sys.executable, __file__, "--run-one", task, arm, str(seed), "--results", str(folder)]
-            command += ["--workdir", args.workdir] + (["--quick"] if args.quick else [])
-            command += (["--real"] if args.real else []) + (["--gpu"] if args.gpu else [])
-            name = f"{task} / {arm} / seed {seed}"
-            if args.jobs > 1:  # interleaved output of parallel runs would be unreadable: one log each
-                log_path = Path(args.workdir) / folder.name / f"{path.stem}.log"
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                log = open(log_path, "w")  # noqa: SIM115 - closed when the run ends
-                print(f"run {name} (log: {log_path})", flush=True)
-                process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            else:
-                log = None
-                print(f"run {name}", flush=True)
-                process = subprocess.Popen(command, env=env)
-            running.append((process, path, time.perf_counter(), name, log))
-        for entry in list(running):
-            process, path, started, name, log = entry
-            if process.poll() is None:
-                continue
-            running.remove(entry)
-            if log is not None:
-                log.close()
-            ok = process.returncode == 0 and path.exists()
-            status = "ok" if ok else f"failed (exit {process.returncode})"
-            print(f"  {name}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
-        if running:
-            time.sleep(0.5)
+    runs = []
+    for task, arm, seed in todo:
+        path = result_path(folder, task, arm, seed)
+        command = [sys.executable, __file__, "--run-one", task, arm, str(seed), "--results", str(folder)]
+        command += ["--workdir", args.workdir] + (["--quick"] if args.quick else [])
+        command += (["--real"] if args.real else []) + (["--gpu"] if args.gpu else [])
+        # interleaved output of parallel runs would be unreadable: one log each
+        log = Path(args.workdir) / folder.name / f"{path.stem}.log" if args.jobs > 1 else None
+        runs.append(QueuedRun(f"{task} / {arm} / seed {seed}", command, path, log))
+    run_queue(runs, args.jobs, env)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from allocation_quality import machine_description, tiny_task_files  # noqa: E402
 from quality_results import load_results, write_result  # noqa: E402
+from run_queue import QueuedRun, run_queue  # noqa: E402
 from sweep_report import write_report  # noqa: E402
 
 CONFIGS = REPO / "configs" / "experiments" / "allocation_sweep"
@@ -362,37 +363,18 @@ def load_results_of(folder: Path) -> list[dict[str, Any]]:
 
 
 def run_pending(args: argparse.Namespace, folder: Path, todo: list[Run]) -> None:
-    """Each run in its own subprocess, up to ``--jobs`` at once; a failed run is reported, not fatal."""
+    """Each run in its own subprocess with its own log, up to ``--jobs`` at once."""
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LAYERMOE_PARALLEL_RUNS": str(args.jobs)}
     env["OMP_NUM_THREADS"] = str(threads)
-    running: list[tuple[subprocess.Popen, Path, float, str, Any]] = []
-    queue = list(todo)
-    while queue or running:
-        while queue and len(running) < args.jobs:
-            run = queue.pop(0)
-            name = run_name(run)
-            command = [sys.executable, __file__, "--run-one", run[0], run[1], run[2], str(run[3])]
-            command += ["--results", str(folder), "--workdir", args.workdir] + (
-                ["--quick"] if args.quick else []
-            )
-            log_path = Path(args.workdir) / folder.name / f"{name}.log"
-            log_path.parent.mkdir(parents=True, exist_ok=True)
-            log = open(log_path, "w")  # noqa: SIM115 - closed when the run ends
-            print(f"run {name} (log: {log_path})", flush=True)
-            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-            running.append((process, folder / f"{name}.json", time.perf_counter(), name, log))
-        for entry in list(running):
-            process, path, started, name, log = entry
-            if process.poll() is None:
-                continue
-            running.remove(entry)
-            log.close()
-            ok = process.returncode == 0 and path.exists()
-            status = "ok" if ok else f"failed (exit {process.returncode}; see its log)"
-            print(f"  {name}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
-        if running:
-            time.sleep(0.5)
+    runs = []
+    for run in todo:
+        name = run_name(run)
+        command = [sys.executable, __file__, "--run-one", run[0], run[1], run[2], str(run[3])]
+        command += ["--results", str(folder), "--workdir", args.workdir] + (["--quick"] if args.quick else [])
+        log = Path(args.workdir) / folder.name / f"{name}.log"
+        runs.append(QueuedRun(name, command, folder / f"{name}.json", log))
+    run_queue(runs, args.jobs, env)
 
 
 if __name__ == "__main__":
