@@ -75,3 +75,15 @@ def test_dense_grid_two_blocks():
     units, _ = mdl_units(q, np.ones(2), budget)
     assert units[0] == pytest.approx(best, abs=2e-5)
     assert units.sum() == pytest.approx(budget)
+
+
+def test_budget_an_ulp_below_the_minimum_after_rescaling_gives_the_lower_bounds():
+    # Costs rescaled by their mean (1264 / 3) sum to 3 + 2^-51 while the budget rescales to 3.0, so every
+    # nu spends more than the budget; the search for an upper nu used to double to inf and never stop.
+    q, c = np.array([1.0, 0.5, 3.0]), np.array([392.0, 480.0, 392.0])
+    assert float(np.sum(c / c.mean())) > 1264.0 / c.mean()
+    units, nu = mdl_units(q, c, 1264.0, lo=np.ones(3), hi=np.full(3, np.inf))
+    np.testing.assert_array_equal(units, np.ones(3))
+    # The smallest nu with every block at lo = 1: 0.9 q^2 / (0.5 + nu c) <= 1 for all l, i.e.
+    # nu = max((0.9 q^2 - 0.5) / c), reached by block 2.
+    assert nu == pytest.approx((0.9 * 9.0 - 0.5) / 392.0, rel=1e-9)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -96,6 +99,41 @@ def test_mdl_reaches_the_budget_when_a_tiny_score_squares_below_the_smallest_flo
         experts_bounds=(2, None),
     )
     assert all(v["experts"] >= 2 and v["rank"] == 1 for v in out.values())
+    assert_maximal(out, dims, budget, None)
+
+
+HUNG_INPUT = """
+import json
+from layermoe.allocation import allocate
+dims = dict(enumerate([[(15, 44), (15, 46)], [(22, 41), (3, 13), (44, 13)], [(15, 44), (15, 46)]]))
+out = allocate([2.2250738585e-313, 0.0, 9.110890695419888], "mdl", "params:1240", block_dims=dims, rank=3,
+               experts_bounds=(1, None))
+print(json.dumps({str(b): v for b, v in out.items()}))
+"""
+
+
+def test_mdl_budget_at_the_minimum_layout_returns_instead_of_looping():
+    # Found by the property test above (--hypothesis-seed=3). The 1240-parameter budget is below what
+    # the program's per-expert costs (router included) charge for the minimum layout, so fill.py clamps
+    # the unit budget to exactly sum(c * lo) = 1264; rescaled by mean(c) that sum rounds an ulp above the
+    # budget and the search for nu doubled to inf forever. Run in a subprocess so a regression fails on
+    # the timeout instead of hanging the suite (the answer takes milliseconds).
+    dims = {0: [(15, 44), (15, 46)], 1: [(22, 41), (3, 13), (44, 13)], 2: [(15, 44), (15, 46)]}
+    minimum = naive_params({b: {"experts": 1, "rank": 3} for b in dims}, dims)
+    budget = int(minimum * 1.1)
+    assert (minimum, budget) == (1128, 1240)
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", HUNG_INPUT], capture_output=True, text=True, timeout=60, cwd=repo
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail("allocate(..., 'mdl', 'params:1240', ...) did not return within 60 s")
+    assert proc.returncode == 0, proc.stderr
+    out = {int(b): v for b, v in json.loads(proc.stdout).items()}
+    # A second expert in any block costs more than the 112 parameters left, so the minimum layout is the
+    # only maximal one.
+    assert out == {b: {"experts": 1, "rank": 3} for b in dims}
     assert_maximal(out, dims, budget, None)
 
 

@@ -154,7 +154,12 @@ def mdl_units(
     # double until the spend is below the budget
     floor = np.where(lo > 0, lo, 1e-9 * budget / (float(c.sum()) * n))
     upper = max(float(np.max((gain / floor - p) / c)), float(np.max(-p / c)) + 1.0)
-    while spend(upper) > budget:
+    # The doubling stops once every block sits at lo as well: no nu spends less than that, and a budget
+    # at the minimum layout (fill.py clamps to it) can sit an ulp below sum c_l lo_l after the rescaling
+    # above (e.g. c = [392, 480, 392] / mean sums to 3 + 2^-51 against 1264 / mean = 3). Without the
+    # stop, upper doubled to inf and spend(inf) = sum c_l lo_l > budget looped forever; with it the
+    # bisection below converges to the smallest nu at which every block is at lo.
+    while spend(upper) > budget and np.any(units(upper) > lo):
         upper = 2.0 * upper if upper > 0 else 1.0
     unbounded = ~np.isfinite(hi)
     if not np.any(unbounded):
