@@ -180,7 +180,10 @@ def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
     for column, task in enumerate(tasks):
         runs = [r for r in results if r["task"] == task]
-        for arm in sorted({r["arm"] for r in runs}, key=_arm_order):
+        arms = sorted({r["arm"] for r in runs}, key=_arm_order)
+        for index, arm in enumerate(arms):
+            # arms share the budgets' x values: spread them a little so the error bars stay apart
+            nudge = 1.06 ** (index - (len(arms) - 1) / 2)
             points = []
             for budget in sorted({r["budget"] for r in runs}, key=lambda b: BUDGET_ORDER.get(b, 9)):
                 mine = [r for r in runs if r["arm"] == arm and r["budget"] == budget]
@@ -189,7 +192,7 @@ def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
                     continue
                 ref = uniform[0] if uniform else mine[0]
                 x = 100 * ref["trainable_params"] / ref["base_params"]
-                points.append((x, mine))
+                points.append((x * nudge, mine))
             for row, (key, label) in enumerate(
                 (("label_loss", "test label loss"), ("accuracy", "test accuracy"))
             ):
@@ -202,6 +205,7 @@ def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
                 if xs:
                     axes[row][column].errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=arm)
                 axes[row][column].set_xscale("log")
+                axes[row][column].set_xlim(0.02, 10)  # the sweep's budgets: 0.04%, 0.45%, 4.1%
                 axes[row][column].set_xlabel("adapter / base parameters (%)")
                 axes[row][column].set_ylabel(label)
                 axes[row][column].set_title(f"{task}: {label} (final weights)")
@@ -215,6 +219,8 @@ def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
 def write_report(
     results: Sequence[dict[str, Any]], folder: Path, planned: Sequence[tuple[str, str, str, int]]
 ) -> str:
+    tasks = {run[0] for run in planned}
+    results = [r for r in results if r["task"] in tasks]  # e.g. a pilot run of a task left out of the plan
     table = build_table(results, planned)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "table.md").write_text(table + "\n")
