@@ -162,12 +162,12 @@ def test_memory_groups_give_the_same_statistics_as_one_pass():
     train, val = [padded_batch(4, seed=1)], [padded_batch(2, seed=2)]
     one = capture_statistics(model, train, val)
     row_bytes = 8 * one[0].dim
-    several = capture_statistics(model, train, val, max_store_bytes=6 * row_bytes + 1)
+    several = capture_statistics(model, train, val, projection_dim=None, max_store_bytes=6 * row_bytes + 1)
     for block in one:
         torch.testing.assert_close(several[block].K_tt, one[block].K_tt, rtol=1e-12, atol=0)
         torch.testing.assert_close(several[block].K_vt, one[block].K_vt, rtol=1e-12, atol=0)
     with pytest.raises(ScoringError, match="projection_dim"):
-        capture_statistics(model, train, val, max_store_bytes=row_bytes)
+        capture_statistics(model, train, val, projection_dim=None, max_store_bytes=row_bytes)
 
 
 def test_projection_equals_the_count_sketch_of_the_explicit_gradients():

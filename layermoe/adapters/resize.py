@@ -10,14 +10,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from layermoe.layout import effective_top_k, is_int_at_least
 
 from .layer import MoELoRALinear
-from .surgery import PARAM_NAMES, LayerState, ParamMap, _add, _grow, _remove, _shrink, adapter_output
+from .surgery import (
+    PARAM_NAMES,
+    LayerState,
+    ParamMap,
+    _add,
+    _grow,
+    _remove,
+    _shrink,
+    adapter_output,
+    layer_generator,
+)
 
 
 @dataclass
@@ -84,7 +94,7 @@ def plan_resize(
     experts = layer.experts if experts is None else _check_target("experts", experts)
     rank = layer.rank if rank is None else _check_target("rank", rank)
     alpha = layer.lora_alpha
-    old = state = LayerState.of(layer, routing_mass)
+    old = state = replace(LayerState.of(layer, routing_mass), generator=layer_generator(layer.lora_A.device))
     report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
     kept_energy = 1.0
     if rank > state.rank:
@@ -115,11 +125,14 @@ def plan_resize(
             before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), alpha)
             after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts), alpha)
         report.output_change = float((after - before).norm(dim=-1).max()) if x.numel() else 0.0
-    prefix = f"{name}." if name else ""
-    report.state_map = {
-        prefix + n: state.maps.get(n) for n in PARAM_NAMES if n in state.changed and _present(state, n)
-    }
+    report.state_map = state_map(state, name)
     return state, report
+
+
+def state_map(state: LayerState, name: str = "") -> dict[str, ParamMap | None]:
+    """Full parameter name -> ParamMap of the parameters a planned state replaces."""
+    prefix = f"{name}." if name else ""
+    return {prefix + n: state.maps.get(n) for n in PARAM_NAMES if n in state.changed and _present(state, n)}
 
 
 def _present(state: LayerState, name: str) -> bool:

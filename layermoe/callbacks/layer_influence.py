@@ -34,7 +34,7 @@ from layermoe.lightning_compat import (
     validation_due_after_this_batch,
     validation_source_loader,
 )
-from layermoe.scoring import capture_statistics, get_scorer, torch_distributed_gather
+from layermoe.scoring import capture_statistics, get_scorer, torch_distributed_gather, training_store_bytes
 
 _SCOPES = ("adapter", "base")
 _ON_ERROR = ("raise", "skip")
@@ -175,6 +175,8 @@ class LayerInfluenceCallback(Callback):
         self._warmup_units: int | None = None
         self._step_at_batch_start: int | None = None
         self._val_batches: list[Any] | None = None
+        #: (global step, mean val loss) from the last scoring forward: the rewire's "loss before"
+        self._scored_val_loss: tuple[int, float] | None = None
         self._trainer: Trainer | None = None
         self._validated_at_step: int | None = None
         #: ``ResizeReport`` list of the last rewire (what changed, exactness, optimizer-state maps).
@@ -304,6 +306,7 @@ class LayerInfluenceCallback(Callback):
         if self.state.plans_made < self.schedule.limit:
             self._check_budget_fits(pl_module)
         self._val_batches = None
+        self._scored_val_loss = None
         dry_run(
             trainer,
             pl_module,
@@ -468,7 +471,14 @@ class LayerInfluenceCallback(Callback):
                 self.scoring_batch_size,
             )
             train = data_utils.to_device(trainer.strategy, train)
-            options = {"progress": False, **self.capture_options}
+            # the memory plan (passes, bytes, projection) is printed where the per-rewire table is
+            options = {"progress": False, "show_plan": self.verbose and trainer.is_global_zero}
+            if "max_store_bytes" not in self.capture_options:
+                # scoring inside training: its rows may add a tenth of training's own peak memory
+                options["max_store_bytes"] = training_store_bytes(pl_module.device)
+            options.update(self.capture_options)
+            val_losses: list[torch.Tensor] = []
+            options["loss_sink"] = lambda split, losses: val_losses.append(losses) if split == "val" else None
             if trainer.world_size > 1 and "reduce_fn" not in options:
                 options["reduce_fn"] = torch_distributed_gather
             stats = capture_statistics(
@@ -479,6 +489,9 @@ class LayerInfluenceCallback(Callback):
                 scope=self.scope,
                 **options,
             )
+            # the scoring forward already computed the probe's "loss before" (same model, samples, mode)
+            losses = torch.cat(val_losses).double()
+            self._scored_val_loss = (int(trainer.global_step), float(losses.sum()) / max(losses.numel(), 1))
             return self._checked_scores(self._scorer.score(stats), pl_module)
 
     def _checked_scores(self, scores: Any, pl_module: nn.Module) -> dict[int, float]:
@@ -572,7 +585,11 @@ class LayerInfluenceCallback(Callback):
         val_batches = self._scoring_val_batches(trainer)
         before_layout = layout(pl_module)
         dims = self._block_dims(pl_module)
-        loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
+        scored, self._scored_val_loss = self._scored_val_loss, None
+        if scored is not None and scored[0] == plan.step == int(trainer.global_step):
+            loss_before = self._rank_mean(trainer, pl_module, scored[1])  # no step since scoring
+        else:
+            loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
         try:
             result = rewire(trainer, pl_module, plan.layout, seed=self.seed + int(trainer.global_step))
         except RewireError as exc:
@@ -623,6 +640,9 @@ class LayerInfluenceCallback(Callback):
         """Mean loss on the scoring validation samples, averaged over ranks."""
         with torch.inference_mode(False):
             value = mean_loss(pl_module, per_sample, batches)
+        return self._rank_mean(trainer, pl_module, value)
+
+    def _rank_mean(self, trainer: Trainer, pl_module: LightningModule, value: float) -> float:
         if trainer.world_size > 1:
             value = float(
                 trainer.strategy.reduce(torch.tensor(value, device=pl_module.device), reduce_op="mean")

@@ -5,18 +5,20 @@ per-sample losses), tensor hooks on each MoE-LoRA layer's activations turn the o
 per-sample gradients (see persample.py), and only per-sample gradient rows of the scored blocks, exact
 or sketched to k coordinates, are kept until the Grams are formed.
 
-Memory: exact rows cost (n + m) * d_l numbers per block. When all scored blocks together would exceed
-`max_store_bytes`, the blocks are split into groups and each group gets its own pass over the samples
-(exact, but the cost grows with the number of groups); `projection_dim=k` bounds the rows to
-(n + m) * k per block in a single pass instead. The backward never forms parameter gradients: it
+Memory: exact rows cost (n + m) * d_l numbers per block. The store (`max_store_bytes`, by default a
+fraction of the memory available on the device) bounds them; `plan.py` decides from the shapes alone
+whether the rows stay exact or the widest blocks are CountSketched so that one pass suffices
+(`projection_dim="auto"`, the default), or, with `projection_dim=None`, splits the blocks into
+several exact passes. The backward never forms parameter gradients: it
 differentiates with respect to a detached copy of the input embeddings, so parameters' `.grad` and
 `requires_grad` are never touched.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,10 +41,20 @@ from .persample import (
     piece_names,
     piece_numel,
 )
+from .plan import (
+    DEFAULT_STORE_FRACTION,
+    CapturePlan,
+    default_store_bytes,
+    plan_capture,
+    projection_error_bound,
+)
 from .projection import CountSketch
 from .statistics import BlockStatistics, statistics_from_pieces
 
+logger = logging.getLogger("layermoe.scoring")
+
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+LossSink = Callable[[str, torch.Tensor], None]
 Batch = Any  # any structure the loss accepts (batches.py)
 SCOPES = ("adapter", "base")
 
@@ -50,10 +62,11 @@ SCOPES = ("adapter", "base")
 class _Collector:
     """Receives per-sample gradient pieces from the hooks and keeps rows per block (exact or sketched)."""
 
-    def __init__(self, layers: dict[int, dict[str, nn.Module]], scope: str, k: int | None, seed: int) -> None:
+    def __init__(self, layers: dict[int, dict[str, nn.Module]], scope: str, seed: int) -> None:
         self.layers = layers
         self.scope = scope
-        self.k = k
+        self.seed = seed
+        self.k: dict[int, int | None] = dict.fromkeys(layers)
         self.keys: dict[int, list[tuple[str, str]]] = {}
         self.numel: dict[tuple[int, str, str], int] = {}
         self.dtype: dict[tuple[int, str, str], torch.dtype] = {}
@@ -67,8 +80,6 @@ class _Collector:
                     keys.append((name, piece))
                     self.numel[key] = piece_numel(modules[name], piece)
                     self.dtype[key] = piece_dtype(modules[name], piece)
-                    if k is not None:
-                        self.sketch[key] = CountSketch(self.numel[key], k, seed, f"{block}/{name}/{piece}")
             self.keys[block] = keys
             self.dims[block] = sum(self.numel[(block, n, p)] for n, p in keys)
         self.device = next(iter(next(iter(layers.values())).values())).lora_A.device
@@ -85,15 +96,24 @@ class _Collector:
             dtype = torch.promote_types(dtype, self.dtype[(block, name, piece)])
         return dtype
 
-    def row_bytes(self, block: int) -> int:
-        width = self.k if self.k is not None else self.dims[block]
-        return width * torch.empty((), dtype=self.block_dtype(block)).element_size()
+    def element_bytes(self, block: int) -> int:
+        return torch.empty((), dtype=self.block_dtype(block)).element_size()
+
+    def project(self, widths: Mapping[int, int | None]) -> None:
+        """Sketch block b's rows to widths[b] coordinates (None: keep them exact)."""
+        for block, k in widths.items():
+            self.k[block] = k
+            for name, piece in self.keys[block]:
+                key = (block, name, piece)
+                self.sketch.pop(key, None)
+                if k is not None:
+                    self.sketch[key] = CountSketch(self.numel[key], k, self.seed, f"{block}/{name}/{piece}")
 
     # ------------------------------------------------------------------ hooks
     def add(self, block: int, name: str, pieces: list[tuple[str, torch.Tensor]]) -> None:
         for piece, grad in pieces:
             rows = grad.reshape(grad.shape[0], -1)
-            if self.k is not None:
+            if self.k[block] is not None:
                 rows = self.sketch[(block, name, piece)](rows.to(self.block_dtype(block)))
                 slot = ("", "sketch")
             else:
@@ -139,12 +159,13 @@ class _Collector:
         for block in self.active:
             keys = self.keys[block]
             held = self.chunk.get(block, {})
-            slots = [("", "sketch")] if self.k is not None else keys
+            k = self.k[block]
+            slots = [("", "sketch")] if k is not None else keys
             for slot in slots:
                 rows = held.get(slot)
                 if rows is None:
-                    width = self.k if self.k is not None else self.numel[(block, *slot)]
-                    dtype = self.block_dtype(block) if self.k is not None else self.dtype[(block, *slot)]
+                    width = k if k is not None else self.numel[(block, *slot)]
+                    dtype = self.block_dtype(block) if k is not None else self.dtype[(block, *slot)]
                     rows = torch.zeros(self.batch_size, width, dtype=dtype, device=self.device)
                 store.setdefault(block, {}).setdefault(slot, []).append(rows)
         self.chunk = {}
@@ -157,7 +178,7 @@ class _Collector:
             val_slots = self.store["val"].pop(block)
             train = [gather_rows(torch.cat(train_slots[s]), reduce_fn) for s in sorted(train_slots)]
             val = [gather_rows(torch.cat(val_slots[s]), reduce_fn) for s in sorted(val_slots)]
-            stats = statistics_from_pieces(train, val, self.dims[block], self.k)
+            stats = statistics_from_pieces(train, val, self.dims[block], self.k[block])
             stats.check_finite(block)
             out[block] = stats
         return out
@@ -186,28 +207,6 @@ def _chunks(batches: Iterable[Batch], chunk_size: int, device: torch.device, fie
     if not out:
         raise ValueError(f"{field} is empty: scoring needs at least one sample")
     return out
-
-
-def _groups(collector: _Collector, samples: int, max_store_bytes: int) -> list[list[int]]:
-    """Consecutive blocks whose exact/sketched rows fit in max_store_bytes together."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for block in collector.keys:
-        need = samples * collector.row_bytes(block)
-        if need > max_store_bytes:
-            raise ScoringError(
-                f"block {block}: its per-sample gradient rows need {need / 2**20:.0f} MiB, more than "
-                f"max_store_bytes={max_store_bytes}; pass projection_dim=k (e.g. 4096) or raise max_store_bytes"
-            )
-        if current and used + need > max_store_bytes:
-            groups.append(current)
-            current, used = [], 0
-        current.append(block)
-        used += need
-    if current:
-        groups.append(current)
-    return groups
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
@@ -268,13 +267,15 @@ def _scoring_mode(
             module.training = mode
 
 
-def _check_options(scope: str, chunk_size: int, projection_dim: int | None) -> None:
+def _check_options(scope: str, chunk_size: int, projection_dim: int | str | None) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not is_int_at_least(chunk_size):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if projection_dim is not None and not is_int_at_least(projection_dim):
-        raise ValueError(f"projection_dim must be None (exact) or an int >= 1, got {projection_dim!r}")
+    if projection_dim not in (None, "auto") and not is_int_at_least(projection_dim):
+        raise ValueError(
+            f"projection_dim must be 'auto', None (exact) or an int >= 1, got {projection_dim!r}"
+        )
 
 
 def _run_passes(
@@ -285,17 +286,20 @@ def _run_passes(
     groups: list[list[int]],
     progress: bool | None,
     on_group_done: Callable[[list[int]], None],
+    loss_sink: LossSink | None = None,
 ) -> None:
     all_layers = [(b, n, layer) for b, mods in collector.layers.items() for n, layer in mods.items()]
     total = len(groups) * sum(len(chunks) for _, chunks in splits)
     with _scoring_mode(model, all_layers) as anchors, _progress(total, progress) as bar:
-        for group in groups:
+        for index, group in enumerate(groups):
             collector.active = group
             for block, name, layer in all_layers:
                 layer.capture_hook = collector.hook_for(block, name) if block in group else None
             for split, chunks in splits:
                 for chunk in chunks:
-                    _backward_chunk(model, chunk, loss_fn, collector, anchors, split)
+                    losses = _backward_chunk(model, chunk, loss_fn, collector, anchors, split)
+                    if loss_sink is not None and index == 0:
+                        loss_sink(split, losses)
                     bar.update(1)
             on_group_done(group)
 
@@ -310,11 +314,14 @@ def capture_statistics(
     modules: Sequence[str] | None = None,
     blocks: Sequence[int] | None = None,
     chunk_size: int = 8,
-    projection_dim: int | None = None,
+    projection_dim: int | str | None = "auto",
     projection_seed: int = 0,
     reduce_fn: ReduceFn | None = None,
-    max_store_bytes: int = 2 * 2**30,
+    max_store_bytes: int | None = None,
+    store_fraction: float = DEFAULT_STORE_FRACTION,
     progress: bool | None = None,
+    show_plan: bool | None = None,
+    loss_sink: LossSink | None = None,
 ) -> dict[int, BlockStatistics]:
     """Per-block gradient statistics of the n training and m validation samples.
 
@@ -322,38 +329,107 @@ def capture_statistics(
     not count). scope: "adapter" scores the block's MoE-LoRA parameters (A, B, router weight and bias),
     "base" the frozen base weights of the wrapped modules. modules: substrings selecting modules (e.g.
     ["self_attn"]). blocks: score only these block indices (default all). chunk_size: samples per
-    forward/backward. projection_dim: sketch each block's
-    gradients to k coordinates (seeded by projection_seed, identical on every rank). reduce_fn: an
-    all-gather for DDP (see layermoe.scoring.distributed); each rank passes its shard of samples and
-    every rank gets identical statistics. max_store_bytes: bound on the kept gradient rows (blocks are
-    split into several passes beyond it). progress: None shows a bar only on a terminal.
+    forward/backward. projection_dim: "auto" keeps exact rows when every block's rows fit the store and
+    otherwise CountSketches the widest blocks in the same single pass (see layermoe.scoring.plan); an
+    int k sketches every block to k coordinates; None keeps exact rows and splits the blocks into
+    several passes when they do not fit. projection_seed: the sketch's seed (identical on every rank).
+    reduce_fn: an all-gather for DDP (see layermoe.scoring.distributed); each rank passes its shard of
+    samples and every rank gets identical statistics. max_store_bytes: bound on the kept gradient rows;
+    None takes `store_fraction` of the memory available on the model's device (the smallest over ranks).
+    progress: None shows a bar only on a terminal. show_plan: print the memory plan to stderr before
+    the first pass (None: only on a terminal); it is also logged at INFO on "layermoe.scoring".
+    loss_sink(split, losses): receives each chunk's detached per-sample losses ("train" / "val") from
+    the first pass, so a caller can reuse the scoring forward's losses instead of another forward.
 
     Runs in eval mode under torch.inference_mode(False) + enable_grad (so it works from validation
     hooks), and restores every module's train/eval mode and every layer's capture_hook afterwards;
     parameters' requires_grad and .grad are never touched.
     """
     _check_options(scope, chunk_size, projection_dim)
-    collector = _Collector(scored_layers(model, modules, blocks), scope, projection_dim, projection_seed)
+    collector = _Collector(scored_layers(model, modules, blocks), scope, projection_seed)
     results: dict[int, BlockStatistics] = {}
     with torch.inference_mode(False):
         train_chunks = _chunks(train_batches, chunk_size, collector.device, "train_batches")
         val_chunks = _chunks(val_batches, chunk_size, collector.device, "val_batches")
     samples = sum(batch_size(c) for c in train_chunks) + sum(batch_size(c) for c in val_chunks)
+    store, source = _store_budget(collector.device, max_store_bytes, store_fraction)
     if reduce_fn is not None:
-        # Every rank must split the blocks into the same passes (each pass gathers once per piece).
-        counts = reduce_fn(torch.tensor([samples], dtype=torch.int64, device=collector.device))
-        samples = sum(int(c.sum()) for c in counts)
-    groups = _groups(collector, samples, max_store_bytes)
+        # Every rank must make the same plan (each pass gathers once per piece): all samples, least memory.
+        info = torch.tensor([samples, store], dtype=torch.int64, device=collector.device)
+        gathered = [g.reshape(-1, 2) for g in reduce_fn(info.reshape(1, 2))]
+        samples = sum(int(g[:, 0].sum()) for g in gathered)
+        store = min(int(g[:, 1].min()) for g in gathered)
+    plan = plan_capture(
+        collector.dims,
+        samples,
+        store,
+        projection_dim,
+        element_bytes={b: collector.element_bytes(b) for b in collector.dims},
+        store_source=source,
+    )
+    _announce(plan, show_plan)
+    collector.project({b.block: b.projection_dim for b in plan.blocks})
     _run_passes(
         model,
         collector,
         [("val", val_chunks), ("train", train_chunks)],
         loss_fn,
-        groups,
+        [list(group) for group in plan.passes],
         progress,
         lambda _group: results.update(collector.statistics(reduce_fn)),
+        loss_sink,
     )
+    bounds = {b: projection_error_bound(s) for b, s in results.items() if s.projected_dim is not None}
+    if bounds:
+        worst = max(bounds, key=lambda b: bounds[b])
+        logger.info(
+            "scoring: sketch error bound (relative to the val-train products) %s; worst block %d: %.3g",
+            ", ".join(f"{b}:{v:.3g}" for b, v in sorted(bounds.items())),
+            worst,
+            bounds[worst],
+        )
     return dict(sorted(results.items()))
+
+
+def _store_budget(device: torch.device, max_store_bytes: int | None, fraction: float) -> tuple[int, str]:
+    if max_store_bytes is None:
+        return default_store_bytes(device, fraction)
+    if not is_int_at_least(max_store_bytes):
+        raise ValueError(f"max_store_bytes must be None (automatic) or an int >= 1, got {max_store_bytes!r}")
+    return int(max_store_bytes), "max_store_bytes"
+
+
+def _announce(plan: CapturePlan, show: bool | None) -> None:
+    text = plan.describe()
+    logger.info("%s", text)
+    if sys.stderr.isatty() if show is None else show:
+        print(text, file=sys.stderr, flush=True)
+
+
+def capture_plan(
+    model: nn.Module,
+    samples: int,
+    scope: str = "adapter",
+    *,
+    modules: Sequence[str] | None = None,
+    blocks: Sequence[int] | None = None,
+    projection_dim: int | str | None = "auto",
+    max_store_bytes: int | None = None,
+    store_fraction: float = DEFAULT_STORE_FRACTION,
+) -> CapturePlan:
+    """The plan capture_statistics would make for `samples` (n + m) samples on this model, without
+    running anything (the same shapes, dtypes and store rule)."""
+    _check_options(scope, 1, projection_dim)
+    collector = _Collector(scored_layers(model, modules, blocks), scope, 0)
+    store, source = _store_budget(collector.device, max_store_bytes, store_fraction)
+    return plan_capture(
+        collector.dims,
+        samples,
+        store,
+        projection_dim,
+        element_bytes={b: collector.element_bytes(b) for b in collector.dims},
+        store_source=source,
+    )
 
 
 def capture_per_sample_gradients(
@@ -373,7 +449,7 @@ def capture_per_sample_gradients(
     """
     _check_options(scope, chunk_size, None)
     layers = scored_layers(model, modules, blocks)
-    collector = _Collector(layers, scope, None, 0)
+    collector = _Collector(layers, scope, 0)
     with torch.inference_mode(False):
         chunks = _chunks(batches, chunk_size, collector.device, "batches")
     _run_passes(
@@ -407,7 +483,7 @@ def _backward_chunk(
     collector: _Collector,
     anchors: list[torch.Tensor],
     split: str,
-) -> None:
+) -> torch.Tensor:
     size = batch_size(chunk)
     collector.begin(size)
     anchors.clear()
@@ -430,3 +506,4 @@ def _backward_chunk(
     torch.autograd.grad(losses.sum(), targets, allow_unused=True)
     collector.flush(split)
     anchors.clear()
+    return losses.detach()
