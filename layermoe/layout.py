@@ -28,6 +28,9 @@ BlockDims = Mapping[int, Sequence[tuple[int, int]]]
 LAYOUT_KEY = "layermoe_layout"
 
 _LAYOUT_FIELDS = ("experts", "rank")
+#: The lowest value of each layout field: 0 experts is a block without adapter (its modules stay wrapped,
+#: forward = the frozen base); rank stays >= 1, the rank such a block gets back with experts.
+CAPACITY_MINIMUM = {"experts": 0, "rank": 1}
 
 
 def is_int_at_least(value: object, minimum: int = 1) -> bool:
@@ -54,16 +57,16 @@ def block_key(key: object, field: str, error: type[ValueError] = ValueError) -> 
     raise error(f"{field}: block key {key!r} is not a block index; use ints like 0, 1, 2")
 
 
-def _capacity(value: object, where: str, error: type[ValueError]) -> int:
-    """experts/rank as an int >= 1; integral floats and digit strings (hparams, YAML) are accepted."""
+def _capacity(value: object, where: str, error: type[ValueError], minimum: int = 1) -> int:
+    """experts/rank as an int >= minimum; integral floats and digit strings (hparams, YAML) are accepted."""
     if isinstance(value, bool) or isinstance(value, float) and not value.is_integer():
-        raise error(f"{where} must be an int >= 1, got {value!r}")
+        raise error(f"{where} must be an int >= {minimum}, got {value!r}")
     try:
         number = int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
-        raise error(f"{where} must be an int >= 1, got {value!r}") from None
-    if number < 1:
-        raise error(f"{where} must be >= 1, got {number}")
+        raise error(f"{where} must be an int >= {minimum}, got {value!r}") from None
+    if number < minimum:
+        raise error(f"{where} must be >= {minimum}, got {number}")
     return number
 
 
@@ -83,7 +86,8 @@ def normalize_layout(
         if block in out:
             raise error(f"{field} has block {block} twice (as int and string keys)")
         out[block] = {
-            name: _capacity(entry[name], f"{field}[{block}][{name!r}]", error) for name in _LAYOUT_FIELDS
+            name: _capacity(entry[name], f"{field}[{block}][{name!r}]", error, CAPACITY_MINIMUM[name])
+            for name in _LAYOUT_FIELDS
         }
     return dict(sorted(out.items()))
 

@@ -1,7 +1,10 @@
 """Training-step time of SmolLM2-135M with MoE-LoRA vs. peft LoRA, measured side by side in one run.
 
-Usage: python scripts/bench_step_time.py [--batch 8] [--length 48] [--steps 5] [--threads N]
-Needs the prepared model (`python -m layermoe.models prepare smollm2`). Prints a markdown table.
+Usage: python scripts/bench_step_time.py [--batch 8] [--length 48] [--steps 5] [--threads N] [--variants ...]
+Needs the prepared model (`python -m layermoe.models prepare smollm2`). Prints a markdown table with the
+ratio of each step time to peft LoRA's and to MoE-LoRA on all blocks (`moe7`). `moe7top` puts the same
+adapters on the top half of the blocks only (0 experts below): backward then stops at the lowest
+adapted block, which is the step-time gain of zero-capacity blocks.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ ALL7 = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def make(kind: str, targets: list[str], experts: int, rank: int) -> torch.nn.Module:
+def make(kind: str, targets: list[str], experts: int, rank: int, top_half: bool = False) -> torch.nn.Module:
     model = build_model("smollm2")
     model.config.use_cache = False
     if kind == "frozen":
@@ -33,7 +36,9 @@ def make(kind: str, targets: list[str], experts: int, rank: int) -> torch.nn.Mod
 
         model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=16, target_modules=targets))
     else:
-        inject(model, MoELoRAConfig(target_modules=targets, experts=experts, rank=rank))
+        blocks = model.config.num_hidden_layers
+        per_block = {b: 0 if top_half and b < blocks // 2 else experts for b in range(blocks)}
+        inject(model, MoELoRAConfig(target_modules=targets, experts=per_block, rank=rank))
     return model.train()
 
 
@@ -59,7 +64,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=48)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--variants", default="frozen,peft,moe7,moeattn", help="comma list of variant keys")
+    parser.add_argument(
+        "--variants", default="frozen,peft,moe7,moe7top,moeattn", help="comma list of variant keys"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -69,18 +76,22 @@ def main() -> None:
     labels[:, -1] = ids[:, -1]
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
     known = {
-        "frozen": ("forward only (no grad), frozen base", "frozen", ALL7, 1, 1),
-        "peft": ("peft LoRA r=16, 7 projections", "peft", ALL7, 1, 16),
-        "moe7": ("MoE-LoRA 4 experts x r=4, 7 projections", "moe", ALL7, 4, 4),
-        "moeattn": ("MoE-LoRA 4 experts x r=4, attention only", "moe", ATTN, 4, 4),
+        "frozen": ("forward only (no grad), frozen base", "frozen", ALL7, 1, 1, False),
+        "peft": ("peft LoRA r=16, 7 projections", "peft", ALL7, 1, 16, False),
+        "moe7": ("MoE-LoRA 4 experts x r=4, 7 projections", "moe", ALL7, 4, 4, False),
+        "moe7top": ("MoE-LoRA 4 experts x r=4, 7 projections, top half only", "moe", ALL7, 4, 4, True),
+        "moeattn": ("MoE-LoRA 4 experts x r=4, attention only", "moe", ATTN, 4, 4, False),
     }
     variants = [known[key] for key in args.variants.split(",")]
     print(f"SmolLM2-135M, batch {args.batch} x {args.length} tokens, fp32, {torch.get_num_threads()} threads")
-    print(f"| variant | trainable params | step time (s, median of {args.steps}) | ratio to peft LoRA |")
-    print("| --- | ---: | ---: | ---: |")
+    print(
+        f"| variant | trainable params | step time (s, median of {args.steps}) | ratio to peft LoRA "
+        "| ratio to MoE-LoRA on all blocks |"
+    )
+    print("| --- | ---: | ---: | ---: | ---: |")
     rows = []
-    for label, kind, targets, experts, rank in variants:
-        model = make(kind, targets, experts, rank)
+    for label, kind, targets, experts, rank, top_half in variants:
+        model = make(kind, targets, experts, rank, top_half)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         if kind == "frozen":
             with torch.no_grad():
@@ -91,9 +102,11 @@ def main() -> None:
         print(f"measured {label}: {[round(x, 2) for x in t]}", file=sys.stderr, flush=True)
         del model
     reference = next((t for label, _, t in rows if label.startswith("peft")), None)
+    all_blocks = next((t for label, _, t in rows if label == known["moe7"][0]), None)
     for label, trainable, t in rows:
         ratio = f"{t / reference:.2f}" if reference else "n/a"
-        print(f"| {label} | {trainable:,} | {t:.2f} | {ratio} |")
+        ratio_moe = f"{t / all_blocks:.2f}" if all_blocks else "n/a"
+        print(f"| {label} | {trainable:,} | {t:.2f} | {ratio} | {ratio_moe} |")
 
 
 if __name__ == "__main__":

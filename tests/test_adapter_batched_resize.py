@@ -84,3 +84,53 @@ def test_batched_plan_equals_per_layer_plan_after_splits_and_with_given_routing_
     second = {b: {"experts": [1, 2, 3][b % 3], "rank": [2, 4, 8][b // 2]} for b in range(6)}
     mass = {b: torch.rand(5, generator=torch.Generator().manual_seed(b)) for b in range(6)}
     _assert_same(*_resize_both(single, second, seed=6, routing_mass=mass))
+
+
+def test_batched_plan_routes_zero_capacity_resizes_per_layer_and_stays_identical():
+    """Blocks emptied (experts -> 0) and refilled (0 -> experts, at another rank) in the same layouts as
+    ordinary resizes: the batched apply_layout equals the per-layer one bit for bit, with the same
+    global RNG draws (one seed per resized layer, in layer order, whatever path plans it)."""
+    model = _model(blocks=6, experts=3, rank=4, seed=7)
+    first = {
+        0: {"experts": 0, "rank": 4},  # to 0
+        1: {"experts": 0, "rank": 2},  # to 0 with a new remembered rank
+        2: {"experts": 5, "rank": 4},
+        3: {"experts": 2, "rank": 8},
+        4: {"experts": 5, "rank": 4},  # same transition as block 2: a group of many layers
+    }
+    batched, single, rb, rs = _resize_both(model, first, seed=11)
+    _assert_same(batched, single, rb, rs)
+    assert {b: e["experts"] for b, e in layout(single).items() if e["experts"] == 0} == {0: 0, 1: 0}
+    second = {
+        0: {"experts": 2, "rank": 4},  # from 0
+        1: {"experts": 1, "rank": 6},  # from 0 at another rank
+        2: {"experts": 0, "rank": 4},  # to 0 again
+        3: {"experts": 3, "rank": 8},
+        5: {"experts": 1, "rank": 2},
+    }
+    _assert_same(*_resize_both(single, second, seed=12))
+
+
+def test_fresh_experts_of_a_resize_from_zero_come_from_the_layers_own_generator():
+    """The 0 -> E resize draws its A from surgery.layer_generator (one draw of the global RNG seeds the
+    layer's generator), the same mechanism as every other resize: reproduced here by hand."""
+    from layermoe.adapters.layer import lora_init_A
+
+    model = _model(blocks=2, experts=2, rank=4, seed=0)
+    apply_layout(model, {1: {"experts": 0, "rank": 4}})
+    layers = {n: layer for n, layer in named_moe_layers(model).items() if ".layers.1." in f".{n}"}
+    torch.manual_seed(3)
+    expected = {}
+    for name, layer in layers.items():  # apply_layout's order: the block's layers in name order
+        seed = int(torch.randint(0, 2**62, (1,)))
+        generator = torch.Generator().manual_seed(seed)
+        expected[name] = lora_init_A(
+            3 * 2, layer.in_features, device=torch.device("cpu"), dtype=torch.float32, generator=generator
+        )
+    after_draws = torch.get_rng_state()
+    torch.manual_seed(3)
+    apply_layout(model, {1: {"experts": 3, "rank": 2}})
+    assert torch.equal(torch.get_rng_state(), after_draws)  # nothing drawn from the global RNG besides
+    for name, layer in layers.items():
+        assert torch.equal(layer.lora_A.detach(), expected[name]), name
+        assert torch.count_nonzero(layer.lora_B) == 0

@@ -58,7 +58,7 @@ def test_round_trip_through_json_and_weights_only_torch(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"experts": 0}, "experts"),
+        ({"experts": -1}, "experts"),
         ({"experts": True}, "experts"),
         ({"rank": {0: 0}}, r"rank\[0\]"),
         ({"rank": {"a": 2}}, "rank has key"),
@@ -89,7 +89,7 @@ def test_from_dict_rejects_unknown_fields():
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"experts": 0}, "experts"),
+        ({"experts": -1}, "experts"),
         ({"rank": 2.5}, "rank"),
         ({"top_k": 0}, "top_k"),
         ({"lora_alpha": -1}, "lora_alpha"),

@@ -126,7 +126,7 @@ def test_normalize_layout():
     }
     for bad, match in [
         ({"x": {"experts": 1, "rank": 1}}, "not a block index"),
-        ({0: {"experts": 0, "rank": 1}}, "experts"),
+        ({0: {"experts": -1, "rank": 1}}, "experts"),
         ({0: {"experts": 1}}, "layout\\[0\\]"),
         ({0: {"experts": 1, "rank": 2.5}}, "rank"),
         ({0: {"experts": 1, "rank": 1}, "0": {"experts": 1, "rank": 1}}, "twice"),

@@ -262,7 +262,7 @@ def test_capture_hook_sees_live_tensors():
 
 def test_bad_layer_arguments_raise():
     with pytest.raises(ValueError, match="experts"):
-        MoELoRALinear(nn.Linear(4, 4), experts=0)
+        MoELoRALinear(nn.Linear(4, 4), experts=-1)
     with pytest.raises(ValueError, match="top_k"):
         MoELoRALinear(nn.Linear(4, 4), experts=2, top_k=0)
     with pytest.raises(TypeError, match="cannot wrap"):

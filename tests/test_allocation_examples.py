@@ -184,7 +184,7 @@ def test_params_current_budget_default_keeps_parameter_count():
         ({"budget": "total_experts:7", "experts_bounds": (2, None)}, "below the minimum layout"),
         ({"budget": "total_experts:30", "experts_bounds": (1, 5)}, "above the maximum layout"),
         ({"experts_bounds": (3, 2)}, "contradictory bounds"),
-        ({"experts_bounds": {1: (0, 2)}}, "low = 0"),
+        ({"experts_bounds": {1: (-1, 2)}}, "low = -1"),
         ({"experts_bounds": {9: (1, 2)}}, "unknown block"),
         ({"rank_bounds": (4, 6), "rank_step": 8}, "no allowed rank"),
         ({"rank": 3, "rank_step": 2}, "outside rank_bounds"),

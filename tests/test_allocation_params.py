@@ -81,6 +81,24 @@ def test_fixed_rank_params_never_exceeded_and_maximal(dims_list, data, method, r
     assert_maximal(out, dims, budget, e_hi)
 
 
+def test_mdl_reaches_the_budget_when_a_tiny_score_squares_below_the_smallest_float():
+    # Found by the property test above: q of block 2 is ~1e-236, so q**2 underflowed to 0 and the
+    # only block that could absorb the leftover budget (the widest, unbounded) looked unable to grow.
+    dims = {0: [(2, 2)], 1: [(2, 2)], 2: [(2, 2), (2, 2), (13, 48)], 3: [(2, 2)]}
+    minimum = naive_params({b: {"experts": 2, "rank": 1} for b in dims}, dims)
+    budget = 2 * minimum
+    out = allocate(
+        [0.0, 0.0, 2.71812780339949e-235, 1.0],
+        "mdl",
+        f"params:{budget}",
+        block_dims=dims,
+        rank=1,
+        experts_bounds=(2, None),
+    )
+    assert all(v["experts"] >= 2 and v["rank"] == 1 for v in out.values())
+    assert_maximal(out, dims, budget, None)
+
+
 @FAST
 @given(
     dims_strategy,

@@ -29,7 +29,7 @@ from tests.scripts.callback_fixtures import TinyLlamaModule, assert_fit_fails_be
         ({"schedule": {"every": 3, "max_rewires": 0}}, "schedule.max_rewires"),
         ({"schedule": "often"}, "schedule="),
         ({"scope": "everything"}, "scope='everything'"),
-        ({"inject": {"experts": 0}}, "inject"),
+        ({"inject": {"experts": -1}}, "inject"),
         ({"inject": ["q_proj"]}, "inject="),
         ({"loss_fn": 3}, "loss_fn"),
     ],

@@ -20,6 +20,8 @@ from .resize import (
     plan_resize,
     remove_experts,
     resize_layer,
+    rotate_to_singular_basis,
+    scale_trailing_slots,
     shrink_rank,
 )
 from .router import RouterLosses, collect_router_losses, compute_gates, router_statistics
@@ -55,6 +57,8 @@ __all__ = [
     "plan_resize",
     "remove_experts",
     "resize_layer",
+    "rotate_to_singular_basis",
+    "scale_trailing_slots",
     "router_statistics",
     "shrink_rank",
     "split_block_name",

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from layermoe.layout import effective_top_k, is_int_at_least
+from layermoe.layout import CAPACITY_MINIMUM, effective_top_k, is_int_at_least
 
 # Attention and MLP projections of the supported families. Matched against the last component(s) of a
 # module's name, so "dense" matches BERT's attention.output.dense, intermediate.dense and output.dense.
@@ -35,6 +35,18 @@ DEFAULT_TARGET_MODULES: tuple[str, ...] = (
     "key",
     "value",
     "dense",
+)
+
+
+#: The per-layer settings `MoELoRAConfig` and `MoELoRALinear` share (everything but experts and rank).
+LAYER_SETTINGS = (
+    "top_k",
+    "lora_alpha",
+    "lora_dropout",
+    "router_aux_loss_coef",
+    "router_z_loss_coef",
+    "router_init_std",
+    "routing_mass_decay",
 )
 
 
@@ -81,12 +93,19 @@ def check_layer_settings(
 
 
 def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
-    """Validate `experts` / `rank`: a positive int or a mapping block index -> positive int."""
+    """Validate `experts` / `rank`: an int or a mapping block index -> int, >= 1 (experts: >= 0).
+
+    0 experts is a block without adapter (its modules stay wrapped, forward = the frozen base); rank
+    stays >= 1 so such a block knows its rank when experts come back.
+    """
+    low = CAPACITY_MINIMUM[name]
     if isinstance(value, bool):
-        raise ValueError(f"MoELoRAConfig.{name} must be a positive int or a mapping block -> int, got a bool")
+        raise ValueError(f"MoELoRAConfig.{name} must be an int or a mapping block -> int, got a bool")
     if isinstance(value, int):
-        if value < 1:
-            raise ValueError(f"MoELoRAConfig.{name} must be >= 1, got {value}; use 1 for a plain LoRA block")
+        if value < low:
+            raise ValueError(
+                f"MoELoRAConfig.{name} must be >= {low}, got {value}; use 1 for a plain LoRA block"
+            )
         return value
     if isinstance(value, Mapping):
         if not value:
@@ -101,12 +120,12 @@ def _check_capacity(name: str, value: Any) -> int | dict[int, int]:
                 ) from None
             if block < 0:
                 raise ValueError(f"MoELoRAConfig.{name} has negative block index {block}")
-            if not is_int_at_least(item):
-                raise ValueError(f"MoELoRAConfig.{name}[{block}] must be an int >= 1, got {item!r}")
+            if not is_int_at_least(item, low):
+                raise ValueError(f"MoELoRAConfig.{name}[{block}] must be an int >= {low}, got {item!r}")
             out[block] = item
         return out
     raise ValueError(
-        f"MoELoRAConfig.{name} must be a positive int or a mapping block -> int, got {type(value).__name__}"
+        f"MoELoRAConfig.{name} must be an int or a mapping block -> int, got {type(value).__name__}"
     )
 
 
@@ -117,7 +136,8 @@ class MoELoRAConfig:
     target_modules: module names (matched against the end of a module's dotted name, e.g. "q_proj" or
         "attention.output.dense") or one regex string matched with `re.fullmatch` against the full name.
         None means `DEFAULT_TARGET_MODULES` (all attention and MLP projections).
-    experts / rank: an int for every block, or a mapping block index -> int covering every block.
+    experts / rank: an int for every block, or a mapping block index -> int covering every block;
+        experts may be 0 for a block (no adapter there: its forward is the frozen base's).
     top_k: experts used per token; None (or >= experts of a block) means dense softmax routing.
     lora_alpha: scaling numerator; each expert's delta is (lora_alpha / rank) * B_e A_e.
     router_aux_loss_coef / router_z_loss_coef: weights of the Switch load-balancing loss and ST-MoE
@@ -157,8 +177,7 @@ class MoELoRAConfig:
 
     def layer_settings(self) -> dict[str, Any]:
         """The `MoELoRALinear` keyword arguments every layer of this config shares (all but experts/rank)."""
-        names = ("top_k", "lora_alpha", "lora_dropout", "router_aux_loss_coef", "router_z_loss_coef")
-        return {name: getattr(self, name) for name in (*names, "router_init_std", "routing_mass_decay")}
+        return {name: getattr(self, name) for name in LAYER_SETTINGS}
 
     @staticmethod
     def _check_targets(value: Any) -> list[str] | str:

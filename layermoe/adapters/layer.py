@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from layermoe.layout import effective_top_k, is_int_at_least
+from layermoe.layout import CAPACITY_MINIMUM, effective_top_k, is_int_at_least
 from layermoe.precision import cpu_has_native_bf16
 
 from .base import BaseInfo, base_info
-from .config import check_layer_settings
+from .config import LAYER_SETTINGS, check_layer_settings
 from .grouped import grouped_lora_output
 from .router import compute_gates, router_statistics
 
@@ -42,7 +42,11 @@ def lora_init_A(
     dtype: torch.dtype,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """LoRA's A init (kaiming_uniform with a=sqrt(5), as nn.Linear and peft use): never zero."""
+    """LoRA's A init (kaiming_uniform with a=sqrt(5), as nn.Linear and peft use): never zero.
+
+    A `generator` (on `device`) draws from it instead of the global RNG: surgery passes each layer's
+    own (`surgery.layer_generator`), the scoring probe of 0-expert layers a seeded one.
+    """
     weight = torch.empty(rows, d_in, device=device, dtype=dtype)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
     return weight
@@ -66,7 +70,9 @@ class MoELoRALinear(nn.Module):
     """Wraps a frozen `nn.Linear`, GPT-2 `Conv1D` or bitsandbytes 4/8-bit linear with MoE-LoRA experts.
 
     Parameters (names are a contract): `lora_A` (E*r, d_in), `lora_B` (d_out, E*r), and when E > 1
-    `lora_router_weight` (E, d_in) and `lora_router_bias` (E,). Buffers: `lora_shape` = [E, r] (int64,
+    `lora_router_weight` (E, d_in) and `lora_router_bias` (E,). With E = 0 (a block left without
+    capacity) all four are None: the layer is the frozen base, keeps its rank for when experts come back,
+    and stays wrapped so a resize or a `load_state_dict` can give it experts again. Buffers: `lora_shape` = [E, r] (int64,
     persistent: a freshly built layer re-allocates itself to the incoming shape before loading a
     state_dict, so resized checkpoints load with plain `load_state_dict`) and `lora_routing_mass` (E,),
     a running average of the gate probabilities seen in training (which expert to split or drop).
@@ -85,20 +91,13 @@ class MoELoRALinear(nn.Module):
         router_init_std: float = 0.0,
         routing_mass_decay: float = 0.99,
     ) -> None:
+        arguments = locals()  # before anything else is bound: exactly the constructor's arguments
         super().__init__()
         for name, value in (("experts", experts), ("rank", rank)):
-            if not is_int_at_least(value):
-                raise ValueError(f"MoELoRALinear.{name} must be an int >= 1, got {value!r}")
-        check_layer_settings(
-            "MoELoRALinear",
-            top_k=top_k,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            router_aux_loss_coef=router_aux_loss_coef,
-            router_z_loss_coef=router_z_loss_coef,
-            router_init_std=router_init_std,
-            routing_mass_decay=routing_mass_decay,
-        )
+            low = CAPACITY_MINIMUM[name]
+            if not is_int_at_least(value, low):
+                raise ValueError(f"MoELoRALinear.{name} must be an int >= {low}, got {value!r}")
+        check_layer_settings("MoELoRALinear", **{name: arguments[name] for name in LAYER_SETTINGS})
         self.info: BaseInfo = base_info(base_layer)
         self.base_layer = base_layer
         for param in base_layer.parameters():
@@ -123,10 +122,10 @@ class MoELoRALinear(nn.Module):
         )
         self.register_buffer(
             "lora_routing_mass",
-            torch.full((experts,), 1.0 / experts, dtype=torch.float32, device=self.info.device),
+            torch.full((experts,), 1.0 / max(experts, 1), dtype=torch.float32, device=self.info.device),
         )
-        self.lora_A = nn.Parameter(torch.empty(0))
-        self.lora_B = nn.Parameter(torch.empty(0))
+        self.register_parameter("lora_A", None)
+        self.register_parameter("lora_B", None)
         self.register_parameter("lora_router_weight", None)
         self.register_parameter("lora_router_bias", None)
         self.reset_lora_parameters(experts, rank)
@@ -138,32 +137,45 @@ class MoELoRALinear(nn.Module):
         return self.lora_alpha / self.rank
 
     @property
+    def has_adapter(self) -> bool:
+        """False for a layer with 0 experts: no adapter parameters, forward = the frozen base."""
+        return self.experts > 0
+
+    def adapter_placement(self) -> tuple[torch.device, torch.dtype]:
+        """Device and dtype of the adapter parameters (of the ones they would have, with 0 experts)."""
+        if self.lora_A is not None:
+            return self.lora_A.device, self.lora_A.dtype
+        # no parameter to follow a later .to(): read the base again, as the constructor did
+        info = base_info(self.base_layer)
+        return info.device, info.dtype
+
+    @property
     def effective_top_k(self) -> int | None:
         """None when routing is dense (no top_k or top_k >= experts)."""
         return effective_top_k(self.top_k, self.experts)
 
     def reset_lora_parameters(self, experts: int, rank: int) -> None:
         """Fresh LoRA init for shape (experts, rank): A kaiming, B zero, router small or zero, bias zero."""
-        device, dtype = self.info.device, self.info.dtype
-        if self.lora_A.numel():  # follow the model if it was moved or cast after injection
-            device, dtype = self.lora_A.device, self.lora_A.dtype
-        A = lora_init_A(experts * rank, self.in_features, device=device, dtype=dtype)
-        B = torch.zeros(self.out_features, experts * rank, device=device, dtype=dtype)
+        device, dtype = self.adapter_placement()  # follows the model if it was moved or cast
+        A = B = None
+        if experts > 0:
+            A = lora_init_A(experts * rank, self.in_features, device=device, dtype=dtype)
+            B = torch.zeros(self.out_features, experts * rank, device=device, dtype=dtype)
         router_w = router_b = None
         if experts > 1:
             router_w = torch.zeros(experts, self.in_features, device=device, dtype=dtype)
             if self.router_init_std > 0:
                 router_w.normal_(0.0, self.router_init_std)
             router_b = torch.zeros(experts, device=device, dtype=dtype)
-        mass = torch.full((experts,), 1.0 / experts, dtype=torch.float32, device=device)
+        mass = torch.full((experts,), 1.0 / max(experts, 1), dtype=torch.float32, device=device)
         self.install(experts, rank, A, B, router_w, router_b, mass)
 
     def install(
         self,
         experts: int,
         rank: int,
-        A: torch.Tensor,
-        B: torch.Tensor,
+        A: torch.Tensor | None,
+        B: torch.Tensor | None,
         router_weight: torch.Tensor | None,
         router_bias: torch.Tensor | None,
         routing_mass: torch.Tensor,
@@ -172,19 +184,25 @@ class MoELoRALinear(nn.Module):
         """Swap in new tensors (already built and checked); names in `keep` keep their Parameter object.
 
         Only called once every tensor exists, so a failing resize never leaves a half-changed layer.
+        With experts = 0, A and B are None (the layer has no adapter).
         """
-        if A.shape != (experts * rank, self.in_features) or B.shape != (self.out_features, experts * rank):
+        if experts == 0:
+            if A is not None or B is not None or router_weight is not None or router_bias is not None:
+                raise ValueError("install: a layer with 0 experts has no lora_A/lora_B/router tensors")
+        elif A is None or B is None:
+            raise ValueError(f"install: experts={experts} needs lora_A and lora_B")
+        elif A.shape != (experts * rank, self.in_features) or B.shape != (self.out_features, experts * rank):
             raise ValueError(
                 f"install: lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not match experts={experts}, "
                 f"rank={rank}, d_in={self.in_features}, d_out={self.out_features}"
             )
-        if (router_weight is None) != (experts == 1) or (router_bias is None) != (experts == 1):
+        if (router_weight is None) != (experts <= 1) or (router_bias is None) != (experts <= 1):
             raise ValueError(f"install: a router is needed exactly when experts > 1 (experts={experts})")
         if router_weight is not None and (
             router_weight.shape != (experts, self.in_features) or router_bias.shape != (experts,)
         ):
             raise ValueError("install: router weight/bias shapes do not match experts and d_in")
-        requires_grad = self.lora_A.requires_grad if self.lora_A.numel() else True
+        requires_grad = self.lora_A.requires_grad if self.lora_A is not None else True
         new = {"lora_A": A, "lora_B": B, "lora_router_weight": router_weight, "lora_router_bias": router_bias}
         for name, tensor in new.items():
             if name in keep:
@@ -211,8 +229,10 @@ class MoELoRALinear(nn.Module):
         shape = state_dict.get(prefix + "lora_shape")
         if shape is not None:
             values = torch.as_tensor(shape).reshape(-1).tolist()
-            if len(values) != 2 or min(values) < 1:
-                error_msgs.append(f"{prefix}lora_shape must be [experts, rank] with both >= 1, got {values}")
+            if len(values) != 2 or values[0] < 0 or values[1] < 1:
+                error_msgs.append(
+                    f"{prefix}lora_shape must be [experts, rank] with experts >= 0 and rank >= 1, got {values}"
+                )
                 return
             experts, rank = int(values[0]), int(values[1])
             if (experts, rank) != (self.experts, self.rank):
@@ -273,8 +293,8 @@ class MoELoRALinear(nn.Module):
         `path="auto"` picks it for top-k routing with k <= E/2 when the adapter computes in bf16/fp16 on
         CPU (where those matmuls are slow relative to indexing); everywhere else the dense path (two
         matmuls, no loop) is faster. On a CPU without native bf16 the adapter computes in float32
-        instead (`compute_dtype`), which benchmarks/adapter_forward.py measured faster than both. Never with a capture_hook, which needs every
-        expert's hidden activations.
+        instead (`compute_dtype`), which benchmarks/adapter_forward.py measured faster than both.
+        Never with a capture_hook, which needs every expert's hidden activations.
         """
         top_k = self.effective_top_k
         if self.path == "dense" or top_k is None or self.capture_hook is not None:
@@ -297,6 +317,11 @@ class MoELoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = self.base_layer(x, *args, **kwargs)
+        if self.lora_A is None:  # 0 experts: the frozen base (base-scope scoring still sees it)
+            if self.capture_hook is not None:
+                empty = {"lora_input": None, "expert_hidden": None, "router_logits": None}
+                self.capture_hook(self, {"x": x, **empty, "output": result})
+            return result
         if self.info.four_bit:
             # bitsandbytes 4-bit may return a view of an internal buffer that autograd must not see
             # modified (peft does the same defensive clone)

@@ -1,6 +1,7 @@
 """Layouts on a live model: `layout` reads the plain-data per-block capacity of an adapted model and
 `apply_layout` resizes every layer to one, all-or-nothing: every layer's new tensors are planned before
 any layer changes. The format itself (`Layout`, `normalize_layout`) lives in :mod:`layermoe.layout`.
+experts = 0 is a block without adapter (its layers stay wrapped, with no parameters); rank >= 1 always.
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB]
 def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
     """Write the adapters of a model with one expert per block as a peft LoRA adapter folder.
 
+    Blocks with 0 experts are left out (not in `target_modules` / `rank_pattern`).
+
     Raises ValueError naming the first block with more than one expert (merge them first with
     `apply_layout(model, {b: {"experts": 1, "rank": r}})`).
     """
@@ -42,8 +44,12 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
     layers = named_moe_layers(model)
     if not layers:
         raise ValueError("export_peft: the model has no MoE-LoRA layers; call inject first")
+    # a block without adapter is simply not a peft target (and not in rank_pattern)
+    layers = {name: layer for name, layer in layers.items() if layer.has_adapter}
+    if not layers:
+        raise ValueError("export_peft: every block has 0 experts; there is no adapter to export")
     for block, spec in layout(model).items():
-        if spec["experts"] != 1:
+        if spec["experts"] > 1:
             raise ValueError(
                 f"export_peft: block {block} has {spec['experts']} experts; peft LoRA has one. "
                 f"Merge first: apply_layout(model, {{{block}: {{'experts': 1, 'rank': {spec['rank']}}}}})"
@@ -158,8 +164,9 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
     Each block's rank becomes the largest LoRA rank among its modules (smaller LoRAs are zero-padded:
     the extra B columns are zero). All experts get the LoRA's delta, the router is reset to uniform
     gates, and a zero-sum perturbation of the experts' A rows breaks their symmetry (exact under dense
-    routing). Layers the adapter does not cover keep their parameters. The adapter's ``modules_to_save``
-    are copied into the model's modules of those names, which stay trainable. Returns the resize reports.
+    routing). Blocks with 0 experts that it covers get one. Layers the adapter does not cover keep
+    their parameters. The adapter's ``modules_to_save`` are copied into the model's modules of those
+    names, which stay trainable. Returns the resize reports.
     Everything is validated before the model changes.
     """
     config, factors, others = _read_peft(source)
@@ -194,7 +201,8 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
         block = split_block_name(module)[1]
         block_rank[block] = max(block_rank.get(block, 1), rank)
     current = layout(model)
-    new_layout = {b: {"experts": current[b]["experts"], "rank": r} for b, r in block_rank.items()}
+    # a block without adapter that the LoRA covers gets one expert to hold it
+    new_layout = {b: {"experts": max(current[b]["experts"], 1), "rank": r} for b, r in block_rank.items()}
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     reports = apply_layout(model, new_layout)
     with torch.no_grad():

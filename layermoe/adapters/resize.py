@@ -22,11 +22,16 @@ from .surgery import (
     LayerState,
     ParamMap,
     _add,
+    _expert_blocks,
+    _from_empty,
     _grow,
+    _join_blocks,
     _remove,
     _shrink,
+    _to_empty,
     adapter_output,
     layer_generator,
+    truncate_factors,
 )
 
 
@@ -76,9 +81,9 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _check_target(name: str, value: object) -> int:
-    if not is_int_at_least(value):
-        raise ValueError(f"resize: {name} must be an int >= 1, got {value!r}")
+def _check_target(name: str, value: object, low: int = 1) -> int:
+    if not is_int_at_least(value, low):
+        raise ValueError(f"resize: {name} must be an int >= {low}, got {value!r}")
     return value
 
 
@@ -91,12 +96,16 @@ def plan_resize(
     name: str = "",
 ) -> tuple[LayerState, ResizeReport]:
     """Compute (without touching the layer) the state after resizing to (experts, rank) and its report."""
-    experts = layer.experts if experts is None else _check_target("experts", experts)
+    experts = layer.experts if experts is None else _check_target("experts", experts, low=0)
     rank = layer.rank if rank is None else _check_target("rank", rank)
     alpha = layer.lora_alpha
-    old = state = replace(LayerState.of(layer, routing_mass), generator=layer_generator(layer.lora_A.device))
+    generator = layer_generator(layer.adapter_placement()[0])
+    old = state = replace(LayerState.of(layer, routing_mass), generator=generator)
     report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
     kept_energy = 1.0
+    if experts == 0 or state.experts == 0:
+        state = _plan_empty_side(state, experts, rank, alpha, report)
+        kept_energy = 1.0 - report.discarded_energy
     if rank > state.rank:
         report.operations.append(f"grow_rank {state.rank}->{rank}")
         state, _ = _grow(state, rank, alpha)
@@ -120,7 +129,7 @@ def plan_resize(
     state.check(layer.in_features, layer.out_features)
     report.discarded_energy = max(0.0, 1.0 - kept_energy)
     if probe is not None:
-        x = probe.detach().to(device=layer.lora_A.device)
+        x = probe.detach().to(device=layer.adapter_placement()[0])
         with torch.no_grad():
             before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), alpha)
             after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts), alpha)
@@ -135,13 +144,35 @@ def state_map(state: LayerState, name: str = "") -> dict[str, ParamMap | None]:
     return {prefix + n: state.maps.get(n) for n in PARAM_NAMES if n in state.changed and _present(state, n)}
 
 
+def _plan_empty_side(
+    state: LayerState, experts: int, rank: int, alpha: float, report: ResizeReport
+) -> LayerState:
+    """Resizes to or from 0 experts (a block without adapter); the rest of plan_resize then has no work."""
+    if state.experts > 0:  # to 0: the adapter goes whole
+        report.operations.append(f"remove_all_experts {state.experts}->0")
+        state, stats = _to_empty(state, alpha)
+        report.discarded_energy = stats["discarded"]
+        report.discarded_norm = stats["norm"]
+        report.exact = stats["discarded"] == 0.0
+    if state.rank != rank:  # an empty layer only remembers its rank
+        report.operations.append(f"set_rank {state.rank}->{rank}")
+        state = replace(state, rank=rank)
+    if experts > 0:
+        report.operations.append(f"add_fresh_experts 0->{experts}")
+        state = _from_empty(state, experts, rank)
+    return state
+
+
 def _present(state: LayerState, name: str) -> bool:
-    return state.experts > 1 or "router" not in name
+    return state.experts > 1 or (state.experts == 1 and "router" not in name)
 
 
 def install_state(layer: MoELoRALinear, state: LayerState) -> None:
     """Swap a planned state into the layer, cast to its dtype/device; unchanged parameters are kept."""
-    device, dtype = layer.lora_A.device, layer.lora_A.dtype
+    device, dtype = layer.adapter_placement()
+    if state.experts == 0:
+        layer.install(0, state.rank, None, None, None, None, state.mass.to(device))
+        return
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=dtype)
@@ -207,9 +238,35 @@ def remove_experts(
     routing_mass: torch.Tensor | None = None,
     probe: torch.Tensor | None = None,
 ) -> ResizeReport:
-    """Drop the least important experts, folding each into its most similar survivor."""
-    if _check_target("new_experts", new_experts) >= layer.experts:
+    """Drop the least important experts, folding each into its most similar survivor (0: drop all)."""
+    if _check_target("new_experts", new_experts, low=0) >= layer.experts:
         raise ValueError(
             f"remove_experts: new_experts {new_experts} must be below the current {layer.experts}"
         )
     return resize_layer(layer, experts=new_experts, routing_mass=routing_mass, probe=probe)
+
+
+def rotate_to_singular_basis(layer: MoELoRALinear) -> None:
+    """Re-express every expert's factors in the singular basis of its delta B_e A_e, strongest first,
+    in place (the output is unchanged up to rounding): rank slot j of an expert then carries its j-th
+    singular direction, so the trailing slots are the ones a shrink to a lower rank would drop.
+    The values change, not the shapes: optimizer state of lora_A/lora_B no longer corresponds."""
+    if not layer.has_adapter:
+        return
+    with torch.no_grad(), single_thread():
+        state = LayerState.of(layer)
+        A, B = _expert_blocks(state)
+        new_B, new_A, _ = truncate_factors(B, A, state.rank)
+        A2, B2 = _join_blocks(new_A, new_B)
+        layer.lora_A.copy_(A2.to(layer.lora_A.dtype))
+        layer.lora_B.copy_(B2.to(layer.lora_B.dtype))
+
+
+def scale_trailing_slots(layer: MoELoRALinear, keep_rank: int, factor: float) -> None:
+    """Multiply the B columns of every expert's rank slots >= keep_rank by `factor` (in place): one
+    step of fading those directions out (factor 0 leaves them contributing exactly nothing)."""
+    if not layer.has_adapter or keep_rank >= layer.rank:
+        return
+    with torch.no_grad():
+        B = layer.lora_B.view(layer.out_features, layer.experts, layer.rank)
+        B[:, :, keep_rank:] *= factor

@@ -78,7 +78,7 @@ def collect_router_losses(model: nn.Module) -> RouterLosses:
     for name, module in model.named_modules():
         if not isinstance(module, MoELoRALinear):
             continue
-        device = module.lora_A.device
+        device = module.lora_shape.device
         stats = module.pop_router_stats()
         if stats is None:
             continue

@@ -14,6 +14,8 @@ Each operation returns a new state plus how each new parameter's entries come fr
 - remove experts: drop the lowest routing mass x ||B_e A_e||_F, fold each into the survivor with the
   most similar router row (delta merged with gate/mass weights, truncated back to rank r, bias raised
   by the merged share): removing a just-split copy is exact.
+- to 0 experts: the whole adapter goes (its full energy is the discarded part; exact only if B was 0);
+  from 0 experts: fresh experts with LoRA's init (A kaiming, B zero, router zero), exact.
 """
 
 from __future__ import annotations
@@ -80,26 +82,30 @@ class LayerState:
     @staticmethod
     def of(layer: MoELoRALinear, routing_mass: torch.Tensor | None = None) -> LayerState:
         E, r = layer.experts, layer.rank
+        device = layer.adapter_placement()[0]
         mass = layer.lora_routing_mass if routing_mass is None else torch.as_tensor(routing_mass)
-        mass = mass.detach().to(device=layer.lora_A.device, dtype=torch.float32).reshape(-1)
+        mass = mass.detach().to(device=device, dtype=torch.float32).reshape(-1)
         if mass.numel() != E:
             raise ValueError(f"routing_mass has {mass.numel()} entries but the layer has {E} experts")
         if not torch.isfinite(mass).all() or (mass < 0).any():
             raise ValueError("routing_mass must be finite and >= 0")
-        mass = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1.0 / E)
+        mass = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1.0 / max(E, 1))
         f32 = lambda t: None if t is None else t.detach().to(torch.float32).clone()  # noqa: E731
-        maps: dict[str, ParamMap | None] = {
-            "lora_A": ParamMap.identity(E * r, 0),
-            "lora_B": ParamMap.identity(E * r, 1),
-        }
+        maps: dict[str, ParamMap | None] = {}
+        if E > 0:
+            maps["lora_A"] = ParamMap.identity(E * r, 0)
+            maps["lora_B"] = ParamMap.identity(E * r, 1)
         if E > 1:
             maps["lora_router_weight"] = ParamMap.identity(E, 0)
             maps["lora_router_bias"] = ParamMap.identity(E, 0)
+        # 0 experts: empty factors, so the math below needs no special case for reading them
+        A = f32(layer.lora_A) if E > 0 else torch.zeros(0, layer.in_features, device=device)
+        B = f32(layer.lora_B) if E > 0 else torch.zeros(layer.out_features, 0, device=device)
         return LayerState(
             E,
             r,
-            f32(layer.lora_A),
-            f32(layer.lora_B),
+            A,
+            B,
             f32(layer.lora_router_weight),
             f32(layer.lora_router_bias),
             mass,
@@ -113,7 +119,7 @@ class LayerState:
             prev = maps.get(name)
             maps[name] = None if prev is None else prev.then(step)
         names = self.changed | set(changed)
-        if values.get("experts", self.experts) == 1:
+        if values.get("experts", self.experts) <= 1:
             maps.pop("lora_router_weight", None)
             maps.pop("lora_router_bias", None)
             if self.router_weight is not None:
@@ -127,7 +133,7 @@ class LayerState:
             raise RuntimeError(
                 f"resize produced lora_A {tuple(self.A.shape)} / lora_B {tuple(self.B.shape)} for {E}x{r}"
             )
-        if (self.router_weight is None) != (E == 1) or (self.router_bias is None) != (E == 1):
+        if (self.router_weight is None) != (E <= 1) or (self.router_bias is None) != (E <= 1):
             raise RuntimeError(f"resize produced a router inconsistent with {E} experts")
         if E > 1 and (self.router_weight.shape != (E, d_in) or self.router_bias.shape != (E,)):
             raise RuntimeError("resize produced router tensors of the wrong shape")
@@ -393,6 +399,43 @@ def _remove(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerSta
         "exact": float(exact),
     }
     return new_state, stats
+
+
+def _to_empty(state: LayerState, alpha: float) -> tuple[LayerState, dict[str, float]]:
+    """Remove every expert: the adapter's whole delta is the discarded part."""
+    A, B = _expert_blocks(state)
+    energy = _factor_energy(B, A)
+    scaling = alpha / state.rank
+    stats = {
+        "discarded": 1.0 if float(energy.sum()) > 0 else 0.0,
+        # gates sum to at most 1, so no token moves by more than the largest expert delta times ||x||
+        "norm": float(energy.sqrt().max()) * scaling if state.experts else 0.0,
+    }
+    empty = {
+        "A": state.A.new_zeros(0, state.A.shape[1]),
+        "B": state.B.new_zeros(state.B.shape[0], 0),
+        "router_weight": None,
+        "router_bias": None,
+        "mass": state.mass.new_zeros(0),
+    }
+    changed = dict.fromkeys(("lora_A", "lora_B"))
+    return state.update(changed, experts=0, **empty), stats
+
+
+def _from_empty(state: LayerState, experts: int, rank: int) -> LayerState:
+    """Fresh experts for a layer that had none: LoRA's init (B zero), so the output is unchanged."""
+    d_in, d_out = state.A.shape[1], state.B.shape[0]
+    device = state.A.device
+    A = lora_init_A(experts * rank, d_in, device=device, dtype=torch.float32, generator=state.generator)
+    B = torch.zeros(d_out, experts * rank, device=device)
+    router_w = router_b = None
+    if experts > 1:
+        router_w, router_b = torch.zeros(experts, d_in, device=device), torch.zeros(experts, device=device)
+    mass = torch.full((experts,), 1.0 / experts, device=device)
+    changed = dict.fromkeys(PARAM_NAMES)  # none of these existed: fresh optimizer state
+    return state.update(
+        changed, experts=experts, rank=rank, A=A, B=B, router_weight=router_w, router_bias=router_b, mass=mass
+    )
 
 
 def adapter_output(state: LayerState, x: torch.Tensor, top_k: int | None, alpha: float) -> torch.Tensor:

@@ -15,6 +15,7 @@ from .budget import Budget
 from .errors import AllocationError
 from .fill import target_layout
 from .programs import method_options
+from .shrink import shrink_toward_mean
 from .space import Space
 from .stability import project, stabilize
 from .validation import bounds_arrays, normalize_block_dims, normalize_layout, per_block_ints, score_array
@@ -31,6 +32,8 @@ ALLOCATE_OPTIONS = (
     "experts_total",
     "hysteresis",
     "max_moves",
+    "score_errors",
+    "error_shrinkage",
 )
 
 
@@ -94,6 +97,8 @@ def allocate(
     experts_total: int | None = None,
     hysteresis: float = 0.0,
     max_moves: int | None = None,
+    score_errors: Mapping[int, float] | None = None,
+    error_shrinkage: float = 0.0,
     **method_options_: Any,
 ) -> Layout:
     """Turn per-block scores (higher = more capacity) into ``{block: {"experts": int, "rank": int}}``.
@@ -109,15 +114,20 @@ def allocate(
       (``params`` only: experts from the scores summing to ``experts_total``, default the current total,
       then ranks from the same scores under the parameter budget left).
     - ``experts_bounds`` / ``rank_bounds``: ``(low, high)`` for all blocks or ``{block: (low, high)}``;
-      ``high=None`` is unbounded; defaults ``(1, None)``. ``rank_step`` / ``allowed_ranks``: rank grid.
+      ``high=None`` is unbounded; defaults ``(1, None)``. A low of 0 (either bound) lets the block go
+      without adapter (``experts`` 0; a layout's rank stays >= 1). ``rank_step`` / ``allowed_ranks``: rank grid.
     - ``hysteresis`` / ``max_moves``: stability relative to ``current_layout`` (see
       ``layermoe.allocation.stability``).
+    - ``error_shrinkage`` (k >= 0, default 0 = off) with ``score_errors`` (per-block standard errors):
+      each score is first shrunk toward the mean by k standard errors (``layermoe.allocation.shrink``),
+      so capacity moves only as far as the score differences are outside their noise.
 
     All-equal scores give the uniform layout (remainders to the lower block indices). Raises
     :class:`AllocationError` for empty/NaN/inf scores, contradictory bounds, a budget below the minimum
     layout, or missing inputs.
     """
     blocks, values = score_array(scores)
+    values = shrink_toward_mean(blocks, values, score_errors, error_shrinkage)
     opts = method_options(method, method_options_)
     if rank_policy not in RANK_POLICIES:
         raise AllocationError(f"rank_policy = {rank_policy!r}; use one of {RANK_POLICIES}")
@@ -141,6 +151,10 @@ def allocate(
 
     e_lo, e_hi = bounds_arrays(experts_bounds, blocks, "experts_bounds")
     r_lo, r_hi = bounds_arrays(rank_bounds, blocks, "rank_bounds")
+    # A rank of 0 is a block without adapter, which a layout says with 0 experts (its rank is kept
+    # for when experts come back): rank low 0 = experts low 0, on a ladder of ranks >= 1.
+    e_lo[r_lo == 0] = 0
+    r_lo = np.maximum(r_lo, 1)
     if rank_policy == "fixed":
         if rank is None and current is None:
             raise AllocationError("rank_policy='fixed' needs the ranks: pass rank= or current_layout")
@@ -157,7 +171,7 @@ def allocate(
         ladders = [[int(x)] for x in fixed]
     else:
         s, _ = dims  # type: ignore[misc]
-        cap = [int(value // (e_lo[i] * s[i])) for i in range(len(blocks))]
+        cap = [int(value // (max(e_lo[i], 1) * s[i])) for i in range(len(blocks))]
         ladders = _rank_ladders(blocks, r_lo, r_hi, rank_step, allowed_ranks, cap)
         if experts_total is None:
             experts_total = (

@@ -8,6 +8,7 @@ rank). Integer rounding lives in rounding.py.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -61,6 +62,30 @@ def proportional_units(
         units[free] = lo[free]
 
 
+def _edge_limit(
+    units: Callable[[float], np.ndarray],
+    gain: np.ndarray,
+    c: np.ndarray,
+    p: np.ndarray,
+    edge: float,
+    unbounded: np.ndarray,
+    budget: float,
+) -> np.ndarray:
+    """The MDL solution as nu -> edge: unbounded blocks whose price p + nu c reaches 0 at the edge take
+    what the others leave of the budget, shared as gain / c (their prices are proportional to c there)."""
+    at_edge = unbounded & (-p / c == edge) & (gain > 0)
+    if not np.any(at_edge):
+        raise AllocationError(
+            "mdl: cannot reach the budget (blocks without an upper bound have q = 0); "
+            "raise tau_fraction or give upper bounds"
+        )
+    out = units(edge)
+    rest = budget - float(np.dot(c[~at_edge], out[~at_edge]))
+    weights = gain[at_edge] / c[at_edge]
+    out[at_edge] = rest * weights / float(np.dot(c[at_edge], weights))
+    return out
+
+
 def mdl_units(
     q: np.ndarray,
     costs: np.ndarray,
@@ -102,7 +127,11 @@ def mdl_units(
     # tolerance is relative; nu is scaled back on return.
     scale = float(c.mean())
     c, budget = c / scale, budget / scale
-    gain = gamma * q**beta
+    # q**beta of a tiny positive q underflows to 0, and a block with q > 0 would then look unable to grow
+    # (the bisection can no longer reach the budget). Positive q are floored far below anything that
+    # changes an allocation: max(q) * 2^-60, or closer to max(q) where beta is large so the power stays normal.
+    floor = float(q.max()) * 2.0 ** -min(60.0, 900.0 / beta) if np.any(q > 0) else 0.0
+    gain = gamma * np.where(q > 0, np.maximum(q, floor), 0.0) ** beta
     if np.all(np.isfinite(hi)) and budget >= float(np.dot(c, hi)):
         return hi.astype(np.float64).copy(), -math.inf
     if not np.any(gain > 0):
@@ -121,7 +150,12 @@ def mdl_units(
     # Above `upper` every block sits at lo. Going down, blocks grow; once nu <= -p_l/c_l block l is at
     # hi_l. With all highs finite, nu = min(-p/c) puts every block at hi (spend = max >= budget); else
     # the spend grows without bound as nu nears the edge of the unbounded blocks.
-    upper = max(float(np.max((gain / lo - p) / c)), float(np.max(-p / c)) + 1.0)
+    # a lower bound of 0 (a block may go empty) is only approached: start from a tiny floor and
+    # double until the spend is below the budget
+    floor = np.where(lo > 0, lo, 1e-9 * budget / (float(c.sum()) * n))
+    upper = max(float(np.max((gain / floor - p) / c)), float(np.max(-p / c)) + 1.0)
+    while spend(upper) > budget:
+        upper = 2.0 * upper if upper > 0 else 1.0
     unbounded = ~np.isfinite(hi)
     if not np.any(unbounded):
         lower = float(np.min(-p / c))
@@ -130,11 +164,10 @@ def mdl_units(
         gap = max(1.0, upper - edge)
         while spend(edge + gap) < budget:
             gap *= 0.5
-            if gap < 1e-300:
-                raise AllocationError(
-                    "mdl: cannot reach the budget (blocks without an upper bound have q = 0); "
-                    "raise tau_fraction or give upper bounds"
-                )
+            if edge + gap == edge or gap < 1e-300:
+                # nu can no longer approach the edge in floating point (a tiny gain needs a price closer
+                # to 0 than edge + gap resolves): take the limit nu -> edge exactly.
+                return _edge_limit(units, gain, c, p, edge, unbounded, budget), edge / scale
         lower = edge + gap
     for _ in range(max_iter):
         mid = 0.5 * (lower + upper)

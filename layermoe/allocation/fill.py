@@ -98,7 +98,19 @@ def _params_scored_rank(
     ladder_lo = np.array([lad[0] for lad in space.ladders], dtype=np.float64)
     ladder_hi = np.array([lad[-1] for lad in space.ladders], dtype=np.float64)
     per_rank = e * space.s.astype(np.float64)
-    ranks = _spread(space, method, options, per_rank, ladder_lo, ladder_hi, space.budget - routers.sum())
+    ranks = ladder_lo.copy()  # blocks left without experts keep their lowest rank
+    active = e > 0
+    if np.any(active):
+        sub = _subspace(space, active)
+        ranks[active] = _spread(
+            sub,
+            method,
+            options,
+            per_rank[active],
+            ladder_lo[active],
+            ladder_hi[active],
+            space.budget - routers.sum(),
+        )
     frac = np.zeros(space.n)
     for i, lad in enumerate(space.ladders):
         k[i] = int(np.searchsorted(lad, ranks[i], side="right")) - 1
@@ -108,6 +120,20 @@ def _params_scored_rank(
     _round_up_by_fraction(space, RANK, e, k, frac)
     space.greedy_fill(e, k)
     return e, k
+
+
+def _subspace(space: Space, mask: np.ndarray) -> Space:
+    """The blocks in `mask` only (their scores and bounds), for a program that must not see the rest."""
+    idx = np.flatnonzero(mask)
+    return Space(
+        blocks=[space.blocks[i] for i in idx],
+        scores=space.scores[idx],
+        e_lo=space.e_lo[idx],
+        e_hi=space.e_hi[idx],
+        ladders=[space.ladders[i] for i in idx],
+        kind=space.kind,
+        budget=space.budget,
+    )
 
 
 def target_layout(

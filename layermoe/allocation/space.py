@@ -55,7 +55,8 @@ class Space:
     def can_step(self, i: int, kind: str, sign: int, e: np.ndarray, k: np.ndarray) -> bool:
         if kind == EXPERT:
             return e[i] + sign <= self.e_hi[i] if sign > 0 else e[i] + sign >= self.e_lo[i]
-        return 0 <= k[i] + sign < len(self.ladders[i])
+        # a block without experts has no rank to move (rank steps there would be free)
+        return e[i] > 0 and 0 <= k[i] + sign < len(self.ladders[i])
 
     def step_delta(self, i: int, kind: str, sign: int, e: np.ndarray, k: np.ndarray) -> int:
         ne, nk = (e[i] + sign, k[i]) if kind == EXPERT else (e[i], k[i] + sign)

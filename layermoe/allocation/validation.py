@@ -53,7 +53,7 @@ def bounds_arrays(
     """Per-block integer ``[low, high]`` as arrays; ``high = inf`` when unbounded.
 
     ``bounds`` is one ``(low, high)`` pair for all blocks or a mapping block -> pair (missing blocks take
-    ``default``). Lows must be >= 1 (a block always keeps one expert of rank >= 1) and highs >= lows.
+    ``default``). Lows must be >= 0 (0: the block may be left without adapter) and highs >= lows.
     """
     if bounds is None:
         per = dict.fromkeys(blocks, default)
@@ -72,8 +72,10 @@ def bounds_arrays(
         if not isinstance(pair, Sequence) or isinstance(pair, str) or len(pair) != 2:
             raise AllocationError(f"{field}[{b}] = {pair!r}: give a (low, high) pair, high may be None")
         low, high = pair
-        if not is_int_at_least(low):
-            raise AllocationError(f"{field}[{b}]: low = {low!r} must be an int >= 1")
+        if not is_int_at_least(low, 0):
+            raise AllocationError(
+                f"{field}[{b}]: low = {low!r} must be an int >= 0 (0 lets the block go without adapter)"
+            )
         if high is not None and not is_int_at_least(high, -math.inf):
             raise AllocationError(f"{field}[{b}]: high = {high!r} must be an int or None (unbounded)")
         if high is not None and high < low:

@@ -15,19 +15,22 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
-from layermoe.adapters import MoELoRAConfig, inject, layout, moe_layers
+from layermoe.adapters import MoELoRAConfig, apply_layout, inject, layout, moe_layers, named_moe_layers
 from layermoe.allocation import METHODS, AllocationError, Budget, allocate, check_method_options
 from layermoe.callbacks import data as data_utils
 from layermoe.callbacks.distributed import any_rank, broadcast, check_strategy, mean_scores
 from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
+from layermoe.callbacks.rank_fade import fade_step, ranks_kept, ranks_only, shrinking_blocks, start_fade
 from layermoe.callbacks.report import log_rewire, print_table, save_and_log_figure
 from layermoe.callbacks.rewire import rewire
 from layermoe.callbacks.schedule import RewireSchedule
 from layermoe.callbacks.scoring_pass import PerSampleLoss, mean_loss, resolve_per_sample_loss, scoring_context
 from layermoe.callbacks.state import CallbackState, RewirePlan, plain_scores
+from layermoe.callbacks.transaction import ModuleSnapshot
 from layermoe.layout import LAYOUT_KEY, BlockDims, Layout, is_int_at_least, layout_params, normalize_layout
 from layermoe.lightning_compat import (
     validation_defined,
@@ -92,6 +95,12 @@ class LayerInfluenceCallback(Callback):
         plot: save a PNG per rewire under ``<log_dir>/layermoe`` and add it to TensorBoard.
         verbose: print a table per rewire (rank zero).
         log_prefix: prefix of the logged metric names.
+        error_groups: groups of the jackknife that gives each score a standard error (scorers that read
+            statistics; no extra backward pass); 0 turns error bars off. ``allocator_options``'
+            ``error_shrinkage: k`` shrinks scores toward their mean by k standard errors before allocating.
+        rank_fade_steps: 0 cuts lowered ranks at the rewire (truncation); F > 0 fades the directions to
+            drop to zero over the next F optimizer steps and drops them then, function-preservingly
+            (:mod:`layermoe.callbacks.rank_fade`).
         on_error: what a failed scoring pass, allocation or surgery does mid-fit. ``"raise"`` (default:
             a failure is never silent) stops the fit with ``RewireError``; ``"skip"`` warns, logs
             ``<log_prefix>/rewire_failures``, records the failure in the callback's state, and trains on
@@ -125,6 +134,8 @@ class LayerInfluenceCallback(Callback):
         plot: bool = True,
         verbose: bool = True,
         log_prefix: str = "layermoe",
+        error_groups: int = 10,
+        rank_fade_steps: int = 0,
         on_error: str = "raise",
     ) -> None:
         super().__init__()
@@ -167,6 +178,19 @@ class LayerInfluenceCallback(Callback):
         self.plot = bool(plot)
         self.verbose = bool(verbose)
         self.log_prefix = str(log_prefix)
+        self.rank_fade_steps = _check_count("rank_fade_steps", rank_fade_steps, 0)
+        self.error_groups = _check_count("error_groups", error_groups, 0)
+        if self.error_groups == 1:
+            raise CallbackConfigError(
+                "error_groups=1: a jackknife needs >= 2 groups (0 turns error bars off)"
+            )
+        shrinkage = self.allocator_options.get("error_shrinkage", 0)
+        if shrinkage and (not getattr(self._scorer, "needs_statistics", True) or self.error_groups == 0):
+            raise CallbackConfigError(
+                f"allocator_options.error_shrinkage={shrinkage!r} needs standard errors, but scorer "
+                f"{scorer!r} reads no statistics or error_groups=0: use a statistics scorer with error_groups >= 2, "
+                "or drop error_shrinkage"
+            )
         if on_error not in _ON_ERROR:
             raise CallbackConfigError(f"on_error={on_error!r}: must be one of {_ON_ERROR}")
         self.on_error = on_error
@@ -335,6 +359,8 @@ class LayerInfluenceCallback(Callback):
                 budget=self.state.resolved_budget,
                 current_layout=current,
                 block_dims=self._block_dims(pl_module),
+                # zero errors: error_shrinkage (an allocator option) is checked but leaves equal scores be
+                score_errors=dict.fromkeys(current, 0.0),
                 **self.allocator_options,
             )
         except AllocationError as exc:
@@ -403,6 +429,10 @@ class LayerInfluenceCallback(Callback):
         stepped = self._step_at_batch_start is not None and trainer.global_step > self._step_at_batch_start
         if not stepped:
             return
+        if self.state.fade is not None:  # a gentle rank shrink in progress: no new plan until it is done
+            if fade_step(pl_module, self.state.fade):
+                self._finish_fade(trainer, pl_module)
+            return
         if (
             self.state.pending is None
             and self.schedule.interval == "step"
@@ -423,7 +453,7 @@ class LayerInfluenceCallback(Callback):
 
     def _epoch_trigger(self, trainer: Trainer, pl_module: LightningModule, epochs_done: int) -> None:
         """At a validation end (or its replay on resume): plan when the epoch schedule is due."""
-        if self.schedule.interval != "epoch" or self.state.pending is not None:
+        if self.schedule.interval != "epoch" or self.state.pending is not None or self.state.fade is not None:
             return
         if self.schedule.is_due(epochs_done, self.state.plans_made, self._warmup_units or 0):
             self._score_and_plan(trainer, pl_module)
@@ -459,10 +489,13 @@ class LayerInfluenceCallback(Callback):
                 self._val_batches = data_utils.to_device(trainer.strategy, batches)
         return self._val_batches
 
-    def _score(self, trainer: Trainer, pl_module: LightningModule) -> dict[int, float]:
+    def _score(
+        self, trainer: Trainer, pl_module: LightningModule
+    ) -> tuple[dict[int, float], dict[int, float] | None]:
+        """Scores and their standard errors (None for model-only scorers or ``error_groups=0``)."""
         with scoring_context(pl_module):
             if not getattr(self._scorer, "needs_statistics", True):
-                return self._checked_scores(self._scorer.score(pl_module), pl_module)
+                return self._checked_scores(self._scorer.score(pl_module), pl_module), None
             val_batches = self._scoring_val_batches(trainer)
             train = data_utils.training_batches(
                 self._training_loader(trainer),
@@ -492,7 +525,15 @@ class LayerInfluenceCallback(Callback):
             # the scoring forward already computed the probe's "loss before" (same model, samples, mode)
             losses = torch.cat(val_losses).double()
             self._scored_val_loss = (int(trainer.global_step), float(losses.sum()) / max(losses.numel(), 1))
-            return self._checked_scores(self._scorer.score(stats), pl_module)
+            if self.error_groups == 0:
+                return self._checked_scores(self._scorer.score(stats), pl_module), None
+            try:
+                scores, errors = self._scorer.score_with_errors(stats, self.error_groups)
+            except Exception:
+                # a malformed score() output breaks the jackknife first: name what score() must return
+                self._checked_scores(self._scorer.score(stats), pl_module)
+                raise
+            return self._checked_scores(scores, pl_module), None if errors is None else plain_scores(errors)
 
     def _checked_scores(self, scores: Any, pl_module: nn.Module) -> dict[int, float]:
         """A scorer's output as ``{block: float}``; anything else is named with what was expected."""
@@ -543,9 +584,9 @@ class LayerInfluenceCallback(Callback):
     def _score_and_plan_or_raise(self, trainer: Trainer, pl_module: LightningModule) -> None:
         start = time.perf_counter()
         error: BaseException | None = None
-        planned: tuple[Layout, dict[int, float]] | None = None
+        planned: tuple[Layout, dict[int, float], dict[int, float] | None] | None = None
         try:
-            scores = self._score(trainer, pl_module)
+            scores, errors = self._score(trainer, pl_module)
             scores = mean_scores(trainer.strategy, scores, pl_module.device)
             if trainer.global_rank == 0:
                 new_layout = allocate(
@@ -554,9 +595,11 @@ class LayerInfluenceCallback(Callback):
                     budget=self.state.resolved_budget,
                     current_layout=layout(pl_module),
                     block_dims=self._block_dims(pl_module),
+                    score_errors=errors,
                     **self.allocator_options,
                 )
-                planned = (new_layout, scores)
+                # errors come from the gathered statistics, identical on every rank: rank 0's are shared
+                planned = (new_layout, scores, errors)
         except Exception as exc:  # noqa: BLE001 - re-raised with context below
             error = exc
         if any_rank(trainer.strategy, error is not None):
@@ -567,10 +610,11 @@ class LayerInfluenceCallback(Callback):
             ) from error
         planned = broadcast(trainer.strategy, planned)
         assert planned is not None
-        new_layout, scores = planned
+        new_layout, scores, errors = planned
         plan = RewirePlan(
             layout=new_layout,
             scores=scores,
+            score_errors=errors,
             step=int(trainer.global_step),
             epoch=int(trainer.current_epoch),
             time_scoring_s=time.perf_counter() - start,
@@ -585,16 +629,32 @@ class LayerInfluenceCallback(Callback):
         val_batches = self._scoring_val_batches(trainer)
         before_layout = layout(pl_module)
         dims = self._block_dims(pl_module)
+        target = plan.layout
+        shrinking = shrinking_blocks(before_layout, target)
+        fading = self.rank_fade_steps > 0 and bool(shrinking)
         scored, self._scored_val_loss = self._scored_val_loss, None
-        if scored is not None and scored[0] == plan.step == int(trainer.global_step):
+        if (
+            scored is not None
+            and scored[0] == plan.step == int(trainer.global_step)
+            and _probe_forward_is_scoring_forward(pl_module)
+        ):
             loss_before = self._rank_mean(trainer, pl_module, scored[1])  # no step since scoring
         else:
             loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
+        cut = None
+        if shrinking:
+            # compared with loss_before: both the probe's forward (the reused one is the same forward)
+            cut = self._rank_cut_disturbance(
+                trainer, pl_module, per_sample, val_batches, before_layout, shrinking, loss_before
+            )
+        first = ranks_kept(target, shrinking) if fading else target
         try:
-            result = rewire(trainer, pl_module, plan.layout, seed=self.seed + int(trainer.global_step))
+            result = rewire(trainer, pl_module, first, seed=self.seed + int(trainer.global_step))
         except RewireError as exc:
             self._failed(trainer, "rewire", exc)
             return
+        if fading:
+            start_fade(pl_module, trainer.optimizers, shrinking)
         self.last_reports = result.reports
         loss_after = self._probe(trainer, pl_module, per_sample, val_batches)
         after_layout = layout(pl_module)
@@ -604,6 +664,7 @@ class LayerInfluenceCallback(Callback):
             "epoch": int(trainer.current_epoch),
             "scored_at_step": plan.step,
             "scores": plan.scores,
+            "score_errors": plan.score_errors,
             "layout_before": before_layout,
             "layout_after": after_layout,
             "params_before": int(layout_params(before_layout, dims)),
@@ -615,7 +676,18 @@ class LayerInfluenceCallback(Callback):
             "time_surgery_s": float(result.time_surgery_s),
             "val_loss_before": loss_before,
             "val_loss_after": loss_after,
-            "disturbance": (loss_after - loss_before) / abs(loss_before) if loss_before else None,
+            "disturbance": _relative(loss_before, loss_after),
+            "rank_moves": None
+            if not shrinking
+            else {
+                "blocks": sorted(shrinking),
+                "fade_steps": self.rank_fade_steps if fading else 0,
+                # what cutting the lowered ranks at once changes, alone, on the model before the rewire
+                "cut_disturbance": cut,
+                # the rank moves' own disturbance: the cut (at once) or the loss change at the removal step
+                "disturbance": None if fading else cut,
+                "removal_step": None if fading else int(trainer.global_step),
+            },
             "optimizer_state": {
                 "kept": len(result.carry.kept),
                 "mapped": len(result.carry.mapped),
@@ -625,12 +697,72 @@ class LayerInfluenceCallback(Callback):
         self.state.history.append(entry)
         self.state.rewires_done += 1
         self.state.pending = None
+        if fading:
+            self.state.fade = {
+                "blocks": shrinking,
+                "steps": self.rank_fade_steps,
+                "done": 0,
+                "target": target,
+                "history_index": len(self.state.history) - 1,
+            }
         log_rewire(trainer, self.log_prefix, entry)
         if self.plot:
             try:
                 save_and_log_figure(trainer, self.log_prefix, entry)
             except Exception as exc:  # noqa: BLE001 - a figure must never break training
                 rank_zero_warn(f"LayerInfluenceCallback: could not save the rewire figure: {exc}")
+        if self.verbose:
+            print_table(entry)
+
+    def _rank_cut_disturbance(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        per_sample: Any,
+        batches: list[Any],
+        before: Layout,
+        shrinking: dict[int, dict[str, int]],
+        loss_before: float,
+    ) -> float | None:
+        """Relative loss change of the rank moves alone, cut at once, on the current model (then undone)."""
+        snapshot = ModuleSnapshot(pl_module)
+        try:
+            with torch.no_grad(), isolate_rng():
+                apply_layout(pl_module, ranks_only(before, shrinking))
+            loss_cut = self._probe(trainer, pl_module, per_sample, batches)
+        finally:
+            snapshot.restore()
+        return _relative(loss_before, loss_cut)
+
+    def _finish_fade(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The faded slots are zero: apply the planned ranks and record the loss change of that step."""
+        fade = self.state.fade
+        assert fade is not None
+        per_sample = resolve_per_sample_loss(pl_module, self.loss_fn)
+        val_batches = self._scoring_val_batches(trainer)
+        loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
+        try:
+            result = rewire(trainer, pl_module, fade["target"], seed=self.seed + int(trainer.global_step))
+        except RewireError as exc:
+            self._failed(trainer, "rewire", exc)
+            # on_error="skip": the faded slots stay (zero, so harmless) and training goes on without them
+            self.state.fade = None
+            return
+        self.last_reports = result.reports
+        loss_after = self._probe(trainer, pl_module, per_sample, val_batches)
+        entry = self.state.history[fade["history_index"]]
+        entry["layout_after"] = layout(pl_module)
+        entry["params_after"] = int(layout_params(entry["layout_after"], self._block_dims(pl_module)))
+        entry["rank_moves"].update(
+            {
+                "disturbance": _relative(loss_before, loss_after),
+                "removal_step": int(trainer.global_step),
+                "removal_loss_before": loss_before,
+                "removal_loss_after": loss_after,
+            }
+        )
+        self.state.fade = None
+        log_rewire(trainer, self.log_prefix, entry)
         if self.verbose:
             print_table(entry)
 
@@ -654,3 +786,23 @@ class LayerInfluenceCallback(Callback):
     def history(self) -> list[dict[str, Any]]:
         """One plain dict per applied rewire (layouts, scores, params, timings, disturbance)."""
         return self.state.history
+
+
+def _relative(before: float, after: float) -> float | None:
+    """Relative change of the probe loss (None when the loss before is 0)."""
+    return (after - before) / abs(before) if before else None
+
+
+def _probe_forward_is_scoring_forward(model: nn.Module) -> bool:
+    """Whether the disturbance probe's forward computes what the scoring forward computed, so the scored
+    validation loss can stand in for the probe's "loss before".
+
+    Scoring (a capture_hook on every layer) always runs the dense path in the parameters' dtype; outside
+    it `path="auto"` may compute bf16 adapters in float32 (CPU without native bf16) or take the grouped
+    path, whose rounding differs by ~1e-3 in bf16: as large as the disturbances being measured. Those
+    layers get a probe forward instead.
+    """
+    for layer in named_moe_layers(model).values():
+        if layer.has_adapter and (layer.use_grouped() or layer.compute_dtype() != layer.lora_A.dtype):
+            return False
+    return True

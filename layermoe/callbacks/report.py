@@ -18,6 +18,8 @@ def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
     out: dict[str, float] = {f"{prefix}/rewire_index": float(entry["index"])}
     for b, s in entry["scores"].items():
         out[f"{prefix}/score/block_{b}"] = float(s)
+    for b, e in (entry.get("score_errors") or {}).items():
+        out[f"{prefix}/score_error/block_{b}"] = float(e)
     for b, spec in entry["layout_after"].items():
         out[f"{prefix}/experts/block_{b}"] = float(spec["experts"])
         out[f"{prefix}/rank/block_{b}"] = float(spec["rank"])
@@ -37,6 +39,9 @@ def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
     ):
         if entry.get(key) is not None:
             out[f"{prefix}/{key}"] = float(entry[key])
+    for key, value in (entry.get("rank_moves") or {}).items():
+        if key in ("cut_disturbance", "disturbance", "fade_steps", "removal_step") and value is not None:
+            out[f"{prefix}/rank_moves/{key}"] = float(value)
     return out
 
 
@@ -79,17 +84,29 @@ def save_and_log_figure(trainer: Any, prefix: str, entry: dict[str, Any]) -> Pat
     return path
 
 
+def score_scale(scores: dict[int, float]) -> float:
+    """What the printed score column is divided by: the mean absolute score over the blocks (so 1.0 is
+    an average block, whatever the scorer's units); 1 when every score is 0."""
+    mean_abs = sum(abs(v) for v in scores.values()) / max(len(scores), 1)
+    return mean_abs if mean_abs > 0 else 1.0
+
+
 def console_table(entry: dict[str, Any]) -> str:
-    """Per-block score and experts x rank before -> after, then totals, timings and the disturbance."""
+    """Per-block score (raw, and relative to the mean |score| with its standard error) and experts x rank
+    before -> after, then totals, timings and the disturbance."""
     before, after, scores = entry["layout_before"], entry["layout_after"], entry["scores"]
+    errors = entry.get("score_errors") or {}
+    scale = score_scale(scores)
     lines = [
         f"LayerInfluenceCallback: rewire {entry['index']} at step {entry['step']} (epoch {entry['epoch']})",
-        f"{'block':>5} {'score':>11}  {'experts x rank':>16}",
+        f"{'block':>5} {'score':>11} {'score/mean|score| +- SE':>24}  {'experts x rank':>16}",
     ]
     for b in sorted(set(before) | set(after)):
         old, new = before.get(b, {"experts": 0, "rank": 0}), after.get(b, {"experts": 0, "rank": 0})
         arrow = f"{old['experts']}x{old['rank']} -> {new['experts']}x{new['rank']}"
-        lines.append(f"{b:>5} {scores.get(b, float('nan')):>11.4g}  {arrow:>16}")
+        raw = scores.get(b, float("nan"))
+        relative = f"{raw / scale:.3f}" + (f" +- {errors[b] / scale:.3f}" if b in errors else "")
+        lines.append(f"{b:>5} {raw:>11.4g} {relative:>24}  {arrow:>16}")
     lines.append(
         f"params {entry['params_before']} -> {entry['params_after']} (budget {entry['budget']} {entry.get('budget_unit') or 'params'}); "
         f"scoring {entry['time_scoring_s']:.2f}s, rewire {entry['time_rewire_s']:.2f}s "
@@ -100,8 +117,28 @@ def console_table(entry: dict[str, Any]) -> str:
             f"val loss on the scoring samples {entry['val_loss_before']:.5f} -> {entry['val_loss_after']:.5f} "
             f"(relative change {entry['disturbance']:+.3%})"
         )
+    lines.extend(_rank_moves_lines(entry.get("rank_moves")))
     return "\n".join(lines)
 
 
 def print_table(entry: dict[str, Any]) -> None:
     rank_zero_info(console_table(entry))
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.3%}"
+
+
+def _rank_moves_lines(moves: dict[str, Any] | None) -> list[str]:
+    """The disturbance of the rank moves, apart from the expert moves."""
+    if not moves:
+        return []
+    head = f"rank moves in blocks {moves['blocks']}: cut at once alone {_percent(moves['cut_disturbance'])}"
+    if not moves["fade_steps"]:
+        return [head + " (applied at once)"]
+    if moves.get("removal_step") is None:
+        return [head + f"; fading over {moves['fade_steps']} steps instead (not in the change above)"]
+    return [
+        head + f"; faded over {moves['fade_steps']} steps, removed at step {moves['removal_step']}: "
+        f"change at removal {_percent(moves['disturbance'])}"
+    ]

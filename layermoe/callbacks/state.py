@@ -28,6 +28,8 @@ class RewirePlan:
     step: int
     epoch: int
     time_scoring_s: float = 0.0
+    #: per-block standard errors of the scores (None: the scorer has none, or error_groups=0)
+    score_errors: dict[int, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
@@ -40,6 +42,7 @@ class RewirePlan:
             step=int(data["step"]),
             epoch=int(data["epoch"]),
             time_scoring_s=float(data.get("time_scoring_s", 0.0)),
+            score_errors=None if data.get("score_errors") is None else plain_scores(data["score_errors"]),
         )
 
 
@@ -64,6 +67,9 @@ class CallbackState:
     budget: int | None = None
     budget_unit: str | None = None
     inject: dict[str, Any] | None = None
+    #: a gentle rank shrink in progress: ``{"blocks": {block: {"experts", "from_rank", "to_rank"}},
+    #: "steps": F, "done": k, "target": Layout, "history_index": int}`` (see ``callbacks.rank_fade``)
+    fade: dict[str, Any] | None = None
     validation_follows: int | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
 
@@ -95,6 +101,7 @@ class CallbackState:
                 "budget": self.budget,
                 "budget_unit": self.budget_unit,
                 "inject": self.inject,
+                "fade": self.fade,
                 "validation_follows": self.validation_follows,
                 "failures": self.failures,
             }
@@ -112,8 +119,9 @@ class CallbackState:
             for key in ("layout_before", "layout_after"):
                 if key in entry:
                     entry[key] = normalize_layout(entry[key])
-            if "scores" in entry:
-                entry["scores"] = plain_scores(entry["scores"])
+            for key in ("scores", "score_errors"):
+                if entry.get(key) is not None:
+                    entry[key] = plain_scores(entry[key])
             history.append(entry)
         budget = None if state.get("budget") is None else int(state["budget"])
         # checkpoints from before budget_unit existed stored parameters here (or nothing)
@@ -125,8 +133,18 @@ class CallbackState:
             budget=budget,
             budget_unit=unit,
             inject=state.get("inject"),
+            fade=_plain_fade(state.get("fade")),
             failures=[dict(f) for f in state.get("failures", [])],
             validation_follows=(
                 None if state.get("validation_follows") is None else int(state["validation_follows"])
             ),
         )
+
+
+def _plain_fade(fade: dict[str, Any] | None) -> dict[str, Any] | None:
+    if fade is None:
+        return None
+    fade = dict(fade)
+    fade["blocks"] = {int(b): {k: int(v) for k, v in spec.items()} for b, spec in fade["blocks"].items()}
+    fade["target"] = normalize_layout(fade["target"])
+    return fade

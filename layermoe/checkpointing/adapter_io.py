@@ -124,7 +124,7 @@ def save_adapters(
     layers = _layers_or_raise(model)
     current = layout(model)
     if peft:
-        many = {b: spec["experts"] for b, spec in current.items() if spec["experts"] != 1}
+        many = {b: spec["experts"] for b, spec in current.items() if spec["experts"] > 1}
         if many:
             raise AdapterArtifactError(
                 f"peft=True needs one expert per block, but blocks {sorted(many)} have {sorted(set(many.values()))};"
@@ -148,7 +148,7 @@ def save_adapters(
         "layout": {str(b): spec for b, spec in current.items()},
         "modules": sorted(layers),
         "modules_to_save": sorted(saved),
-        "dtype": str(next(iter(layers.values())).lora_A.dtype).removeprefix("torch."),
+        "dtype": str(next(iter(layers.values())).adapter_placement()[1]).removeprefix("torch."),
         "base": base_identity(model, base_model_name_or_path),
     }
     folder = Path(folder)
@@ -220,12 +220,11 @@ def _check_tensors(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], m
                 " load them onto the same base architecture (and the same object level, e.g. the HF model)."
             ) from None
         info = base_info(module.base_layer if isinstance(module, MoELoRALinear) else module)
-        shapes = {
-            "lora_A": (experts * rank, info.in_features),
-            "lora_B": (info.out_features, experts * rank),
-            "lora_shape": (2,),
-            "lora_routing_mass": (experts,),
-        }
+        shapes = {"lora_shape": (2,), "lora_routing_mass": (experts,)}
+        if experts > 0:  # a block without adapter saves only its shape
+            shapes.update(
+                {"lora_A": (experts * rank, info.in_features), "lora_B": (info.out_features, experts * rank)}
+            )
         if experts > 1:
             shapes.update({"lora_router_weight": (experts, info.in_features), "lora_router_bias": (experts,)})
         for attr, shape in shapes.items():

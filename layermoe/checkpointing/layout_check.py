@@ -36,15 +36,19 @@ def _layer_problems(prefix: str, state: Mapping[str, Any]) -> tuple[list[str], t
     if shape_tensor is None:
         return [f"{prefix}lora_shape is missing (the layer's [experts, rank])"], None
     values = torch.as_tensor(shape_tensor).reshape(-1).tolist()
-    if len(values) != 2 or any(int(v) != v or v < 1 for v in values):
-        return [f"{prefix}lora_shape is {values}, not [experts >= 1, rank >= 1]"], None
+    if len(values) != 2 or any(int(v) != v for v in values) or values[0] < 0 or values[1] < 1:
+        return [f"{prefix}lora_shape is {values}, not [experts >= 0, rank >= 1]"], None
     experts, rank = int(values[0]), int(values[1])
     problems = []
     a_shape, b_shape = _shape(state.get(prefix + "lora_A")), _shape(state.get(prefix + "lora_B"))
-    if a_shape is None or len(a_shape) != 2 or a_shape[0] != experts * rank:
-        problems.append(f"{prefix}lora_shape says [{experts}, {rank}] but lora_A has shape {a_shape}")
-    if b_shape is None or len(b_shape) != 2 or b_shape[1] != experts * rank:
-        problems.append(f"{prefix}lora_shape says [{experts}, {rank}] but lora_B has shape {b_shape}")
+    if experts == 0:  # a layer without adapter holds no factors
+        if a_shape is not None or b_shape is not None:
+            problems.append(f"{prefix}lora_shape says 0 experts but the checkpoint holds lora_A/lora_B")
+    else:
+        if a_shape is None or len(a_shape) != 2 or a_shape[0] != experts * rank:
+            problems.append(f"{prefix}lora_shape says [{experts}, {rank}] but lora_A has shape {a_shape}")
+        if b_shape is None or len(b_shape) != 2 or b_shape[1] != experts * rank:
+            problems.append(f"{prefix}lora_shape says [{experts}, {rank}] but lora_B has shape {b_shape}")
     router_w, router_b = (
         _shape(state.get(prefix + "lora_router_weight")),
         _shape(state.get(prefix + "lora_router_bias")),
@@ -53,8 +57,8 @@ def _layer_problems(prefix: str, state: Mapping[str, Any]) -> tuple[list[str], t
         problems.append(
             f"{prefix}lora_shape says {experts} experts but the router has shapes {router_w} / {router_b}"
         )
-    if experts == 1 and (router_w is not None or router_b is not None):
-        problems.append(f"{prefix}lora_shape says 1 expert but the checkpoint holds a router")
+    if experts <= 1 and (router_w is not None or router_b is not None):
+        problems.append(f"{prefix}lora_shape says {experts} experts but the checkpoint holds a router")
     mass = _shape(state.get(prefix + "lora_routing_mass"))
     if mass is not None and mass != (experts,):
         problems.append(f"{prefix}lora_shape says {experts} experts but lora_routing_mass has shape {mass}")
@@ -71,7 +75,10 @@ def validate_checkpoint_layout(checkpoint: Mapping[str, Any], state_key: str = "
     state = checkpoint.get(state_key)
     if not isinstance(state, Mapping):
         return
-    prefixes = sorted({k[: -len("lora_A")] for k in state if k.endswith(".lora_A")})
+    # lora_shape as well: a layer with 0 experts has no lora_A
+    prefixes = sorted(
+        {k[: -len(suffix)] for k in state for suffix in ("lora_A", "lora_shape") if k.endswith("." + suffix)}
+    )
     if not prefixes:
         return
     problems: list[str] = []

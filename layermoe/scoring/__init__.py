@@ -47,6 +47,7 @@ from .scorers import (
     register_scorer,
 )
 from .statistics import BlockStatistics, statistics_from_pieces, statistics_from_rows
+from .uncertainty import jackknife_errors
 
 __all__ = [
     "AGGREGATIONS",
@@ -78,6 +79,7 @@ __all__ = [
     "default_per_sample_loss",
     "fisher_influences",
     "gather_rows",
+    "jackknife_errors",
     "get_scorer",
     "hill_alpha_xmin_peak",
     "layerif_loop_influence_matrix",

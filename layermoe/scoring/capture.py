@@ -16,6 +16,7 @@ differentiates with respect to a detached copy of the input embeddings, so param
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -82,7 +83,7 @@ class _Collector:
                     self.dtype[key] = piece_dtype(modules[name], piece)
             self.keys[block] = keys
             self.dims[block] = sum(self.numel[(block, n, p)] for n, p in keys)
-        self.device = next(iter(next(iter(layers.values())).values())).lora_A.device
+        self.device = next(iter(next(iter(layers.values())).values())).lora_shape.device
         self.store: dict[str, dict[int, dict[tuple[str, str], list[torch.Tensor]]]] = {"train": {}, "val": {}}
         self.chunk: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
         self.batch_size = 0
@@ -343,9 +344,58 @@ def capture_statistics(
 
     Runs in eval mode under torch.inference_mode(False) + enable_grad (so it works from validation
     hooks), and restores every module's train/eval mode and every layer's capture_hook afterwards;
-    parameters' requires_grad and .grad are never touched.
+    parameters' requires_grad and .grad are never touched. With scope "adapter", a block with 0
+    experts is scored as if one fresh expert had been added (`layermoe.adapters.probe`).
     """
     _check_options(scope, chunk_size, projection_dim)
+    # blocks with 0 experts are scored through a temporary fresh adapter (layermoe.adapters.probe)
+    with _probed(model, scope):
+        return _capture_statistics(
+            model,
+            train_batches,
+            val_batches,
+            loss_fn,
+            scope,
+            modules=modules,
+            blocks=blocks,
+            chunk_size=chunk_size,
+            projection_dim=projection_dim,
+            projection_seed=projection_seed,
+            reduce_fn=reduce_fn,
+            max_store_bytes=max_store_bytes,
+            store_fraction=store_fraction,
+            progress=progress,
+            show_plan=show_plan,
+            loss_sink=loss_sink,
+        )
+
+
+def _probed(model: nn.Module, scope: str) -> contextlib.AbstractContextManager[Any]:
+    """With scope "adapter", gives each 0-expert layer a function-preserving probe expert meanwhile."""
+    from layermoe.adapters.probe import probe_empty_layers  # scoring imports adapters lazily (modules.py)
+
+    return probe_empty_layers(model) if scope == "adapter" else contextlib.nullcontext()
+
+
+def _capture_statistics(
+    model: nn.Module,
+    train_batches: Iterable[Batch],
+    val_batches: Iterable[Batch],
+    loss_fn: LossFn,
+    scope: str,
+    *,
+    modules: Sequence[str] | None,
+    blocks: Sequence[int] | None,
+    chunk_size: int,
+    projection_dim: int | str | None,
+    projection_seed: int,
+    reduce_fn: ReduceFn | None,
+    max_store_bytes: int | None,
+    store_fraction: float,
+    progress: bool | None,
+    show_plan: bool | None,
+    loss_sink: LossSink | None,
+) -> dict[int, BlockStatistics]:
     collector = _Collector(scored_layers(model, modules, blocks), scope, projection_seed)
     results: dict[int, BlockStatistics] = {}
     with torch.inference_mode(False):
@@ -418,9 +468,11 @@ def capture_plan(
     store_fraction: float = DEFAULT_STORE_FRACTION,
 ) -> CapturePlan:
     """The plan capture_statistics would make for `samples` (n + m) samples on this model, without
-    running anything (the same shapes, dtypes and store rule)."""
+    running anything (the same shapes, dtypes and store rule; 0-expert blocks with the probe expert
+    scoring gives them)."""
     _check_options(scope, 1, projection_dim)
-    collector = _Collector(scored_layers(model, modules, blocks), scope, 0)
+    with _probed(model, scope):
+        collector = _Collector(scored_layers(model, modules, blocks), scope, 0)
     store, source = _store_budget(collector.device, max_store_bytes, store_fraction)
     return plan_capture(
         collector.dims,
@@ -445,10 +497,14 @@ def capture_per_sample_gradients(
     """Explicit per-sample gradients {block: {"module.param": (n, *param_shape)}} from the same hooks.
 
     For references, tests and the LayerIF-loop baseline: it materializes every per-sample gradient of
-    every block, which is what capture_statistics avoids; keep n and the model small.
+    every block, which is what capture_statistics avoids; keep n and the model small. With scope
+    "adapter", blocks with 0 experts (no adapter parameters) are left out.
     """
     _check_options(scope, chunk_size, None)
     layers = scored_layers(model, modules, blocks)
+    if scope == "adapter":  # a block with 0 experts has no adapter parameter to differentiate
+        layers = {b: {n: m for n, m in mods.items() if m.has_adapter} for b, mods in layers.items()}
+        layers = {b: mods for b, mods in layers.items() if mods}
     collector = _Collector(layers, scope, 0)
     with torch.inference_mode(False):
         chunks = _chunks(batches, chunk_size, collector.device, "batches")

@@ -22,6 +22,7 @@ class BlockStatistics:
 
     K_tt: (n, n) g_i . g_k.  K_vt: (m, n) v_j . g_i.  train_sq_norms: (n,) ||g_i||^2.
     val_sq_norms: (m,) ||v_j||^2.  val_mean_grad_sq: () ||mean_j v_j||^2.  K_gt: (n,) (mean_j v_j) . g_i.
+    K_vv: (m, m) v_j . v_k (None when built by hand without it; needed only by `subset`).
     dim: d_l, the number of scored coordinates (before any projection; the damping rule uses it).
     projected_dim: k when the gradients were sketched to k coordinates (then every product above is
     the sketch's unbiased estimate), None when exact. All tensors are float64.
@@ -35,6 +36,27 @@ class BlockStatistics:
     K_gt: torch.Tensor
     dim: int
     projected_dim: int | None = None
+    K_vv: torch.Tensor | None = None
+
+    def subset(self, train: torch.Tensor, val: torch.Tensor) -> BlockStatistics:
+        """The statistics the same gradients give on a subset of the samples (index tensors): exactly
+        what capturing only those samples would give, with no new forward or backward pass. Used to
+        resample the scored samples (standard errors)."""
+        if self.K_vv is None:
+            raise ValueError("BlockStatistics.subset needs K_vv (statistics built by statistics_from_pieces)")
+        k_vt = self.K_vt[val][:, train]
+        k_vv = self.K_vv[val][:, val]
+        return BlockStatistics(
+            K_tt=self.K_tt[train][:, train],
+            K_vt=k_vt,
+            train_sq_norms=self.train_sq_norms[train],
+            val_sq_norms=self.val_sq_norms[val],
+            val_mean_grad_sq=k_vv.mean(),
+            K_gt=k_vt.mean(dim=0),
+            dim=self.dim,
+            projected_dim=self.projected_dim,
+            K_vv=k_vv,
+        )
 
     @property
     def n(self) -> int:
@@ -92,6 +114,7 @@ def statistics_from_pieces(
     device = train_pieces[0].device
     k_tt = torch.zeros(n, n, dtype=torch.float64, device=device)
     k_vt = torch.zeros(m, n, dtype=torch.float64, device=device)
+    k_vv = torch.zeros(m, m, dtype=torch.float64, device=device)
     val_sq = torch.zeros(m, dtype=torch.float64, device=device)
     mean_sq = torch.zeros((), dtype=torch.float64, device=device)
     for train, val in zip(train_pieces, val_pieces, strict=True):
@@ -103,6 +126,7 @@ def statistics_from_pieces(
             raise ValueError("every gradient piece must have one row per sample (n training, m validation)")
         k_tt += gram(train)
         k_vt += gram(val, train)
+        k_vv += gram(val)
         val_sq += gram_diagonal(val)
         mean_val = val.double().mean(dim=0)
         mean_sq += mean_val @ mean_val
@@ -115,6 +139,7 @@ def statistics_from_pieces(
         K_gt=k_vt.mean(dim=0),
         dim=int(dim),
         projected_dim=projected_dim,
+        K_vv=k_vv,
     )
 
 

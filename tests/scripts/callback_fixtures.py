@@ -151,3 +151,18 @@ def scale_adapters(model: nn.Module, keep_block: int, factor: float) -> None:
                 for name, p in layer.named_parameters(recurse=False):
                     if name in ("lora_A", "lora_B"):
                         p.mul_(factor)
+
+
+@register_scorer("test_empty_toggle")
+class EmptyToggleScorer(Scorer):
+    """Block 0 scores low while it has adapters and high once it has none: with block 0 allowed to go
+    empty, successive rewires remove its adapters and then give them back (deterministic on resume,
+    since it reads only the model)."""
+
+    needs_statistics = False
+
+    def score(self, model: nn.Module) -> dict[int, float]:  # type: ignore[override]
+        from layermoe.adapters import layout
+
+        current = layout(model)
+        return {b: (0.0 if spec["experts"] else 10.0) if b == 0 else 5.0 for b, spec in current.items()}

@@ -1,8 +1,9 @@
 """Standalone DDP rewire job (2 CPU processes, gloo), run by tests/test_callback_ddp.py in a subprocess.
 
-Usage: python tests/scripts/ddp_rewire.py OUT_DIR. Lightning's DDP launcher re-executes this script for
+Usage: python tests/scripts/ddp_rewire.py OUT_DIR [zero]. Lightning's DDP launcher re-executes this script for
 rank 1; each rank writes OUT_DIR/rank{r}.pt with its layout, adapter weights, callback history and the
-optimizer coverage it saw, and prints "RANK r OK" at the end.
+optimizer coverage it saw, and prints "RANK r OK" at the end. ``zero``: two rewires that empty block 0
+and then give it adapters back (issue 22).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class WrapperCheck(Callback):
             )
 
 
-def main(out_dir: Path) -> None:
+def main(out_dir: Path, mode: str = "planted") -> None:
     torch.set_num_threads(1)
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4, lr=0.05, optimizer="sgd")
@@ -59,6 +60,16 @@ def main(out_dir: Path) -> None:
         plot=False,
         verbose=False,
     )
+    if mode == "zero":  # block 0 loses its adapters at step 2 and gets them back at step 4
+        cb = LayerInfluenceCallback(
+            scorer="test_empty_toggle",
+            allocator_options={"experts_bounds": {0: (0, None)}},
+            schedule={"warmup": 2, "every": 2, "max_rewires": 2},
+            num_train_samples=8,
+            num_val_samples=8,
+            plot=False,
+            verbose=False,
+        )
     check = WrapperCheck(cb)
     trainer = Trainer(
         accelerator="cpu",
@@ -97,4 +108,4 @@ def main(out_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])

@@ -2,6 +2,7 @@
 
 from .base import SCORERS, Scorer, get_scorer, register_scorer
 from .baselines import GradNormScorer, UniformScorer
+from .controls import InverseScorer, PatternScorer, PlaceboScorer, RandomScorer
 from .influence import (
     AGGREGATIONS,
     CurvatureGainScorer,
@@ -21,7 +22,11 @@ __all__ = [
     "CurvatureGainScorer",
     "FisherInfluenceScorer",
     "GradNormScorer",
+    "InverseScorer",
     "LayerIFScorer",
+    "PatternScorer",
+    "PlaceboScorer",
+    "RandomScorer",
     "Scorer",
     "UniformScorer",
     "aggregate_influence",

@@ -12,6 +12,7 @@ from typing import Any, ClassVar, TypeVar
 from torch import nn
 
 from ..statistics import BlockStatistics
+from ..uncertainty import DEFAULT_GROUPS, jackknife_errors
 
 SCORERS: dict[str, type[Scorer]] = {}
 
@@ -30,6 +31,16 @@ class Scorer:
 
     def score(self, stats: dict[int, BlockStatistics]) -> dict[int, float]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def score_with_errors(
+        self, source: dict[int, BlockStatistics] | nn.Module, groups: int = DEFAULT_GROUPS
+    ) -> tuple[dict[int, float], dict[int, float] | None]:
+        """Scores and their per-block standard errors (delete-a-group jackknife over the scored
+        samples, `layermoe.scoring.uncertainty`); errors are None for scorers that read the model."""
+        if not self.needs_statistics:
+            return self.score(source), None  # type: ignore[arg-type]
+        scores = self.score(source)  # type: ignore[arg-type]
+        return scores, jackknife_errors(self.score, source, groups)  # type: ignore[arg-type]
 
     def __call__(self, source: dict[int, BlockStatistics] | nn.Module) -> dict[int, float]:
         return self.score(source)  # type: ignore[arg-type]

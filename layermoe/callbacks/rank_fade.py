@@ -1,0 +1,78 @@
+"""Gentle rank shrink: fade the directions a shrink will drop to zero over F optimizer steps, then drop them.
+
+Cutting a rank at once truncates each expert's delta (its weakest singular directions go in one step),
+which moves the model's output. With ``rank_fade_steps = F > 0`` a plan that lowers a block's rank is
+applied in two parts:
+
+1. at the rewire: every other change (experts, rank growth) as usual; the shrinking blocks keep their
+   rank, and each expert's factors are rotated into the singular basis of its delta (exact), so the
+   trailing rank slots hold the directions to drop. Their optimizer state is reset (the coordinates
+   changed).
+2. after each of the next F optimizer steps, the B columns of those slots are multiplied by
+   (F - k) / (F - k + 1) (k = steps done): their contribution falls linearly to exactly zero at step F,
+   while training adapts the rest of the adapter to their loss.
+3. right after step F the layout's ranks are applied: the dropped slots contribute nothing, so the
+   truncation discards nothing and the loss does not move (up to float rounding).
+
+During the fade the parameter count is above the budget by the slots being faded; no new scoring is
+started until the shrink is done. The fade's progress is in the callback's checkpointed state, so a
+resumed run continues it exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+Layout = dict[int, dict[str, int]]
+
+
+def shrinking_blocks(before: Layout, target: Layout) -> dict[int, dict[str, int]]:
+    """Blocks whose rank goes down while they keep experts: ``{block: {experts, from_rank, to_rank}}``."""
+    out = {}
+    for block, spec in target.items():
+        old = before.get(block)
+        if old and old["experts"] > 0 and spec["experts"] > 0 and spec["rank"] < old["rank"]:
+            out[block] = {"experts": spec["experts"], "from_rank": old["rank"], "to_rank": spec["rank"]}
+    return out
+
+
+def ranks_kept(target: Layout, shrinking: dict[int, dict[str, int]]) -> Layout:
+    """The target layout with the shrinking blocks still at their old rank (part 1 of a gentle shrink)."""
+    return {
+        b: {"experts": spec["experts"], "rank": shrinking[b]["from_rank"] if b in shrinking else spec["rank"]}
+        for b, spec in target.items()
+    }
+
+
+def ranks_only(before: Layout, shrinking: dict[int, dict[str, int]]) -> Layout:
+    """Only the rank moves, applied to the current layout (to measure what they alone do)."""
+    return {b: {"experts": before[b]["experts"], "rank": spec["to_rank"]} for b, spec in shrinking.items()}
+
+
+def start_fade(pl_module: nn.Module, optimizers: list[Any], shrinking: dict[int, dict[str, int]]) -> None:
+    """Rotate the shrinking blocks' experts into their singular basis; forget their factors' optimizer state."""
+    from layermoe.adapters import moe_layers, rotate_to_singular_basis
+
+    layers = moe_layers(pl_module)
+    for block in shrinking:
+        for layer in layers[block].values():
+            rotate_to_singular_basis(layer)
+            for optimizer in optimizers:
+                for param in (layer.lora_A, layer.lora_B):
+                    optimizer.state.pop(param, None)
+
+
+def fade_step(pl_module: nn.Module, fade: dict[str, Any]) -> bool:
+    """Count one optimizer step and scale the fading slots; True when they reached zero."""
+    from layermoe.adapters import moe_layers, scale_trailing_slots
+
+    fade["done"] += 1
+    remaining = fade["steps"] - fade["done"]
+    factor = remaining / (remaining + 1)
+    layers = moe_layers(pl_module)
+    for block, spec in fade["blocks"].items():
+        for layer in layers[block].values():
+            scale_trailing_slots(layer, spec["to_rank"], factor)
+    return remaining <= 0
