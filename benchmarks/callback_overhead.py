@@ -76,7 +76,7 @@ class TimedCallback(LayerInfluenceCallback):
 
             setattr(self, name, timed)
 
-    def _score(self, trainer: Trainer, pl_module: Any) -> dict[int, float]:
+    def _score(self, trainer: Trainer, pl_module: Any) -> tuple[dict[int, float], dict[int, float] | None]:
         self.memory.phase = "scoring"
         try:
             scores = super()._score(trainer, pl_module)

@@ -87,9 +87,13 @@ def test_auto_path_choice(native_bf16):
     layer = make_layer(experts=8, top_k=2)
     assert not layer.use_grouped() and layer.compute_dtype() == torch.float32  # fp32: dense
     low = make_layer(experts=8, top_k=2, dtype=torch.bfloat16)
-    assert low.use_grouped() and low.compute_dtype() == torch.bfloat16
+    # native bf16: computed in bf16, densely (the grouped path measured slower there)
+    assert not low.use_grouped() and low.compute_dtype() == torch.bfloat16
+    low.path = "grouped"
+    assert low.use_grouped()  # an explicit path is kept
     low.capture_hook = lambda module, tensors: None
     assert not low.use_grouped()  # scoring needs every expert's hidden activations
+    low.path = "auto"
     assert not make_layer(experts=4, top_k=None, dtype=torch.bfloat16).use_grouped()
     # emulated bf16: the adapter computes in float32, densely; never under a capture hook or an explicit path
     native_bf16(False)
@@ -126,6 +130,7 @@ def test_float32_compute_of_bf16_layer_matches_float32_reference(native_bf16, to
 def test_grouped_bf16_close_to_dense_float64(native_bf16):
     native_bf16(True)
     layer = make_layer(experts=6, rank=4, top_k=2, dtype=torch.bfloat16).eval()
+    layer.path = "grouped"
     assert layer.use_grouped()
     x = torch.randn(6, 12).to(torch.bfloat16)
     with torch.no_grad():

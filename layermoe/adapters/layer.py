@@ -290,19 +290,23 @@ class MoELoRALinear(nn.Module):
     def use_grouped(self) -> bool:
         """Whether forward computes only the selected experts (tokens grouped by expert).
 
-        `path="auto"` picks it for top-k routing with k <= E/2 when the adapter computes in bf16/fp16 on
-        CPU (where those matmuls are slow relative to indexing); everywhere else the dense path (two
-        matmuls, no loop) is faster. On a CPU without native bf16 the adapter computes in float32
-        instead (`compute_dtype`), which benchmarks/adapter_forward.py measured faster than both.
-        Never with a capture_hook, which needs every expert's hidden activations.
+        `path="auto"` picks it for top-k routing with k <= E/2 when the adapter computes in fp16 on CPU
+        (emulated there: matmuls slow relative to indexing); everywhere else the dense path (two
+        matmuls, no loop) is faster. bf16 never takes it automatically: on a CPU without native bf16
+        the adapter computes in float32 instead (`compute_dtype`), and on a CPU with native bf16
+        (avx512_bf16) benchmarks/adapter_forward.py measured the grouped path 1.3-2x slower than the
+        dense one (d=576 and 4096, E=4/8, top-2). Never with a capture_hook, which needs every
+        expert's hidden activations.
         """
         top_k = self.effective_top_k
         if self.path == "dense" or top_k is None or self.capture_hook is not None:
             return False
         if self.path == "grouped":
             return True
-        low_precision = self.compute_dtype() in (torch.bfloat16, torch.float16)
-        return low_precision and self.lora_A.device.type == "cpu" and 2 * top_k <= self.experts
+        emulated = self.compute_dtype() == torch.float16 or (
+            self.compute_dtype() == torch.bfloat16 and not _native_bf16_cpu()
+        )
+        return emulated and self.lora_A.device.type == "cpu" and 2 * top_k <= self.experts
 
     def gated_hidden(
         self, expert_hidden: torch.Tensor, logits: torch.Tensor | None
