@@ -301,6 +301,7 @@ def main() -> None:
         "layout_after": entry["layout_after"],
         "optimizer_state": entry["optimizer_state"],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
+        "cpu": cpu_description(),
         "load_average_at_end": os.getloadavg(),
     }
     print(json.dumps(result, indent=1, default=str))
@@ -313,13 +314,29 @@ def main() -> None:
         args.out.write_text(table)
 
 
+def cpu_description() -> str:
+    """CPU model and whether it has native bf16: the tables of BENCHMARKS.md come from several machines."""
+    from layermoe.precision import cpu_has_native_bf16
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    native = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{os.cpu_count()}-core {model} CPU ({native})"
+
+
 def render(r: dict[str, Any], args: argparse.Namespace, n_ext: int) -> str:
     cmd = "python " + " ".join(sys.argv)
     lay = lambda layout: " ".join(f"{b}:{v['experts']}x{v['rank']}" for b, v in sorted(layout.items()))  # noqa: E731
     return f"""## LayerInfluenceCallback overhead (SmolLM2-135M, SST-2, batch {r["batch_size"]})
 
 Command: `{cmd}`
-Machine: 2-core AVX2 CPU shared with other jobs (load average at the end {r["load_average_at_end"][0]:.1f}),
+Machine: {r["cpu"]}, shared with other jobs (load average at the end {r["load_average_at_end"][0]:.1f}),
 fp32, {r["machine"]}. One run of {r["steps"]} optimizer steps with one rewire at step {r["rewire_step"]}
 ({args.rewire_at:.0%} of the run); scorer `{r["scorer"]}`, n={r["n"]} training and m={r["m"]} validation
 samples{" (the callback's defaults)" if (r["n"], r["m"]) == (128, 64) else ""}. The overhead for {n_ext:,} steps is **extrapolated** from this run: the callback
