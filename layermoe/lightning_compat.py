@@ -80,3 +80,70 @@ def set_optimizers(strategy: Any, optimizers: list[Any], wrappers: list[Any]) ->
     ``_lightning_optimizers`` directly."""
     strategy._optimizers = list(optimizers)
     strategy._lightning_optimizers = list(wrappers)
+
+
+# Per-epoch ("current") progress that TrainingEpochLoop.reset() zeroes when a new epoch starts, by the keys
+# FitLoop.state_dict() gives them in a checkpoint's loops["fit_loop"].
+_PER_EPOCH_PROGRESS = (
+    "epoch_loop.batch_progress",
+    "epoch_loop.scheduler_progress",
+    "epoch_loop.automatic_optimization.optim_progress",
+    "epoch_loop.manual_optimization.optim_step_progress",
+)
+_COUNTERS = ("ready", "started", "processed", "completed")
+
+
+def _zero_current(progress: Any) -> None:
+    """Zero every ``current`` counter of a (possibly nested) progress state; totals stay."""
+    if not isinstance(progress, dict):
+        return
+    for key, value in progress.items():
+        if key == "current" and isinstance(value, dict):
+            for counter in value:
+                value[counter] = 0
+        elif key == "is_last_batch":
+            progress[key] = False
+        else:
+            _zero_current(value)
+
+
+def saved_in_train_epoch_end(fit_loop: dict[str, Any]) -> bool:
+    """Whether a checkpoint's fit-loop state was saved inside ``on_train_epoch_end``: ``FitLoop.on_advance_end``
+    counts the epoch as processed before those hooks and as completed after them."""
+    epoch = fit_loop.get("epoch_progress")
+    if not isinstance(epoch, dict):
+        return False
+    for scope in ("total", "current"):
+        counts = epoch.get(scope)
+        if not isinstance(counts, dict) or not all(isinstance(counts.get(c), int) for c in _COUNTERS):
+            return False
+        if not counts["ready"] == counts["started"] == counts["processed"] == counts["completed"] + 1:
+            return False
+    return True
+
+
+def settle_epoch_end_progress(checkpoint: dict[str, Any]) -> bool:
+    """Rewrite, in place, the private fit-loop progress of a checkpoint saved inside ``on_train_epoch_end``
+    into the state the uninterrupted run has when its next epoch starts; True when it changed anything.
+
+    Why: with ``max_steps`` set, Lightning 2.6 forces ``FitLoop.restarting`` on and resumes such a checkpoint
+    on its "restarted on epoch end" path: an empty pass over the finished epoch that counts it as processed
+    a second time, so the next epoch calls ``set_epoch`` one too far (and may hit ``max_epochs`` without
+    training). What the uninterrupted run does after that save: ``FitLoop.on_advance_end`` increments the
+    epoch's completed count, and the next ``TrainingEpochLoop.reset()`` zeroes the per-epoch counters and
+    the validation loop's total batch count. Doing exactly that here lets Lightning resume at a clean epoch
+    boundary with or without ``max_steps``. Idempotent; other checkpoints are left as they are.
+    """
+    loops = checkpoint.get("loops")
+    fit_loop = loops.get("fit_loop") if isinstance(loops, dict) else None
+    if not isinstance(fit_loop, dict) or not saved_in_train_epoch_end(fit_loop):
+        return False
+    for scope in ("total", "current"):
+        fit_loop["epoch_progress"][scope]["completed"] += 1
+    for key in _PER_EPOCH_PROGRESS:
+        _zero_current(fit_loop.get(key))
+    val_total = (fit_loop.get("epoch_loop.val_loop.batch_progress") or {}).get("total")
+    if isinstance(val_total, dict):
+        for counter in val_total:
+            val_total[counter] = 0
+    return True

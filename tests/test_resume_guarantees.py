@@ -8,10 +8,12 @@ with changed settings, corrupted, truncated and empty checkpoints, non-finite va
 from __future__ import annotations
 
 import shutil
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from layermoe.lightning_modules.cli import main
 from tests.conftest import tiny_llama_spec, toy_rows, write_jsonl
@@ -136,14 +138,157 @@ def test_corrupted_bytes_in_a_checkpoint_are_caught_before_training(
         _resume(run_dir, tiny_spec, toy_files, ckpt)
 
 
-@pytest.mark.parametrize("how", ["empty", "truncated"])
-def test_empty_or_truncated_checkpoint_names_the_file(run_dir, tiny_spec, toy_files, resumable, how) -> None:
+@pytest.mark.parametrize("how", ["empty", "truncated", "pickle_bytes"])
+def test_empty_truncated_or_damaged_checkpoint_names_the_file(
+    run_dir, tiny_spec, toy_files, resumable, how
+) -> None:
+    """An empty file, half a file, or 64 flipped bytes in the pickled structure (where torch's own error
+    is "Weights only load failed ... re-run with weights_only=False", advice that does not apply)."""
     from layermoe.checkpointing.integrity import CheckpointIntegrityError
 
     ckpt = resumable
     raw = ckpt.read_bytes()
-    ckpt.write_bytes(b"" if how == "empty" else raw[: len(raw) // 2])
-    pattern = "is empty" if how == "empty" else "truncated or not a torch checkpoint"
+    if how == "pickle_bytes":
+        # archive/data.pkl comes first in torch's zip: 30-byte local header, name, extra field, then data.
+        name_length, extra_length = struct.unpack("<HH", raw[26:30])
+        start = 30 + name_length + extra_length
+        damaged = raw[:start] + bytes(b ^ 0xFF for b in raw[start : start + 64]) + raw[start + 64 :]
+    else:
+        damaged = b"" if how == "empty" else raw[: len(raw) // 2]
+    ckpt.write_bytes(damaged)
+    pattern = "is empty" if how == "empty" else "truncated or damaged"
     with pytest.raises(CheckpointIntegrityError, match=pattern) as info:
         _resume(run_dir, tiny_spec, toy_files, ckpt)
-    assert str(ckpt) in str(info.value)
+    assert str(ckpt) in str(info.value) and "another checkpoint" in str(info.value)
+
+
+# Case 2: 96 toy rows - 16 for validation = 80 training rows = 10 batches of 8 per epoch; validation once per
+# epoch at its end; max_steps set, as in configs/quickstart.yaml (iteration-based training).
+EPOCH_END_STEPS = 12
+
+
+def _epoch_end_override(root: Path, files: dict[str, Path], max_epochs: int | None) -> Path:
+    """The quickstart with validation at each epoch end, the val/acc-monitored best checkpoint (saved by
+    ModelCheckpoint's default inside on_train_epoch_end there), the quickstart's influence callback, and
+    a checkpoint after every step under checkpoints/steps (to compare runs step by step)."""
+    checkpoints = root / "checkpoints"
+    config = {
+        "trainer": {
+            "max_steps": EPOCH_END_STEPS,
+            "max_epochs": max_epochs,
+            "val_check_interval": 1.0,
+            "check_val_every_n_epoch": 1,
+            "logger": False,
+            "enable_progress_bar": False,
+            "callbacks": [
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(checkpoints / "best"),
+                        "filename": "best-{step}",
+                        "auto_insert_metric_name": False,
+                        "monitor": "val/acc",
+                        "mode": "max",
+                        "save_top_k": 1,
+                    },
+                },
+                {
+                    "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                    "init_args": {
+                        "dirpath": str(checkpoints / "steps"),
+                        "filename": "{step}",
+                        "auto_insert_metric_name": True,
+                        "every_n_train_steps": 1,
+                        "save_top_k": -1,
+                    },
+                },
+                {
+                    "class_path": "layermoe.callbacks.LayerInfluenceCallback",
+                    "init_args": {
+                        "scorer": "layerif",
+                        "allocator": "power_law",
+                        "budget": "current",
+                        "schedule": {"warmup": 0.3},
+                        "num_train_samples": 32,
+                        "num_val_samples": 16,
+                        "plot": False,
+                        "verbose": False,
+                    },
+                },
+            ],
+        },
+        "model": {
+            "model": tiny_llama_spec(),
+            "warmup_steps": 2,
+            "print_layout": False,
+            "print_metrics": False,
+        },
+        "data": {
+            "tokenizer": "tiny",
+            "train_file": str(files["train"]),
+            "test_file": str(files["test"]),
+            "val_size": 16,
+            "limit_train_rows": None,
+            "limit_eval_rows": None,
+        },
+    }
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / "override.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def epoch_end_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
+    """The uninterrupted run (12 steps: epoch 0, then 2 steps of epoch 1) and its data files."""
+    root = tmp_path_factory.mktemp("epoch_end")
+    files = {
+        "train": write_jsonl(root / "data" / "train.jsonl", toy_rows(96, seed=0)),
+        "test": write_jsonl(root / "data" / "test.jsonl", toy_rows(24, seed=1)),
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr("sys.argv", ["train.py"])
+        override = _epoch_end_override(root / "A", files, max_epochs=None)
+        main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    return root / "A" / "checkpoints", files
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.parametrize("max_epochs", [None, 2])
+def test_resume_from_the_epoch_end_best_checkpoint_is_exact(
+    run_dir: Path, epoch_end_run: tuple[Path, dict[str, Path]], max_epochs: int | None
+) -> None:
+    """Case 2, as filed: `train.py fit --ckpt_path` the val/acc-monitored best written at epoch 0's end.
+
+    Lightning writes it inside on_train_epoch_end (epoch counted as processed, not yet as completed); with
+    max_steps set, Lightning 2.6 resumed it by counting epoch 0 twice, so epoch 1 trained on the sampler
+    order of epoch 2 (49-69 tensors differed at the next step), and with max_epochs=2 also set the resumed
+    run stopped without training. Now every adapter tensor equals the uninterrupted run's after each step.
+    """
+    from layermoe.lightning_compat import settle_epoch_end_progress
+
+    reference, files = epoch_end_run
+    (best,) = (reference / "best").glob("*.ckpt")
+    assert best.name == "best-10.ckpt"  # epoch 0's end (the only validation before step 12)
+    saved = torch.load(best, weights_only=True)
+    fit_loop = saved["loops"]["fit_loop"]
+    assert fit_loop["epoch_progress"]["current"] == {"ready": 1, "started": 1, "processed": 1, "completed": 0}
+    loader_state = fit_loop["state_dict"]["combined_loader"][0]
+    assert (loader_state["epoch"], loader_state["batches_yielded"]) == (0, 10)
+    # Only checkpoints written inside on_train_epoch_end are rewritten on load (the step-10 one is a batch end).
+    assert settle_epoch_end_progress(saved) and not settle_epoch_end_progress(saved)
+    assert not settle_epoch_end_progress(torch.load(reference / "steps" / "step=10.ckpt", weights_only=True))
+
+    override = _epoch_end_override(run_dir / "B", files, max_epochs=max_epochs)
+    resumed = main(["fit", "--config", str(QUICKSTART), "--config", str(override), "--ckpt_path", str(best)])
+    assert resumed.trainer.global_step == EPOCH_END_STEPS
+    for step in range(11, EPOCH_END_STEPS + 1):
+        expected = _weights(reference / "steps" / f"step={step}.ckpt")
+        actual = _weights(run_dir / "B" / "checkpoints" / "steps" / f"step={step}.ckpt")
+        assert sorted(actual) == sorted(expected) and len(expected) > 0
+        differing = [name for name in expected if not torch.equal(actual[name], expected[name])]
+        assert differing == [], f"step {step}: {len(differing)} of {len(expected)} tensors differ"

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
 from lightning.pytorch import LightningModule
+
+from layermoe.checkpointing.integrity import read_verified_checkpoint
 
 M = TypeVar("M", bound=LightningModule)
 
@@ -34,9 +35,11 @@ def load_adapted_checkpoint(module_cls: type[M], checkpoint_path: str | Path, **
         checkpoint_path: a ``.ckpt`` written by a ``Trainer`` that ran ``LayerInfluenceCallback(inject=...)``.
         **kwargs: passed to ``load_from_checkpoint`` (``map_location``, ``strict``, hparam overrides).
 
-    Checkpoints whose module builds its own adapters load exactly as with ``load_from_checkpoint``.
+    Checkpoints whose module builds its own adapters load exactly as with ``load_from_checkpoint``. An
+    empty, truncated or damaged file, a checksum mismatch or non-finite weights raise
+    ``CheckpointIntegrityError`` naming the file (the checks ``--ckpt_path`` runs), before any module is built.
     """
-    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    checkpoint = read_verified_checkpoint(checkpoint_path)
     config = injected_config(checkpoint)
     if config is None:
         return module_cls.load_from_checkpoint(checkpoint_path, **kwargs)

@@ -3,6 +3,7 @@
 - ``AtomicCheckpointIO``: a checkpoint file is never half-written (temp file + fsync + rename).
 - ``resumable_train_loader`` / ``ResumableDataLoader``: a train loader Lightning resumes mid-epoch.
 - ``RNGStateCallback``: torch/CUDA/numpy/Python RNG states in every checkpoint, restored on resume.
+- ``EpochEndResume``: a checkpoint saved in ``on_train_epoch_end`` resumes at the next epoch's start.
 - ``validate_checkpoint_layout``: a clear error for a missing/corrupt adapter layout, before loading.
 - ``OptimizerStateGuard``: refuses optimizer state saved for other parameters (names, shapes, order).
 - ``save_adapters`` / ``load_adapters``: adapter tensors (safetensors) + layout/config (JSON) only.
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from .adapter_io import AdapterArtifactError, load_adapters, read_adapter_manifest, save_adapters
 from .atomic_io import AtomicCheckpointIO, atomic_torch_save, stale_temp_files
 from .layout_check import CheckpointLayoutError, validate_checkpoint_layout
+from .loop_state import EpochEndResume
 from .optimizer_guard import (
     MANIFEST_KEY,
     OptimizerStateGuard,
@@ -28,8 +30,9 @@ from .rng import RNGStateCallback, capture_rng_state, restore_rng_state
 
 
 def exact_resume_callbacks() -> list[Callback]:
-    """Fresh ``RNGStateCallback`` and ``OptimizerStateGuard``: add both for exact, checked resume."""
-    return [RNGStateCallback(), OptimizerStateGuard()]
+    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard`` and ``EpochEndResume``: add all three for
+    exact, checked resume."""
+    return [RNGStateCallback(), OptimizerStateGuard(), EpochEndResume()]
 
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "MANIFEST_KEY",
     "AtomicCheckpointIO",
     "CheckpointLayoutError",
+    "EpochEndResume",
     "OptimizerStateGuard",
     "OptimizerStateMismatchError",
     "RNGStateCallback",

@@ -24,8 +24,12 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from .integrity import check_finite_state, read_checkpoint, verify_checksum, with_checksum
-from .layout_check import validate_checkpoint_layout
+from .integrity import (
+    check_finite_state,
+    read_verified_checkpoint,
+    verify_loaded_checkpoint,
+    with_checksum,
+)
 
 CheckpointPath = str | os.PathLike  # what Lightning passes as a checkpoint path (its own alias is private)
 
@@ -114,13 +118,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         map_location: Callable | None = lambda storage, loc: storage,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        if _is_remote(path):
-            checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        else:
-            checkpoint = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
-        validate_checkpoint_layout(checkpoint)  # first: a broken layout is named layer by layer
-        verify_checksum(checkpoint, f"checkpoint {path}")
-        check_finite_state(checkpoint, f"checkpoint {path}", "load")
+        if not _is_remote(path):
+            return read_verified_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        verify_loaded_checkpoint(checkpoint, f"checkpoint {path}")
         return checkpoint
 
     def save_checkpoint(

@@ -20,9 +20,19 @@ from typing import Any
 
 import torch
 
+from .layout_check import validate_checkpoint_layout
+
 CHECKSUM_KEY = "layermoe_checksum"
 _ALGORITHM = "sha256"
 _MAX_LISTED = 6
+# The fix named by every "this file is unusable" message: what to load instead.
+_USE_ANOTHER = (
+    "Resume from (or load) another checkpoint instead: last.ckpt, or the one saved before this file (an earlier"
+    " step=*.ckpt)."
+)
+# weights_only refusals whose torch message names the cause and its fix (a class that needs allowlisting,
+# a module to import); every other unpickling failure of a weights-only load means damaged bytes.
+_EXPLAINED_BY_TORCH = ("Unsupported global", "must be imported to load", "is blocked")
 
 
 class CheckpointIntegrityError(ValueError):
@@ -102,8 +112,7 @@ def verify_checksum(
     if problems:
         raise CheckpointIntegrityError(
             f"{source} is corrupt: " + "; ".join(problems[:_MAX_LISTED]) + ". Its bytes changed after it was"
-            " written (disk or copy error, or an edit); resume from another checkpoint (e.g. an earlier"
-            " step=*.ckpt) instead."
+            f" written (disk or copy error, or an edit). {_USE_ANOTHER}"
         )
     return True
 
@@ -135,23 +144,51 @@ def check_finite_state(checkpoint: Mapping[str, Any], source: str, action: str) 
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True) -> Any:
-    """``torch.load`` with errors that name the file: missing, empty, truncated, not a checkpoint."""
+    """``torch.load`` with errors that name the file and the fix: missing, empty, truncated, damaged bytes
+    (``CheckpointIntegrityError``), instead of torch's own errors (``EOFError``, a miniz error, or a
+    "Weights only load failed ... re-run with weights_only=False" that damaged pickle bytes also raise)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; check --ckpt_path (or use 'last').")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; check the path (--ckpt_path accepts 'last')."
+        )
     size = path.stat().st_size
     if size == 0:
         raise CheckpointIntegrityError(
             f"checkpoint {path} is empty (0 bytes): the write that produced it never completed (a crash or a"
-            " full disk with a non-atomic writer). Resume from another checkpoint."
+            f" full disk with a non-atomic writer). {_USE_ANOTHER}"
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as err:
-        if isinstance(err, pickle.UnpicklingError) and "weights_only" in str(err):
-            raise  # torch's own message about unsafe globals explains itself
+        text = str(err)
+        if isinstance(err, pickle.UnpicklingError) and any(m in text for m in _EXPLAINED_BY_TORCH):
+            raise  # a class the weights-only loader refuses: torch's message names it and the fix
+        first = next((line for line in text.splitlines() if line.strip()), "")
+        detail = text.partition("WeightsUnpickler error:")[2].strip()
+        if detail:  # torch's weights-only message: its cause line, not the "re-run unsafely" advice
+            first = detail.splitlines()[0]
         raise CheckpointIntegrityError(
-            f"checkpoint {path} ({size} bytes) cannot be read: it is truncated or not a torch checkpoint"
-            f" ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Resume from another"
-            " checkpoint."
+            f"checkpoint {path} ({size} bytes) cannot be read: it is truncated or damaged, or not a torch"
+            f" checkpoint ({type(err).__name__}: {first}). {_USE_ANOTHER}"
         ) from err
+
+
+def verify_loaded_checkpoint(checkpoint: Mapping[str, Any], source: str) -> None:
+    """The checks every loaded checkpoint passes before its weights are used, each error naming ``source``:
+    the adapter layout (first: a broken layout is named layer by layer), the content checksum, finite
+    weights."""
+    validate_checkpoint_layout(checkpoint)
+    verify_checksum(checkpoint, source)
+    check_finite_state(checkpoint, source, "load")
+
+
+def read_verified_checkpoint(
+    path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True
+) -> Any:
+    """:func:`read_checkpoint` then :func:`verify_loaded_checkpoint`: what ``--ckpt_path``,
+    ``AtomicCheckpointIO``, ``MoELoRAFineTuner.load_from_checkpoint`` and ``load_adapted_checkpoint`` run
+    on a local checkpoint file before Lightning or the module sees it."""
+    checkpoint = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
+    verify_loaded_checkpoint(checkpoint, f"checkpoint {path}")
+    return checkpoint

@@ -18,7 +18,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from layermoe.checkpointing import AtomicCheckpointIO
-from layermoe.checkpointing.integrity import read_checkpoint, verify_checksum
+from layermoe.checkpointing.integrity import read_verified_checkpoint
 from layermoe.data import TextDataModule
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
 from layermoe.precision import AUTO, describe_choice, resolve_precision
@@ -115,7 +115,7 @@ class LayerMoECLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and Path(ckpt_path).suffix == ".ckpt" and "://" not in str(ckpt_path):
-            verify_checksum(read_checkpoint(ckpt_path), f"checkpoint {ckpt_path}")
+            read_verified_checkpoint(ckpt_path)
 
 
 def main(args: list[str] | None = None) -> LayerMoECLI:

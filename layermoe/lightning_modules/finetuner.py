@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import IO, Any, Literal, Self
 
 import lightning.pytorch as pl
 import torch
@@ -24,7 +25,7 @@ from torchmetrics.text import Perplexity
 from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject, layout
 from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_layout
 from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
-from layermoe.checkpointing.integrity import check_finite_state, verify_checksum
+from layermoe.checkpointing.integrity import check_finite_state, read_verified_checkpoint, verify_checksum
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
 from layermoe.lightning_modules.losses import (
     greedy_exact_match,
@@ -418,6 +419,39 @@ class MoELoRAFineTuner(pl.LightningModule):
             state = checkpoint["state_dict"]
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in trainable or is_adapter_key(k)}
             checkpoint[ADAPTER_ONLY_KEY] = True
+
+    @classmethod
+    def load_from_checkpoint(  # type: ignore[override]
+        cls,
+        checkpoint_path: str | os.PathLike | IO,
+        map_location: Any = None,
+        hparams_file: str | os.PathLike | None = None,
+        strict: bool | None = None,
+        weights_only: bool | None = None,
+        **kwargs: Any,
+    ) -> Self:
+        """Lightning's ``load_from_checkpoint``, after the checks ``--ckpt_path`` runs on a local file.
+
+        Lightning reads the file with a bare ``torch.load``, so an empty, truncated or damaged file would
+        surface as torch's own error (``EOFError``, a miniz error, or "Weights only load failed"), and
+        ``on_load_checkpoint`` (which verifies the checksum) does not know the file's name. Reading it
+        through :func:`read_verified_checkpoint` first turns each into a ``CheckpointIntegrityError`` that
+        names the file and the fix. The file is read twice (once here, once by Lightning): a one-off cost,
+        small for the default adapter-only checkpoints. File objects and URLs go to Lightning unchecked
+        here (the checksum is still verified in ``on_load_checkpoint``).
+        """
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            read_verified_checkpoint(
+                checkpoint_path, weights_only=True if weights_only is None else weights_only
+            )
+        return super().load_from_checkpoint(
+            checkpoint_path,
+            map_location=map_location,
+            hparams_file=hparams_file,
+            strict=strict,
+            weights_only=weights_only,
+            **kwargs,
+        )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Runs right before load_state_dict (Lightning's restore order), for fit/validate/test --ckpt_path

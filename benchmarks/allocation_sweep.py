@@ -1,0 +1,399 @@
+"""Where does influence-guided capacity help? Budget x arm x task sweep (issue 27), resumable.
+
+    python benchmarks/allocation_sweep.py --phase primary --jobs 2      # the primary grid, seed by seed
+    python benchmarks/allocation_sweep.py --phase secondary --jobs 2    # controls/options at the tight budget
+    python benchmarks/allocation_sweep.py --table                       # only rebuild table + figure
+    python benchmarks/allocation_sweep.py --quick                       # tiny random model, 4 runs (~3 min)
+
+Every run is train.py's configuration: ``configs/experiments/allocation_sweep/base.yaml`` + the task's YAML +
+``budgets/<budget>.yaml`` + the arm's callback (``ARMS`` below, written to ``<workdir>/<run>/arm.yaml``;
+none for ``uniform``), with ``--seed_everything <seed> --data.seed <seed>``. Each run is one subprocess that
+writes one JSON under ``--results`` when it finishes; reruns skip finished runs, and the table reports
+"k of N runs". All arms of a budget start from its uniform layout and reallocate with ``budget: current``
+and ``experts_bounds: [0, null]`` (a block may end with no adapter), so they train the same number of
+parameters (at most; the allocator leaves what no block can take) for the same number of optimizer steps.
+
+The primary metric is the mean test loss of the label token with the final weights, computed here over
+the whole test file (``evaluate_label_loss``); accuracy (and MCC) are recorded with the final weights and
+with the checkpoint chosen on the validation slice. The scorer arms also score a second, independent
+draw of training samples at the rewire step (``second_draw``) for the score-stability figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from allocation_quality import machine_description, tiny_task_files  # noqa: E402
+from quality_results import load_results, write_result  # noqa: E402
+from sweep_report import write_report  # noqa: E402
+
+CONFIGS = REPO / "configs" / "experiments" / "allocation_sweep"
+TASK_CONFIGS = {
+    "sst2": REPO / "configs" / "experiments" / "allocation_quality" / "sst2.yaml",
+    "cola": REPO / "configs" / "experiments" / "allocation_quality" / "cola.yaml",
+    "sarcasm": CONFIGS / "sarcasm.yaml",
+}
+QUICK_CONFIG = REPO / "configs" / "experiments" / "allocation_quality" / "quick_tiny.yaml"
+BUDGETS = ["tight", "mid", "generous"]  # 0.043%, 0.45%, 4.1% of SmolLM2's parameters
+SELECTION_METRIC = {"cola": "val/mcc"}  # model selection; accuracy elsewhere (CoLA: majority class wins acc)
+
+_COMMON = {
+    "budget": "current",
+    "schedule": {"warmup": 0.3},
+    "num_train_samples": 128,
+    "num_val_samples": 64,
+    # exact per-sample gradient rows of the generous budget's adapters (4.2 GB) in one capture pass
+    "capture_options": {"max_store_bytes": 5 * 2**30},
+    "plot": False,
+}
+_LAYERIF = {"scorer": "layerif", "allocator": "power_law"}
+_CURVATURE = {"scorer": "curvature_gain", "allocator": "mdl"}
+#: arm -> LayerInfluenceCallback arguments (merged over _COMMON; allocator_options over experts_bounds).
+#: "{seed}" is replaced by the run's seed (placebo: a different permutation per seed).
+ARMS: dict[str, dict[str, Any] | None] = {
+    "uniform": None,
+    "layerif": _LAYERIF,
+    "curvature": _CURVATURE,
+    "placebo-layerif": {
+        **_LAYERIF,
+        "scorer": "placebo",
+        "scorer_options": {"scorer": "layerif", "seed": "{seed}"},
+    },
+    "placebo-curvature": {
+        **_CURVATURE,
+        "scorer": "placebo",
+        "scorer_options": {"scorer": "curvature_gain", "seed": "{seed}"},
+    },
+    "inverse-layerif": {**_LAYERIF, "scorer": "inverse", "scorer_options": {"scorer": "layerif"}},
+    # MoLA: experts rising by quarters of the depth, fixed before the first step
+    "pattern": {
+        "scorer": "pattern",
+        "allocator": "power_law",
+        "allocator_options": {"shift": False},
+        "schedule": {"warmup": 0},
+    },
+    "shrink-layerif": {**_LAYERIF, "allocator_options": {"error_shrinkage": 1.0}},
+    "shrink-curvature": {**_CURVATURE, "allocator_options": {"error_shrinkage": 1.0}},
+    "beta0.5-layerif": {**_LAYERIF, "allocator_options": {"beta": 0.5}},
+    "beta0.25-layerif": {**_LAYERIF, "allocator_options": {"beta": 0.25}},
+    # LayerIF as published: from the frozen base's attention weights, before the first step
+    "oneshot-layerif": {
+        **_LAYERIF,
+        "scope": "base",
+        "capture_options": {"modules": ["self_attn"], "projection_dim": 16384},
+        "schedule": {"warmup": 0},
+    },
+}
+PRIMARY_ARMS = ["uniform", "layerif", "curvature", "placebo-layerif", "placebo-curvature"]
+SECONDARY_ARMS = [
+    "inverse-layerif",
+    "pattern",
+    "shrink-layerif",
+    "shrink-curvature",
+    "beta0.5-layerif",
+    "beta0.25-layerif",
+    "oneshot-layerif",
+]
+SCORER_ARMS = {"layerif", "curvature", "shrink-layerif", "shrink-curvature", "beta0.5-layerif"}
+QUICK = {"tasks": ["sst2"], "budgets": ["generous"], "arms": ["uniform", "layerif"], "seeds": [0, 1]}
+
+Run = tuple[str, str, str, int]  # task, budget, arm, seed
+
+
+def run_name(run: Run) -> str:
+    task, budget, arm, seed = run
+    return f"{task}__{budget}__{arm}__seed{seed}"
+
+
+def callback_config(arm: str, seed: int) -> dict[str, Any] | None:
+    """The arm's ``LayerInfluenceCallback`` init_args (None: no callback)."""
+    spec = ARMS[arm]
+    if spec is None:
+        return None
+    args: dict[str, Any] = json.loads(json.dumps({**_COMMON, **spec}).replace('"{seed}"', str(seed)))
+    args["allocator_options"] = {"experts_bounds": [0, None], **spec.get("allocator_options", {})}
+    return args
+
+
+def plan_runs(tasks: list[str], budgets: list[str], arms: list[str], seeds: list[int]) -> list[Run]:
+    """Seed by seed (then budget, task, arm): an interrupted sweep has whole paired seeds to compare."""
+    return [(t, b, a, s) for s in seeds for b in budgets for t in tasks for a in arms]
+
+
+# ---------------------------------------------------------------------------------------------- one run
+def evaluate_label_loss(module: Any, loader: Any) -> dict[str, float]:
+    """Mean label-token loss, accuracy and MCC over every row of ``loader`` with the module's weights now."""
+    import torch
+    from torchmetrics.functional.classification import binary_matthews_corrcoef, multiclass_matthews_corrcoef
+
+    from layermoe.adapters import collect_router_losses
+    from layermoe.lightning_modules.losses import label_loss
+
+    was_training = module.training
+    module.eval()
+    losses, predictions, labels = [], [], []
+    with torch.no_grad():
+        for batch in loader:
+            batch = {k: v.to(module.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            logits = module.label_logits(batch)
+            collect_router_losses(module.model)
+            losses.append(label_loss(logits, batch["labels"]).float().cpu())
+            scores = logits.gather(1, batch["candidate_token_ids"].to(logits.device))
+            predictions.append(scores.argmax(dim=1).cpu())
+            labels.append(batch["class_label"].cpu())
+    module.train(was_training)
+    loss, pred, label = torch.cat(losses), torch.cat(predictions), torch.cat(labels)
+    classes = int(max(int(label.max()), int(pred.max())) + 1)
+    mcc = (
+        binary_matthews_corrcoef(pred, label)
+        if classes <= 2
+        else multiclass_matthews_corrcoef(pred, label, num_classes=classes)
+    )
+    return {
+        "label_loss": float(loss.mean()),
+        "accuracy": float((pred == label).float().mean()),
+        "mcc": float(mcc),
+        "rows": int(label.numel()),
+    }
+
+
+def second_draw(callback: Any, offset: int = 1000) -> list[dict[int, float]]:
+    """Make ``callback`` score a second, independent draw of training samples (seed + ``offset``) each time
+    it scores, and return the list those scores land in. The allocation uses the first draw only.
+
+    Wraps the callback's private ``_score``: the stability measurement needs both draws at the very same
+    weights and step, which no public hook offers (benchmark-only; the library never does this)."""
+    draws: list[dict[int, float]] = []
+    original = callback._score
+
+    def score_twice(trainer: Any, pl_module: Any) -> Any:
+        result = original(trainer, pl_module)
+        callback.seed += offset
+        try:
+            draws.append(dict(original(trainer, pl_module)[0]))
+        finally:
+            callback.seed -= offset
+        return result
+
+    callback._score = score_twice
+    return draws
+
+
+def run_one(run: Run, out: Path, workdir: Path, quick: bool) -> None:
+    import torch
+    import yaml
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from layermoe.adapters import layout
+    from layermoe.callbacks import LayerInfluenceCallback
+    from layermoe.lightning_modules.cli import LayerMoECLI
+
+    task, budget, arm, seed = run
+    sys.argv = sys.argv[:1]  # LightningCLI reads sys.argv too
+    workdir.mkdir(parents=True, exist_ok=True)
+    args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(TASK_CONFIGS[task])]
+    args += ["--config", str(CONFIGS / "budgets" / f"{budget}.yaml")]
+    callback = callback_config(arm, seed)
+    if callback is not None:
+        arm_file = workdir / "arm.yaml"
+        entry = {"class_path": "layermoe.callbacks.LayerInfluenceCallback", "init_args": callback}
+        arm_file.write_text(yaml.safe_dump({"trainer": {"callbacks": [entry]}}, sort_keys=False))
+        args += ["--config", str(arm_file)]
+    if quick:
+        args += ["--config", str(QUICK_CONFIG)]
+        files = tiny_task_files(workdir / "data", seed=0)
+        args += ["--data.train_file", files["train"], "--data.test_file", files["test"]]
+    args += ["--seed_everything", str(seed), "--data.seed", str(seed)]
+    args += ["--trainer.default_root_dir", str(workdir), "--trainer.logger.init_args.save_dir", str(workdir)]
+    cli = LayerMoECLI(args=args, run=False)
+    trainer, module = cli.trainer, cli.model
+    if os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    influence = [c for c in trainer.callbacks if isinstance(c, LayerInfluenceCallback)]
+    if quick:
+        for c in influence:  # the tiny smoke run only checks the plumbing
+            c.num_train_samples, c.num_val_samples = 16, 16
+    draws = second_draw(influence[0]) if influence and arm in SCORER_ARMS else None
+    selection = ModelCheckpoint(
+        dirpath=str(workdir / "best"), monitor=SELECTION_METRIC.get(task, "val/acc"), mode="max", save_top_k=1
+    )
+    trainer.callbacks.append(selection)
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=cli.datamodule)
+    fit_seconds = time.perf_counter() - start
+    cli.datamodule.setup("test")
+    final = evaluate_label_loss(module, cli.datamodule.test_dataloader())
+    best_path = selection.best_model_path
+    best_step = int(m.group(1)) if (m := re.search(r"step=(\d+)", Path(best_path).name)) else None
+    if best_step is not None and best_step != trainer.global_step:
+        metrics = trainer.test(module, datamodule=cli.datamodule, ckpt_path=best_path, verbose=False)[0]
+        selected = {
+            "accuracy": float(metrics["test/acc"]),
+            "mcc": float(metrics.get("test/mcc", float("nan"))),
+        }
+    else:  # the selected checkpoint is the final weights
+        selected = {"accuracy": final["accuracy"], "mcc": final["mcc"]}
+    history = json.loads(json.dumps(influence[0].history, default=str)) if influence else []
+    result: dict[str, Any] = {
+        "task": task,
+        "budget": budget,
+        "arm": arm,
+        "seed": seed,
+        "quick": quick,
+        "steps": int(trainer.global_step),
+        "final": final,
+        "selected": {**selected, "step": best_step},
+        "trainable_params": int(sum(p.numel() for p in module.parameters() if p.requires_grad)),
+        "base_params": int(sum(p.numel() for n, p in module.model.named_parameters() if "lora_" not in n)),
+        "final_layout": {str(k): v for k, v in layout(module.model).items()},
+        "rewires": history,
+        "second_draw_scores": [{str(k): v for k, v in d.items()} for d in draws] if draws else None,
+        "callback": callback,
+        "fit_seconds": fit_seconds,
+        "wall_time_s": time.perf_counter() - start,
+        "torch_threads": torch.get_num_threads(),
+        "precision": str(trainer.precision),
+        "machine": machine_description(),
+        "code": code_version(),
+        "parallel_runs": int(os.environ.get("LAYERMOE_PARALLEL_RUNS", "1")),
+    }
+    write_result(out, result)
+
+
+def code_version() -> str:
+    """The commit the run's code came from (+ "-dirty" when the library, benchmarks or configs differ
+    from it): a sweep spans sessions, and a table should say which code each of its runs used."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + (
+        "-dirty"
+        if git("status", "--porcelain", "--", "layermoe", "benchmarks", "configs", ":!benchmarks/results")
+        else ""
+    )
+
+
+# ---------------------------------------------------------------------------------------------- driver
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--phase", choices=["primary", "secondary"], default="primary")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny random model, 1 budget x 2 arms x 2 seeds (~1 min)"
+    )
+    parser.add_argument("--tasks", nargs="+", choices=list(TASK_CONFIGS))
+    parser.add_argument("--budgets", nargs="+", choices=BUDGETS)
+    parser.add_argument("--arms", nargs="+", choices=list(ARMS))
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--results", help="results folder (default benchmarks/results/sweep[-quick])")
+    parser.add_argument("--workdir", default=str(REPO / "runs" / "allocation_sweep"))
+    parser.add_argument("--table", action="store_true", help="only rebuild the report from finished runs")
+    parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
+    parser.add_argument(
+        "--jobs", type=int, default=1, help="runs at once, each with cpu_count // jobs threads"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default cpu_count // jobs)"
+    )
+    parser.add_argument(
+        "--run-one", nargs=4, metavar=("TASK", "BUDGET", "ARM", "SEED"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    defaults = (
+        QUICK
+        if args.quick
+        else {
+            "tasks": ["sst2", "sarcasm"],
+            "budgets": BUDGETS if args.phase == "primary" else ["tight"],
+            "arms": PRIMARY_ARMS if args.phase == "primary" else ["uniform", *SECONDARY_ARMS],
+            "seeds": [0, 1, 2] if args.phase == "primary" else [0, 1, 2],
+        }
+    )
+    if args.phase == "secondary" and not args.quick and args.tasks is None:
+        defaults["tasks"] = ["sst2"]
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    return args
+
+
+def results_dir(args: argparse.Namespace) -> Path:
+    if args.results:
+        return Path(args.results)
+    return REPO / "benchmarks" / "results" / ("sweep-quick" if args.quick else "sweep")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    folder = results_dir(args)
+    if args.run_one:
+        task, budget, arm, seed = args.run_one
+        run = (task, budget, arm, int(seed))
+        name = run_name(run)
+        run_one(run, folder / f"{name}.json", Path(args.workdir) / folder.name / name, args.quick)
+        return 0
+    planned = plan_runs(args.tasks, args.budgets, args.arms, args.seeds)
+    if not args.table:
+        todo = [r for r in planned if not (folder / f"{run_name(r)}.json").exists()]
+        print(f"{len(planned) - len(todo)} of {len(planned)} planned runs already finished", flush=True)
+        run_pending(args, folder, todo[: args.max_runs] if args.max_runs is not None else todo)
+    print(write_report(load_results_of(folder), folder, planned))
+    return 0
+
+
+def load_results_of(folder: Path) -> list[dict[str, Any]]:
+    return [r for r in load_results(folder) if "budget" in r]
+
+
+def run_pending(args: argparse.Namespace, folder: Path, todo: list[Run]) -> None:
+    """Each run in its own subprocess, up to ``--jobs`` at once; a failed run is reported, not fatal."""
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LAYERMOE_PARALLEL_RUNS": str(args.jobs)}
+    env["OMP_NUM_THREADS"] = str(threads)
+    running: list[tuple[subprocess.Popen, Path, float, str, Any]] = []
+    queue = list(todo)
+    while queue or running:
+        while queue and len(running) < args.jobs:
+            run = queue.pop(0)
+            name = run_name(run)
+            command = [sys.executable, __file__, "--run-one", run[0], run[1], run[2], str(run[3])]
+            command += ["--results", str(folder), "--workdir", args.workdir] + (
+                ["--quick"] if args.quick else []
+            )
+            log_path = Path(args.workdir) / folder.name / f"{name}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            log = open(log_path, "w")  # noqa: SIM115 - closed when the run ends
+            print(f"run {name} (log: {log_path})", flush=True)
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((process, folder / f"{name}.json", time.perf_counter(), name, log))
+        for entry in list(running):
+            process, path, started, name, log = entry
+            if process.poll() is None:
+                continue
+            running.remove(entry)
+            log.close()
+            ok = process.returncode == 0 and path.exists()
+            status = "ok" if ok else f"failed (exit {process.returncode}; see its log)"
+            print(f"  {name}: {status} in {time.perf_counter() - started:.0f} s", flush=True)
+        if running:
+            time.sleep(0.5)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

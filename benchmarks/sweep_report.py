@@ -1,0 +1,223 @@
+"""Statistics, table and figure of the allocation sweep (issue 27), rebuilt from the per-run JSON files.
+
+Comparisons are paired by (task, budget, seed): an arm's relative difference in final test label loss to
+uniform (and to its placebo) is computed per seed, then summarized by its mean and a 95% t-interval. The
+number of seeds that would detect a 1% relative difference at 80% power (two-sided 5% paired test) is
+``n = ((z_0.975 + z_0.8) * sd / 0.01)^2`` with ``sd`` the measured spread of the paired differences.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from quality_results import layout_agreement
+
+#: each scorer arm's control: the same scores permuted across blocks
+PLACEBO_OF = {
+    "layerif": "placebo-layerif",
+    "shrink-layerif": "placebo-layerif",
+    "beta0.5-layerif": "placebo-layerif",
+    "beta0.25-layerif": "placebo-layerif",
+    "inverse-layerif": "placebo-layerif",
+    "curvature": "placebo-curvature",
+    "shrink-curvature": "placebo-curvature",
+}
+BUDGET_ORDER = {"tight": 0, "mid": 1, "generous": 2}
+DETECT = 0.01  # relative difference in test loss the seed count is planned for
+Z_TWO_SIDED_95, Z_POWER_80 = 1.959964, 0.841621
+
+
+def t_quantile_975(df: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, df))
+
+
+def mean_interval(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and half-width of its 95% t-interval (None with fewer than two values)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, t_quantile_975(len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def seeds_for_power(sd: float, detect: float = DETECT) -> int:
+    """Seeds so that a paired relative difference of ``detect`` is found at 80% power, 5% two-sided."""
+    return max(2, math.ceil(((Z_TWO_SIDED_95 + Z_POWER_80) * sd / detect) ** 2))
+
+
+def relative_differences(
+    results: Sequence[dict[str, Any]], arm: str, baseline: str, task: str, budget: str
+) -> list[float]:
+    """(arm - baseline) / baseline final test label loss, one per seed both have."""
+
+    def by_seed(name: str) -> dict[int, float]:
+        return {
+            r["seed"]: r["final"]["label_loss"]
+            for r in results
+            if r["arm"] == name and r["task"] == task and r["budget"] == budget
+        }
+
+    ours, theirs = by_seed(arm), by_seed(baseline)
+    return [(ours[s] - theirs[s]) / theirs[s] for s in sorted(set(ours) & set(theirs))]
+
+
+def _interval(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    mean, half = mean_interval(values)
+    return f"{100 * mean:+.2f}%" + ("" if half is None else f" ± {100 * half:.2f}")
+
+
+def _mean_sd(values: Sequence[float], scale: float = 1.0, digits: int = 4) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{scale * values[0]:.{digits}f}"
+    return f"{scale * statistics.fmean(values):.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def draw_agreement(runs: Sequence[dict[str, Any]]) -> float | None:
+    """Mean Spearman correlation of per-block scores between the two independent draws of each run."""
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
+
+    values = []
+    for r in runs:
+        first = (r.get("rewires") or [{}])[0].get("scores")
+        second = (r.get("second_draw_scores") or [None])[0]
+        if not first or not second:
+            continue
+        blocks = sorted(first, key=int)
+        a = torch.tensor([float(first[b]) for b in blocks])
+        b = torch.tensor([float(second[str(k)]) for k in blocks])
+        values.append(float(spearman_corrcoef(a, b)))
+    return statistics.fmean(values) if values else None
+
+
+def build_table(results: Sequence[dict[str, Any]], planned: Sequence[tuple[str, str, str, int]]) -> str:
+    have = {(r["task"], r["budget"], r["arm"], r["seed"]) for r in results}
+    done = sum(1 for run in planned if run in have)
+    lines = [f"{done} of {len(planned)} planned runs" + ("" if done == len(planned) else " (incomplete)"), ""]
+    lines.append(
+        "| task | budget (adapter/base) | arm | seeds | test label loss (final) | vs uniform (paired) |"
+        " vs placebo (paired) | acc final (%) | MCC final | acc selected (%) | trainable params |"
+        " layout agreement | score agreement |"
+    )
+    lines.append("|" + " --- |" * 13)
+    groups = sorted(
+        {(r["task"], r["budget"]) for r in results}, key=lambda g: (g[0], BUDGET_ORDER.get(g[1], 9))
+    )
+    for task, budget in groups:
+        runs = [r for r in results if r["task"] == task and r["budget"] == budget]
+        uniform = [r for r in runs if r["arm"] == "uniform"]
+        ratio = f"{100 * uniform[0]['trainable_params'] / uniform[0]['base_params']:.3f}%" if uniform else "?"
+        for arm in dict.fromkeys(r["arm"] for r in sorted(runs, key=lambda r: _arm_order(r["arm"]))):
+            mine = sorted((r for r in runs if r["arm"] == arm), key=lambda r: r["seed"])
+            agreement = layout_agreement(mine)
+            draws = draw_agreement(mine)
+            placebo = PLACEBO_OF.get(arm)
+            cells = [
+                task,
+                f"{budget} ({ratio})",
+                arm,
+                ",".join(str(r["seed"]) for r in mine),
+                _mean_sd([r["final"]["label_loss"] for r in mine]),
+                ""
+                if arm == "uniform"
+                else _interval(relative_differences(results, arm, "uniform", task, budget)),
+                ""
+                if placebo is None
+                else _interval(relative_differences(results, arm, placebo, task, budget)),
+                _mean_sd([r["final"]["accuracy"] for r in mine], 100, 2),
+                _mean_sd([r["final"]["mcc"] for r in mine], 1, 3),
+                _mean_sd([r["selected"]["accuracy"] for r in mine], 100, 2),
+                "/".join(str(p) for p in sorted({r["trainable_params"] for r in mine})),
+                "-" if agreement is None else f"{agreement:+.2f}",
+                "-" if draws is None else f"{draws:+.2f}",
+            ]
+            lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", power_note(results)]
+    return "\n".join(lines)
+
+
+def _arm_order(arm: str) -> tuple[int, str]:
+    order = ["uniform", "layerif", "curvature", "placebo-layerif", "placebo-curvature"]
+    return (order.index(arm) if arm in order else len(order), arm)
+
+
+def power_note(results: Sequence[dict[str, Any]]) -> str:
+    """The paired spread of each scorer arm against uniform and the seeds a 1% difference would need."""
+    rows = []
+    for task, budget in sorted({(r["task"], r["budget"]) for r in results}):
+        for arm in ("layerif", "curvature"):
+            diffs = relative_differences(results, arm, "uniform", task, budget)
+            if len(diffs) >= 2:
+                sd = statistics.stdev(diffs)
+                rows.append(
+                    f"{task}/{budget}/{arm}: sd {100 * sd:.2f}% over {len(diffs)} seeds -> n = {seeds_for_power(sd)}"
+                )
+    if not rows:
+        return "Power: needs two paired seeds."
+    return (
+        "Power (paired relative difference in test label loss to uniform; seeds for 1% at 80% power,"
+        " n = ((1.96 + 0.84) * sd / 0.01)^2): " + "; ".join(rows)
+    )
+
+
+def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Test label loss and accuracy (final weights) against budget, one line per arm, 95% t-intervals."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in results})
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
+    for column, task in enumerate(tasks):
+        runs = [r for r in results if r["task"] == task]
+        for arm in sorted({r["arm"] for r in runs}, key=_arm_order):
+            points = []
+            for budget in sorted({r["budget"] for r in runs}, key=lambda b: BUDGET_ORDER.get(b, 9)):
+                mine = [r for r in runs if r["arm"] == arm and r["budget"] == budget]
+                uniform = [r for r in runs if r["arm"] == "uniform" and r["budget"] == budget]
+                if not mine:
+                    continue
+                ref = uniform[0] if uniform else mine[0]
+                x = 100 * ref["trainable_params"] / ref["base_params"]
+                points.append((x, mine))
+            for row, (key, label) in enumerate(
+                (("label_loss", "test label loss"), ("accuracy", "test accuracy"))
+            ):
+                xs, ys, errs = [], [], []
+                for x, mine in points:
+                    mean, half = mean_interval([r["final"][key] for r in mine])
+                    xs.append(x)
+                    ys.append(mean)
+                    errs.append(half or 0.0)
+                if xs:
+                    axes[row][column].errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=arm)
+                axes[row][column].set_xscale("log")
+                axes[row][column].set_xlabel("adapter / base parameters (%)")
+                axes[row][column].set_ylabel(label)
+                axes[row][column].set_title(f"{task}: {label} (final weights)")
+        axes[0][column].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    results: Sequence[dict[str, Any]], folder: Path, planned: Sequence[tuple[str, str, str, int]]
+) -> str:
+    table = build_table(results, planned)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table.md").write_text(table + "\n")
+    if results:
+        loss_figure(results, folder / "figures" / "loss_vs_budget.png")
+    return table

@@ -1,0 +1,35 @@
+"""Resume a checkpoint written inside ``on_train_epoch_end`` from the next epoch's start, in that epoch's order.
+
+Why: ``ModelCheckpoint`` saves inside ``on_train_epoch_end`` whenever validation runs once per epoch at
+its end (its default ``save_on_train_epoch_end=None`` then means True): the monitored best, ``save_last``,
+plain per-epoch checkpoints. Lightning writes that checkpoint after it counted the epoch as processed and
+before it counts it as completed. With ``max_epochs`` only, Lightning resumes it as a finished epoch; with
+``max_steps`` set (iteration-based training, as in ``configs/quickstart.yaml``) Lightning 2.6 replays the
+finished epoch as an empty one and counts it twice, so the resumed run trains epoch ``e + 1`` on the
+sampler order of epoch ``e + 2`` (with ``max_epochs`` also set it may stop without training at all).
+
+``EpochEndResume`` rewrites the checkpoint's loop progress in ``on_load_checkpoint``, which Lightning calls
+before it restores the loops, into the state the uninterrupted run has when its next epoch starts
+(:func:`layermoe.lightning_compat.settle_epoch_end_progress`). Lightning does not replay what the
+uninterrupted run did after that save in either mode: the epoch-end hooks that run after
+``ModelCheckpoint`` and epoch-interval LR schedulers (``MoELoRAFineTuner``'s schedule is per step).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from layermoe.lightning_compat import settle_epoch_end_progress
+
+
+class EpochEndResume(Callback):
+    """Makes a checkpoint saved inside ``on_train_epoch_end`` resume at the next epoch's start (see the
+    module docstring). Stateless; part of ``exact_resume_callbacks()``."""
+
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        settle_epoch_end_progress(checkpoint)

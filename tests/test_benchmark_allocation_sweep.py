@@ -1,0 +1,124 @@
+"""The allocation sweep (issue 27): --quick end to end, its evaluation against Lightning's test loop, and
+its statistics against closed forms."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RUNNER = REPO / "benchmarks" / "allocation_sweep.py"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import allocation_sweep  # noqa: E402
+import sweep_report  # noqa: E402
+
+
+def _run(results: Path, workdir: Path, *extra: str) -> str:
+    command = [sys.executable, str(RUNNER), "--quick", "--results", str(results), "--workdir", str(workdir)]
+    completed = subprocess.run(command + list(extra), capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_quick_sweep_runs_pairs_seeds_skips_finished_runs_and_reports(tmp_path: Path) -> None:
+    results, workdir = tmp_path / "results", tmp_path / "work"
+    first = _run(results, workdir, "--jobs", "2")
+    files = sorted(p.name for p in results.glob("*.json"))
+    assert files == [
+        f"sst2__generous__{arm}__seed{seed}.json" for arm in ("layerif", "uniform") for seed in (0, 1)
+    ]
+    loaded = [json.loads((results / f).read_text()) for f in files]
+    runs = {(r["arm"], r["seed"]): r for r in loaded}
+    for seed in (0, 1):
+        uniform, rewired = runs["uniform", seed], runs["layerif", seed]
+        assert uniform["steps"] == rewired["steps"] == 16
+        assert rewired["trainable_params"] <= uniform["trainable_params"]
+        assert len(rewired["rewires"]) == 1 and not uniform["rewires"]
+        assert rewired["callback"]["allocator_options"]["experts_bounds"] == [0, None]
+        # the second, independent draw scored the same blocks at the same step
+        assert set(rewired["second_draw_scores"][0]) == set(rewired["rewires"][0]["scores"])
+        assert rewired["second_draw_scores"][0] != rewired["rewires"][0]["scores"]
+        for result in (uniform, rewired):
+            assert result["final"]["rows"] == 80 and math.isfinite(result["final"]["label_loss"])
+            assert 0.0 <= result["final"]["accuracy"] <= 1.0 and -1.0 <= result["final"]["mcc"] <= 1.0
+            assert result["precision"] == "32-true" and result["parallel_runs"] == 2
+    assert "4 of 4 planned runs" in first and "| sst2 | generous" in first
+    assert (results / "figures" / "loss_vs_budget.png").stat().st_size > 0
+    # the paired difference in the table is the one computed from the two files of each seed
+    diffs = [
+        (runs["layerif", s]["final"]["label_loss"] - runs["uniform", s]["final"]["label_loss"])
+        / runs["uniform", s]["final"]["label_loss"]
+        for s in (0, 1)
+    ]
+    assert sweep_report._interval(diffs) in first
+
+    (results / files[0]).unlink()
+    again = _run(results, workdir, "--table")
+    assert "3 of 4 planned runs (incomplete)" in again
+    resumed = _run(results, workdir)
+    assert "3 of 4 planned runs already finished" in resumed and resumed.count("run sst2") == 1
+
+
+def test_label_loss_evaluation_matches_lightnings_test_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With experts > 1 the router adds no loss outside training, so test/loss is the label-token loss."""
+    pytest.importorskip("yaml")
+    from lightning.pytorch import seed_everything
+
+    from layermoe.lightning_modules.cli import LayerMoECLI
+
+    files = allocation_sweep.tiny_task_files(tmp_path / "data")
+    args = ["--config", str(allocation_sweep.CONFIGS / "base.yaml")]
+    args += ["--config", str(allocation_sweep.TASK_CONFIGS["sst2"])]
+    args += ["--config", str(allocation_sweep.CONFIGS / "budgets" / "generous.yaml")]
+    args += ["--config", str(allocation_sweep.QUICK_CONFIG)]
+    args += ["--data.train_file", files["train"], "--data.test_file", files["test"]]
+    args += ["--trainer.max_steps", "6", "--trainer.default_root_dir", str(tmp_path)]
+    args += ["--trainer.logger.init_args.save_dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])  # LightningCLI also reads sys.argv (pytest's here)
+    seed_everything(0)
+    cli = LayerMoECLI(args=args, run=False)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    cli.datamodule.setup("test")
+    ours = allocation_sweep.evaluate_label_loss(cli.model, cli.datamodule.test_dataloader())
+    lightning = cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    assert ours["rows"] == 80
+    assert ours["label_loss"] == pytest.approx(lightning["test/loss"], rel=1e-5)
+    assert ours["accuracy"] == pytest.approx(lightning["test/acc"], abs=1e-6)
+    assert ours["mcc"] == pytest.approx(lightning["test/mcc"], abs=1e-5)
+
+
+def test_interval_and_power_match_closed_forms() -> None:
+    mean, half = sweep_report.mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)  # t(0.975, 2) = 4.3027
+    assert sweep_report.mean_interval([0.5]) == (0.5, None)
+    # sd 2% of the loss: ((1.96 + 0.84) * 2)^2 = 31.4 -> 32 seeds; sd 0.5%: 1.96 -> at least 2
+    assert sweep_report.seeds_for_power(0.02) == 32
+    assert sweep_report.seeds_for_power(0.005) == 2
+
+
+def test_relative_differences_pair_by_seed() -> None:
+    def result(arm: str, seed: int, loss: float) -> dict:
+        return {"arm": arm, "seed": seed, "task": "t", "budget": "tight", "final": {"label_loss": loss}}
+
+    results = [result("uniform", 0, 2.0), result("uniform", 1, 4.0), result("a", 1, 3.0), result("a", 2, 9.0)]
+    assert sweep_report.relative_differences(results, "a", "uniform", "t", "tight") == [-0.25]
+
+
+def test_arm_callbacks_are_valid_callback_arguments() -> None:
+    from layermoe.callbacks import LayerInfluenceCallback
+
+    for arm in allocation_sweep.ARMS:
+        config = allocation_sweep.callback_config(arm, seed=3)
+        if config is None:
+            continue
+        callback = LayerInfluenceCallback(**config)  # every arm's options pass the callback's own checks
+        assert callback.allocator_options["experts_bounds"] == [0, None]
+    assert allocation_sweep.callback_config("placebo-layerif", 3)["scorer_options"]["seed"] == 3

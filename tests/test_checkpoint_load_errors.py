@@ -1,0 +1,170 @@
+"""Damaged checkpoint files through the two loaders that bypass the Trainer (issue 24).
+
+``MoELoRAFineTuner.load_from_checkpoint`` and ``layermoe.callbacks.load_adapted_checkpoint`` must fail, like
+``--ckpt_path`` does, with a ``CheckpointIntegrityError`` that names the file, what is wrong with it and
+the fix, for an empty file, a truncated file and flipped bytes (in the pickled structure, where torch
+itself fails, or inside a tensor's storage, which unpickles without complaint): never torch's raw
+``EOFError`` / miniz error / "Weights only load failed ... re-run with weights_only=False", and never a
+silent load.
+"""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from layermoe.callbacks import LayerInfluenceCallback, load_adapted_checkpoint
+from layermoe.checkpointing import AtomicCheckpointIO
+from layermoe.checkpointing.integrity import CHECKSUM_KEY, CheckpointIntegrityError
+from layermoe.lightning_modules import MoELoRAFineTuner
+from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
+from tests.scripts.resume_run import ADAPTER, TINY_LLAMA, data_module
+from tests.test_resume_e2e import _write_data
+
+# (damage, what the message must say)
+DAMAGES = [
+    ("empty", r"is empty \(0 bytes\)"),
+    ("truncated", "cannot be read: it is truncated or damaged"),
+    ("pickle_bytes", "cannot be read: it is truncated or damaged"),
+    ("tensor_bytes", "section 'state_dict' does not match its checksum"),
+]
+
+
+def _fit(module: L.LightningModule, folder: Path, callbacks: list, **fit_kwargs) -> Path:
+    trainer = L.Trainer(
+        max_steps=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[*callbacks, ModelCheckpoint(folder, save_last=True)],
+    )
+    trainer.fit(module, **fit_kwargs)
+    return folder / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def finetuner_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("finetuner")
+    _write_data(root / "data")
+    module = MoELoRAFineTuner(model=TINY_LLAMA, adapter=ADAPTER, num_classes=2, print_layout=False)
+    return _fit(module, root / "checkpoints", [], datamodule=data_module(str(root / "data")))
+
+
+@pytest.fixture(scope="module")
+def injected_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A user's module whose adapters LayerInfluenceCallback(inject=...) added: load_adapted_checkpoint's case."""
+    L.seed_everything(0)
+    influence = LayerInfluenceCallback(
+        scorer="grad_norm",
+        schedule={"warmup": 1},
+        num_train_samples=4,
+        num_val_samples=4,
+        inject={"experts": 2, "rank": 4, "lora_alpha": 8.0},
+        plot=False,
+        verbose=False,
+    )
+    train, val = loaders()
+    folder = tmp_path_factory.mktemp("injected") / "checkpoints"
+    return _fit(
+        TinyLlamaModule(adapt=False), folder, [influence], train_dataloaders=train, val_dataloaders=val
+    )
+
+
+def _flip(raw: bytes, start: int, count: int = 64) -> bytes:
+    return raw[:start] + bytes(b ^ 0xFF for b in raw[start : start + count]) + raw[start + count :]
+
+
+def _damaged_copy(source: Path, folder: Path, damage: str) -> Path:
+    """A copy of ``source`` named damaged.ckpt with one kind of damage (what a crash, a full disk or a bad
+    disk/copy does)."""
+    checkpoint = torch.load(source, weights_only=True)
+    assert CHECKSUM_KEY in checkpoint  # written by AtomicCheckpointIO
+    raw = source.read_bytes()
+    if damage == "empty":
+        raw = b""
+    elif damage == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif damage == "pickle_bytes":
+        # torch's zip writer puts the pickled structure (archive/data.pkl) first: its local header is at
+        # offset 0 (30 bytes, then the name and the extra field), and its data follows uncompressed.
+        name_length, extra_length = struct.unpack("<HH", raw[26:30])
+        assert raw[30 : 30 + name_length].endswith(b"data.pkl")
+        raw = _flip(raw, 30 + name_length + extra_length)
+    else:  # tensor_bytes: inside the storage of the largest floating-point weight
+        state = checkpoint["state_dict"]
+        name = max((k for k in state if state[k].is_floating_point()), key=lambda k: state[k].numel())
+        data = state[name].contiguous().numpy().tobytes()
+        start = raw.find(data)
+        assert start >= 0 and len(data) >= 128
+        raw = _flip(raw, start + len(data) // 2)
+    path = folder / "damaged.ckpt"
+    path.write_bytes(raw)
+    return path
+
+
+def _check_message(error: pytest.ExceptionInfo, path: Path) -> None:
+    message = str(error.value)
+    assert str(path) in message  # names the file
+    assert "another checkpoint" in message and "last.ckpt" in message  # and the fix
+
+
+@pytest.mark.parametrize(("damage", "pattern"), DAMAGES)
+def test_load_from_checkpoint_names_a_damaged_file(
+    finetuner_ckpt: Path, tmp_path: Path, damage: str, pattern: str
+) -> None:
+    path = _damaged_copy(finetuner_ckpt, tmp_path, damage)
+    with pytest.raises(CheckpointIntegrityError, match=pattern) as error:
+        MoELoRAFineTuner.load_from_checkpoint(path)
+    _check_message(error, path)
+
+
+@pytest.mark.parametrize(("damage", "pattern"), DAMAGES)
+def test_load_adapted_checkpoint_names_a_damaged_file(
+    injected_ckpt: Path, tmp_path: Path, damage: str, pattern: str
+) -> None:
+    path = _damaged_copy(injected_ckpt, tmp_path, damage)
+    with pytest.raises(CheckpointIntegrityError, match=pattern) as error:
+        load_adapted_checkpoint(TinyLlamaModule, path)
+    _check_message(error, path)
+
+
+def test_intact_files_still_load_through_both_entry_points(
+    finetuner_ckpt: Path, injected_ckpt: Path, tmp_path: Path
+) -> None:
+    """The checks pass on the undamaged files (copied, so only the bytes matter): weights equal the saved ones."""
+    for source, load in (
+        (finetuner_ckpt, MoELoRAFineTuner.load_from_checkpoint),
+        (injected_ckpt, lambda p: load_adapted_checkpoint(TinyLlamaModule, p)),
+    ):
+        path = tmp_path / f"copy-{source.parent.parent.name}.ckpt"
+        shutil.copyfile(source, path)
+        module = load(path)
+        saved = torch.load(path, weights_only=True)["state_dict"]
+        live = module.state_dict()
+        assert saved and all(torch.equal(live[k], v) for k, v in saved.items())
+
+
+class _NotAllowlisted:
+    """A class the weights-only unpickler refuses (as a user's custom hparam object would be)."""
+
+
+def test_a_refused_class_keeps_torchs_own_message(tmp_path: Path) -> None:
+    """Damaged bytes and a genuine weights-only refusal both surface as UnpicklingError from torch; only the
+    first is a damaged file. The second keeps torch's message, which names the class and how to allow it."""
+    import pickle
+
+    from layermoe.checkpointing.integrity import read_checkpoint
+
+    path = tmp_path / "custom.ckpt"
+    torch.save({"state_dict": {}, "hyper_parameters": {"obj": _NotAllowlisted()}}, path)
+    with pytest.raises(pickle.UnpicklingError, match=r"Unsupported global: .*_NotAllowlisted"):
+        read_checkpoint(path)
