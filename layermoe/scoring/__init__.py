@@ -46,7 +46,12 @@ from .scorers import (
     hill_alpha_xmin_peak,
     register_scorer,
 )
-from .statistics import BlockStatistics, statistics_from_pieces, statistics_from_rows
+from .statistics import (
+    BlockStatistics,
+    statistics_from_pieces,
+    statistics_from_rows,
+    statistics_with_exact_mean,
+)
 from .uncertainty import jackknife_errors
 
 __all__ = [
@@ -95,6 +100,7 @@ __all__ = [
     "slice_batch",
     "statistics_from_pieces",
     "statistics_from_rows",
+    "statistics_with_exact_mean",
     "torch_distributed_gather",
     "training_store_bytes",
 ]

@@ -9,7 +9,11 @@ Memory: exact rows cost (n + m) * d_l numbers per block. The store (`max_store_b
 fraction of the memory available on the device) bounds them; `plan.py` decides from the shapes alone
 whether the rows stay exact or the widest blocks are CountSketched so that one pass suffices
 (`projection_dim="auto"`, the default), or, with `projection_dim=None`, splits the blocks into
-several exact passes. The backward never forms parameter gradients: it
+several exact passes. A sketched block keeps its exact mean validation gradient when the plan says so
+(`BlockPlan.exact_mean`): the validation chunks run first, their exact rows are summed, and each
+training row's exact product with the mean is taken before the row is sketched (see
+`statistics.statistics_with_exact_mean`: the gbar direction is kept exactly, the rest is sketched).
+The backward never forms parameter gradients: it
 differentiates with respect to a detached copy of the input embeddings, so parameters' `.grad` and
 `requires_grad` are never touched.
 """
@@ -50,7 +54,7 @@ from .plan import (
     projection_error_bound,
 )
 from .projection import CountSketch
-from .statistics import BlockStatistics, statistics_from_pieces
+from .statistics import BlockStatistics, gram, statistics_from_pieces, statistics_with_exact_mean
 
 logger = logging.getLogger("layermoe.scoring")
 
@@ -63,11 +67,28 @@ SCOPES = ("adapter", "base")
 class _Collector:
     """Receives per-sample gradient pieces from the hooks and keeps rows per block (exact or sketched)."""
 
-    def __init__(self, layers: dict[int, dict[str, nn.Module]], scope: str, seed: int) -> None:
+    def __init__(
+        self,
+        layers: dict[int, dict[str, nn.Module]],
+        scope: str,
+        seed: int,
+        reduce_fn: ReduceFn | None = None,
+    ) -> None:
         self.layers = layers
         self.scope = scope
         self.seed = seed
+        self.reduce_fn = reduce_fn
         self.k: dict[int, int | None] = dict.fromkeys(layers)
+        # Blocks whose exact mean validation gradient is kept while their rows are sketched: per piece,
+        # the sum of the validation rows (then, after the validation chunks, their mean), and per
+        # training chunk the exact products of its rows with that mean.
+        self.exact_mean: set[int] = set()
+        self.val_sum: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
+        self.val_mean: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
+        self.val_count = 0
+        self.chunk_dots: dict[int, torch.Tensor] = {}
+        self.mean_dots: dict[int, list[torch.Tensor]] = {}
+        self.split = "train"
         self.keys: dict[int, list[tuple[str, str]]] = {}
         self.numel: dict[tuple[int, str, str], int] = {}
         self.dtype: dict[tuple[int, str, str], torch.dtype] = {}
@@ -100,8 +121,10 @@ class _Collector:
     def element_bytes(self, block: int) -> int:
         return torch.empty((), dtype=self.block_dtype(block)).element_size()
 
-    def project(self, widths: Mapping[int, int | None]) -> None:
-        """Sketch block b's rows to widths[b] coordinates (None: keep them exact)."""
+    def project(self, widths: Mapping[int, int | None], exact_means: Iterable[int] = ()) -> None:
+        """Sketch block b's rows to widths[b] coordinates (None: keep them exact); the sketched blocks in
+        `exact_means` also keep their exact mean validation gradient."""
+        self.exact_mean = {b for b in exact_means if widths.get(b) is not None}
         for block, k in widths.items():
             self.k[block] = k
             for name, piece in self.keys[block]:
@@ -115,13 +138,31 @@ class _Collector:
         for piece, grad in pieces:
             rows = grad.reshape(grad.shape[0], -1)
             if self.k[block] is not None:
-                rows = self.sketch[(block, name, piece)](rows.to(self.block_dtype(block)))
+                rows = rows.to(self.block_dtype(block))
+                if block in self.exact_mean:
+                    self.exact_mean_products(block, (name, piece), rows)
+                rows = self.sketch[(block, name, piece)](rows)
                 slot = ("", "sketch")
             else:
                 slot = (name, piece)
             held = self.chunk.setdefault(block, {})
             # A module called twice in one forward (shared weights) contributes the sum of both calls.
             held[slot] = rows if slot not in held else held[slot] + rows
+
+    def exact_mean_products(self, block: int, key: tuple[str, str], rows: torch.Tensor) -> None:
+        """Before a piece's rows are sketched: add validation rows to the exact sum, or take training
+        rows' exact products with the (complete) mean. Both are linear, so a module called twice in one
+        forward contributes the sum of its calls, as for the rows themselves."""
+        if self.split == "val":
+            total = self.val_sum[block]
+            total[key] = total[key] + rows.sum(dim=0)
+            return
+        mean = self.val_mean[block].get(key)
+        if mean is None:
+            return
+        dots = gram(rows, mean.unsqueeze(0)).squeeze(1)
+        held = self.chunk_dots
+        held[block] = dots if block not in held else held[block] + dots
 
     def hook_for(self, block: int, name: str) -> Callable[[nn.Module, dict[str, Any]], None]:
         def capture(layer: nn.Module, tensors: dict[str, Any]) -> None:
@@ -149,15 +190,53 @@ class _Collector:
         return capture
 
     # ------------------------------------------------------------------ chunks
-    def begin(self, batch_size: int) -> None:
+    def start(self, group: list[int]) -> None:
+        """Begin a pass over the blocks in `group`: zero exact-mean sums (every piece, so every rank
+        gathers the same tensors even where a piece got no gradient)."""
+        self.active = group
+        self.val_count = 0
+        self.val_mean, self.mean_dots = {}, {}
+        self.val_sum = {
+            block: {
+                key: torch.zeros(self.numel[(block, *key)], dtype=self.block_dtype(block), device=self.device)
+                for key in self.keys[block]
+            }
+            for block in group
+            if block in self.exact_mean
+        }
+
+    def begin(self, batch_size: int, split: str = "train") -> None:
         self.chunk = {}
+        self.chunk_dots = {}
         self.graph_tensors = []
         self.batch_size = batch_size
+        self.split = split
+
+    def end_split(self, split: str) -> None:
+        """After the validation chunks: the exact mean validation gradient of every exact-mean block,
+        summed over ranks (an all-gather of one row per piece), so training rows can be dotted with it."""
+        if split != "val" or not self.val_sum:
+            return
+        count = torch.tensor([[self.val_count]], dtype=torch.int64, device=self.device)
+        total = int(gather_rows(count, self.reduce_fn).sum())
+        for block in sorted(self.val_sum):
+            sums = self.val_sum.pop(block)
+            self.val_mean[block] = {
+                key: gather_rows(sums[key].unsqueeze(0), self.reduce_fn).sum(dim=0) / total
+                for key in sorted(sums)
+            }
 
     def flush(self, split: str) -> None:
         """Move the chunk's rows to the store; a piece that got no gradient (unused) is zero."""
         store = self.store[split]
+        if split == "val":
+            self.val_count += self.batch_size
         for block in self.active:
+            if block in self.exact_mean and split == "train":
+                dots = self.chunk_dots.get(block)
+                if dots is None:
+                    dots = torch.zeros(self.batch_size, dtype=torch.float64, device=self.device)
+                self.mean_dots.setdefault(block, []).append(dots)
             keys = self.keys[block]
             held = self.chunk.get(block, {})
             k = self.k[block]
@@ -170,16 +249,29 @@ class _Collector:
                     rows = torch.zeros(self.batch_size, width, dtype=dtype, device=self.device)
                 store.setdefault(block, {}).setdefault(slot, []).append(rows)
         self.chunk = {}
+        self.chunk_dots = {}
         self.graph_tensors = []
 
-    def statistics(self, reduce_fn: ReduceFn | None) -> dict[int, BlockStatistics]:
+    def statistics(self) -> dict[int, BlockStatistics]:
         out: dict[int, BlockStatistics] = {}
+        reduce_fn = self.reduce_fn
         for block in self.active:
             train_slots = self.store["train"].pop(block)
             val_slots = self.store["val"].pop(block)
             train = [gather_rows(torch.cat(train_slots[s]), reduce_fn) for s in sorted(train_slots)]
             val = [gather_rows(torch.cat(val_slots[s]), reduce_fn) for s in sorted(val_slots)]
-            stats = statistics_from_pieces(train, val, self.dims[block], self.k[block])
+            if block in self.exact_mean:
+                # the training rows' products with the mean, gathered in the same rank order as the rows
+                k_gt = gather_rows(torch.cat(self.mean_dots.pop(block)).unsqueeze(1), reduce_fn).squeeze(1)
+                mean_sq = torch.zeros((), dtype=torch.float64, device=k_gt.device)
+                for mean in self.val_mean.pop(block).values():
+                    mean_sq += gram(mean.unsqueeze(0)).squeeze()
+                (train_rows,), (val_rows,) = train, val  # a sketched block has one slot
+                stats = statistics_with_exact_mean(
+                    train_rows, val_rows, k_gt, mean_sq, self.dims[block], self.k[block]
+                )
+            else:
+                stats = statistics_from_pieces(train, val, self.dims[block], self.k[block])
             stats.check_finite(block)
             out[block] = stats
         return out
@@ -293,7 +385,7 @@ def _run_passes(
     total = len(groups) * sum(len(chunks) for _, chunks in splits)
     with _scoring_mode(model, all_layers) as anchors, _progress(total, progress) as bar:
         for index, group in enumerate(groups):
-            collector.active = group
+            collector.start(group)
             for block, name, layer in all_layers:
                 layer.capture_hook = collector.hook_for(block, name) if block in group else None
             for split, chunks in splits:
@@ -302,6 +394,7 @@ def _run_passes(
                     if loss_sink is not None and index == 0:
                         loss_sink(split, losses)
                     bar.update(1)
+                collector.end_split(split)
             on_group_done(group)
 
 
@@ -396,7 +489,7 @@ def _capture_statistics(
     show_plan: bool | None,
     loss_sink: LossSink | None,
 ) -> dict[int, BlockStatistics]:
-    collector = _Collector(scored_layers(model, modules, blocks), scope, projection_seed)
+    collector = _Collector(scored_layers(model, modules, blocks), scope, projection_seed, reduce_fn)
     results: dict[int, BlockStatistics] = {}
     with torch.inference_mode(False):
         train_chunks = _chunks(train_batches, chunk_size, collector.device, "train_batches")
@@ -418,22 +511,25 @@ def _capture_statistics(
         store_source=source,
     )
     _announce(plan, show_plan)
-    collector.project({b.block: b.projection_dim for b in plan.blocks})
+    collector.project(
+        {b.block: b.projection_dim for b in plan.blocks}, [b.block for b in plan.blocks if b.exact_mean]
+    )
     _run_passes(
         model,
         collector,
+        # validation first: an exact mean validation gradient must be complete before training rows
         [("val", val_chunks), ("train", train_chunks)],
         loss_fn,
         [list(group) for group in plan.passes],
         progress,
-        lambda _group: results.update(collector.statistics(reduce_fn)),
+        lambda _group: results.update(collector.statistics()),
         loss_sink,
     )
     bounds = {b: projection_error_bound(s) for b, s in results.items() if s.projected_dim is not None}
     if bounds:
         worst = max(bounds, key=lambda b: bounds[b])
         logger.info(
-            "scoring: sketch error bound (relative to the val-train products) %s; worst block %d: %.3g",
+            "scoring: sketch error bound (relative to the sketched products the scores use) %s; worst block %d: %.3g",
             ", ".join(f"{b}:{v:.3g}" for b, v in sorted(bounds.items())),
             worst,
             bounds[worst],
@@ -541,7 +637,7 @@ def _backward_chunk(
     split: str,
 ) -> torch.Tensor:
     size = batch_size(chunk)
-    collector.begin(size)
+    collector.begin(size, split)
     anchors.clear()
     losses = loss_fn(model, chunk)
     if not isinstance(losses, torch.Tensor) or losses.shape != (size,):

@@ -9,6 +9,16 @@ rows when everything fits the store and otherwise sketches only the blocks wider
 width k, the largest k whose rows fit (water-filling), so memory stays at the store size whatever the
 model's size. The store size is a fraction of the memory actually available (free CUDA memory on a
 GPU, MemAvailable on a CPU) unless given.
+
+A sketched block also keeps its mean validation gradient gbar exact when that fits (one exact row, d_l
+numbers, per block; `BlockPlan.exact_mean`): the validation chunks run first, so every training
+gradient's product with gbar (K_gt, the vector every influence scorer solves against the training
+Gram) is taken exactly before the row is sketched, and the statistics keep the gbar direction exactly
+and sketch only the rest (`statistics.statistics_with_exact_mean`). Why this is worth a narrower
+sketch: the scorers' damped inverse of a badly conditioned training Gram amplifies the sketch's noise in
+K_gt, which reorders blocks whose scores are close (BENCHMARKS.md, "Memory plan at any model size", has
+the per-seed measurements). "auto" therefore reserves the means first and water-fills k in the rest, as
+long as k stays >= MIN_PROJECTION_DIM.
 """
 
 from __future__ import annotations
@@ -16,8 +26,8 @@ from __future__ import annotations
 import math
 import os
 import sys
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -37,12 +47,14 @@ PROJECTION_GRANULE = 256
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """One block's rows: d_l coordinates, stored as `projection_dim` (None: exact) of `element_bytes`."""
+    """One block's rows: d_l coordinates, stored as `projection_dim` (None: exact) of `element_bytes`;
+    `exact_mean`: a sketched block also holds its exact mean validation gradient (d_l numbers)."""
 
     block: int
     dim: int
     projection_dim: int | None
     element_bytes: int
+    exact_mean: bool = False
 
     @property
     def width(self) -> int:
@@ -52,6 +64,14 @@ class BlockPlan:
     def row_bytes(self) -> int:
         """Bytes of one sample's stored row."""
         return self.width * self.element_bytes
+
+    def mean_bytes(self) -> int:
+        """Bytes of the exact mean validation gradient (0 when not kept)."""
+        return self.dim * self.element_bytes if self.exact_mean else 0
+
+    def bytes(self, samples: int) -> int:
+        """Bytes this block holds during its pass: `samples` rows and the exact mean, if kept."""
+        return samples * self.row_bytes() + self.mean_bytes()
 
 
 @dataclass(frozen=True)
@@ -78,32 +98,38 @@ class CapturePlan:
 
     @property
     def stored_bytes(self) -> int:
-        """Bytes of rows the plan keeps over all passes (the peak is the largest pass)."""
-        return sum(self.samples * b.row_bytes() for b in self.blocks)
+        """Bytes of rows (and exact means) the plan keeps over all passes (the peak is the largest pass)."""
+        return sum(b.bytes(self.samples) for b in self.blocks)
 
     @property
     def peak_pass_bytes(self) -> int:
-        """Bytes of rows held at once: the largest pass."""
-        rows = {b.block: self.samples * b.row_bytes() for b in self.blocks}
+        """Bytes of rows (and exact means) held at once: the largest pass."""
+        rows = {b.block: b.bytes(self.samples) for b in self.blocks}
         return max(sum(rows[b] for b in group) for group in self.passes)
 
     def describe(self) -> str:
         """Human-readable plan: one summary line and one line per distinct block kind."""
-        widths = sorted({b.projection_dim for b in self.blocks}, key=lambda k: (k is not None, k or 0))
+        kinds = sorted(
+            {(b.projection_dim, b.exact_mean) for b in self.blocks},
+            key=lambda kind: (kind[0] is not None, kind[0] or 0, kind[1]),
+        )
         sketched = [b for b in self.blocks if b.projection_dim is not None]
+        held = "rows and exact means" if any(b.exact_mean for b in self.blocks) else "rows"
         lines = [
             f"scoring plan: {len(self.passes)} pass(es) over {self.samples} samples, {len(self.blocks)} "
-            f"blocks; rows {_size(self.peak_pass_bytes)} held at once (exact rows would need "
+            f"blocks; {held} {_size(self.peak_pass_bytes)} held at once (exact rows would need "
             f"{_size(self.exact_bytes)}); store {_size(self.store_bytes)} ({self.store_source})"
         ]
-        for width in widths:
-            members = [b for b in self.blocks if b.projection_dim == width]
+        for width, exact_mean in kinds:
+            members = [b for b in self.blocks if (b.projection_dim, b.exact_mean) == (width, exact_mean)]
             dims = sorted({b.dim for b in members})
             what = (
                 "exact"
                 if width is None
                 else f"CountSketch to k={width:,} (relative error <= {sketch_relative_std(width):.1%} per product)"
             )
+            if exact_mean:
+                what += "; mean validation gradient exact"
             lines.append(
                 f"  blocks {_ranges([b.block for b in members])}: d_l {', '.join(f'{d:,}' for d in dims)} -> {what}"
             )
@@ -130,8 +156,10 @@ def plan_capture(
 
     projection_dim: "auto" (exact when every block's rows fit `store_bytes` together, else one pass with
     the blocks wider than the largest fitting common width k sketched to k), None (exact rows, blocks
-    split into passes of at most `store_bytes`) or an int k (every block sketched to k). Raises
-    ScoringError when even one block's rows cannot fit.
+    split into passes of at most `store_bytes`) or an int k (every block sketched to k). Sketched blocks
+    keep their exact mean validation gradient whenever that takes no extra pass ("auto": whenever k
+    stays >= MIN_PROJECTION_DIM with the means reserved). Raises ScoringError when even one block's
+    rows cannot fit.
     """
     if not block_dims:
         raise ValueError("plan_capture needs at least one block")
@@ -141,6 +169,14 @@ def plan_capture(
     widths = _widths(block_dims, sizes, samples, store_bytes, projection_dim)
     blocks = tuple(BlockPlan(b, int(block_dims[b]), widths[b], sizes[b]) for b in block_dims)
     passes = _passes(blocks, samples, store_bytes)
+    with_means = tuple(replace(b, exact_mean=b.projection_dim is not None) for b in blocks)
+    if with_means != blocks:
+        try:
+            mean_passes = _passes(with_means, samples, store_bytes)
+        except ScoringError:  # a block's rows and mean together exceed the store: sketch its mean too
+            mean_passes = ()
+        if mean_passes and len(mean_passes) <= len(passes):
+            blocks, passes = with_means, mean_passes
     return CapturePlan(samples, int(store_bytes), store_source, blocks, passes)
 
 
@@ -162,12 +198,22 @@ def _widths(
     widest = max(dims.values())
     if need(widest) <= store:
         return dict.fromkeys(dims)
-    low, high = 0, widest  # need(low) <= store < need(high)
+    # First with every block's exact mean reserved (an upper bound: blocks that end up exact need none),
+    # which keeps the search monotone; plan_capture keeps the means when they fit.
+    means = sum(d * sizes[b] for b, d in dims.items())
+    k = _largest_width(need, store - means, widest)
+    if k < MIN_PROJECTION_DIM:
+        k = max(MIN_PROJECTION_DIM, _largest_width(need, store, widest))
+    return {b: (k if d > k else None) for b, d in dims.items()}
+
+
+def _largest_width(need: Callable[[int], int], store: int, widest: int) -> int:
+    """The largest granule-aligned k < widest with need(k) <= store (0 when none)."""
+    low, high = 0, widest  # need(low) <= store < need(high), or low = 0
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if need(mid) <= store else (low, mid)
-    k = max(MIN_PROJECTION_DIM, low - low % PROJECTION_GRANULE)
-    return {b: (k if d > k else None) for b, d in dims.items()}
+    return low - low % PROJECTION_GRANULE
 
 
 def _passes(blocks: tuple[BlockPlan, ...], samples: int, store: int) -> tuple[tuple[int, ...], ...]:
@@ -176,7 +222,7 @@ def _passes(blocks: tuple[BlockPlan, ...], samples: int, store: int) -> tuple[tu
     current: list[int] = []
     used = 0
     for plan in blocks:
-        need = samples * plan.row_bytes()
+        need = plan.bytes(samples)
         if need > store:
             raise ScoringError(
                 f"block {plan.block}: its per-sample gradient rows need {need / 2**20:.0f} MiB, more than "
@@ -244,20 +290,31 @@ def base_block_dim(module_shapes: Iterable[tuple[int, int]]) -> int:
 
 
 def projection_error_bound(stats: BlockStatistics) -> float | None:
-    """Bound on the sketch's error in a block's validation-training products, relative to their size.
+    """Bound on the sketch's error in the products a block's scores use, relative to their size.
 
-    Every CountSketch product <Sv_j, Sg_i> has standard deviation <= sqrt(2 / k) ||v_j|| ||g_i||; the
-    bound is the root mean square of that over all (j, i) pairs divided by the root mean square of the
-    products themselves (from the computed, sketched norms). None for exact statistics. A value well
-    below 1 means the products are resolved; near or above 1 the sketch noise is as large as the signal.
+    Every CountSketch product <Sx, Sy> has standard deviation <= sqrt(2 / k) ||x|| ||y||; for one family
+    of products the bound is the root mean square of that over its pairs divided by the root mean square
+    of the products themselves (from the computed, sketched norms). The families: the training Gram K_tt
+    and, unless the mean validation gradient was kept exact (`stats.exact_mean`: then K_gt is exact),
+    the validation-training products K_vt; the bound is the larger. None for exact statistics. A value
+    well below 1 means the products are resolved; near or above 1 the sketch noise is as large as the
+    signal.
     """
     if stats.projected_dim is None:
         return None
-    spread = math.sqrt(float(stats.val_sq_norms.mean()) * float(stats.train_sq_norms.mean()))
-    size = float(stats.K_vt.pow(2).mean().sqrt())
+    bound = _relative_bound(stats.train_sq_norms, stats.train_sq_norms, stats.K_tt, stats.projected_dim)
+    if not stats.exact_mean:
+        val = _relative_bound(stats.val_sq_norms, stats.train_sq_norms, stats.K_vt, stats.projected_dim)
+        bound = max(bound, val)
+    return bound
+
+
+def _relative_bound(left_sq: torch.Tensor, right_sq: torch.Tensor, products: torch.Tensor, k: int) -> float:
+    spread = math.sqrt(float(left_sq.mean()) * float(right_sq.mean()))
+    size = float(products.pow(2).mean().sqrt())
     if size == 0.0:
         return math.inf if spread > 0 else 0.0
-    return sketch_relative_std(stats.projected_dim) * spread / size
+    return sketch_relative_std(k) * spread / size
 
 
 def _size(nbytes: int) -> str:
