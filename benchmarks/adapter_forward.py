@@ -6,8 +6,10 @@ Usage:
 
 Variants, all with a frozen d x d nn.Linear base, rank r=8 per expert, top-2 routing, input requiring
 grad (as inside a network), loss = sum(output * fixed random weights):
-    ours   MoELoRALinear with its automatic path: dense (stacked A, gates on r-blocks, stacked B), or
-           grouped (selected experts only) where `use_grouped()` picks it; then "dense" is timed too
+    ours   MoELoRALinear with its automatic path: dense (stacked A, gates on r-blocks, stacked B),
+           grouped (selected experts only) where `use_grouped()` picks it, or dense computed in float32
+           for bf16 parameters on a CPU without native bf16 (`compute_dtype()`); for the last two
+           "dense" (in the parameters' dtype) is timed too
     peft   peft LoRA with the same total rank E*r (the cost floor of any dense-stacked MoE-LoRA)
     loop   per-expert loop as in MoLA / Mixtral-style code: route, index_select each expert's tokens,
            run the expert, index_add back (computes only the selected experts)
@@ -111,7 +113,10 @@ def bench_setting(d: int, experts: int, dtype: torch.dtype, repeats: int, tokens
         "loop": fwd_bwd(loop, x, weights),
         "base": fwd_bwd(base, x, weights),
     }
-    if ours.use_grouped():  # the automatic choice is the grouped path: also time the dense one
+    path = "grouped" if ours.use_grouped() else "dense"
+    if ours.compute_dtype() != ours.lora_A.dtype:
+        path += f" in {str(ours.compute_dtype()).removeprefix('torch.')}"
+    if path != "dense":  # the automatic choice is not the plain dense path: also time that one
         dense = MoELoRALinear(base, experts=experts, rank=8, top_k=2, lora_alpha=16.0)
         dense.load_state_dict(ours.state_dict())
         dense.path = "dense"
@@ -123,7 +128,7 @@ def bench_setting(d: int, experts: int, dtype: torch.dtype, repeats: int, tokens
         for name, step in steps.items():
             times[name].append(step())
     result = {name: statistics.median(values) * 1e3 for name, values in times.items()}
-    result["path"] = "grouped" if ours.use_grouped() else "dense"
+    result["path"] = path
     return result
 
 

@@ -10,7 +10,12 @@ directly, so the training step time and the callback time come from the same run
   rebuild + state carry-over) and the surgery alone (``apply_layout``);
 - rewire disturbance: mean loss on the m scoring validation samples right before vs right after the
   rewire, and, side by side on the same samples and the same planned layout, a naive re-initialization
-  of the resized layers (fresh LoRA init: A random, B zero) instead of the function-preserving resize.
+  of the resized layers (fresh LoRA init: A random, B zero) instead of the function-preserving resize;
+- the scoring floor, measured in the same run after the fit: one forward+backward (train mode, the
+  per-sample loss averaged, parameter gradients formed) over exactly the n + m samples the callback
+  scored, in batches of the scoring batch size; extrapolated like the callback, and callback / floor;
+- peak memory: the process RSS sampled every 20 ms, its maximum during the training steps before the
+  rewire vs its maximum during scoring.
 
     python -m layermoe.models prepare smollm2        # once: ~/.cache/layermoe/smollm2-135m-instruct
     nohup python benchmarks/callback_overhead.py --steps 60 \
@@ -21,10 +26,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +45,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
 
 from layermoe.adapters import named_moe_layers  # noqa: E402
 from layermoe.callbacks import LayerInfluenceCallback  # noqa: E402
+from layermoe.callbacks import data as data_utils  # noqa: E402
 from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss  # noqa: E402
 from layermoe.callbacks.transaction import ModuleSnapshot  # noqa: E402
 
@@ -68,6 +76,24 @@ class TimedCallback(LayerInfluenceCallback):
 
             setattr(self, name, timed)
 
+    def _score(self, trainer: Trainer, pl_module: Any) -> tuple[dict[int, float], dict[int, float] | None]:
+        self.memory.phase = "scoring"
+        try:
+            scores = super()._score(trainer, pl_module)
+        finally:
+            self.memory.phase = "after"
+        # the samples just scored, kept for the floor measurement (benchmark work: excluded)
+        start = time.perf_counter()
+        train = data_utils.training_batches(
+            self._training_loader(trainer),
+            self.num_train_samples,
+            self.seed + trainer.global_rank,
+            self.scoring_batch_size,
+        )
+        self.scored_batches = list(self._val_batches) + data_utils.to_device(trainer.strategy, train)
+        self.naive_seconds += time.perf_counter() - start
+        return scores
+
     def _apply_pending(self, trainer: Trainer, pl_module: Any) -> None:
         plan = self.state.pending
         before = {n: (layer.experts, layer.rank) for n, layer in named_moe_layers(pl_module).items()}
@@ -90,6 +116,49 @@ class TimedCallback(LayerInfluenceCallback):
             snapshot.restore()
         loss_before = self.history[-1]["val_loss_before"]
         return {"val_loss_after": loss, "disturbance": (loss - loss_before) / abs(loss_before)}
+
+
+class MemorySampler:
+    """Peak process RSS per phase ("train" before the rewire, "scoring", "after"), sampled every 20 ms."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process = psutil.Process()
+        self.phase = "train"
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = self.process.memory_info().rss
+            self.peak[self.phase] = max(self.peak.get(self.phase, 0), rss)
+            time.sleep(0.02)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def measure_floor(module: Any, batches: list[Any]) -> float:
+    """Seconds of one training-mode forward+backward over `batches` (per-sample loss, mean), after a
+    warm-up batch; parameter gradients are formed and then dropped."""
+    per_sample = resolve_per_sample_loss(module, None)
+    module.train()
+    with torch.enable_grad():
+        per_sample(module, batches[0]).mean().backward()
+        module.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        for batch in batches:
+            per_sample(module, batch).mean().backward()
+        elapsed = time.perf_counter() - start
+    module.zero_grad(set_to_none=True)
+    return elapsed
 
 
 class StepClock(Callback):
@@ -139,6 +208,9 @@ def main() -> None:
     if not (data_dir / "train.jsonl").exists():
         sys.exit(f"{data_dir} is missing: set LAYERMOE_SHARED_DATA to the folder holding sst2/")
     torch.set_num_threads(args.threads)
+    # the scoring plan and the per-block sketch error bounds go to the log
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("layermoe.scoring").setLevel(logging.INFO)
     seed_everything(0)
     module = MoELoRAFineTuner(
         model=str(model_dir),
@@ -184,13 +256,17 @@ def main() -> None:
         enable_model_summary=False,
         callbacks=[cb, clock],
     )
-    start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
-    wall = time.perf_counter() - start - cb.naive_seconds
+    cb.memory = MemorySampler()
+    with cb.memory:
+        start = time.perf_counter()
+        trainer.fit(module, datamodule=data)
+        wall = time.perf_counter() - start - cb.naive_seconds
     entry = cb.history[0]
     step = statistics.median(clock.steps)
     callback = cb.hook_seconds - cb.naive_seconds  # the naive probe is the benchmark's, not the callback's
     n_ext = args.extrapolate_steps
+    floor = measure_floor(module, cb.scored_batches)
+    floor_samples = sum(int(b["input_ids"].shape[0]) for b in cb.scored_batches)
     result = {
         "steps": args.steps,
         "rewire_step": entry["step"],
@@ -205,6 +281,13 @@ def main() -> None:
         "overhead_this_run": callback / wall,
         f"overhead_extrapolated_{n_ext}": callback / (callback + n_ext * step),
         "time_scoring_s": entry["time_scoring_s"],
+        "floor_s": floor,
+        "floor_samples": floor_samples,
+        f"floor_extrapolated_{n_ext}": floor / (floor + n_ext * step),
+        "callback_over_floor": callback / floor,
+        "scoring_over_floor": entry["time_scoring_s"] / floor,
+        "peak_rss_train_mib": cb.memory.peak.get("train", 0) / 2**20,
+        "peak_rss_scoring_mib": cb.memory.peak.get("scoring", 0) / 2**20,
         "time_rewire_s": entry["time_rewire_s"],
         "time_surgery_s": entry["time_surgery_s"],
         "val_loss_before": entry["val_loss_before"],
@@ -218,6 +301,7 @@ def main() -> None:
         "layout_after": entry["layout_after"],
         "optimizer_state": entry["optimizer_state"],
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {args.threads}",
+        "cpu": cpu_description(),
         "load_average_at_end": os.getloadavg(),
     }
     print(json.dumps(result, indent=1, default=str))
@@ -230,13 +314,29 @@ def main() -> None:
         args.out.write_text(table)
 
 
+def cpu_description() -> str:
+    """CPU model and whether it has native bf16: the tables of BENCHMARKS.md come from several machines."""
+    from layermoe.precision import cpu_has_native_bf16
+
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    native = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return f"{os.cpu_count()}-core {model} CPU ({native})"
+
+
 def render(r: dict[str, Any], args: argparse.Namespace, n_ext: int) -> str:
     cmd = "python " + " ".join(sys.argv)
     lay = lambda layout: " ".join(f"{b}:{v['experts']}x{v['rank']}" for b, v in sorted(layout.items()))  # noqa: E731
     return f"""## LayerInfluenceCallback overhead (SmolLM2-135M, SST-2, batch {r["batch_size"]})
 
 Command: `{cmd}`
-Machine: 2-core AVX2 CPU shared with other jobs (load average at the end {r["load_average_at_end"][0]:.1f}),
+Machine: {r["cpu"]}, shared with other jobs (load average at the end {r["load_average_at_end"][0]:.1f}),
 fp32, {r["machine"]}. One run of {r["steps"]} optimizer steps with one rewire at step {r["rewire_step"]}
 ({args.rewire_at:.0%} of the run); scorer `{r["scorer"]}`, n={r["n"]} training and m={r["m"]} validation
 samples{" (the callback's defaults)" if (r["n"], r["m"]) == (128, 64) else ""}. The overhead for {n_ext:,} steps is **extrapolated** from this run: the callback
@@ -247,10 +347,14 @@ costs per rewire, not per step, so it is callback time / (callback time + {n_ext
 | median training step (callback excluded) | {r["median_step_s"]:.2f} s | |
 | time in the callback's hooks (whole run) | {r["callback_s"]:.1f} s | |
 | overhead, this {r["steps"]}-step run | {r["overhead_this_run"]:.1%} | |
-| overhead, extrapolated to {n_ext:,} steps | {r[f"overhead_extrapolated_{n_ext}"]:.1%} | <= 5% |
-| scoring (capture + scorer + allocation) | {r["time_scoring_s"]:.1f} s | |
+| overhead, extrapolated to {n_ext:,} steps | {r[f"overhead_extrapolated_{n_ext}"]:.1%} | <= 3% |
+| floor: one fwd+bwd over the {r["floor_samples"]} scored samples (same run, after the fit) | {r["floor_s"]:.1f} s | |
+| floor, extrapolated to {n_ext:,} steps | {r[f"floor_extrapolated_{n_ext}"]:.1%} | |
+| callback time / floor | {r["callback_over_floor"]:.2f}x | <= 1.25x |
+| scoring (capture + scorer + allocation) | {r["time_scoring_s"]:.1f} s ({r["scoring_over_floor"]:.2f}x the floor) | |
+| peak RSS: training steps before the rewire / scoring | {r["peak_rss_train_mib"]:.0f} MiB / {r["peak_rss_scoring_mib"]:.0f} MiB ({r["peak_rss_scoring_mib"] / max(r["peak_rss_train_mib"], 1):.2f}x) | <= 1.1x |
 | one rewire (surgery + optimizer rebuild + state carry) | {r["time_rewire_s"]:.2f} s | |
-| surgery alone (`apply_layout`) | {r["time_surgery_s"]:.3f} s | <= 1 s |
+| surgery alone (`apply_layout`) | {r["time_surgery_s"]:.3f} s | <= 0.25 s |
 | val loss on the m samples before -> after the rewire | {r["val_loss_before"]:.4f} -> {r["val_loss_after"]:.4f} | |
 | rewire disturbance (relative val-loss change) | {r["disturbance"]:+.3%} | <= 1% |
 | naive re-init of the resized layers, same layout | {r["naive_val_loss_after"]:.4f} ({r["naive_disturbance"]:+.2%}) | (comparison) |

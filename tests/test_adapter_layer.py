@@ -3,6 +3,7 @@ router losses vs their definitions, base layer types, state_dict reallocation, c
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -71,18 +72,65 @@ def test_gradients_match_finite_differences(top_k, path):
     assert torch.autograd.gradcheck(functional, inputs, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
-def test_auto_path_choice():
+@pytest.fixture
+def native_bf16(monkeypatch):
+    """Pretend the CPU has (True) or lacks (False) native bf16, whatever this machine has."""
+
+    def set_native(value: bool) -> None:
+        monkeypatch.setattr("layermoe.adapters.layer._native_bf16_cpu", lambda: value)
+
+    return set_native
+
+
+def test_auto_path_choice(native_bf16):
+    native_bf16(True)
     layer = make_layer(experts=8, top_k=2)
-    assert not layer.use_grouped()  # fp32: dense
+    assert not layer.use_grouped() and layer.compute_dtype() == torch.float32  # fp32: dense
     low = make_layer(experts=8, top_k=2, dtype=torch.bfloat16)
-    assert low.use_grouped()
+    # native bf16: computed in bf16, densely (the grouped path measured slower there)
+    assert not low.use_grouped() and low.compute_dtype() == torch.bfloat16
+    low.path = "grouped"
+    assert low.use_grouped()  # an explicit path is kept
     low.capture_hook = lambda module, tensors: None
     assert not low.use_grouped()  # scoring needs every expert's hidden activations
+    low.path = "auto"
     assert not make_layer(experts=4, top_k=None, dtype=torch.bfloat16).use_grouped()
+    # emulated bf16: the adapter computes in float32, densely; never under a capture hook or an explicit path
+    native_bf16(False)
+    low.capture_hook = None
+    assert low.compute_dtype() == torch.float32 and not low.use_grouped()
+    low.capture_hook = lambda module, tensors: None
+    assert low.compute_dtype() == torch.bfloat16
+    low.capture_hook, low.path = None, "dense"
+    assert low.compute_dtype() == torch.bfloat16
+    assert make_layer(experts=8, top_k=2, dtype=torch.float16).use_grouped()  # fp16 unchanged
 
 
-def test_grouped_bf16_close_to_dense_float64():
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_float32_compute_of_bf16_layer_matches_float32_reference(native_bf16, top_k):
+    """On a CPU without native bf16 the bf16 layer computes its adapter in float32: output and parameter
+    gradients equal a float32 copy of the same (bf16-valued) parameters, up to the final bf16 roundings."""
+    native_bf16(False)
+    layer = make_layer(experts=4, rank=3, top_k=top_k, dtype=torch.bfloat16).eval()
+    reference = copy.deepcopy(layer).float()
+    reference.path = "dense"
+    x = torch.randn(5, 12).to(torch.bfloat16)
+    weights = torch.randn(5, 10)
+    (layer(x).float() * weights).sum().backward()
+    (reference(x.float()) * weights).sum().backward()
+    delta = layer(x).double() - layer.base_layer(x).double()
+    torch.testing.assert_close(delta, layer_reference(reference, x.float()).double(), atol=2e-2, rtol=1e-2)
+    for name, param in layer.named_parameters():
+        if param.requires_grad:
+            assert param.grad.dtype == torch.bfloat16
+            expected = dict(reference.named_parameters())[name].grad
+            torch.testing.assert_close(param.grad.float(), expected, atol=1e-2, rtol=1e-2)
+
+
+def test_grouped_bf16_close_to_dense_float64(native_bf16):
+    native_bf16(True)
     layer = make_layer(experts=6, rank=4, top_k=2, dtype=torch.bfloat16).eval()
+    layer.path = "grouped"
     assert layer.use_grouped()
     x = torch.randn(6, 12).to(torch.bfloat16)
     with torch.no_grad():

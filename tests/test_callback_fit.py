@@ -272,3 +272,117 @@ def test_warmup_zero_allocates_before_the_first_optimizer_step(tmp_path) -> None
     trainable = {id(p) for p in module.parameters() if p.requires_grad}
     in_optimizer = [id(p) for g in trainer.optimizers[0].param_groups for p in g["params"]]
     assert sorted(in_optimizer) == sorted(trainable)
+
+
+def test_loss_before_the_rewire_comes_from_the_scoring_forward(tmp_path) -> None:
+    """The rewire's "loss before" reuses the scoring pass's validation losses (no second forward): it
+    equals an independent eval-mode probe of the same samples taken right before the rewire."""
+    seed_everything(0)
+    module = TinyLlamaModule(experts=3, rank=4, lr=1e-2, train_head=True)
+    train, val = loaders()
+    probed: list[float] = []
+
+    class Probed(LayerInfluenceCallback):
+        def _apply_pending(self, trainer: Trainer, pl_module: Any) -> None:
+            probed.append(_val_loss(pl_module, val, N_SAMPLES))
+            calls = []
+            original = self._probe
+            self._probe = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+            super()._apply_pending(trainer, pl_module)
+            assert len(calls) == 1  # only the loss after the rewire is probed
+
+    cb = Probed(
+        scorer="grad_norm",
+        schedule={"warmup": 3},
+        num_train_samples=N_SAMPLES,
+        num_val_samples=N_SAMPLES,
+        plot=False,
+        verbose=False,
+    )
+    _trainer([cb], tmp_path, max_steps=5, limit_val_batches=0).fit(module, train, val)
+    assert len(cb.history) == 1 and len(probed) == 1
+    assert cb.history[0]["val_loss_before"] == pytest.approx(probed[0], rel=1e-6)
+
+
+def test_scoring_store_inside_training_is_a_tenth_of_the_peak_memory(tmp_path, monkeypatch) -> None:
+    """Without max_store_bytes the callback bounds the scoring rows by 10% of the process's peak memory
+    (capped by 10% of the available memory); an explicit capture option wins."""
+    import layermoe.scoring.plan as plan_module
+
+    monkeypatch.setattr(plan_module, "peak_memory_bytes", lambda device: 50_000_000)
+    monkeypatch.setattr(plan_module, "available_memory_bytes", lambda device: 10**12)
+    seen: list[int] = []
+    import layermoe.callbacks.layer_influence as callback_module
+
+    original = callback_module.capture_statistics
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["max_store_bytes"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(callback_module, "capture_statistics", recording)
+    for options, expected in (({}, 5_000_000), ({"max_store_bytes": 123_456_789}, 123_456_789)):
+        seed_everything(0)
+        module = TinyLlamaModule(experts=2, rank=2, lr=1e-2)
+        train, val = loaders()
+        cb = LayerInfluenceCallback(
+            scorer="grad_norm",
+            schedule={"warmup": 1},
+            num_train_samples=N_SAMPLES,
+            num_val_samples=N_SAMPLES,
+            capture_options=options,
+            plot=False,
+            verbose=False,
+        )
+        _trainer([cb], tmp_path, max_steps=2, limit_val_batches=0).fit(module, train, val)
+        assert seen[-1] == expected
+
+
+def test_loss_before_is_probed_when_the_probe_forward_differs_from_the_scoring_forward(tmp_path) -> None:
+    """Scoring always runs the dense path in the parameters' dtype; a layer whose ordinary forward takes
+    the grouped path (or computes bf16 in float32) gets its own "loss before" probe instead of the scored
+    loss, so before and after are the same computation."""
+    from layermoe.adapters import named_moe_layers
+
+    seed_everything(0)
+    module = TinyLlamaModule(experts=4, rank=4, lr=1e-2, train_head=True)
+    for layer in named_moe_layers(module.model).values():
+        layer.top_k, layer.path = 1, "grouped"
+    train, val = loaders()
+    probed: list[float] = []
+    calls: list[int] = []
+
+    class Probed(LayerInfluenceCallback):
+        def _apply_pending(self, trainer: Trainer, pl_module: Any) -> None:
+            probed.append(_val_loss(pl_module, val, N_SAMPLES))
+            original = self._probe
+            self._probe = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+            super()._apply_pending(trainer, pl_module)
+
+    cb = Probed(
+        scorer="grad_norm",
+        schedule={"warmup": 3},
+        num_train_samples=N_SAMPLES,
+        num_val_samples=N_SAMPLES,
+        plot=False,
+        verbose=False,
+    )
+    _trainer([cb], tmp_path, max_steps=5, limit_val_batches=0).fit(module, train, val)
+    assert len(cb.history) == 1 and len(calls) == 2  # loss before and loss after
+    assert cb.history[0]["val_loss_before"] == pytest.approx(probed[0], rel=1e-6)
+
+
+def test_scored_loss_stands_in_only_for_layers_whose_forward_scoring_reproduces(monkeypatch) -> None:
+    import layermoe.adapters.layer as layer_module
+    from layermoe.adapters import MoELoRAConfig, inject
+    from layermoe.callbacks.layer_influence import _probe_forward_is_scoring_forward
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts={0: 0, 1: 2, 2: 1}, rank=4))
+    assert _probe_forward_is_scoring_forward(model)  # float32, dense; the empty block has no adapter
+    model.to(torch.bfloat16)
+    monkeypatch.setattr(layer_module, "_native_bf16_cpu", lambda: True)
+    assert _probe_forward_is_scoring_forward(model)  # bf16 computed in bf16, as scoring does
+    monkeypatch.setattr(layer_module, "_native_bf16_cpu", lambda: False)
+    assert not _probe_forward_is_scoring_forward(model)  # bf16 computed in float32 outside scoring

@@ -46,6 +46,52 @@ def padded_batch(batch: int = 6, length: int = 8, seed: int = 0) -> dict[str, to
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+def sketched_reference(train_grads, val_grads, block: int, k: int, seed: int):
+    """Independent reference for a sketched block with an exact mean validation gradient, from explicit
+    per-sample gradients {"module.piece": (rows, *shape)}: S (one CountSketch per piece, summed) is
+    applied to explicitly formed vectors, where the capture uses linearity. Every vector x is mapped to
+    (x . u, S(x - (x . u) u)) with u = gbar / ||gbar||; v_j . u is estimated as
+    ||gbar|| + S(v_j - gbar) . S(u). Returns the statistics of the mapped vectors (before the exact K_gt
+    and ||gbar||^2 replace their reconstructions), the exact K_gt and the exact ||gbar||^2."""
+    keys = sorted(train_grads)
+    widths = [train_grads[key][0].numel() for key in keys]
+    sketches = [
+        CountSketch(width, k, seed, f"{block}/{key.rsplit('.', 1)[0]}/{key.rsplit('.', 1)[1]}")
+        for key, width in zip(keys, widths, strict=True)
+    ]
+
+    def flat(grads):
+        return torch.cat([grads[key].reshape(grads[key].shape[0], -1) for key in keys], 1)
+
+    def sketch(rows):
+        return sum(s(part) for s, part in zip(sketches, rows.split(widths, dim=1), strict=True))
+
+    train, val = flat(train_grads), flat(val_grads)
+    gbar = val.mean(dim=0)
+    u = gbar / gbar.norm()
+    along_train = train @ u
+    along_val = gbar.norm() + (sketch(val - gbar) @ sketch(u[None]).T).squeeze(1)
+    expected = statistics_from_pieces(
+        [along_train[:, None], sketch(train - along_train[:, None] * u)],
+        [along_val[:, None], sketch(val - along_val[:, None] * u)],
+        train.shape[1],
+        k,
+    )
+    return expected, train @ gbar, gbar @ gbar
+
+
+def assert_matches_sketched_reference(stats, reference) -> None:
+    expected, k_gt, mean_sq = reference
+    assert stats.exact_mean
+    for field in ("K_tt", "K_vt", "K_vv", "train_sq_norms", "val_sq_norms"):
+        torch.testing.assert_close(getattr(stats, field), getattr(expected, field), rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(stats.K_gt, k_gt, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(stats.val_mean_grad_sq, mean_sq, rtol=1e-9, atol=0)
+    # the mapped rows reproduce the exact values they replace (their validation mean is T gbar)
+    torch.testing.assert_close(expected.K_gt, k_gt, rtol=1e-7, atol=1e-10)
+    torch.testing.assert_close(expected.val_mean_grad_sq, mean_sq, rtol=1e-7, atol=0)
+
+
 def vmap_reference(model, batch) -> dict[str, torch.Tensor]:
     """Per-sample gradients of every parameter that requires grad (adapter scope) by vmap(grad).
 
@@ -162,19 +208,26 @@ def test_memory_groups_give_the_same_statistics_as_one_pass():
     train, val = [padded_batch(4, seed=1)], [padded_batch(2, seed=2)]
     one = capture_statistics(model, train, val)
     row_bytes = 8 * one[0].dim
-    several = capture_statistics(model, train, val, max_store_bytes=6 * row_bytes + 1)
+    several = capture_statistics(model, train, val, projection_dim=None, max_store_bytes=6 * row_bytes + 1)
     for block in one:
         torch.testing.assert_close(several[block].K_tt, one[block].K_tt, rtol=1e-12, atol=0)
         torch.testing.assert_close(several[block].K_vt, one[block].K_vt, rtol=1e-12, atol=0)
     with pytest.raises(ScoringError, match="projection_dim"):
-        capture_statistics(model, train, val, max_store_bytes=row_bytes)
+        capture_statistics(model, train, val, projection_dim=None, max_store_bytes=row_bytes)
 
 
 def test_projection_equals_the_count_sketch_of_the_explicit_gradients():
+    """The store fits the exact mean validation gradients, so each block is the CountSketch of the
+    explicit per-sample gradients orthogonal to gbar plus the exact gbar direction (sketched_reference);
+    without the means (a store too small for them) it is the plain CountSketch."""
     model = adapted()
     train, val = [padded_batch(5, seed=1)], [padded_batch(3, seed=2)]
     k = 64
     stats = capture_statistics(model, train, val, projection_dim=k, projection_seed=7, chunk_size=2)
+    # rows of 8 samples at k, 8 bytes each, for both blocks: no room for the means in one pass
+    plain = capture_statistics(
+        model, train, val, projection_dim=k, projection_seed=7, chunk_size=2, max_store_bytes=2 * 8 * 8 * k
+    )
     train_grads = capture_per_sample_gradients(model, train)
     val_grads = capture_per_sample_gradients(model, val)
     for block in stats:
@@ -187,12 +240,16 @@ def test_projection_equals_the_count_sketch_of_the_explicit_gradients():
                 total = total + CountSketch(rows.shape[1], k, 7, f"{block}/{module}/{piece}")(rows)
             return total
 
+        assert stats[block].projected_dim == k
+        assert_matches_sketched_reference(
+            stats[block], sketched_reference(train_grads[block], val_grads[block], block, k, 7)
+        )
         expected = statistics_from_pieces(
             [sketch(train_grads[block])], [sketch(val_grads[block])], stats[block].dim
         )
-        assert stats[block].projected_dim == k
-        torch.testing.assert_close(stats[block].K_tt, expected.K_tt, rtol=1e-9, atol=1e-12)
-        torch.testing.assert_close(stats[block].K_gt, expected.K_gt, rtol=1e-9, atol=1e-12)
+        assert not plain[block].exact_mean and plain[block].projected_dim == k
+        torch.testing.assert_close(plain[block].K_tt, expected.K_tt, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(plain[block].K_gt, expected.K_gt, rtol=1e-9, atol=1e-12)
 
 
 def test_count_sketch_preserves_inner_products_on_average():
@@ -208,11 +265,16 @@ def test_count_sketch_preserves_inner_products_on_average():
     assert float((mean - exact).abs().max()) < 0.08 * float(exact.diagonal().mean())
 
 
-def test_fake_two_rank_reduce_equals_single_process():
+@pytest.mark.parametrize("projection_dim", ["auto", 64], ids=["exact", "sketched-exact-mean"])
+def test_fake_two_rank_reduce_equals_single_process(projection_dim):
+    """Exact rows, and sketched rows with the exact mean validation gradient (gathered between the
+    validation and the training chunks): both ranks get the single process's statistics."""
     model = adapted()
     train = padded_batch(6, seed=1)
     val = padded_batch(4, seed=2)
-    single = capture_statistics(model, [train], [val], chunk_size=2)
+    options = {"chunk_size": 2, "projection_dim": projection_dim, "projection_seed": 5}
+    single = capture_statistics(model, [train], [val], **options)
+    assert all(s.exact_mean == (projection_dim == 64) for s in single.values())
 
     def shard(batch, rank):
         return {k: v[rank::2] for k, v in batch.items()}
@@ -233,7 +295,7 @@ def test_fake_two_rank_reduce_equals_single_process():
         try:
             replica = copy.deepcopy(model)
             results[rank] = capture_statistics(
-                replica, [shard(train, rank)], [shard(val, rank)], chunk_size=2, reduce_fn=reduce_fn
+                replica, [shard(train, rank)], [shard(val, rank)], reduce_fn=reduce_fn, **options
             )
         except BaseException as exc:  # pragma: no cover - surfaced below
             errors.append(exc)
@@ -254,6 +316,9 @@ def test_fake_two_rank_reduce_equals_single_process():
             torch.testing.assert_close(mine.K_tt, stats.K_tt[order][:, order], rtol=1e-6, atol=1e-12)
             torch.testing.assert_close(mine.K_vt, stats.K_vt[val_order][:, order], rtol=1e-6, atol=1e-12)
             torch.testing.assert_close(mine.val_mean_grad_sq, stats.val_mean_grad_sq, rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(mine.K_gt, stats.K_gt[order], rtol=1e-6, atol=1e-12)
+            torch.testing.assert_close(mine.K_vv, stats.K_vv[val_order][:, val_order], rtol=1e-6, atol=1e-12)
+            assert mine.exact_mean == stats.exact_mean
     for block in single:
         assert torch.equal(results[0][block].K_tt, results[1][block].K_tt)
 

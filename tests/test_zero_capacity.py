@@ -29,7 +29,13 @@ from layermoe.checkpointing import (
     save_adapters,
     validate_checkpoint_layout,
 )
-from layermoe.scoring import capture_per_sample_gradients, capture_statistics, causal_lm_per_sample_loss
+from layermoe.scoring import (
+    adapter_block_dim,
+    capture_per_sample_gradients,
+    capture_plan,
+    capture_statistics,
+    causal_lm_per_sample_loss,
+)
 from tests.tiny_models import random_tokens, tiny_llama
 
 ZERO_FIRST = {0: 0, 1: 2, 2: 1}
@@ -255,6 +261,21 @@ def test_adapter_scope_scores_an_empty_block_as_a_fresh_expert() -> None:
     assert float(stats[0].train_sq_norms.sum()) > 0  # the probe's B gradient is not zero
     explicit_grads = capture_per_sample_gradients(model, batches[:1], causal_lm_per_sample_loss)
     assert sorted(explicit_grads) == [1, 2]  # no adapter parameters in block 0 to differentiate
+
+
+def test_capture_plan_counts_an_empty_block_as_the_probe_expert_scoring_gives_it() -> None:
+    """capture_plan makes capture_statistics' plan: an empty block is planned at one expert of its rank
+    (what the scoring probe installs), computed here from module shapes; the model is left empty."""
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=ZERO_FIRST, rank=4, lora_alpha=8.0))
+    plan = capture_plan(model, samples=8, max_store_bytes=10**9)
+    dims = _block_dims(model)
+    expected = {b: adapter_block_dim(dims[b], max(e, 1), 4) for b, e in ZERO_FIRST.items()}
+    assert {b.block: b.dim for b in plan.blocks} == expected
+    assert all(not layer.has_adapter for layer in moe_layers(model)[0].values())
+    batches = [{"input_ids": random_tokens(batch=4, seed=1), "labels": random_tokens(batch=4, seed=1)}]
+    stats = capture_statistics(model, batches, batches, causal_lm_per_sample_loss, max_store_bytes=10**9)
+    assert {b: s.dim for b, s in stats.items()} == expected
 
 
 def test_four_bit_base_with_an_empty_block() -> None:

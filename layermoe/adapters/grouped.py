@@ -1,7 +1,7 @@
 """Grouped MoE-LoRA path: compute only the selected experts, tokens sorted by expert.
 
 The dense path multiplies every token by every expert's A and B, which costs E/k times the useful
-flops. Where matmuls are slow relative to indexing (bf16/fp16 on CPUs without native support) the
+flops. Where matmuls are slow relative to indexing (fp16 on CPUs without native support) the
 selected-only computation wins, so `MoELoRALinear` picks this path there automatically (see
 `MoELoRALinear.use_grouped`). One sort and one index_select gather the token copies grouped by
 expert; each expert then runs two small matmuls on its contiguous slice, and one index_add scatters

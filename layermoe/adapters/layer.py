@@ -11,6 +11,7 @@ address expert e as rows / columns [e*r, (e+1)*r).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from layermoe.layout import CAPACITY_MINIMUM, effective_top_k, is_int_at_least
+from layermoe.precision import cpu_has_native_bf16
 
 from .base import BaseInfo, base_info
 from .config import LAYER_SETTINGS, check_layer_settings
@@ -27,6 +29,9 @@ from .grouped import grouped_lora_output
 from .router import compute_gates, router_statistics
 
 CaptureHook = Callable[["MoELoRALinear", dict[str, Any]], None]
+
+#: read once per process: /proc/cpuinfo does not change, and forward must not read a file
+_native_bf16_cpu = functools.cache(cpu_has_native_bf16)
 
 
 def lora_init_A(
@@ -39,7 +44,8 @@ def lora_init_A(
 ) -> torch.Tensor:
     """LoRA's A init (kaiming_uniform with a=sqrt(5), as nn.Linear and peft use): never zero.
 
-    A `generator` (on `device`) draws from it instead of the global RNG.
+    A `generator` (on `device`) draws from it instead of the global RNG: surgery passes each layer's
+    own (`surgery.layer_generator`), the scoring probe of 0-expert layers a seeded one.
     """
     weight = torch.empty(rows, d_in, device=device, dtype=dtype)
     nn.init.kaiming_uniform_(weight, a=math.sqrt(5), generator=generator)
@@ -245,27 +251,51 @@ class MoELoRALinear(nn.Module):
     def _project(
         self, lora_x: torch.Tensor, lora_input: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A projections (..., E*r) and router logits (..., E).
+        """A projections (..., E*r) and router logits (..., E), in lora_x's dtype.
 
         Without dropout both read the same input, so the router rows ride along in the A matmul: one
         pass over x forward and one grad-input matmul backward instead of two (x is the big operand).
         """
+        dtype = lora_x.dtype
+        A = self.lora_A.to(dtype)
         if self.lora_router_weight is None:
-            return F.linear(lora_input, self.lora_A), None
+            return F.linear(lora_input, A), None
+        bias = self.lora_router_bias.to(dtype)
         if lora_input is lora_x:
-            fused = F.linear(lora_x, torch.cat([self.lora_A, self.lora_router_weight]))
+            fused = F.linear(lora_x, torch.cat([self.lora_A, self.lora_router_weight]).to(dtype))
             expert_hidden, logits = fused.split([self.experts * self.rank, self.experts], dim=-1)
-            return expert_hidden, logits + self.lora_router_bias
-        return F.linear(lora_input, self.lora_A), F.linear(
-            lora_x, self.lora_router_weight, self.lora_router_bias
-        )
+            return expert_hidden, logits + bias
+        return F.linear(lora_input, A), F.linear(lora_x, self.lora_router_weight.to(dtype), bias)
+
+    def compute_dtype(self) -> torch.dtype:
+        """dtype the adapter's matmuls run in: its parameters' dtype, except bf16 parameters on a CPU
+        without native bf16 (AVX2-only), where `path="auto"` computes the adapter in float32.
+
+        There bf16 matmuls are emulated and the adapter's thin (tokens x E*r) products cost far more
+        than their flops; in float32 the adapter costs what peft's bf16 LoRA of the same total rank
+        costs (benchmarks/adapter_forward.py). Gradients still reach the bf16 parameters through the
+        casts. Never with a capture_hook: scoring reads the layer in its own dtype.
+        """
+        dtype = self.lora_A.dtype
+        if (
+            self.path == "auto"
+            and dtype == torch.bfloat16
+            and self.lora_A.device.type == "cpu"
+            and self.capture_hook is None
+            and not _native_bf16_cpu()
+        ):
+            return torch.float32
+        return dtype
 
     def use_grouped(self) -> bool:
         """Whether forward computes only the selected experts (tokens grouped by expert).
 
-        `path="auto"` picks it for top-k routing with k <= E/2 in bf16/fp16 on CPU, where the benchmark
-        (benchmarks/adapter_forward.py) measured it faster than the dense path; everywhere else the
-        dense path (two matmuls, no loop) is faster. Never with a capture_hook, which needs every
+        `path="auto"` picks it for top-k routing with k <= E/2 when the adapter computes in fp16 on CPU
+        (emulated there: matmuls slow relative to indexing); everywhere else the dense path (two
+        matmuls, no loop) is faster. bf16 never takes it automatically: on a CPU without native bf16
+        the adapter computes in float32 instead (`compute_dtype`), and on a CPU with native bf16
+        (avx512_bf16) benchmarks/adapter_forward.py measured the grouped path 1.3-2x slower than the
+        dense one (d=576 and 4096, E=4/8, top-2). Never with a capture_hook, which needs every
         expert's hidden activations.
         """
         top_k = self.effective_top_k
@@ -273,8 +303,10 @@ class MoELoRALinear(nn.Module):
             return False
         if self.path == "grouped":
             return True
-        low_precision = self.lora_A.dtype in (torch.bfloat16, torch.float16)
-        return low_precision and self.lora_A.device.type == "cpu" and 2 * top_k <= self.experts
+        emulated = self.compute_dtype() == torch.float16 or (
+            self.compute_dtype() == torch.bfloat16 and not _native_bf16_cpu()
+        )
+        return emulated and self.lora_A.device.type == "cpu" and 2 * top_k <= self.experts
 
     def gated_hidden(
         self, expert_hidden: torch.Tensor, logits: torch.Tensor | None
@@ -299,7 +331,7 @@ class MoELoRALinear(nn.Module):
             # modified (peft does the same defensive clone)
             result = result.clone()
         lead = x.shape[:-1]
-        lora_x = x.to(self.lora_A.dtype)
+        lora_x = x.to(self.compute_dtype())
         if self.use_grouped():
             return self._grouped_forward(result, lora_x.reshape(-1, self.in_features), lead)
         # the tensors given to capture_hook keep x's leading shape and are the ones used downstream
@@ -314,7 +346,9 @@ class MoELoRALinear(nn.Module):
             # the add rides in the GEMM (beta=1): no separate pass over the (N, d_out) output
             output = torch.addmm(flat_result, hidden, self.lora_B.t()).view(*lead, self.out_features)
         else:
-            output = result + F.linear(hidden, self.lora_B).to(result.dtype).view(result.shape)
+            output = result + F.linear(hidden, self.lora_B.to(hidden.dtype)).to(result.dtype).view(
+                result.shape
+            )
         if self.capture_hook is not None:
             self.capture_hook(
                 self,

@@ -30,6 +30,7 @@ from .surgery import (
     _shrink,
     _to_empty,
     adapter_output,
+    layer_generator,
     truncate_factors,
 )
 
@@ -98,7 +99,8 @@ def plan_resize(
     experts = layer.experts if experts is None else _check_target("experts", experts, low=0)
     rank = layer.rank if rank is None else _check_target("rank", rank)
     alpha = layer.lora_alpha
-    old = state = LayerState.of(layer, routing_mass)
+    generator = layer_generator(layer.adapter_placement()[0])
+    old = state = replace(LayerState.of(layer, routing_mass), generator=generator)
     report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
     kept_energy = 1.0
     if experts == 0 or state.experts == 0:
@@ -132,11 +134,14 @@ def plan_resize(
             before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), alpha)
             after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts), alpha)
         report.output_change = float((after - before).norm(dim=-1).max()) if x.numel() else 0.0
-    prefix = f"{name}." if name else ""
-    report.state_map = {
-        prefix + n: state.maps.get(n) for n in PARAM_NAMES if n in state.changed and _present(state, n)
-    }
+    report.state_map = state_map(state, name)
     return state, report
+
+
+def state_map(state: LayerState, name: str = "") -> dict[str, ParamMap | None]:
+    """Full parameter name -> ParamMap of the parameters a planned state replaces."""
+    prefix = f"{name}." if name else ""
+    return {prefix + n: state.maps.get(n) for n in PARAM_NAMES if n in state.changed and _present(state, n)}
 
 
 def _plan_empty_side(

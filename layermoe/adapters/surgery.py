@@ -75,6 +75,9 @@ class LayerState:
     mass: torch.Tensor
     maps: dict[str, ParamMap | None]
     changed: set[str] = field(default_factory=set)
+    #: source of this layer's random draws (new A rows, split noise): one per layer, seeded from the
+    #: global RNG in layer order, so a layer gets the same draws whether planned alone or in a batch
+    generator: torch.Generator | None = None
 
     @staticmethod
     def of(layer: MoELoRALinear, routing_mass: torch.Tensor | None = None) -> LayerState:
@@ -178,7 +181,15 @@ def truncate_factors(
     return new_B, new_A, discarded
 
 
-def _revive_dead_rows(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+def layer_generator(device: torch.device) -> torch.Generator:
+    """A generator for one layer's random draws, seeded by one draw from the global RNG."""
+    seed = int(torch.randint(0, 2**62, (1,)))
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _revive_dead_rows(
+    A: torch.Tensor, B: torch.Tensor, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Give LoRA's A init to rank slots whose A row and B column are both zero (they could never learn).
 
     Exact: a zero B column multiplies whatever the A row holds.
@@ -186,7 +197,9 @@ def _revive_dead_rows(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     dead = (A.abs().sum(1) == 0) & (B.abs().sum(0) == 0)
     if dead.any():
         A = A.clone()
-        A[dead] = lora_init_A(int(dead.sum()), A.shape[1], device=A.device, dtype=A.dtype)
+        A[dead] = lora_init_A(
+            int(dead.sum()), A.shape[1], device=A.device, dtype=A.dtype, generator=generator
+        )
     return A
 
 
@@ -207,7 +220,9 @@ def _grow(state: LayerState, new_rank: int, alpha: float) -> tuple[LayerState, d
     E, r = state.experts, state.rank
     A, B = _expert_blocks(state)
     extra = new_rank - r
-    new_rows = lora_init_A(E * extra, A.shape[-1], device=A.device, dtype=A.dtype).reshape(E, extra, -1)
+    new_rows = lora_init_A(
+        E * extra, A.shape[-1], device=A.device, dtype=A.dtype, generator=state.generator
+    ).reshape(E, extra, -1)
     A = torch.cat([A, new_rows], dim=1)
     ratio = new_rank / r
     B = torch.cat([B * ratio, B.new_zeros(E, B.shape[1], extra)], dim=2)
@@ -227,7 +242,7 @@ def _shrink(state: LayerState, new_rank: int, alpha: float) -> tuple[LayerState,
     new_B, new_A, discarded = truncate_factors(B * (old_scaling / new_scaling), A, new_rank)
     total = _factor_energy(B, A).sum()
     A2, B2 = _join_blocks(new_A, new_B)
-    A2 = _revive_dead_rows(A2, B2)
+    A2 = _revive_dead_rows(A2, B2, state.generator)
     stats = {
         "discarded": float((discarded * new_scaling**2).sum() / (total * old_scaling**2))
         if total > 0
@@ -242,6 +257,14 @@ def _factor_energy(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return ((B.transpose(-1, -2) @ B) * (A @ A.transpose(-1, -2))).sum(dim=(-1, -2)).clamp(min=0)
 
 
+def split_noise_scale(A: torch.Tensor) -> torch.Tensor:
+    """(..., E) scale of the copies' zero-sum noise: SPLIT_PERTURBATION x the RMS of each expert's A
+    (..., E, r, d_in), or of LoRA's init scale 1/sqrt(d_in) where A is zero."""
+    rms = A.pow(2).mean(dim=(-1, -2)).sqrt()
+    rms = torch.where(rms == 0, torch.full_like(rms, 1.0 / math.sqrt(A.shape[-1])), rms)
+    return SPLIT_PERTURBATION * rms
+
+
 def _add(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerState, dict[str, float]]:
     """Split the most-loaded experts into copies; dense routing output unchanged exactly."""
     E, r = state.experts, state.rank
@@ -253,20 +276,19 @@ def _add(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerState,
     A, B = _expert_blocks(state)
     new_A, new_B = A[src].clone(), B[src].clone()
     share = torch.ones(new_experts, dtype=torch.float64)  # each slot's part of its source's gate
+    scale = split_noise_scale(A)
     for e in range(E):
         members = [j for j, s in enumerate(sources) if s == e]
         if len(members) < 2:
             continue
         parts = (1 + SPLIT_SKEW * torch.linspace(1, -1, len(members), dtype=torch.float64)) / len(members)
         share[members] = parts
-        noise = torch.randn(len(members), r, A.shape[-1], device=A.device, dtype=A.dtype)
+        noise = torch.randn(
+            len(members), r, A.shape[-1], device=A.device, dtype=A.dtype, generator=state.generator
+        )
         # zero mean under the gate shares: sum_j share_j A_j = A_e, so dense routing is unchanged
         weights = parts.to(device=A.device, dtype=A.dtype).view(-1, 1, 1)
-        noise = noise - (weights * noise).sum(dim=0, keepdim=True)
-        rms = A[e].pow(2).mean().sqrt()
-        if rms == 0:
-            rms = torch.tensor(1.0 / math.sqrt(A.shape[-1]), device=A.device)
-        new_A[members] += SPLIT_PERTURBATION * rms * noise
+        new_A[members] += scale[e] * (noise - (weights * noise).sum(dim=0, keepdim=True))
     log_share = share.log().to(device=A.device, dtype=A.dtype)
     if state.router_weight is None:
         router_w = torch.zeros(new_experts, A.shape[-1], device=A.device, dtype=A.dtype)
@@ -320,7 +342,9 @@ def _remove(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerSta
         e = ids[p]
         others = [i for i in ids if i != e]
         same = [i for i in others if torch.equal(weight[i], weight[e])]
-        s = same[0] if same else others[int(torch.argmax(unit[others] @ unit[e]))]
+        # row-wise products, not a matvec: equal rows (split copies) get equal similarities, so the
+        # first of them wins here and in the batched planner alike (a matvec may round rows apart)
+        s = same[0] if same else others[int(torch.argmax((unit[others] * unit[e]).sum(-1)))]
         if same:
             # logits differ only by the bias: the two gates are in ratio exp(b_s) : exp(b_e), exactly
             pair = torch.stack([bias[s], bias[e]])
@@ -333,8 +357,10 @@ def _remove(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerSta
             exact = False
         B_cat = torch.cat([Bs[s] * w[0], Bs[e] * w[1]], dim=-1)
         A_cat = torch.cat([As[s], As[e]], dim=0)
-        Bs[s], As[s], discarded = truncate_factors(B_cat, A_cat, r)
-        merged_energy = float(_factor_energy(B_cat, A_cat))
+        # a batch of one: the same kernels as the batched planner (layermoe.adapters.batched_resize)
+        new_B, new_A, discarded = truncate_factors(B_cat[None], A_cat[None], r)
+        Bs[s], As[s], discarded = new_B[0], new_A[0], discarded[0]
+        merged_energy = float(_factor_energy(B_cat[None], A_cat[None])[0])
         energy[s] = max(merged_energy - float(discarded), 0.0)
         mass[s] += mass[e]
         discarded_total += float(discarded)
@@ -348,7 +374,9 @@ def _remove(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerSta
     A2, B2 = _join_blocks(torch.stack([As[i] for i in ids]), torch.stack([Bs[i] for i in ids]))
     for k, i in enumerate(ids):
         if i in changed:
-            A2[k * r : (k + 1) * r] = _revive_dead_rows(A2[k * r : (k + 1) * r], B2[:, k * r : (k + 1) * r])
+            A2[k * r : (k + 1) * r] = _revive_dead_rows(
+                A2[k * r : (k + 1) * r], B2[:, k * r : (k + 1) * r], state.generator
+            )
     keep = torch.tensor(ids, dtype=torch.long)
     index = _row_index(n, r, [-1 if i in changed else i for i in ids], r, r)
     ones = torch.ones(index.numel())
@@ -398,7 +426,7 @@ def _from_empty(state: LayerState, experts: int, rank: int) -> LayerState:
     """Fresh experts for a layer that had none: LoRA's init (B zero), so the output is unchanged."""
     d_in, d_out = state.A.shape[1], state.B.shape[0]
     device = state.A.device
-    A = lora_init_A(experts * rank, d_in, device=device, dtype=torch.float32)
+    A = lora_init_A(experts * rank, d_in, device=device, dtype=torch.float32, generator=state.generator)
     B = torch.zeros(d_out, experts * rank, device=device)
     router_w = router_b = None
     if experts > 1:

@@ -159,6 +159,7 @@ def _check_gradients(
             scope=scope,
             projection_dim=_SKETCH_DIM,
             progress=False,
+            show_plan=False,
             **options,
         )
     except Exception as exc:  # noqa: BLE001 - reported with the fix

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
-from layermoe.adapters import MoELoRAConfig, apply_layout, inject, layout, moe_layers
+from layermoe.adapters import MoELoRAConfig, apply_layout, inject, layout, moe_layers, named_moe_layers
 from layermoe.allocation import METHODS, AllocationError, Budget, allocate, check_method_options
 from layermoe.callbacks import data as data_utils
 from layermoe.callbacks.distributed import any_rank, broadcast, check_strategy, mean_scores
@@ -37,7 +37,7 @@ from layermoe.lightning_compat import (
     validation_due_after_this_batch,
     validation_source_loader,
 )
-from layermoe.scoring import capture_statistics, get_scorer, torch_distributed_gather
+from layermoe.scoring import capture_statistics, get_scorer, torch_distributed_gather, training_store_bytes
 
 _SCOPES = ("adapter", "base")
 _ON_ERROR = ("raise", "skip")
@@ -199,6 +199,8 @@ class LayerInfluenceCallback(Callback):
         self._warmup_units: int | None = None
         self._step_at_batch_start: int | None = None
         self._val_batches: list[Any] | None = None
+        #: (global step, mean val loss) from the last scoring forward: the rewire's "loss before"
+        self._scored_val_loss: tuple[int, float] | None = None
         self._trainer: Trainer | None = None
         self._validated_at_step: int | None = None
         #: ``ResizeReport`` list of the last rewire (what changed, exactness, optimizer-state maps).
@@ -328,6 +330,7 @@ class LayerInfluenceCallback(Callback):
         if self.state.plans_made < self.schedule.limit:
             self._check_budget_fits(pl_module)
         self._val_batches = None
+        self._scored_val_loss = None
         dry_run(
             trainer,
             pl_module,
@@ -501,7 +504,14 @@ class LayerInfluenceCallback(Callback):
                 self.scoring_batch_size,
             )
             train = data_utils.to_device(trainer.strategy, train)
-            options = {"progress": False, **self.capture_options}
+            # the memory plan (passes, bytes, projection) is printed where the per-rewire table is
+            options = {"progress": False, "show_plan": self.verbose and trainer.is_global_zero}
+            if "max_store_bytes" not in self.capture_options:
+                # scoring inside training: its rows may add a tenth of training's own peak memory
+                options["max_store_bytes"] = training_store_bytes(pl_module.device)
+            options.update(self.capture_options)
+            val_losses: list[torch.Tensor] = []
+            options["loss_sink"] = lambda split, losses: val_losses.append(losses) if split == "val" else None
             if trainer.world_size > 1 and "reduce_fn" not in options:
                 options["reduce_fn"] = torch_distributed_gather
             stats = capture_statistics(
@@ -512,6 +522,9 @@ class LayerInfluenceCallback(Callback):
                 scope=self.scope,
                 **options,
             )
+            # the scoring forward already computed the probe's "loss before" (same model, samples, mode)
+            losses = torch.cat(val_losses).double()
+            self._scored_val_loss = (int(trainer.global_step), float(losses.sum()) / max(losses.numel(), 1))
             if self.error_groups == 0:
                 return self._checked_scores(self._scorer.score(stats), pl_module), None
             try:
@@ -619,9 +632,18 @@ class LayerInfluenceCallback(Callback):
         target = plan.layout
         shrinking = shrinking_blocks(before_layout, target)
         fading = self.rank_fade_steps > 0 and bool(shrinking)
-        loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
+        scored, self._scored_val_loss = self._scored_val_loss, None
+        if (
+            scored is not None
+            and scored[0] == plan.step == int(trainer.global_step)
+            and _probe_forward_is_scoring_forward(pl_module)
+        ):
+            loss_before = self._rank_mean(trainer, pl_module, scored[1])  # no step since scoring
+        else:
+            loss_before = self._probe(trainer, pl_module, per_sample, val_batches)
         cut = None
         if shrinking:
+            # compared with loss_before: both the probe's forward (the reused one is the same forward)
             cut = self._rank_cut_disturbance(
                 trainer, pl_module, per_sample, val_batches, before_layout, shrinking, loss_before
             )
@@ -750,6 +772,9 @@ class LayerInfluenceCallback(Callback):
         """Mean loss on the scoring validation samples, averaged over ranks."""
         with torch.inference_mode(False):
             value = mean_loss(pl_module, per_sample, batches)
+        return self._rank_mean(trainer, pl_module, value)
+
+    def _rank_mean(self, trainer: Trainer, pl_module: LightningModule, value: float) -> float:
         if trainer.world_size > 1:
             value = float(
                 trainer.strategy.reduce(torch.tensor(value, device=pl_module.device), reduce_op="mean")
@@ -766,3 +791,18 @@ class LayerInfluenceCallback(Callback):
 def _relative(before: float, after: float) -> float | None:
     """Relative change of the probe loss (None when the loss before is 0)."""
     return (after - before) / abs(before) if before else None
+
+
+def _probe_forward_is_scoring_forward(model: nn.Module) -> bool:
+    """Whether the disturbance probe's forward computes what the scoring forward computed, so the scored
+    validation loss can stand in for the probe's "loss before".
+
+    Scoring (a capture_hook on every layer) always runs the dense path in the parameters' dtype; outside
+    it `path="auto"` may compute bf16 adapters in float32 (CPU without native bf16) or take the grouped
+    path, whose rounding differs by ~1e-3 in bf16: as large as the disturbances being measured. Those
+    layers get a probe forward instead.
+    """
+    for layer in named_moe_layers(model).values():
+        if layer.has_adapter and (layer.use_grouped() or layer.compute_dtype() != layer.lora_A.dtype):
+            return False
+    return True

@@ -7,7 +7,7 @@ scores = get_scorer("alpha_hill").score(model)       # model-only scorers take t
 
 from .api import score_blocks
 from .batches import batch_size, map_tensors, slice_batch
-from .capture import SCOPES, capture_per_sample_gradients, capture_statistics
+from .capture import SCOPES, capture_per_sample_gradients, capture_plan, capture_statistics
 from .distributed import gather_rows, torch_distributed_gather
 from .errors import ScoringError
 from .losses import (
@@ -18,6 +18,15 @@ from .losses import (
     sequence_classification_per_sample_loss,
 )
 from .modules import base_weight, scored_layers
+from .plan import (
+    BlockPlan,
+    CapturePlan,
+    adapter_block_dim,
+    base_block_dim,
+    plan_capture,
+    projection_error_bound,
+    training_store_bytes,
+)
 from .projection import CountSketch
 from .reference import layerif_loop_influence_matrix, layerif_loop_influences
 from .scorers import (
@@ -37,7 +46,12 @@ from .scorers import (
     hill_alpha_xmin_peak,
     register_scorer,
 )
-from .statistics import BlockStatistics, statistics_from_pieces, statistics_from_rows
+from .statistics import (
+    BlockStatistics,
+    statistics_from_pieces,
+    statistics_from_rows,
+    statistics_with_exact_mean,
+)
 from .uncertainty import jackknife_errors
 
 __all__ = [
@@ -45,6 +59,8 @@ __all__ = [
     "SCOPES",
     "SCORERS",
     "AlphaHillScorer",
+    "BlockPlan",
+    "CapturePlan",
     "BlockStatistics",
     "CountSketch",
     "CurvatureGainScorer",
@@ -54,11 +70,14 @@ __all__ = [
     "Scorer",
     "ScoringError",
     "UniformScorer",
+    "adapter_block_dim",
     "UnsupportedBatchError",
     "aggregate_influence",
+    "base_block_dim",
     "base_weight",
     "batch_size",
     "capture_per_sample_gradients",
+    "capture_plan",
     "capture_statistics",
     "causal_lm_per_sample_loss",
     "datainf_influences",
@@ -70,6 +89,8 @@ __all__ = [
     "hill_alpha_xmin_peak",
     "layerif_loop_influence_matrix",
     "layerif_loop_influences",
+    "plan_capture",
+    "projection_error_bound",
     "map_tensors",
     "masked_lm_per_sample_loss",
     "register_scorer",
@@ -79,5 +100,7 @@ __all__ = [
     "slice_batch",
     "statistics_from_pieces",
     "statistics_from_rows",
+    "statistics_with_exact_mean",
     "torch_distributed_gather",
+    "training_store_bytes",
 ]

@@ -5,10 +5,15 @@ per-sample losses), tensor hooks on each MoE-LoRA layer's activations turn the o
 per-sample gradients (see persample.py), and only per-sample gradient rows of the scored blocks, exact
 or sketched to k coordinates, are kept until the Grams are formed.
 
-Memory: exact rows cost (n + m) * d_l numbers per block. When all scored blocks together would exceed
-`max_store_bytes`, the blocks are split into groups and each group gets its own pass over the samples
-(exact, but the cost grows with the number of groups); `projection_dim=k` bounds the rows to
-(n + m) * k per block in a single pass instead. The backward never forms parameter gradients: it
+Memory: exact rows cost (n + m) * d_l numbers per block. The store (`max_store_bytes`, by default a
+fraction of the memory available on the device) bounds them; `plan.py` decides from the shapes alone
+whether the rows stay exact or the widest blocks are CountSketched so that one pass suffices
+(`projection_dim="auto"`, the default), or, with `projection_dim=None`, splits the blocks into
+several exact passes. A sketched block keeps its exact mean validation gradient when the plan says so
+(`BlockPlan.exact_mean`): the validation chunks run first, their exact rows are summed, and each
+training row's exact product with the mean is taken before the row is sketched (see
+`statistics.statistics_with_exact_mean`: the gbar direction is kept exactly, the rest is sketched).
+The backward never forms parameter gradients: it
 differentiates with respect to a detached copy of the input embeddings, so parameters' `.grad` and
 `requires_grad` are never touched.
 """
@@ -16,8 +21,9 @@ differentiates with respect to a detached copy of the input embeddings, so param
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,10 +46,20 @@ from .persample import (
     piece_names,
     piece_numel,
 )
+from .plan import (
+    DEFAULT_STORE_FRACTION,
+    CapturePlan,
+    default_store_bytes,
+    plan_capture,
+    projection_error_bound,
+)
 from .projection import CountSketch
-from .statistics import BlockStatistics, statistics_from_pieces
+from .statistics import BlockStatistics, gram, statistics_from_pieces, statistics_with_exact_mean
+
+logger = logging.getLogger("layermoe.scoring")
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
+LossSink = Callable[[str, torch.Tensor], None]
 Batch = Any  # any structure the loss accepts (batches.py)
 SCOPES = ("adapter", "base")
 
@@ -51,10 +67,28 @@ SCOPES = ("adapter", "base")
 class _Collector:
     """Receives per-sample gradient pieces from the hooks and keeps rows per block (exact or sketched)."""
 
-    def __init__(self, layers: dict[int, dict[str, nn.Module]], scope: str, k: int | None, seed: int) -> None:
+    def __init__(
+        self,
+        layers: dict[int, dict[str, nn.Module]],
+        scope: str,
+        seed: int,
+        reduce_fn: ReduceFn | None = None,
+    ) -> None:
         self.layers = layers
         self.scope = scope
-        self.k = k
+        self.seed = seed
+        self.reduce_fn = reduce_fn
+        self.k: dict[int, int | None] = dict.fromkeys(layers)
+        # Blocks whose exact mean validation gradient is kept while their rows are sketched: per piece,
+        # the sum of the validation rows (then, after the validation chunks, their mean), and per
+        # training chunk the exact products of its rows with that mean.
+        self.exact_mean: set[int] = set()
+        self.val_sum: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
+        self.val_mean: dict[int, dict[tuple[str, str], torch.Tensor]] = {}
+        self.val_count = 0
+        self.chunk_dots: dict[int, torch.Tensor] = {}
+        self.mean_dots: dict[int, list[torch.Tensor]] = {}
+        self.split = "train"
         self.keys: dict[int, list[tuple[str, str]]] = {}
         self.numel: dict[tuple[int, str, str], int] = {}
         self.dtype: dict[tuple[int, str, str], torch.dtype] = {}
@@ -68,8 +102,6 @@ class _Collector:
                     keys.append((name, piece))
                     self.numel[key] = piece_numel(modules[name], piece)
                     self.dtype[key] = piece_dtype(modules[name], piece)
-                    if k is not None:
-                        self.sketch[key] = CountSketch(self.numel[key], k, seed, f"{block}/{name}/{piece}")
             self.keys[block] = keys
             self.dims[block] = sum(self.numel[(block, n, p)] for n, p in keys)
         self.device = next(iter(next(iter(layers.values())).values())).lora_shape.device
@@ -86,22 +118,51 @@ class _Collector:
             dtype = torch.promote_types(dtype, self.dtype[(block, name, piece)])
         return dtype
 
-    def row_bytes(self, block: int) -> int:
-        width = self.k if self.k is not None else self.dims[block]
-        return width * torch.empty((), dtype=self.block_dtype(block)).element_size()
+    def element_bytes(self, block: int) -> int:
+        return torch.empty((), dtype=self.block_dtype(block)).element_size()
+
+    def project(self, widths: Mapping[int, int | None], exact_means: Iterable[int] = ()) -> None:
+        """Sketch block b's rows to widths[b] coordinates (None: keep them exact); the sketched blocks in
+        `exact_means` also keep their exact mean validation gradient."""
+        self.exact_mean = {b for b in exact_means if widths.get(b) is not None}
+        for block, k in widths.items():
+            self.k[block] = k
+            for name, piece in self.keys[block]:
+                key = (block, name, piece)
+                self.sketch.pop(key, None)
+                if k is not None:
+                    self.sketch[key] = CountSketch(self.numel[key], k, self.seed, f"{block}/{name}/{piece}")
 
     # ------------------------------------------------------------------ hooks
     def add(self, block: int, name: str, pieces: list[tuple[str, torch.Tensor]]) -> None:
         for piece, grad in pieces:
             rows = grad.reshape(grad.shape[0], -1)
-            if self.k is not None:
-                rows = self.sketch[(block, name, piece)](rows.to(self.block_dtype(block)))
+            if self.k[block] is not None:
+                rows = rows.to(self.block_dtype(block))
+                if block in self.exact_mean:
+                    self.exact_mean_products(block, (name, piece), rows)
+                rows = self.sketch[(block, name, piece)](rows)
                 slot = ("", "sketch")
             else:
                 slot = (name, piece)
             held = self.chunk.setdefault(block, {})
             # A module called twice in one forward (shared weights) contributes the sum of both calls.
             held[slot] = rows if slot not in held else held[slot] + rows
+
+    def exact_mean_products(self, block: int, key: tuple[str, str], rows: torch.Tensor) -> None:
+        """Before a piece's rows are sketched: add validation rows to the exact sum, or take training
+        rows' exact products with the (complete) mean. Both are linear, so a module called twice in one
+        forward contributes the sum of its calls, as for the rows themselves."""
+        if self.split == "val":
+            total = self.val_sum[block]
+            total[key] = total[key] + rows.sum(dim=0)
+            return
+        mean = self.val_mean[block].get(key)
+        if mean is None:
+            return
+        dots = gram(rows, mean.unsqueeze(0)).squeeze(1)
+        held = self.chunk_dots
+        held[block] = dots if block not in held else held[block] + dots
 
     def hook_for(self, block: int, name: str) -> Callable[[nn.Module, dict[str, Any]], None]:
         def capture(layer: nn.Module, tensors: dict[str, Any]) -> None:
@@ -129,36 +190,88 @@ class _Collector:
         return capture
 
     # ------------------------------------------------------------------ chunks
-    def begin(self, batch_size: int) -> None:
+    def start(self, group: list[int]) -> None:
+        """Begin a pass over the blocks in `group`: zero exact-mean sums (every piece, so every rank
+        gathers the same tensors even where a piece got no gradient)."""
+        self.active = group
+        self.val_count = 0
+        self.val_mean, self.mean_dots = {}, {}
+        self.val_sum = {
+            block: {
+                key: torch.zeros(self.numel[(block, *key)], dtype=self.block_dtype(block), device=self.device)
+                for key in self.keys[block]
+            }
+            for block in group
+            if block in self.exact_mean
+        }
+
+    def begin(self, batch_size: int, split: str = "train") -> None:
         self.chunk = {}
+        self.chunk_dots = {}
         self.graph_tensors = []
         self.batch_size = batch_size
+        self.split = split
+
+    def end_split(self, split: str) -> None:
+        """After the validation chunks: the exact mean validation gradient of every exact-mean block,
+        summed over ranks (an all-gather of one row per piece), so training rows can be dotted with it."""
+        if split != "val" or not self.val_sum:
+            return
+        count = torch.tensor([[self.val_count]], dtype=torch.int64, device=self.device)
+        total = int(gather_rows(count, self.reduce_fn).sum())
+        for block in sorted(self.val_sum):
+            sums = self.val_sum.pop(block)
+            self.val_mean[block] = {
+                key: gather_rows(sums[key].unsqueeze(0), self.reduce_fn).sum(dim=0) / total
+                for key in sorted(sums)
+            }
 
     def flush(self, split: str) -> None:
         """Move the chunk's rows to the store; a piece that got no gradient (unused) is zero."""
         store = self.store[split]
+        if split == "val":
+            self.val_count += self.batch_size
         for block in self.active:
+            if block in self.exact_mean and split == "train":
+                dots = self.chunk_dots.get(block)
+                if dots is None:
+                    dots = torch.zeros(self.batch_size, dtype=torch.float64, device=self.device)
+                self.mean_dots.setdefault(block, []).append(dots)
             keys = self.keys[block]
             held = self.chunk.get(block, {})
-            slots = [("", "sketch")] if self.k is not None else keys
+            k = self.k[block]
+            slots = [("", "sketch")] if k is not None else keys
             for slot in slots:
                 rows = held.get(slot)
                 if rows is None:
-                    width = self.k if self.k is not None else self.numel[(block, *slot)]
-                    dtype = self.block_dtype(block) if self.k is not None else self.dtype[(block, *slot)]
+                    width = k if k is not None else self.numel[(block, *slot)]
+                    dtype = self.block_dtype(block) if k is not None else self.dtype[(block, *slot)]
                     rows = torch.zeros(self.batch_size, width, dtype=dtype, device=self.device)
                 store.setdefault(block, {}).setdefault(slot, []).append(rows)
         self.chunk = {}
+        self.chunk_dots = {}
         self.graph_tensors = []
 
-    def statistics(self, reduce_fn: ReduceFn | None) -> dict[int, BlockStatistics]:
+    def statistics(self) -> dict[int, BlockStatistics]:
         out: dict[int, BlockStatistics] = {}
+        reduce_fn = self.reduce_fn
         for block in self.active:
             train_slots = self.store["train"].pop(block)
             val_slots = self.store["val"].pop(block)
             train = [gather_rows(torch.cat(train_slots[s]), reduce_fn) for s in sorted(train_slots)]
             val = [gather_rows(torch.cat(val_slots[s]), reduce_fn) for s in sorted(val_slots)]
-            stats = statistics_from_pieces(train, val, self.dims[block], self.k)
+            if block in self.exact_mean:
+                # the training rows' products with the mean, gathered in the same rank order as the rows
+                k_gt = gather_rows(torch.cat(self.mean_dots.pop(block)).unsqueeze(1), reduce_fn).squeeze(1)
+                mean_sq = torch.zeros((), dtype=torch.float64, device=k_gt.device)
+                for mean in self.val_mean.pop(block).values():
+                    mean_sq += gram(mean.unsqueeze(0)).squeeze()
+                (train_rows,), (val_rows,) = train, val  # a sketched block has one slot
+                stats = statistics_with_exact_mean(
+                    train_rows, val_rows, k_gt, mean_sq, self.dims[block], self.k[block]
+                )
+            else:
+                stats = statistics_from_pieces(train, val, self.dims[block], self.k[block])
             stats.check_finite(block)
             out[block] = stats
         return out
@@ -187,28 +300,6 @@ def _chunks(batches: Iterable[Batch], chunk_size: int, device: torch.device, fie
     if not out:
         raise ValueError(f"{field} is empty: scoring needs at least one sample")
     return out
-
-
-def _groups(collector: _Collector, samples: int, max_store_bytes: int) -> list[list[int]]:
-    """Consecutive blocks whose exact/sketched rows fit in max_store_bytes together."""
-    groups: list[list[int]] = []
-    current: list[int] = []
-    used = 0
-    for block in collector.keys:
-        need = samples * collector.row_bytes(block)
-        if need > max_store_bytes:
-            raise ScoringError(
-                f"block {block}: its per-sample gradient rows need {need / 2**20:.0f} MiB, more than "
-                f"max_store_bytes={max_store_bytes}; pass projection_dim=k (e.g. 4096) or raise max_store_bytes"
-            )
-        if current and used + need > max_store_bytes:
-            groups.append(current)
-            current, used = [], 0
-        current.append(block)
-        used += need
-    if current:
-        groups.append(current)
-    return groups
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
@@ -269,13 +360,15 @@ def _scoring_mode(
             module.training = mode
 
 
-def _check_options(scope: str, chunk_size: int, projection_dim: int | None) -> None:
+def _check_options(scope: str, chunk_size: int, projection_dim: int | str | None) -> None:
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if not is_int_at_least(chunk_size):
         raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    if projection_dim is not None and not is_int_at_least(projection_dim):
-        raise ValueError(f"projection_dim must be None (exact) or an int >= 1, got {projection_dim!r}")
+    if projection_dim not in (None, "auto") and not is_int_at_least(projection_dim):
+        raise ValueError(
+            f"projection_dim must be 'auto', None (exact) or an int >= 1, got {projection_dim!r}"
+        )
 
 
 def _run_passes(
@@ -286,18 +379,22 @@ def _run_passes(
     groups: list[list[int]],
     progress: bool | None,
     on_group_done: Callable[[list[int]], None],
+    loss_sink: LossSink | None = None,
 ) -> None:
     all_layers = [(b, n, layer) for b, mods in collector.layers.items() for n, layer in mods.items()]
     total = len(groups) * sum(len(chunks) for _, chunks in splits)
     with _scoring_mode(model, all_layers) as anchors, _progress(total, progress) as bar:
-        for group in groups:
-            collector.active = group
+        for index, group in enumerate(groups):
+            collector.start(group)
             for block, name, layer in all_layers:
                 layer.capture_hook = collector.hook_for(block, name) if block in group else None
             for split, chunks in splits:
                 for chunk in chunks:
-                    _backward_chunk(model, chunk, loss_fn, collector, anchors, split)
+                    losses = _backward_chunk(model, chunk, loss_fn, collector, anchors, split)
+                    if loss_sink is not None and index == 0:
+                        loss_sink(split, losses)
                     bar.update(1)
+                collector.end_split(split)
             on_group_done(group)
 
 
@@ -311,11 +408,14 @@ def capture_statistics(
     modules: Sequence[str] | None = None,
     blocks: Sequence[int] | None = None,
     chunk_size: int = 8,
-    projection_dim: int | None = None,
+    projection_dim: int | str | None = "auto",
     projection_seed: int = 0,
     reduce_fn: ReduceFn | None = None,
-    max_store_bytes: int = 2 * 2**30,
+    max_store_bytes: int | None = None,
+    store_fraction: float = DEFAULT_STORE_FRACTION,
     progress: bool | None = None,
+    show_plan: bool | None = None,
+    loss_sink: LossSink | None = None,
 ) -> dict[int, BlockStatistics]:
     """Per-block gradient statistics of the n training and m validation samples.
 
@@ -323,11 +423,17 @@ def capture_statistics(
     not count). scope: "adapter" scores the block's MoE-LoRA parameters (A, B, router weight and bias),
     "base" the frozen base weights of the wrapped modules. modules: substrings selecting modules (e.g.
     ["self_attn"]). blocks: score only these block indices (default all). chunk_size: samples per
-    forward/backward. projection_dim: sketch each block's
-    gradients to k coordinates (seeded by projection_seed, identical on every rank). reduce_fn: an
-    all-gather for DDP (see layermoe.scoring.distributed); each rank passes its shard of samples and
-    every rank gets identical statistics. max_store_bytes: bound on the kept gradient rows (blocks are
-    split into several passes beyond it). progress: None shows a bar only on a terminal.
+    forward/backward. projection_dim: "auto" keeps exact rows when every block's rows fit the store and
+    otherwise CountSketches the widest blocks in the same single pass (see layermoe.scoring.plan); an
+    int k sketches every block to k coordinates; None keeps exact rows and splits the blocks into
+    several passes when they do not fit. projection_seed: the sketch's seed (identical on every rank).
+    reduce_fn: an all-gather for DDP (see layermoe.scoring.distributed); each rank passes its shard of
+    samples and every rank gets identical statistics. max_store_bytes: bound on the kept gradient rows;
+    None takes `store_fraction` of the memory available on the model's device (the smallest over ranks).
+    progress: None shows a bar only on a terminal. show_plan: print the memory plan to stderr before
+    the first pass (None: only on a terminal); it is also logged at INFO on "layermoe.scoring".
+    loss_sink(split, losses): receives each chunk's detached per-sample losses ("train" / "val") from
+    the first pass, so a caller can reuse the scoring forward's losses instead of another forward.
 
     Runs in eval mode under torch.inference_mode(False) + enable_grad (so it works from validation
     hooks), and restores every module's train/eval mode and every layer's capture_hook afterwards;
@@ -335,26 +441,33 @@ def capture_statistics(
     experts is scored as if one fresh expert had been added (`layermoe.adapters.probe`).
     """
     _check_options(scope, chunk_size, projection_dim)
-    from layermoe.adapters.probe import probe_empty_layers
-
     # blocks with 0 experts are scored through a temporary fresh adapter (layermoe.adapters.probe)
-    probe = probe_empty_layers(model) if scope == "adapter" else contextlib.nullcontext()
-    with probe:
+    with _probed(model, scope):
         return _capture_statistics(
             model,
             train_batches,
             val_batches,
             loss_fn,
             scope,
-            modules,
-            blocks,
-            chunk_size,
-            projection_dim,
-            projection_seed,
-            reduce_fn,
-            max_store_bytes,
-            progress,
+            modules=modules,
+            blocks=blocks,
+            chunk_size=chunk_size,
+            projection_dim=projection_dim,
+            projection_seed=projection_seed,
+            reduce_fn=reduce_fn,
+            max_store_bytes=max_store_bytes,
+            store_fraction=store_fraction,
+            progress=progress,
+            show_plan=show_plan,
+            loss_sink=loss_sink,
         )
+
+
+def _probed(model: nn.Module, scope: str) -> contextlib.AbstractContextManager[Any]:
+    """With scope "adapter", gives each 0-expert layer a function-preserving probe expert meanwhile."""
+    from layermoe.adapters.probe import probe_empty_layers  # scoring imports adapters lazily (modules.py)
+
+    return probe_empty_layers(model) if scope == "adapter" else contextlib.nullcontext()
 
 
 def _capture_statistics(
@@ -363,36 +476,108 @@ def _capture_statistics(
     val_batches: Iterable[Batch],
     loss_fn: LossFn,
     scope: str,
+    *,
     modules: Sequence[str] | None,
     blocks: Sequence[int] | None,
     chunk_size: int,
-    projection_dim: int | None,
+    projection_dim: int | str | None,
     projection_seed: int,
     reduce_fn: ReduceFn | None,
-    max_store_bytes: int,
+    max_store_bytes: int | None,
+    store_fraction: float,
     progress: bool | None,
+    show_plan: bool | None,
+    loss_sink: LossSink | None,
 ) -> dict[int, BlockStatistics]:
-    collector = _Collector(scored_layers(model, modules, blocks), scope, projection_dim, projection_seed)
+    collector = _Collector(scored_layers(model, modules, blocks), scope, projection_seed, reduce_fn)
     results: dict[int, BlockStatistics] = {}
     with torch.inference_mode(False):
         train_chunks = _chunks(train_batches, chunk_size, collector.device, "train_batches")
         val_chunks = _chunks(val_batches, chunk_size, collector.device, "val_batches")
     samples = sum(batch_size(c) for c in train_chunks) + sum(batch_size(c) for c in val_chunks)
+    store, source = _store_budget(collector.device, max_store_bytes, store_fraction)
     if reduce_fn is not None:
-        # Every rank must split the blocks into the same passes (each pass gathers once per piece).
-        counts = reduce_fn(torch.tensor([samples], dtype=torch.int64, device=collector.device))
-        samples = sum(int(c.sum()) for c in counts)
-    groups = _groups(collector, samples, max_store_bytes)
+        # Every rank must make the same plan (each pass gathers once per piece): all samples, least memory.
+        info = torch.tensor([samples, store], dtype=torch.int64, device=collector.device)
+        gathered = [g.reshape(-1, 2) for g in reduce_fn(info.reshape(1, 2))]
+        samples = sum(int(g[:, 0].sum()) for g in gathered)
+        store = min(int(g[:, 1].min()) for g in gathered)
+    plan = plan_capture(
+        collector.dims,
+        samples,
+        store,
+        projection_dim,
+        element_bytes={b: collector.element_bytes(b) for b in collector.dims},
+        store_source=source,
+    )
+    _announce(plan, show_plan)
+    collector.project(
+        {b.block: b.projection_dim for b in plan.blocks}, [b.block for b in plan.blocks if b.exact_mean]
+    )
     _run_passes(
         model,
         collector,
+        # validation first: an exact mean validation gradient must be complete before training rows
         [("val", val_chunks), ("train", train_chunks)],
         loss_fn,
-        groups,
+        [list(group) for group in plan.passes],
         progress,
-        lambda _group: results.update(collector.statistics(reduce_fn)),
+        lambda _group: results.update(collector.statistics()),
+        loss_sink,
     )
+    bounds = {b: projection_error_bound(s) for b, s in results.items() if s.projected_dim is not None}
+    if bounds:
+        worst = max(bounds, key=lambda b: bounds[b])
+        logger.info(
+            "scoring: sketch error bound (relative to the sketched products the scores use) %s; worst block %d: %.3g",
+            ", ".join(f"{b}:{v:.3g}" for b, v in sorted(bounds.items())),
+            worst,
+            bounds[worst],
+        )
     return dict(sorted(results.items()))
+
+
+def _store_budget(device: torch.device, max_store_bytes: int | None, fraction: float) -> tuple[int, str]:
+    if max_store_bytes is None:
+        return default_store_bytes(device, fraction)
+    if not is_int_at_least(max_store_bytes):
+        raise ValueError(f"max_store_bytes must be None (automatic) or an int >= 1, got {max_store_bytes!r}")
+    return int(max_store_bytes), "max_store_bytes"
+
+
+def _announce(plan: CapturePlan, show: bool | None) -> None:
+    text = plan.describe()
+    logger.info("%s", text)
+    if sys.stderr.isatty() if show is None else show:
+        print(text, file=sys.stderr, flush=True)
+
+
+def capture_plan(
+    model: nn.Module,
+    samples: int,
+    scope: str = "adapter",
+    *,
+    modules: Sequence[str] | None = None,
+    blocks: Sequence[int] | None = None,
+    projection_dim: int | str | None = "auto",
+    max_store_bytes: int | None = None,
+    store_fraction: float = DEFAULT_STORE_FRACTION,
+) -> CapturePlan:
+    """The plan capture_statistics would make for `samples` (n + m) samples on this model, without
+    running anything (the same shapes, dtypes and store rule; 0-expert blocks with the probe expert
+    scoring gives them)."""
+    _check_options(scope, 1, projection_dim)
+    with _probed(model, scope):
+        collector = _Collector(scored_layers(model, modules, blocks), scope, 0)
+    store, source = _store_budget(collector.device, max_store_bytes, store_fraction)
+    return plan_capture(
+        collector.dims,
+        samples,
+        store,
+        projection_dim,
+        element_bytes={b: collector.element_bytes(b) for b in collector.dims},
+        store_source=source,
+    )
 
 
 def capture_per_sample_gradients(
@@ -416,7 +601,7 @@ def capture_per_sample_gradients(
     if scope == "adapter":  # a block with 0 experts has no adapter parameter to differentiate
         layers = {b: {n: m for n, m in mods.items() if m.has_adapter} for b, mods in layers.items()}
         layers = {b: mods for b, mods in layers.items() if mods}
-    collector = _Collector(layers, scope, None, 0)
+    collector = _Collector(layers, scope, 0)
     with torch.inference_mode(False):
         chunks = _chunks(batches, chunk_size, collector.device, "batches")
     _run_passes(
@@ -450,9 +635,9 @@ def _backward_chunk(
     collector: _Collector,
     anchors: list[torch.Tensor],
     split: str,
-) -> None:
+) -> torch.Tensor:
     size = batch_size(chunk)
-    collector.begin(size)
+    collector.begin(size, split)
     anchors.clear()
     losses = loss_fn(model, chunk)
     if not isinstance(losses, torch.Tensor) or losses.shape != (size,):
@@ -473,3 +658,4 @@ def _backward_chunk(
     torch.autograd.grad(losses.sum(), targets, allow_unused=True)
     collector.flush(split)
     anchors.clear()
+    return losses.detach()

@@ -5,7 +5,10 @@ gradient rows, training (n_r, d'_p) and validation (m_r, d'_p), where d'_p is th
 with `projection_dim=k`, the block's k sketch coordinates (one (n_r, k) and one (m_r, k) tensor per
 block). Cross-rank Gram entries g_i . g_j need both rows, so reducing local Grams alone cannot work;
 communication is (n + m) * d' numbers per block, which is why `projection_dim` is recommended under DDP.
-Every rank then builds the same Grams from the rows concatenated in rank order.
+Every rank then builds the same Grams from the rows concatenated in rank order. A sketched block with an
+exact mean validation gradient (`BlockPlan.exact_mean`) also gathers each rank's exact validation sum
+per parameter piece once the validation chunks are done (d_l numbers per rank; every rank then holds the
+same mean before its training chunks), and the training rows' n_r exact products with that mean.
 
 `reduce_fn(tensor) -> sequence of tensors, one per rank in rank order` (an all-gather). Shards may
 have different sizes.

@@ -7,7 +7,7 @@ statistics are a few small float64 matrices whatever the block's size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,7 +25,10 @@ class BlockStatistics:
     K_vv: (m, m) v_j . v_k (None when built by hand without it; needed only by `subset`).
     dim: d_l, the number of scored coordinates (before any projection; the damping rule uses it).
     projected_dim: k when the gradients were sketched to k coordinates (then every product above is
-    the sketch's unbiased estimate), None when exact. All tensors are float64.
+    the sketch's unbiased estimate), None when exact.
+    exact_mean: with projected_dim, the mean validation gradient gbar was kept exact and the sketch
+    applied to the directions orthogonal to it (`statistics_with_exact_mean`): K_gt and val_mean_grad_sq
+    are exact, and the other products are Grams of the mapped rows. All tensors are float64.
     """
 
     K_tt: torch.Tensor
@@ -37,25 +40,31 @@ class BlockStatistics:
     dim: int
     projected_dim: int | None = None
     K_vv: torch.Tensor | None = None
+    exact_mean: bool = False
 
     def subset(self, train: torch.Tensor, val: torch.Tensor) -> BlockStatistics:
         """The statistics the same gradients give on a subset of the samples (index tensors): exactly
         what capturing only those samples would give, with no new forward or backward pass. Used to
-        resample the scored samples (standard errors)."""
+        resample the scored samples (standard errors). With `exact_mean`, a subset of the training
+        samples alone keeps the exact K_gt; a subset of the validation samples gets the mean of the
+        mapped rows (the sketch's estimate, not what a re-capture with its own exact mean would give)."""
         if self.K_vv is None:
             raise ValueError("BlockStatistics.subset needs K_vv (statistics built by statistics_from_pieces)")
         k_vt = self.K_vt[val][:, train]
         k_vv = self.K_vv[val][:, val]
+        exact_mean = self.exact_mean and _everything(val, self.m)
         return BlockStatistics(
             K_tt=self.K_tt[train][:, train],
             K_vt=k_vt,
             train_sq_norms=self.train_sq_norms[train],
             val_sq_norms=self.val_sq_norms[val],
-            val_mean_grad_sq=k_vv.mean(),
-            K_gt=k_vt.mean(dim=0),
+            # the exact mean's products, not their (equal up to rounding) recomputation from K_vt, K_vv
+            val_mean_grad_sq=self.val_mean_grad_sq if exact_mean else k_vv.mean(),
+            K_gt=self.K_gt[train] if exact_mean else k_vt.mean(dim=0),
             dim=self.dim,
             projected_dim=self.projected_dim,
             K_vv=k_vv,
+            exact_mean=exact_mean,
         )
 
     @property
@@ -77,6 +86,58 @@ class BlockStatistics:
                     "model produced non-finite gradients); check the loss on the scoring batches, lower "
                     "the learning rate, or score in float32"
                 )
+
+
+def _everything(index: torch.Tensor, count: int) -> bool:
+    """Whether `index` lists each of 0..count-1 exactly once (in any order)."""
+    return index.numel() == count and torch.equal(index.sort().values.cpu(), torch.arange(count))
+
+
+def statistics_with_exact_mean(
+    train_rows: torch.Tensor,
+    val_rows: torch.Tensor,
+    mean_products: torch.Tensor,
+    mean_sq: torch.Tensor,
+    dim: int,
+    projected_dim: int,
+) -> BlockStatistics:
+    """Statistics of sketched rows Sg_i (n, k) and Sv_j (m, k) whose mean validation gradient gbar is
+    known exactly: mean_products (n,) = gbar . g_i and mean_sq = ||gbar||^2, both exact.
+
+    Every vector is mapped by T x = (x . u, S(x - (x . u) u)) with u = gbar / ||gbar||: the gbar
+    direction is kept exactly as one extra coordinate and only the rest is sketched. E<Tx, Ty> = x . y
+    (the sketched part is unbiased and orthogonal to u), and T is linear, so all statistics are the Gram
+    matrices of one set of mapped vectors: consistent (positive semi-definite; a validation mean in the
+    span of the training gradients is solved for exactly, as with a plain sketch), with K_gt and
+    ||gbar||^2 exact and no sketch noise along gbar. Only linear images of the rows are needed:
+    S gbar = mean_j Sv_j, so Tg_i = (a_i, Sg_i - a_i Su) with a_i = gbar . g_i / ||gbar||. For a
+    validation row v_j . u is not known exactly (the rows are sketched before gbar is complete); it is
+    estimated as ||gbar|| + (Sv_j - S gbar) . Su, which averages to ||gbar|| over the samples, so the
+    mapped validation rows average to T gbar exactly. Why not simply replace the sketched K_gt by the
+    exact one: mixed with a sketched training Gram it is no longer a Gram matrix, and on SmolLM2's
+    attention weights that turned fisher_influence's ranking to noise and curvature gains negative
+    (BENCHMARKS.md, "Memory plan at any model size").
+    """
+    n = int(train_rows.shape[0])
+    train = train_rows.to(torch.float64)
+    val = val_rows.to(torch.float64)
+    products = mean_products.to(dtype=torch.float64, device=train.device)
+    mean_sq = torch.as_tensor(mean_sq, dtype=torch.float64, device=train.device)
+    if products.shape != (n,) or mean_sq.ndim != 0:
+        raise ValueError(f"mean_products must have shape ({n},) and mean_sq must be a scalar")
+    norm = float(mean_sq.sqrt())
+    if norm > 0.0:
+        sketched_mean = val.mean(dim=0)  # S gbar, by linearity
+        direction = sketched_mean / norm  # S u
+        along_train = products / norm
+        along_val = norm + (val - sketched_mean) @ direction
+        train_pieces = [along_train.unsqueeze(1), train - along_train.unsqueeze(1) * direction]
+        val_pieces = [along_val.unsqueeze(1), val - along_val.unsqueeze(1) * direction]
+    else:  # gbar = 0: every product with it is 0, and the plain sketch already gives S gbar = 0
+        train_pieces, val_pieces = [train], [val]
+    stats = statistics_from_pieces(train_pieces, val_pieces, dim, projected_dim)
+    # the exact values themselves, not their (equal up to rounding) reconstruction from the mapped rows
+    return replace(stats, K_gt=products, val_mean_grad_sq=mean_sq, exact_mean=True)
 
 
 def gram(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
