@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -48,6 +48,9 @@ from layermoe.callbacks import LayerInfluenceCallback  # noqa: E402
 from layermoe.callbacks import data as data_utils  # noqa: E402
 from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss  # noqa: E402
 from layermoe.callbacks.transaction import ModuleSnapshot  # noqa: E402
+
+if TYPE_CHECKING:
+    from layermoe.lightning_modules import TextDataModule
 
 _HOOKS = ("setup", "on_fit_start", "on_train_batch_start", "on_train_batch_end", "on_validation_end")
 
@@ -182,6 +185,25 @@ class StepClock(Callback):
         self.last, self.last_hook = now, hook
 
 
+def sst2_data_module(model_dir: Path, data_dir: Path, batch_size: int) -> TextDataModule:
+    """SST-2 as this benchmark feeds it to SmolLM2 (prompt, label words, 64 tokens, seed 0); the scoring
+    memory benchmark measures on the same batches, so its numbers compare with this run's."""
+    from layermoe.lightning_modules import TextDataModule
+
+    return TextDataModule(
+        train_file=str(data_dir / "train.jsonl"),
+        val_file=str(data_dir / "validation.jsonl"),
+        tokenizer=str(model_dir),
+        task="classification",
+        prompt_template="Review: {text}\nSentiment:",
+        label_words=["negative", "positive"],
+        max_length=64,
+        batch_size=batch_size,
+        eval_batch_size=batch_size,
+        seed=0,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -198,7 +220,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
-    from layermoe.lightning_modules import MoELoRAFineTuner, TextDataModule
+    from layermoe.lightning_modules import MoELoRAFineTuner
     from layermoe.models import is_prepared, shared_data_dir, smollm2_dir
 
     model_dir = smollm2_dir()
@@ -223,18 +245,7 @@ def main() -> None:
         print_layout=False,
         print_metrics=False,
     )
-    data = TextDataModule(
-        train_file=str(data_dir / "train.jsonl"),
-        val_file=str(data_dir / "validation.jsonl"),
-        tokenizer=str(model_dir),
-        task="classification",
-        prompt_template="Review: {text}\nSentiment:",
-        label_words=["negative", "positive"],
-        max_length=64,
-        batch_size=args.batch_size,
-        eval_batch_size=args.batch_size,
-        seed=0,
-    )
+    data = sst2_data_module(model_dir, data_dir, args.batch_size)
     cb = TimedCallback(
         scorer=args.scorer,
         schedule={"warmup": args.rewire_at},

@@ -64,9 +64,10 @@ class PeakRSS:
 
 def run_variant(variant: str, batches: int, val_batches: int, projection_dim: int) -> dict[str, Any]:
     import torch
+    from callback_overhead import sst2_data_module  # this script's folder: run as a script
 
     from layermoe.callbacks.scoring_pass import resolve_per_sample_loss
-    from layermoe.lightning_modules import MoELoRAFineTuner, TextDataModule
+    from layermoe.lightning_modules import MoELoRAFineTuner
     from layermoe.models import shared_data_dir, smollm2_dir
     from layermoe.scoring import capture_statistics
 
@@ -83,18 +84,7 @@ def run_variant(variant: str, batches: int, val_batches: int, projection_dim: in
         print_layout=False,
         print_metrics=False,
     )
-    data = TextDataModule(
-        train_file=str(data_dir / "train.jsonl"),
-        val_file=str(data_dir / "validation.jsonl"),
-        tokenizer=str(model_dir),
-        task="classification",
-        prompt_template="Review: {text}\nSentiment:",
-        label_words=["negative", "positive"],
-        max_length=64,
-        batch_size=8,
-        eval_batch_size=8,
-        seed=0,
-    )
+    data = sst2_data_module(model_dir, data_dir, batch_size=8)
     data.setup("fit")
     loader = iter(data.train_dataloader())
     chunks = [next(loader) for _ in range(batches)]

@@ -36,6 +36,8 @@ CALLBACK_LAYOUT = (
 
 
 def smollm2_shaped(blocks: int = 30) -> nn.Module:
+    """SmolLM2-135M's projection layers under ``layers.<i>.self_attn/mlp`` and nothing else; the weights
+    stay uninitialized since surgery reads only their shapes. The adapter tests resize this model too."""
     d, f, kv = 576, 1536, 192
     shapes = {
         "self_attn.q_proj": (d, d),

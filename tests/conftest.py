@@ -6,9 +6,13 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -60,18 +64,44 @@ def toy_rows(n: int, seed: int = 0, positive_fraction: float = 0.5) -> list[dict
     return rows
 
 
+def atomic_checkpoint_trainer(max_steps: int, callbacks: list[Callback]) -> L.Trainer:
+    """A quiet trainer without validation that writes checkpoints through AtomicCheckpointIO (with
+    checksums), as the checkpoint tests write them; they pass their ModelCheckpoint in ``callbacks``."""
+    # imported here: this file stays light for the many tests that never build a Trainer
+    import lightning as L
+
+    from layermoe.checkpointing import AtomicCheckpointIO
+
+    return L.Trainer(
+        max_steps=max_steps,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=callbacks,
+    )
+
+
 @pytest.fixture
 def tiny_spec() -> dict[str, Any]:
     return tiny_llama_spec()
 
 
+def write_toy_files(root: Path) -> dict[str, Path]:
+    """root/data/train.jsonl (96 rows) and root/data/test.jsonl (24 rows) of the toy task; a plain
+    function so that module-scoped fixtures write the same files as the ``toy_files`` fixture."""
+    return {
+        "train": write_jsonl(root / "data" / "train.jsonl", toy_rows(96, seed=0)),
+        "test": write_jsonl(root / "data" / "test.jsonl", toy_rows(24, seed=1)),
+    }
+
+
 @pytest.fixture
 def toy_files(tmp_path: Path) -> dict[str, Path]:
     """train.jsonl (96 rows) and test.jsonl (24 rows) of the toy task."""
-    return {
-        "train": write_jsonl(tmp_path / "data" / "train.jsonl", toy_rows(96, seed=0)),
-        "test": write_jsonl(tmp_path / "data" / "test.jsonl", toy_rows(24, seed=1)),
-    }
+    return write_toy_files(tmp_path)
 
 
 @pytest.fixture

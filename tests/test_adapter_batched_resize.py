@@ -10,11 +10,11 @@ import torch
 from layermoe.adapters import MoELoRAConfig, apply_layout, inject, layout, named_moe_layers
 
 from .test_adapter_helpers import randomize
-from .test_adapter_inject import _smollm_sized_model
+from .test_adapter_inject import smollm2_shaped
 
 
 def _model(blocks: int, experts: int, rank: int, seed: int) -> torch.nn.Module:
-    model = _smollm_sized_model(blocks)
+    model = smollm2_shaped(blocks)
     inject(model, MoELoRAConfig(experts=experts, rank=rank))
     for i, layer in enumerate(named_moe_layers(model).values()):
         randomize(layer, seed=seed + i)

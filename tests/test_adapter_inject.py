@@ -3,12 +3,13 @@ models into freshly built ones."""
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 from layermoe.adapters import (
     MoELoRAConfig,
@@ -24,6 +25,11 @@ from layermoe.adapters import (
 
 from .test_adapter_helpers import randomize  # noqa: F401
 from .tiny_models import random_tokens, tiny_bert, tiny_gpt2, tiny_llama, tiny_qwen2
+
+# The surgery-speed benchmark's SmolLM2-shaped model: the timing tests here and the batched-resize tests
+# resize the same shapes the benchmark times (tests import benchmark modules the same way elsewhere).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from surgery_speed import smollm2_shaped  # noqa: E402
 
 LLAMA_MODULES = {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in ("gate", "up", "down")}
 FAMILIES = {
@@ -186,33 +192,10 @@ def test_apply_layout_is_all_or_nothing():
     assert all(p is params[n] for n, p in model.named_parameters())
 
 
-def _smollm_sized_model(blocks: int = 30) -> nn.Module:
-    d, f, kv = 576, 1536, 192
-    shapes = {
-        "self_attn.q_proj": (d, d),
-        "self_attn.k_proj": (d, kv),
-        "self_attn.v_proj": (d, kv),
-        "self_attn.o_proj": (d, d),
-        "mlp.gate_proj": (d, f),
-        "mlp.up_proj": (d, f),
-        "mlp.down_proj": (f, d),
-    }
-    model = nn.Module()
-    model.layers = nn.ModuleList()
-    for _ in range(blocks):
-        block = nn.Module()
-        block.self_attn, block.mlp = nn.Module(), nn.Module()
-        for name, (d_in, d_out) in shapes.items():
-            parent, child = name.split(".")
-            setattr(getattr(block, parent), child, skip_init(nn.Linear, d_in, d_out, bias=False))
-        model.layers.append(block)
-    return model
-
-
 def test_resize_30_block_model_timing():
     """SmolLM2-135M-sized adapters (30 blocks x 7 modules, d=576): a drastic random re-layout and a
     typical one-step reallocation; times printed, loosely bounded."""
-    model = _smollm_sized_model()
+    model = smollm2_shaped()
     inject(model, MoELoRAConfig(experts=4, rank=8))
     for layer in named_moe_layers(model).values():
         randomize(layer)

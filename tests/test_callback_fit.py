@@ -274,13 +274,15 @@ def test_warmup_zero_allocates_before_the_first_optimizer_step(tmp_path) -> None
     assert sorted(in_optimizer) == sorted(trainable)
 
 
-def test_loss_before_the_rewire_comes_from_the_scoring_forward(tmp_path) -> None:
-    """The rewire's "loss before" reuses the scoring pass's validation losses (no second forward): it
-    equals an independent eval-mode probe of the same samples taken right before the rewire."""
-    seed_everything(0)
-    module = TinyLlamaModule(experts=3, rank=4, lr=1e-2, train_head=True)
+def _fit_probing_the_rewire(
+    module: TinyLlamaModule, tmp_path: Any
+) -> tuple[LayerInfluenceCallback, list[float], list[int]]:
+    """Five steps with one grad_norm rewire after step 3. Returns the callback, an independent eval-mode
+    validation loss taken right before each rewire, and how many loss probes each rewire ran itself
+    (with rank_fade_steps=0 the callback probes only inside the rewire)."""
     train, val = loaders()
     probed: list[float] = []
+    probes: list[int] = []
 
     class Probed(LayerInfluenceCallback):
         def _apply_pending(self, trainer: Trainer, pl_module: Any) -> None:
@@ -289,7 +291,7 @@ def test_loss_before_the_rewire_comes_from_the_scoring_forward(tmp_path) -> None
             original = self._probe
             self._probe = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
             super()._apply_pending(trainer, pl_module)
-            assert len(calls) == 1  # only the loss after the rewire is probed
+            probes.append(len(calls))
 
     cb = Probed(
         scorer="grad_norm",
@@ -300,7 +302,17 @@ def test_loss_before_the_rewire_comes_from_the_scoring_forward(tmp_path) -> None
         verbose=False,
     )
     _trainer([cb], tmp_path, max_steps=5, limit_val_batches=0).fit(module, train, val)
+    return cb, probed, probes
+
+
+def test_loss_before_the_rewire_comes_from_the_scoring_forward(tmp_path) -> None:
+    """The rewire's "loss before" reuses the scoring pass's validation losses (no second forward): it
+    equals an independent eval-mode probe of the same samples taken right before the rewire."""
+    seed_everything(0)
+    module = TinyLlamaModule(experts=3, rank=4, lr=1e-2, train_head=True)
+    cb, probed, probes = _fit_probing_the_rewire(module, tmp_path)
     assert len(cb.history) == 1 and len(probed) == 1
+    assert probes == [1]  # only the loss after the rewire is probed
     assert cb.history[0]["val_loss_before"] == pytest.approx(probed[0], rel=1e-6)
 
 
@@ -348,27 +360,8 @@ def test_loss_before_is_probed_when_the_probe_forward_differs_from_the_scoring_f
     module = TinyLlamaModule(experts=4, rank=4, lr=1e-2, train_head=True)
     for layer in named_moe_layers(module.model).values():
         layer.top_k, layer.path = 1, "grouped"
-    train, val = loaders()
-    probed: list[float] = []
-    calls: list[int] = []
-
-    class Probed(LayerInfluenceCallback):
-        def _apply_pending(self, trainer: Trainer, pl_module: Any) -> None:
-            probed.append(_val_loss(pl_module, val, N_SAMPLES))
-            original = self._probe
-            self._probe = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
-            super()._apply_pending(trainer, pl_module)
-
-    cb = Probed(
-        scorer="grad_norm",
-        schedule={"warmup": 3},
-        num_train_samples=N_SAMPLES,
-        num_val_samples=N_SAMPLES,
-        plot=False,
-        verbose=False,
-    )
-    _trainer([cb], tmp_path, max_steps=5, limit_val_batches=0).fit(module, train, val)
-    assert len(cb.history) == 1 and len(calls) == 2  # loss before and loss after
+    cb, probed, probes = _fit_probing_the_rewire(module, tmp_path)
+    assert len(cb.history) == 1 and probes == [2]  # loss before and loss after
     assert cb.history[0]["val_loss_before"] == pytest.approx(probed[0], rel=1e-6)
 
 

@@ -11,8 +11,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from layermoe.adapters import layout, moe_layers
 from layermoe.callbacks import LayerInfluenceCallback, load_adapted_checkpoint
-from layermoe.checkpointing import AtomicCheckpointIO, exact_resume_callbacks
+from layermoe.checkpointing import exact_resume_callbacks
 from layermoe.scoring import causal_lm_per_sample_loss
+from tests.conftest import atomic_checkpoint_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 
 
@@ -35,15 +36,8 @@ def test_load_adapted_checkpoint_reproduces_validation_loss(tmp_path: Path) -> N
         plot=False,
         verbose=False,
     )
-    trainer = L.Trainer(
-        max_steps=4,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        plugins=[AtomicCheckpointIO()],
-        callbacks=[influence, *exact_resume_callbacks(), ModelCheckpoint(tmp_path, save_last=True)],
+    trainer = atomic_checkpoint_trainer(
+        4, [influence, *exact_resume_callbacks(), ModelCheckpoint(tmp_path, save_last=True)]
     )
     trainer.fit(module, train, val)
     assert influence.state.rewires_done == 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
@@ -20,6 +19,7 @@ from layermoe.checkpointing.integrity import (
 )
 from layermoe.lightning_modules import MoELoRAFineTuner
 from layermoe.lightning_modules.finetuner import NonFiniteLossError
+from tests.conftest import atomic_checkpoint_trainer
 from tests.scripts.resume_run import ADAPTER, TINY_LLAMA, data_module
 from tests.test_resume_e2e import _write_data
 
@@ -89,18 +89,8 @@ def test_non_finite_loss_stops_the_fit_and_is_never_written(tmp_path: Path) -> N
     _write_data(tmp_path / "data")
     module = MoELoRAFineTuner(model=TINY_LLAMA, adapter=ADAPTER, num_classes=2, print_layout=False)
     folder = tmp_path / "checkpoints"
-    trainer = L.Trainer(
-        max_steps=6,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        plugins=[AtomicCheckpointIO()],
-        callbacks=[
-            _PoisonAt(3),
-            ModelCheckpoint(folder, filename="{step}", every_n_train_steps=1, save_last=True),
-        ],
+    trainer = atomic_checkpoint_trainer(
+        6, [_PoisonAt(3), ModelCheckpoint(folder, filename="{step}", every_n_train_steps=1, save_last=True)]
     )
     with pytest.raises(NonFiniteLossError, match="global step 3"):
         trainer.fit(module, datamodule=data_module(str(tmp_path / "data")))

@@ -20,9 +20,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from layermoe.callbacks import LayerInfluenceCallback, load_adapted_checkpoint
-from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.checkpointing.integrity import CHECKSUM_KEY, CheckpointIntegrityError
 from layermoe.lightning_modules import MoELoRAFineTuner
+from tests.conftest import atomic_checkpoint_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 from tests.scripts.resume_run import ADAPTER, TINY_LLAMA, data_module
 from tests.test_resume_e2e import _write_data
@@ -37,16 +37,7 @@ DAMAGES = [
 
 
 def _fit(module: L.LightningModule, folder: Path, callbacks: list, **fit_kwargs) -> Path:
-    trainer = L.Trainer(
-        max_steps=2,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        plugins=[AtomicCheckpointIO()],
-        callbacks=[*callbacks, ModelCheckpoint(folder, save_last=True)],
-    )
+    trainer = atomic_checkpoint_trainer(2, [*callbacks, ModelCheckpoint(folder, save_last=True)])
     trainer.fit(module, **fit_kwargs)
     return folder / "last.ckpt"
 

@@ -7,6 +7,7 @@ a second config, so the test exercises the same adapter, template and checkpoint
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,18 +21,23 @@ REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
 
 
+def toy_data_override(files: dict[str, Path]) -> dict[str, Any]:
+    """The config's ``data`` section for the toy files: the tiny tokenizer, every row, 16 held out."""
+    return {
+        "tokenizer": "tiny",
+        "train_file": str(files["train"]),
+        "test_file": str(files["test"]),
+        "val_size": 16,
+        "limit_train_rows": None,
+        "limit_eval_rows": None,
+    }
+
+
 def _override(tmp_path: Path, spec: dict, files: dict[str, Path], max_steps: int = 6) -> Path:
     config = {
         "trainer": {"max_steps": max_steps, "val_check_interval": 3, "enable_progress_bar": False},
         "model": {"model": spec, "warmup_steps": 2},
-        "data": {
-            "tokenizer": "tiny",
-            "train_file": str(files["train"]),
-            "test_file": str(files["test"]),
-            "val_size": 16,
-            "limit_train_rows": None,
-            "limit_eval_rows": None,
-        },
+        "data": toy_data_override(files),
     }
     path = tmp_path / "override.yaml"
     path.write_text(yaml.safe_dump(config))

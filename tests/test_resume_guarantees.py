@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shutil
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -16,8 +18,8 @@ import torch
 import yaml
 
 from layermoe.lightning_modules.cli import main
-from tests.conftest import tiny_llama_spec, toy_rows, write_jsonl
-from tests.test_cli_quickstart import QUICKSTART, _override
+from tests.conftest import tiny_llama_spec, write_toy_files
+from tests.test_cli_quickstart import QUICKSTART, _override, toy_data_override
 
 
 @pytest.fixture
@@ -25,6 +27,15 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)  # the quickstart writes to runs/quickstart relative to the working directory
     monkeypatch.setattr("sys.argv", ["train.py"])
     return tmp_path
+
+
+@contextmanager
+def _train_py_in(folder: Path) -> Iterator[None]:
+    """What the run_dir fixture sets up, for module-scoped fixtures (which cannot take monkeypatch)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.setattr("sys.argv", ["train.py"])
+        yield
 
 
 def _fit(run_dir: Path, spec: dict, files: dict[str, Path], *extra: str, max_steps: int = 3):
@@ -40,13 +51,8 @@ def _checkpoints(run_dir: Path) -> Path:
 def three_steps(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One 3-step quickstart fit (tiny model, toy data), shared: each test resumes from a copy of it."""
     root = tmp_path_factory.mktemp("three_steps")
-    files = {
-        "train": write_jsonl(root / "data" / "train.jsonl", toy_rows(96, seed=0)),
-        "test": write_jsonl(root / "data" / "test.jsonl", toy_rows(24, seed=1)),
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setattr("sys.argv", ["train.py"])
+    files = write_toy_files(root)
+    with _train_py_in(root):
         _fit(root, tiny_llama_spec(), files, max_steps=3)
     return _checkpoints(root) / "last.ckpt"
 
@@ -223,14 +229,7 @@ def _epoch_end_override(root: Path, files: dict[str, Path], max_epochs: int | No
             "print_layout": False,
             "print_metrics": False,
         },
-        "data": {
-            "tokenizer": "tiny",
-            "train_file": str(files["train"]),
-            "test_file": str(files["test"]),
-            "val_size": 16,
-            "limit_train_rows": None,
-            "limit_eval_rows": None,
-        },
+        "data": toy_data_override(files),
     }
     root.mkdir(parents=True, exist_ok=True)
     path = root / "override.yaml"
@@ -242,13 +241,8 @@ def _epoch_end_override(root: Path, files: dict[str, Path], max_epochs: int | No
 def epoch_end_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Path]]:
     """The uninterrupted run (12 steps: epoch 0, then 2 steps of epoch 1) and its data files."""
     root = tmp_path_factory.mktemp("epoch_end")
-    files = {
-        "train": write_jsonl(root / "data" / "train.jsonl", toy_rows(96, seed=0)),
-        "test": write_jsonl(root / "data" / "test.jsonl", toy_rows(24, seed=1)),
-    }
-    with pytest.MonkeyPatch.context() as patch:
-        patch.chdir(root)
-        patch.setattr("sys.argv", ["train.py"])
+    files = write_toy_files(root)
+    with _train_py_in(root):
         override = _epoch_end_override(root / "A", files, max_epochs=None)
         main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
     return root / "A" / "checkpoints", files

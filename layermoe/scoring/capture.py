@@ -502,14 +502,7 @@ def _capture_statistics(
         gathered = [g.reshape(-1, 2) for g in reduce_fn(info.reshape(1, 2))]
         samples = sum(int(g[:, 0].sum()) for g in gathered)
         store = min(int(g[:, 1].min()) for g in gathered)
-    plan = plan_capture(
-        collector.dims,
-        samples,
-        store,
-        projection_dim,
-        element_bytes={b: collector.element_bytes(b) for b in collector.dims},
-        store_source=source,
-    )
+    plan = _plan(collector, samples, store, source, projection_dim)
     _announce(plan, show_plan)
     collector.project(
         {b.block: b.projection_dim for b in plan.blocks}, [b.block for b in plan.blocks if b.exact_mean]
@@ -545,6 +538,21 @@ def _store_budget(device: torch.device, max_store_bytes: int | None, fraction: f
     return int(max_store_bytes), "max_store_bytes"
 
 
+def _plan(
+    collector: _Collector, samples: int, store: int, source: str, projection_dim: int | str | None
+) -> CapturePlan:
+    """The plan for the collector's blocks: one function for capture_statistics and capture_plan, so the
+    plan capture_plan reports is the one capture_statistics makes."""
+    return plan_capture(
+        collector.dims,
+        samples,
+        store,
+        projection_dim,
+        element_bytes={b: collector.element_bytes(b) for b in collector.dims},
+        store_source=source,
+    )
+
+
 def _announce(plan: CapturePlan, show: bool | None) -> None:
     text = plan.describe()
     logger.info("%s", text)
@@ -570,14 +578,7 @@ def capture_plan(
     with _probed(model, scope):
         collector = _Collector(scored_layers(model, modules, blocks), scope, 0)
     store, source = _store_budget(collector.device, max_store_bytes, store_fraction)
-    return plan_capture(
-        collector.dims,
-        samples,
-        store,
-        projection_dim,
-        element_bytes={b: collector.element_bytes(b) for b in collector.dims},
-        store_source=source,
-    )
+    return _plan(collector, samples, store, source, projection_dim)
 
 
 def capture_per_sample_gradients(
