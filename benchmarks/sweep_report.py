@@ -50,6 +50,16 @@ def seeds_for_power(sd: float, detect: float = DETECT) -> int:
     return max(2, math.ceil(((Z_TWO_SIDED_95 + Z_POWER_80) * sd / detect) ** 2))
 
 
+def detectable_difference(sd: float, seeds: int) -> float:
+    """The paired relative difference that ``seeds`` seeds find at 80% power (5% two-sided t-test):
+    ``(t_0.975 + t_0.8) * sd / sqrt(n)`` with n - 1 degrees of freedom; what a table with that many seeds
+    can and cannot rule out when ``seeds_for_power`` asks for more than a session can run."""
+    from scipy.stats import t
+
+    df = seeds - 1
+    return float((t.ppf(0.975, df) + t.ppf(0.8, df)) * sd / math.sqrt(seeds))
+
+
 def relative_differences(
     results: Sequence[dict[str, Any]], arm: str, baseline: str, task: str, budget: str
 ) -> list[float]:
@@ -151,21 +161,31 @@ def _arm_order(arm: str) -> tuple[int, str]:
 
 
 def power_note(results: Sequence[dict[str, Any]]) -> str:
-    """The paired spread of each scorer arm against uniform and the seeds a 1% difference would need."""
+    """Per arm, the paired spread against uniform, the seeds a 1% difference would need, and the
+    difference the seeds run so far would detect (both at 80% power, 5% two-sided)."""
     rows = []
-    for task, budget in sorted({(r["task"], r["budget"]) for r in results}):
-        for arm in ("layerif", "curvature"):
+    groups = sorted(
+        {(r["task"], r["budget"]) for r in results}, key=lambda g: (g[0], BUDGET_ORDER.get(g[1], 9))
+    )
+    for task, budget in groups:
+        arms = sorted(
+            {r["arm"] for r in results if r["task"] == task and r["budget"] == budget}, key=_arm_order
+        )
+        for arm in arms:
             diffs = relative_differences(results, arm, "uniform", task, budget)
-            if len(diffs) >= 2:
-                sd = statistics.stdev(diffs)
-                rows.append(
-                    f"{task}/{budget}/{arm}: sd {100 * sd:.2f}% over {len(diffs)} seeds -> n = {seeds_for_power(sd)}"
-                )
+            if arm == "uniform" or len(diffs) < 2:
+                continue
+            sd = statistics.stdev(diffs)
+            rows.append(
+                f"{task}/{budget}/{arm}: sd {100 * sd:.2f}% over {len(diffs)} seeds -> n = {seeds_for_power(sd)}"
+                f" for 1%; {len(diffs)} seeds detect {100 * detectable_difference(sd, len(diffs)):.1f}%"
+            )
     if not rows:
         return "Power: needs two paired seeds."
     return (
         "Power (paired relative difference in test label loss to uniform; seeds for 1% at 80% power,"
-        " n = ((1.96 + 0.84) * sd / 0.01)^2): " + "; ".join(rows)
+        " n = ((1.96 + 0.84) * sd / 0.01)^2; detectable with the seeds run: (t_0.975 + t_0.8) * sd / sqrt(n)):\n\n"
+        + "\n".join(f"- {row}" for row in rows)
     )
 
 

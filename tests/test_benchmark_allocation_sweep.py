@@ -102,6 +102,8 @@ def test_interval_and_power_match_closed_forms() -> None:
     # sd 2% of the loss: ((1.96 + 0.84) * 2)^2 = 31.4 -> 32 seeds; sd 0.5%: 1.96 -> at least 2
     assert sweep_report.seeds_for_power(0.02) == 32
     assert sweep_report.seeds_for_power(0.005) == 2
+    # 3 seeds, sd 2%: (t(0.975, 2) + t(0.8, 2)) * 2 / sqrt(3) = (4.3027 + 1.0607) * 2 / 1.7321 = 6.193%
+    assert sweep_report.detectable_difference(0.02, 3) == pytest.approx(0.06193, rel=1e-3)
 
 
 def test_relative_differences_pair_by_seed() -> None:
