@@ -190,45 +190,57 @@ def power_note(results: Sequence[dict[str, Any]]) -> str:
 
 
 def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """Test label loss and accuracy (final weights) against budget, one line per arm, 95% t-intervals."""
+    """Against budget, one line per arm with 95% t-intervals: the paired relative difference in test label
+    loss to uniform (the comparison: seeds move every arm's loss together, so the absolute losses' own
+    intervals are wide), then test label loss and accuracy with the final weights."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in results})
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 7), squeeze=False)
+    fig, axes = plt.subplots(3, len(tasks), figsize=(5.5 * len(tasks), 10), squeeze=False)
+    panels = (
+        ("paired", "test label loss vs uniform (%, paired)"),
+        ("label_loss", "test label loss"),
+        ("accuracy", "test accuracy"),
+    )
     for column, task in enumerate(tasks):
         runs = [r for r in results if r["task"] == task]
         arms = sorted({r["arm"] for r in runs}, key=_arm_order)
+        budgets = sorted({r["budget"] for r in runs}, key=lambda b: BUDGET_ORDER.get(b, 9))
         for index, arm in enumerate(arms):
             # arms share the budgets' x values: spread them a little so the error bars stay apart
             nudge = 1.06 ** (index - (len(arms) - 1) / 2)
-            points = []
-            for budget in sorted({r["budget"] for r in runs}, key=lambda b: BUDGET_ORDER.get(b, 9)):
-                mine = [r for r in runs if r["arm"] == arm and r["budget"] == budget]
-                uniform = [r for r in runs if r["arm"] == "uniform" and r["budget"] == budget]
-                if not mine:
-                    continue
-                ref = uniform[0] if uniform else mine[0]
-                x = 100 * ref["trainable_params"] / ref["base_params"]
-                points.append((x * nudge, mine))
-            for row, (key, label) in enumerate(
-                (("label_loss", "test label loss"), ("accuracy", "test accuracy"))
-            ):
+            for row, (key, label) in enumerate(panels):
                 xs, ys, errs = [], [], []
-                for x, mine in points:
-                    mean, half = mean_interval([r["final"][key] for r in mine])
-                    xs.append(x)
+                for budget in budgets:
+                    mine = [r for r in runs if r["arm"] == arm and r["budget"] == budget]
+                    uniform = [r for r in runs if r["arm"] == "uniform" and r["budget"] == budget]
+                    if not mine:
+                        continue
+                    ref = uniform[0] if uniform else mine[0]
+                    if key == "paired":
+                        values = [
+                            100 * d for d in relative_differences(results, arm, "uniform", task, budget)
+                        ]
+                    else:
+                        values = [r["final"][key] for r in mine]
+                    if not values:
+                        continue
+                    mean, half = mean_interval(values)
+                    xs.append(100 * ref["trainable_params"] / ref["base_params"] * nudge)
                     ys.append(mean)
                     errs.append(half or 0.0)
+                axis = axes[row][column]
                 if xs:
-                    axes[row][column].errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=arm)
-                axes[row][column].set_xscale("log")
-                axes[row][column].set_xlim(0.02, 10)  # the sweep's budgets: 0.04%, 0.45%, 4.1%
-                axes[row][column].set_xlabel("adapter / base parameters (%)")
-                axes[row][column].set_ylabel(label)
-                axes[row][column].set_title(f"{task}: {label} (final weights)")
+                    axis.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=arm)
+                axis.set_xscale("log")
+                axis.set_xlim(0.02, 10)  # the sweep's budgets: 0.04%, 0.45%, 4.1%
+                axis.set_xlabel("adapter / base parameters (%)")
+                axis.set_ylabel(label)
+                axis.set_title(f"{task}: {label} (final weights)")
+        axes[0][column].axhline(0.0, color="grey", linewidth=0.8)
         axes[0][column].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
