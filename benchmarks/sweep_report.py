@@ -23,8 +23,10 @@ PLACEBO_OF = {
     "beta0.5-layerif": "placebo-layerif",
     "beta0.25-layerif": "placebo-layerif",
     "inverse-layerif": "placebo-layerif",
+    "noshift-layerif": "placebo-layerif",
     "curvature": "placebo-curvature",
     "shrink-curvature": "placebo-curvature",
+    "beta1-curvature": "placebo-curvature",
 }
 BUDGET_ORDER = {"tight": 0, "mid": 1, "generous": 2}
 DETECT = 0.01  # relative difference in test loss the seed count is planned for
