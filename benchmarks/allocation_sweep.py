@@ -87,6 +87,10 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "shrink-curvature": {**_CURVATURE, "allocator_options": {"error_shrinkage": 1.0}},
     "beta0.5-layerif": {**_LAYERIF, "allocator_options": {"beta": 0.5}},
     "beta0.25-layerif": {**_LAYERIF, "allocator_options": {"beta": 0.25}},
+    # power_law on the raw scores: the lowest block keeps a share instead of being the zero point
+    "noshift-layerif": {**_LAYERIF, "allocator_options": {"shift": False}},
+    # mdl weighs q^beta with beta = 2 by default: 1 is the gentler skew
+    "beta1-curvature": {**_CURVATURE, "allocator_options": {"beta": 1.0}},
     # LayerIF as published: from the frozen base's attention weights, before the first step
     "oneshot-layerif": {
         **_LAYERIF,
@@ -103,6 +107,8 @@ SECONDARY_ARMS = [
     "shrink-curvature",
     "beta0.5-layerif",
     "beta0.25-layerif",
+    "noshift-layerif",
+    "beta1-curvature",
     "oneshot-layerif",
 ]
 SCORER_ARMS = {"layerif", "curvature", "shrink-layerif", "shrink-curvature", "beta0.5-layerif"}
