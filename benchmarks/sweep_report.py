@@ -118,9 +118,9 @@ def build_table(results: Sequence[dict[str, Any]], planned: Sequence[tuple[str, 
     lines.append(
         "| task | budget (adapter/base) | arm | seeds | test label loss (final) | vs uniform (paired) |"
         " vs placebo (paired) | acc final (%) | MCC final | acc selected (%) | trainable params |"
-        " layout agreement | score agreement |"
+        " layout agreement | score agreement | val loss jump at rewire |"
     )
-    lines.append("|" + " --- |" * 13)
+    lines.append("|" + " --- |" * 14)
     groups = sorted(
         {(r["task"], r["budget"]) for r in results}, key=lambda g: (g[0], BUDGET_ORDER.get(g[1], 9))
     )
@@ -151,10 +151,22 @@ def build_table(results: Sequence[dict[str, Any]], planned: Sequence[tuple[str, 
                 "/".join(str(p) for p in sorted({r["trainable_params"] for r in mine})),
                 "-" if agreement is None else f"{agreement:+.2f}",
                 "-" if draws is None else f"{draws:+.2f}",
+                _rewire_jump(mine),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     lines += ["", power_note(results)]
     return "\n".join(lines)
+
+
+def _rewire_jump(runs: Sequence[dict[str, Any]]) -> str:
+    """Mean relative change of the validation loss on the scoring samples across the (first) rewire:
+    what moving capacity costs at once, before training recovers (emptied blocks lose what they learned)."""
+    jumps = [
+        r["rewires"][0]["val_loss_after"] / r["rewires"][0]["val_loss_before"] - 1
+        for r in runs
+        if r.get("rewires") and r["rewires"][0].get("val_loss_before")
+    ]
+    return _mean_sd(jumps, 100, 1) + "%" if jumps else "-"
 
 
 def _arm_order(arm: str) -> tuple[int, str]:
