@@ -121,9 +121,7 @@ def build_table(results: Sequence[dict[str, Any]], planned: Sequence[tuple[str, 
         " layout agreement | score agreement | val loss jump at rewire |"
     )
     lines.append("|" + " --- |" * 14)
-    groups = sorted(
-        {(r["task"], r["budget"]) for r in results}, key=lambda g: (g[0], BUDGET_ORDER.get(g[1], 9))
-    )
+    groups = _groups(results)
     for task, budget in groups:
         runs = [r for r in results if r["task"] == task and r["budget"] == budget]
         uniform = [r for r in runs if r["arm"] == "uniform"]
@@ -158,6 +156,13 @@ def build_table(results: Sequence[dict[str, Any]], planned: Sequence[tuple[str, 
     return "\n".join(lines)
 
 
+def _groups(results: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The (task, budget) cells that have results, by task then budget size."""
+    return sorted(
+        {(r["task"], r["budget"]) for r in results}, key=lambda g: (g[0], BUDGET_ORDER.get(g[1], 9))
+    )
+
+
 def _rewire_jump(runs: Sequence[dict[str, Any]]) -> str:
     """Mean relative change of the validation loss on the scoring samples across the (first) rewire:
     what moving capacity costs at once, before training recovers (emptied blocks lose what they learned)."""
@@ -178,9 +183,7 @@ def power_note(results: Sequence[dict[str, Any]]) -> str:
     """Per arm, the paired spread against uniform, the seeds a 1% difference would need, and the
     difference the seeds run so far would detect (both at 80% power, 5% two-sided)."""
     rows = []
-    groups = sorted(
-        {(r["task"], r["budget"]) for r in results}, key=lambda g: (g[0], BUDGET_ORDER.get(g[1], 9))
-    )
+    groups = _groups(results)
     for task, budget in groups:
         arms = sorted(
             {r["arm"] for r in results if r["task"] == task and r["budget"] == budget}, key=_arm_order
