@@ -152,7 +152,7 @@ def build_table(results: Sequence[dict[str, Any]], planned: Sequence[tuple[str, 
                 _rewire_jump(mine),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", power_note(results)]
+    lines += ["", power_note(results), "", default_choice(results)]
     return "\n".join(lines)
 
 
@@ -203,6 +203,65 @@ def power_note(results: Sequence[dict[str, Any]]) -> str:
         "Power (paired relative difference in test label loss to uniform; seeds for 1% at 80% power,"
         " n = ((1.96 + 0.84) * sd / 0.01)^2; detectable with the seeds run: (t_0.975 + t_0.8) * sd / sqrt(n)):\n\n"
         + "\n".join(f"- {row}" for row in rows)
+    )
+
+
+CONTROLS = ("uniform", "placebo-", "inverse-")  # arms that test the others; never a default
+
+
+def blocks_moved(result: dict[str, Any]) -> int:
+    """Blocks whose final expert count or rank differs from uniform's starting layout."""
+    rewires = result.get("rewires") or []
+    if not rewires:
+        return 0
+    start, end = rewires[0]["layout_before"], result["final_layout"]
+    return sum(1 for block in start if start[block] != end.get(block))
+
+
+def default_choice(
+    results: Sequence[dict[str, Any]], tight: str = "tight", generous: str = "generous"
+) -> str:
+    """The issue's rule for the callback's defaults, computed: the candidate arm (no control) with the lowest
+    mean paired difference to uniform at the tight budget, pooled over every task and seed it ran, then its
+    paired difference at the generous budget, where it must not be measurably worse (the 95% interval's
+    lower end above zero)."""
+    pooled: dict[str, list[float]] = {}
+    moved: dict[str, list[int]] = {}
+    for task in sorted({r["task"] for r in results}):
+        for arm in {r["arm"] for r in results if r["budget"] == tight and r["task"] == task}:
+            if arm.startswith(CONTROLS):
+                continue
+            pooled.setdefault(arm, []).extend(relative_differences(results, arm, "uniform", task, tight))
+            moved.setdefault(arm, []).extend(
+                blocks_moved(r) for r in results if (r["arm"], r["task"], r["budget"]) == (arm, task, tight)
+            )
+    ranked = sorted((statistics.fmean(d), arm) for arm, d in pooled.items() if d)
+    if not ranked:
+        return "Default choice: needs paired runs at the tight budget."
+    rows = [
+        f"- {arm}: {_interval(pooled[arm])} over {len(pooled[arm])} paired runs;"
+        f" blocks moved per run {statistics.fmean(moved[arm]):.1f}"
+        for _, arm in ranked
+    ]
+    # arms that never move a block end bit-identical to uniform: a tie, and the generous check decides
+    best = [arm for mean, arm in ranked if mean - ranked[0][0] <= 1e-12]
+    checks = []
+    for task in sorted({r["task"] for r in results if r["budget"] == generous}):
+        for arm in best:
+            diffs = relative_differences(results, arm, "uniform", task, generous)
+            if not diffs:
+                checks.append(f"{arm} on {task}: not run")
+                continue
+            mean, half = mean_interval(diffs)
+            worse = half is not None and mean - half > 0
+            verdict = "measurably worse" if worse else "not measurably worse"
+            checks.append(f"{arm} on {task}: {_interval(diffs)} ({verdict})")
+    return (
+        "Default choice (tight budget, paired difference to uniform pooled over tasks and seeds; lower is"
+        " better):\n\n"
+        + "\n".join(rows)
+        + f"\n\nBest at {tight}: {', '.join(best)}{' (tied)' if len(best) > 1 else ''}."
+        + f" At {generous} vs uniform: {'; '.join(checks) if checks else 'not run'}."
     )
 
 

@@ -124,3 +124,39 @@ def test_arm_callbacks_are_valid_callback_arguments() -> None:
         callback = LayerInfluenceCallback(**config)  # every arm's options pass the callback's own checks
         assert callback.allocator_options["experts_bounds"] == [0, None]
     assert allocation_sweep.callback_config("placebo-layerif", 3)["scorer_options"]["seed"] == 3
+
+
+def test_default_choice_ranks_candidates_at_tight_and_checks_generous() -> None:
+    flat = {str(b): {"experts": 1, "rank": 1} for b in range(3)}
+    moved = {**flat, "0": {"experts": 0, "rank": 1}, "1": {"experts": 2, "rank": 1}}
+
+    def result(arm: str, budget: str, seed: int, loss: float, layout: dict | None = None) -> dict:
+        rewires = [{"layout_before": flat}] if layout else []
+        return {
+            "arm": arm,
+            "task": "t",
+            "budget": budget,
+            "seed": seed,
+            "final": {"label_loss": loss},
+            "rewires": rewires,
+            "final_layout": layout or flat,
+        }
+
+    results = []
+    for seed, base in enumerate((1.0, 2.0, 4.0)):
+        results += [result("uniform", "tight", seed, base), result("uniform", "generous", seed, base)]
+        results.append(result("a", "tight", seed, base * 1.10, moved))  # +10%, two blocks moved
+        results.append(result("b", "tight", seed, base * (1.01 + 0.01 * seed), flat))  # +2% mean
+        results.append(result("placebo-a", "tight", seed, base * 0.5, moved))  # a control: never chosen
+        results.append(result("b", "generous", seed, base * (1.05 + 0.001 * seed), flat))
+    text = sweep_report.default_choice(results)
+    assert text.index("- b:") < text.index("- a:") and "placebo" not in text
+    assert "- a: +10.00% ± 0.00 over 3 paired runs; blocks moved per run 2.0" in text
+    assert "Best at tight: b." in text
+    # generous: +5.1% +- a tiny interval, so the interval lies above zero
+    assert "b on t: +5.10%" in text and "(measurably worse)" in text
+    # an arm level with uniform at tight ties with any other such arm; both are checked at generous
+    results += [result("c", "tight", s, base, flat) for s, base in enumerate((1.0, 2.0, 4.0))]
+    results += [result("d", "tight", s, base, flat) for s, base in enumerate((1.0, 2.0, 4.0))]
+    tied = sweep_report.default_choice(results)
+    assert "Best at tight: c, d (tied)." in tied and "c on t: not run" in tied
