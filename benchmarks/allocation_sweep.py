@@ -98,6 +98,10 @@ ARMS: dict[str, dict[str, Any] | None] = {
         "capture_options": {"modules": ["self_attn"], "projection_dim": 16384},
         "schedule": {"warmup": 0},
     },
+    # the callback's defaults chosen from the tight budget (issue 27): the tied no-move arms' settings with
+    # the uncertainty option on and no block emptied; a no-op at tight and mid by construction (one expert
+    # per block is both the budget and the floor), so it runs at the generous budget
+    "default": {**_LAYERIF, "allocator_options": {"error_shrinkage": 1.0, "experts_bounds": [1, None]}},
 }
 PRIMARY_ARMS = ["uniform", "layerif", "curvature", "placebo-layerif", "placebo-curvature"]
 SECONDARY_ARMS = [
@@ -297,7 +301,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--phase", choices=["primary", "secondary"], default="primary")
+    parser.add_argument("--phase", choices=["primary", "secondary", "default"], default="primary")
     parser.add_argument(
         "--quick", action="store_true", help="tiny random model, 1 budget x 2 arms x 2 seeds (~1 min)"
     )
@@ -324,8 +328,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         if args.quick
         else {
             "tasks": ["sst2", "sarcasm"],
-            "budgets": BUDGETS if args.phase == "primary" else ["tight"],
-            "arms": PRIMARY_ARMS if args.phase == "primary" else ["uniform", *SECONDARY_ARMS],
+            "budgets": {"primary": BUDGETS, "secondary": ["tight"], "default": ["generous"]}[args.phase],
+            "arms": {
+                "primary": PRIMARY_ARMS,
+                "secondary": ["uniform", *SECONDARY_ARMS],
+                "default": ["uniform", "default"],
+            }[args.phase],
             "seeds": [0, 1, 2] if args.phase == "primary" else [0, 1, 2],
         }
     )
