@@ -122,8 +122,24 @@ def test_arm_callbacks_are_valid_callback_arguments() -> None:
         if config is None:
             continue
         callback = LayerInfluenceCallback(**config)  # every arm's options pass the callback's own checks
-        assert callback.allocator_options["experts_bounds"] == [0, None]
+        floor = [1, None] if arm == "default" else [0, None]  # the defaults never empty a block
+        assert callback.allocator_options["experts_bounds"] == floor
     assert allocation_sweep.callback_config("placebo-layerif", 3)["scorer_options"]["seed"] == 3
+
+
+def test_phases_plan_the_grid_and_table_counts_all_of_it() -> None:
+    def plan(*argv: str) -> list:
+        return allocation_sweep.planned_runs(allocation_sweep.parse(list(argv)))
+
+    primary, secondary, default = plan(), plan("--phase", "secondary"), plan("--phase", "default")
+    assert len(primary) == 2 * 3 * 5 * 3  # tasks x budgets x arms x seeds
+    assert len(secondary) == 10 * 3 and {r[:2] for r in secondary} == {("sst2", "tight")}
+    assert {r[2] for r in default} == {"uniform", "default"} and {r[1] for r in default} == {"generous"}
+    everything = plan("--table")
+    assert set(everything) == set(primary) | set(secondary) | set(default)
+    assert len(everything) == len(set(everything)) == 90 + 27 + 6  # uniform runs are shared, not repeated
+    narrowed = plan("--phase", "primary", "--tasks", "sst2", "--budgets", "generous", "--seeds", "0")
+    assert narrowed == [("sst2", "generous", arm, 0) for arm in allocation_sweep.PRIMARY_ARMS]
 
 
 def test_default_choice_ranks_candidates_at_tight_and_checks_generous() -> None:
