@@ -156,6 +156,37 @@ def test_allocation_moves_capacity_only_outside_the_noise() -> None:
     assert partial[0]["experts"] == partial[1]["experts"] == partial[3]["experts"]
 
 
+def test_blocks_shrunk_to_the_mean_keep_an_average_share_under_shift() -> None:
+    """Shift's zero is the raw minimum, not the shrunk one: when no block stays below the mean, the blocks
+    shrunk to it are treated like average blocks, not emptied (the sweep's sst2/tight/shrink-layerif seed 1
+    lost 27 of 30 blocks that way). Reference: power_law without shift on the hand-shrunk, hand-shifted
+    scores."""
+    scores = {0: 0.0, 1: 1.0, 2: 2.0, 3: 9.0}  # mean 3
+    errors = {0: 5.0, 1: 5.0, 2: 5.0, 3: 1.0}  # shrunk: 3, 3, 3, 3 + (6 - 1) = 8
+    current = {b: {"experts": 4, "rank": 2} for b in scores}
+    options = {"experts_bounds": (0, None), "rank": 2}
+    shrunk = allocate(
+        scores,
+        "power_law",
+        "total_experts:17",
+        current,
+        None,
+        score_errors=errors,
+        error_shrinkage=1,
+        **options,
+    )
+    reference = allocate(
+        {0: 3.0, 1: 3.0, 2: 3.0, 3: 8.0},
+        "power_law",
+        "total_experts:17",
+        current,
+        None,
+        shift=False,
+        **options,
+    )
+    assert [shrunk[b]["experts"] for b in scores] == [reference[b]["experts"] for b in scores] == [3, 3, 3, 8]
+
+
 def test_callback_table_metrics_and_config_checks() -> None:
     entry = {
         "index": 0,

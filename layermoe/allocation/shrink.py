@@ -4,6 +4,8 @@ Soft thresholding: s'_l = mean + sign(d_l) * max(|d_l| - k * se_l, 0) with d_l =
 whose score is within k standard errors of the mean gets exactly the mean (the allocator treats it
 like an average block); one further out keeps only the part of its difference that is outside its
 noise. k = 0 leaves the scores as they are; a large k gives the uniform layout.
+With power_law's ``shift``, ``allocate`` keeps the zero at the raw scores' minimum, so blocks shrunk to the
+mean keep an average block's share (shifting from the shrunk minimum would empty them).
 """
 
 from __future__ import annotations
