@@ -218,13 +218,17 @@ def blocks_moved(result: dict[str, Any]) -> int:
     return sum(1 for block in start if start[block] != end.get(block))
 
 
+#: the arm that runs the callback's defaults (benchmarks/allocation_sweep.py)
+DEFAULT_ARM = "default"
+
+
 def default_choice(
     results: Sequence[dict[str, Any]], tight: str = "tight", generous: str = "generous"
 ) -> str:
     """The issue's rule for the callback's defaults, computed: the candidate arm (no control) with the lowest
     mean paired difference to uniform at the tight budget, pooled over every task and seed it ran, then its
     paired difference at the generous budget, where it must not be measurably worse (the 95% interval's
-    lower end above zero)."""
+    lower end above zero); the ``default`` arm's generous check too, when it ran."""
     pooled: dict[str, list[float]] = {}
     moved: dict[str, list[int]] = {}
     for task in sorted({r["task"] for r in results}):
@@ -246,8 +250,13 @@ def default_choice(
     # arms that never move a block end bit-identical to uniform: a tie, and the generous check decides
     best = [arm for mean, arm in ranked if mean - ranked[0][0] <= 1e-12]
     checks = []
+    # the callback's defaults run as their own arm at the generous budget (they cannot move at the tight
+    # one), so their check is reported next to the tied arms'
+    checked = best + [DEFAULT_ARM] * (
+        DEFAULT_ARM not in best and any(r["arm"] == DEFAULT_ARM for r in results)
+    )
     for task in sorted({r["task"] for r in results if r["budget"] == generous}):
-        for arm in best:
+        for arm in checked:
             diffs = relative_differences(results, arm, "uniform", task, generous)
             if not diffs:
                 checks.append(f"{arm} on {task}: not run")

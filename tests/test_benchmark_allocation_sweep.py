@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,6 +18,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 import allocation_sweep  # noqa: E402
 import sweep_report  # noqa: E402
+
+from layermoe.allocation import allocate  # noqa: E402
 
 
 def _run(results: Path, workdir: Path, *extra: str) -> str:
@@ -175,4 +178,30 @@ def test_default_choice_ranks_candidates_at_tight_and_checks_generous() -> None:
     results += [result("c", "tight", s, base, flat) for s, base in enumerate((1.0, 2.0, 4.0))]
     results += [result("d", "tight", s, base, flat) for s, base in enumerate((1.0, 2.0, 4.0))]
     tied = sweep_report.default_choice(results)
-    assert "Best at tight: c, d (tied)." in tied and "c on t: not run" in tied
+    assert "Best at tight: c, d (tied)." in tied and "c on t: not run" in tied and "default on" not in tied
+    # the callback's defaults, run at the generous budget only, get their check listed with the tied arms'
+    results += [result("default", "generous", s, base * 0.99) for s, base in enumerate((1.0, 2.0, 4.0))]
+    with_default = sweep_report.default_choice(results)
+    assert "default on t: -1.00% ± 0.00 (not measurably worse)" in with_default
+
+
+@pytest.mark.parametrize(
+    "modules",
+    [
+        [(576, 576), (576, 192)],
+        [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)],
+    ],
+    ids=["tight-q-v", "all-7"],
+)
+def test_the_default_arm_cannot_move_one_expert_per_block(modules) -> None:
+    """Why the sweep runs the ``default`` arm at the generous budget only: from one expert per block (the
+    tight and mid budgets), a floor of one expert leaves no expert to move, whatever the scores."""
+    options = allocation_sweep.ARMS["default"]["allocator_options"]
+    current = {b: {"experts": 1, "rank": 2} for b in range(30)}
+    dims = dict.fromkeys(range(30), modules)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        scores = dict(enumerate(rng.lognormal(0, 2, 30)))
+        errors = dict(enumerate(rng.uniform(0, 0.1, 30) * np.mean(list(scores.values()))))
+        chosen = allocate(scores, "power_law", "current", current, dims, score_errors=errors, **options)
+        assert chosen == current
