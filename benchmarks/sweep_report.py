@@ -152,7 +152,7 @@ def build_table(results: Sequence[dict[str, Any]], planned: Sequence[tuple[str, 
                 _rewire_jump(mine),
             ]
             lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", power_note(results), "", default_choice(results)]
+    lines += ["", power_note(results), "", moving_cost(results), "", default_choice(results)]
     return "\n".join(lines)
 
 
@@ -216,6 +216,54 @@ def blocks_moved(result: dict[str, Any]) -> int:
         return 0
     start, end = rewires[0]["layout_before"], result["final_layout"]
     return sum(1 for block in start if start[block] != end.get(block))
+
+
+def blocks_emptied(result: dict[str, Any]) -> int:
+    """Blocks that end without adapter (0 experts)."""
+    return sum(1 for v in result["final_layout"].values() if v["experts"] == 0)
+
+
+def moving_cost(results: Sequence[dict[str, Any]]) -> str:
+    """Across every run that rewired and has its paired uniform run: how its paired test-loss difference
+    goes with the blocks it emptied and with the validation-loss jump at its first rewire (Spearman)."""
+    import torch
+    from torchmetrics.functional import spearman_corrcoef
+
+    uniform = {
+        (r["task"], r["budget"], r["seed"]): r["final"]["label_loss"]
+        for r in results
+        if r["arm"] == "uniform"
+    }
+    rows = []
+    for r in results:
+        base = uniform.get((r["task"], r["budget"], r["seed"]))
+        first = (r.get("rewires") or [{}])[0]
+        if r["arm"] == "uniform" or base is None or not first.get("val_loss_before"):
+            continue
+        jump = first["val_loss_after"] / first["val_loss_before"] - 1
+        rows.append(((r["final"]["label_loss"] - base) / base, blocks_emptied(r), jump, blocks_moved(r)))
+    if len(rows) < 3:
+        return "What moving costs: needs three rewired runs with their paired uniform run."
+    diffs = torch.tensor([row[0] for row in rows], dtype=torch.float64)
+
+    def rho(column: int) -> float:
+        return float(
+            spearman_corrcoef(diffs, torch.tensor([row[column] for row in rows], dtype=torch.float64))
+        )
+
+    groups = {
+        "moved no block": [row[0] for row in rows if row[3] == 0],
+        "moved capacity but emptied no block": [row[0] for row in rows if row[3] > 0 and row[1] == 0],
+        "emptied at least one block": [row[0] for row in rows if row[1] > 0],
+    }
+    return (
+        f"What moving costs ({len(rows)} runs that rewired, each paired with uniform at its task, budget and"
+        f" seed): Spearman correlation of the paired test-loss difference with the blocks the run emptied"
+        f" {rho(1):+.2f}, with the validation-loss jump at its first rewire {rho(2):+.2f}. Paired difference"
+        " of the runs that "
+        + "; ".join(f"{name}: {_interval(d)} over {len(d)}" for name, d in groups.items())
+        + "."
+    )
 
 
 #: the arm that runs the callback's defaults (benchmarks/allocation_sweep.py)

@@ -205,3 +205,38 @@ def test_the_default_arm_cannot_move_one_expert_per_block(modules) -> None:
         errors = dict(enumerate(rng.uniform(0, 0.1, 30) * np.mean(list(scores.values()))))
         chosen = allocate(scores, "power_law", "current", current, dims, score_errors=errors, **options)
         assert chosen == current
+
+
+def test_moving_cost_correlates_paired_differences_with_emptied_blocks_and_rewire_jumps() -> None:
+    flat = {str(b): {"experts": 1, "rank": 1} for b in range(4)}
+
+    def run(arm: str, seed: int, loss: float, emptied: int = 0, jump: float = 0.0) -> dict:
+        final = {**flat, **{str(b): {"experts": 0, "rank": 1} for b in range(emptied)}}
+        if emptied:
+            final["3"] = {"experts": 1 + emptied, "rank": 1}
+        rewires = (
+            []
+            if arm == "uniform"
+            else [{"layout_before": flat, "val_loss_before": 1.0, "val_loss_after": 1.0 + jump}]
+        )
+        return {
+            "arm": arm,
+            "task": "t",
+            "budget": "b",
+            "seed": seed,
+            "final": {"label_loss": loss},
+            "rewires": rewires,
+            "final_layout": final,
+        }
+
+    results = [run("uniform", s, 2.0) for s in range(4)]
+    # more blocks emptied, bigger jump, worse loss: both correlations are +1; one arm moved nothing
+    results += [run("a", s, 2.0 * (1 + 0.1 * s), emptied=s, jump=0.2 * s) for s in range(1, 4)]
+    results += [run("b", 0, 2.0)]
+    text = sweep_report.moving_cost(results)
+    assert "(4 runs that rewired" in text
+    assert "blocks the run emptied +1.00, with the validation-loss jump at its first rewire +1.00." in text
+    # half-width: t_0.975(2) * sd / sqrt(3) = 4.303 * 0.1 / 1.732
+    assert "moved no block: +0.00% over 1" in text
+    assert "emptied at least one block: +20.00% ± 24.84 over 3" in text
+    assert sweep_report.moving_cost(results[:5]).startswith("What moving costs: needs three")
