@@ -332,6 +332,16 @@ def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = sorted({r["task"] for r in results})
+    # one style per arm across the panels: 14+ arms outrun a 10-colour cycle, so markers and dashes differ too
+    every_arm = sorted({r["arm"] for r in results}, key=_arm_order)
+    styles = {
+        arm: {
+            "color": plt.cm.tab20((2 * i) % 20 + (2 * i // 20) % 2),  # the ten dark colours, then the light
+            "marker": "osD^vPX*<>"[i % 10],
+            "linestyle": "-" if i < 5 or arm == DEFAULT_ARM else ":",
+        }
+        for i, arm in enumerate(every_arm)
+    }
     fig, axes = plt.subplots(3, len(tasks), figsize=(5.5 * len(tasks), 10), squeeze=False)
     panels = (
         ("paired", "test label loss vs uniform (%, paired)"),
@@ -367,14 +377,14 @@ def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
                     errs.append(half or 0.0)
                 axis = axes[row][column]
                 if xs:
-                    axis.errorbar(xs, ys, yerr=errs, marker="o", capsize=3, label=arm)
+                    axis.errorbar(xs, ys, yerr=errs, capsize=3, label=arm, **styles[arm])
                 axis.set_xscale("log")
                 axis.set_xlim(0.02, 10)  # the sweep's budgets: 0.04%, 0.45%, 4.1%
                 axis.set_xlabel("adapter / base parameters (%)")
                 axis.set_ylabel(label)
                 axis.set_title(f"{task}: {label} (final weights)")
         axes[0][column].axhline(0.0, color="grey", linewidth=0.8)
-        axes[0][column].legend(fontsize=7)
+        axes[0][column].legend(fontsize=7, loc="best", framealpha=0.7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
