@@ -240,3 +240,21 @@ def test_moving_cost_correlates_paired_differences_with_emptied_blocks_and_rewir
     assert "moved no block: +0.00% over 1" in text
     assert "emptied at least one block: +20.00% ± 24.84 over 3" in text
     assert sweep_report.moving_cost(results[:5]).startswith("What moving costs: needs three")
+
+
+def test_the_sweeps_default_arm_is_the_callbacks_defaults() -> None:
+    """The arm whose generous-budget runs back the defaults (BENCHMARKS.md) configures exactly them."""
+    import inspect
+
+    from layermoe.allocation import allocate
+    from layermoe.allocation.validation import bounds_arrays
+    from layermoe.callbacks import LayerInfluenceCallback
+
+    arm = LayerInfluenceCallback(**allocation_sweep.callback_config("default", seed=0))
+    default = LayerInfluenceCallback()
+    assert (arm.scorer, arm.allocator, arm.schedule) == (default.scorer, default.allocator, default.schedule)
+    bounds = arm.allocator_options.pop("experts_bounds")
+    assert arm.allocator_options == default.allocator_options
+    # the callback passes no bounds by default, and allocate's are the arm's floor of one expert
+    assert inspect.signature(allocate).parameters["experts_bounds"].default is None
+    assert tuple(bounds) == inspect.signature(bounds_arrays).parameters["default"].default

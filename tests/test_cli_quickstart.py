@@ -14,6 +14,8 @@ import torch
 import yaml
 
 from layermoe.adapters import layout
+from layermoe.allocation import allocate
+from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.lightning_modules import MoELoRAFineTuner
 from layermoe.lightning_modules.cli import main
 
@@ -68,11 +70,24 @@ def test_quickstart_fit_writes_checkpoint_and_prints_layout_and_metrics(
     assert (ckpt_dir / "last.ckpt").is_file()
     checkpoint = torch.load(ckpt_dir / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 6
-    # the quickstart's LayerInfluenceCallback rewired at 30% of the run: the checkpoint holds the new layout,
-    # which differs from the uniform start, keeps the total expert count and is the trained model's layout
+    # the quickstart's LayerInfluenceCallback rewired at 30% of the run: the checkpoint holds the layout the
+    # rewire chose (the allocator's on the recorded scores and standard errors, shrunk by the default one
+    # error), which is the trained model's layout
     rewired = checkpoint["layermoe_layout"]
     assert rewired == layout(cli.model.model)
-    assert rewired != {b: {"experts": 4, "rank": 4} for b in range(tiny_spec["num_hidden_layers"])}
+    (callback,) = [c for c in cli.trainer.callbacks if isinstance(c, LayerInfluenceCallback)]
+    (entry,) = callback.history
+    assert callback.allocator_options["error_shrinkage"] == 1.0
+    chosen = allocate(
+        entry["scores"],
+        "power_law",
+        callback.state.resolved_budget,
+        entry["layout_before"],
+        callback._block_dims(cli.model),
+        score_errors=entry["score_errors"],
+        error_shrinkage=1.0,
+    )
+    assert rewired == entry["layout_after"] == chosen
     assert "LayerInfluenceCallback: rewire 0 at step" in out + caplog.text
     assert checkpoint["hyper_parameters"]["model"] == tiny_spec
     # adapter-only checkpoint: every stored tensor is an adapter tensor

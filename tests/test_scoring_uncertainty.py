@@ -268,3 +268,18 @@ def test_error_shrinkage_in_a_fit_from_a_layout_with_an_empty_block() -> None:
     )
     assert entry["layout_after"] == expected == layout(module)
     assert layout_params(expected, dims) <= entry["budget"]
+
+
+def test_default_shrinks_by_one_standard_error_where_scores_have_errors() -> None:
+    """Issue 27's sweep chose the uncertainty option as a default; scorers without errors go without it."""
+    assert LayerInfluenceCallback().allocator_options == {"error_shrinkage": 1.0}
+    given = LayerInfluenceCallback(allocator_options={"beta": 0.5})
+    assert given.allocator_options == {"beta": 0.5, "error_shrinkage": 1.0}  # given keys kept, default added
+    assert LayerInfluenceCallback(allocator_options={"error_shrinkage": 0}).allocator_options == {
+        "error_shrinkage": 0
+    }
+    assert LayerInfluenceCallback(scorer="uniform").allocator_options == {}  # reads no statistics
+    assert LayerInfluenceCallback(scorer="pattern").allocator_options == {}
+    assert LayerInfluenceCallback(error_groups=0).allocator_options == {}  # error bars turned off
+    placebo = LayerInfluenceCallback(scorer="placebo", scorer_options={"scorer": "layerif"})
+    assert placebo.allocator_options == {"error_shrinkage": 1.0}  # a control allocates as its arm does

@@ -41,6 +41,8 @@ from layermoe.scoring import capture_statistics, get_scorer, torch_distributed_g
 
 _SCOPES = ("adapter", "base")
 _ON_ERROR = ("raise", "skip")
+#: ``allocator_options.error_shrinkage`` when not given, for scorers with standard errors (issue 27's sweep)
+DEFAULT_ERROR_SHRINKAGE = 1.0
 
 
 def _check_count(name: str, value: Any, minimum: int) -> int:
@@ -75,7 +77,9 @@ class LayerInfluenceCallback(Callback):
             ``"alpha_hill"``, ``"uniform"``, or one registered with ``register_scorer``).
         scorer_options: keyword options for the scorer.
         allocator: allocation method of ``layermoe.allocation.allocate`` (``"power_law"`` or ``"mdl"``).
-        allocator_options: keyword options for ``allocate`` (method options, bounds, ...).
+        allocator_options: keyword options for ``allocate`` (method options, bounds, ...). Default: blocks keep
+            at least one expert (``experts_bounds`` ``[1, null]``), and, for scorers with standard errors,
+            ``error_shrinkage: 1`` (give ``error_shrinkage: 0`` to allocate from the raw scores).
         budget: ``"current"`` (default: the adapter parameter count of the starting layout, fixed at the
             first fit and kept on resume), ``"params:P"``, ``"total_experts:T"``, a dict or a ``Budget``.
         schedule: a :class:`RewireSchedule` or dict ``{warmup, every, max_rewires, interval}``;
@@ -184,8 +188,13 @@ class LayerInfluenceCallback(Callback):
             raise CallbackConfigError(
                 "error_groups=1: a jackknife needs >= 2 groups (0 turns error bars off)"
             )
+        has_errors = getattr(self._scorer, "needs_statistics", True) and self.error_groups >= 2
+        if "error_shrinkage" not in self.allocator_options and has_errors:
+            # the budget sweep's default (BENCHMARKS.md): move capacity only as far as the scores differ
+            # beyond their noise; moves within it cost quality and bought none
+            self.allocator_options = {**self.allocator_options, "error_shrinkage": DEFAULT_ERROR_SHRINKAGE}
         shrinkage = self.allocator_options.get("error_shrinkage", 0)
-        if shrinkage and (not getattr(self._scorer, "needs_statistics", True) or self.error_groups == 0):
+        if shrinkage and not has_errors:
             raise CallbackConfigError(
                 f"allocator_options.error_shrinkage={shrinkage!r} needs standard errors, but scorer "
                 f"{scorer!r} reads no statistics or error_groups=0: use a statistics scorer with error_groups >= 2, "

@@ -167,6 +167,9 @@ def build(
     epochs = args.epochs is not None
     influence = LayerInfluenceCallback(
         scorer="grad_norm",
+        # resume must rebuild changed shapes: a rewire that moves something, even from 8-sample scores
+        # (the default shrinks them by their standard errors, which can leave a tiny model as it is)
+        allocator_options={"error_shrinkage": 0},
         schedule={"warmup": args.rewire_step, "interval": "epoch" if epochs else "step"},
         num_train_samples=8,
         num_val_samples=8,
