@@ -62,7 +62,8 @@ _COMMON = {
 }
 _LAYERIF = {"scorer": "layerif", "allocator": "power_law"}
 _CURVATURE = {"scorer": "curvature_gain", "allocator": "mdl"}
-#: arm -> LayerInfluenceCallback arguments (merged over _COMMON; allocator_options over experts_bounds).
+#: arm -> LayerInfluenceCallback arguments (merged over _COMMON; allocator_options over experts_bounds [0, null]
+#: and error_shrinkage 0).
 #: "{seed}" is replaced by the run's seed (placebo: a different permutation per seed).
 ARMS: dict[str, dict[str, Any] | None] = {
     "uniform": None,
@@ -143,7 +144,10 @@ def callback_config(arm: str, seed: int) -> dict[str, Any] | None:
     if spec is None:
         return None
     args: dict[str, Any] = json.loads(json.dumps({**_COMMON, **spec}).replace('"{seed}"', str(seed)))
-    args["allocator_options"] = {"experts_bounds": [0, None], **spec.get("allocator_options", {})}
+    # the arms as they ran: blocks may be emptied, and no shrinkage unless the arm asks for it (the callback's
+    # default became error_shrinkage 1 after the sweep, from its results)
+    base = {"experts_bounds": [0, None], "error_shrinkage": 0.0}
+    args["allocator_options"] = {**base, **spec.get("allocator_options", {})}
     return args
 
 
