@@ -213,6 +213,12 @@ def test_callback_table_metrics_and_config_checks() -> None:
     with pytest.raises(CallbackConfigError, match="error_shrinkage"):
         LayerInfluenceCallback(scorer="grad_norm", allocator_options={"error_shrinkage": 1.0}, error_groups=0)
     LayerInfluenceCallback(scorer="grad_norm", allocator_options={"error_shrinkage": 1.0})
+    # bad values fail at construction, not at the first rewire (where on_error="skip" would only warn)
+    for bad in (-1, "one", float("nan"), True):
+        with pytest.raises(CallbackConfigError, match=r"error_shrinkage = .* must be a number >= 0"):
+            LayerInfluenceCallback(allocator_options={"error_shrinkage": bad})
+    with pytest.raises(CallbackConfigError, match=r"'error_shrinkag'.*allocate takes \[.*'error_shrinkage'"):
+        LayerInfluenceCallback(allocator_options={"error_shrinkag": 1})
 
 
 def test_error_shrinkage_in_a_fit_from_a_layout_with_an_empty_block() -> None:

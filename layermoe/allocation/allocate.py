@@ -15,7 +15,7 @@ from .budget import Budget
 from .errors import AllocationError
 from .fill import target_layout
 from .programs import method_options
-from .shrink import shrink_toward_mean
+from .shrink import check_shrinkage, shrink_toward_mean
 from .space import Space
 from .stability import project, stabilize
 from .validation import bounds_arrays, normalize_block_dims, normalize_layout, per_block_ints, score_array
@@ -39,8 +39,15 @@ ALLOCATE_OPTIONS = (
 
 def check_method_options(method: str, options: Mapping[str, Any]) -> None:
     """Raise ``AllocationError`` now (e.g. at configuration time) for an unknown method or an unknown
-    method option among ``allocate``'s keyword ``options``; the values are checked by ``allocate``."""
-    method_options(method, {k: v for k, v in options.items() if k not in ALLOCATE_OPTIONS})
+    method option among ``allocate``'s keyword ``options``, naming what both take, and for a bad
+    ``error_shrinkage``; the other values are checked by ``allocate``."""
+    takes = sorted(method_options(method, {}))
+    unknown = sorted(set(options) - set(ALLOCATE_OPTIONS) - set(takes))
+    if unknown:
+        raise AllocationError(
+            f"unknown option(s) {unknown}: {method} takes {takes}, allocate takes {list(ALLOCATE_OPTIONS)}"
+        )
+    check_shrinkage(options.get("error_shrinkage", 0.0))
 
 
 def _rank_ladders(

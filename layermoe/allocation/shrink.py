@@ -19,10 +19,8 @@ from .errors import AllocationError
 from .validation import _block_key
 
 
-def shrink_toward_mean(
-    blocks: list[int], values: np.ndarray, errors: Mapping | None, strength: float
-) -> np.ndarray:
-    """Scores (aligned with `blocks`) shrunk toward their mean by `strength` standard errors."""
+def check_shrinkage(strength: object) -> None:
+    """Raise ``AllocationError`` unless `strength` is a finite number >= 0 (standard errors; 0 = off)."""
     if (
         isinstance(strength, bool)
         or not isinstance(strength, (int, float))
@@ -32,6 +30,13 @@ def shrink_toward_mean(
         raise AllocationError(
             f"error_shrinkage = {strength!r} must be a number >= 0 (standard errors; 0 = off)"
         )
+
+
+def shrink_toward_mean(
+    blocks: list[int], values: np.ndarray, errors: Mapping | None, strength: float
+) -> np.ndarray:
+    """Scores (aligned with `blocks`) shrunk toward their mean by `strength` standard errors."""
+    check_shrinkage(strength)
     if strength == 0:
         return values
     if errors is None:
