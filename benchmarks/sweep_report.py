@@ -300,9 +300,9 @@ def default_choice(
     checks = []
     # the callback's defaults run as their own arm at the generous budget (they cannot move at the tight
     # one), so their check is reported next to the tied arms'
-    checked = best + [DEFAULT_ARM] * (
-        DEFAULT_ARM not in best and any(r["arm"] == DEFAULT_ARM for r in results)
-    )
+    checked = list(best)
+    if DEFAULT_ARM not in best and any(r["arm"] == DEFAULT_ARM for r in results):
+        checked.append(DEFAULT_ARM)
     for task in sorted({r["task"] for r in results if r["budget"] == generous}):
         for arm in checked:
             diffs = relative_differences(results, arm, "uniform", task, generous)
