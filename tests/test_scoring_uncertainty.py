@@ -206,6 +206,12 @@ def test_callback_table_metrics_and_config_checks() -> None:
     table = console_table(entry)
     assert "score/mean|score| +- SE" in table
     assert "0.500 +- 0.125" in table and "1.500 +- 0.250" in table  # divided by the mean |score|, 4
+    assert "layout unchanged" not in table
+    unchanged = console_table({**entry, "layout_after": entry["layout_before"]})
+    assert unchanged.splitlines()[-1].startswith("layout unchanged (scores are shrunk")
+    assert console_table({**entry, "layout_after": entry["layout_before"], "score_errors": None}).endswith(
+        "\nlayout unchanged"
+    )
     metrics = rewire_metrics("lm", entry)
     assert metrics["lm/score_error/block_1"] == 1.0
     with pytest.raises(CallbackConfigError, match="error_shrinkage"):

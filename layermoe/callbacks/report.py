@@ -118,6 +118,18 @@ def console_table(entry: dict[str, Any]) -> str:
             f"(relative change {entry['disturbance']:+.3%})"
         )
     lines.extend(_rank_moves_lines(entry.get("rank_moves")))
+    if before == after:
+        # the default error_shrinkage often leaves the layout as it is: say so, or it looks like a failure
+        lines.append(
+            "layout unchanged"
+            + (
+                " (scores are shrunk toward their mean by allocator_options.error_shrinkage standard errors,"
+                " default 1, so differences within their error bars move nothing; 0 allocates from the raw"
+                " scores)"
+                if errors
+                else ""
+            )
+        )
     return "\n".join(lines)
 
 
