@@ -1,6 +1,7 @@
 """Public resize operations on a live `MoELoRALinear`, each returning a `ResizeReport`.
 
-A resize is planned on float32 copies (`surgery.py`), measured on an optional probe input, and only
+A resize is planned on float32 copies (`surgery.py`, on a stack of layers: one layer is a stack of one,
+`apply_layout` stacks the layers with the same resize), measured on an optional probe input, and only
 then installed, so a failure at any point leaves the layer as it was. Order inside one resize: grow rank,
 remove experts (merging into the larger rank), shrink rank, add experts (copies are split after any
 truncation so the split stays exact).
