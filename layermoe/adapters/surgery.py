@@ -208,7 +208,7 @@ class LayerStack:
             if tensor is not None and not bool(
                 torch.isfinite(tensor.sum(dim=tuple(range(1, tensor.ndim)))).all()
             ):
-                raise RuntimeError(f"resize produced non-finite values in {name}; the layer is unchanged")
+                raise RuntimeError(f"resize produced non-finite values in {name}; no layer was changed")
 
     def unstack(self) -> list[LayerState]:
         """One `LayerState` per layer, in stack order."""
