@@ -78,3 +78,28 @@ def test_tiny_gpu_check_writes_every_phase_and_resumes_exactly(tmp_path):
     assert tests["tests"] >= 1 and tests["failures"] == tests["errors"] == 0
     if not torch.cuda.is_available():
         assert tests["skipped"] == tests["tests"]
+
+
+def test_a_failing_phase_is_recorded_and_the_next_one_runs(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_check
+
+    def broken(run):
+        raise RuntimeError("CUDA out of memory (planted)")
+
+    monkeypatch.setitem(gpu_check.PHASE_FUNCTIONS, "rewire_surgery", broken)
+    monkeypatch.setitem(gpu_check.PHASE_FUNCTIONS, "gpu_tests", lambda run: {"tests": 0})
+    code = gpu_check.main([str(tmp_path), "--tiny", "--phases", "rewire_surgery", "gpu_tests"])
+    assert code == 1
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    failed, after = report["phases"]["rewire_surgery"], report["phases"]["gpu_tests"]
+    assert failed["status"] == "failed" and failed["error"] == "RuntimeError: CUDA out of memory (planted)"
+    assert any("planted" in line for line in failed["traceback"])
+    assert after == {"status": "ok", "seconds": after["seconds"], "error": None, "results": {"tests": 0}}
+    table = (tmp_path / "gpu_check.md").read_text()
+    assert "| rewire_surgery | failed |" in table and "| gpu_tests | ok |" in table
+
+    # past the time budget a phase is recorded as skipped, not started
+    code = gpu_check.main([str(tmp_path), "--tiny", "--budget-s", "-1", "--phases", "rewire_surgery"])
+    skipped = json.loads((tmp_path / "gpu_check.json").read_text())["phases"]["rewire_surgery"]
+    assert code == 0 and skipped["status"] == "skipped" and "budget" in skipped["error"]
