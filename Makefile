@@ -3,6 +3,7 @@
 #   make quickstart   set-up + SmolLM2 MoE-LoRA quickstart run (CPU, <= 10 min on 2 cores)
 #   make test         set-up + default test suite (fresh cache under .cache/test, HF_HUB_OFFLINE=1)
 #   make test-slow    set-up + real-model tests (marked slow)
+#   make gpu-wheels   the wheels scripts/gpu_check.sh brings to a bare GPU machine (docs/gpu.md)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,7 +14,7 @@ TEST_CACHE ?= $(CURDIR)/.cache/test
 TEST_ENV = LAYERMOE_CACHE=$(TEST_CACHE) LAYERMOE_QUICKSTART_DATA=$(TEST_CACHE)/data/sarcasm \
 	HF_HOME=$(TEST_CACHE)/hf HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup setup-real quickstart test test-slow lint
+.PHONY: setup setup-real quickstart test test-slow lint gpu-wheels
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -43,3 +44,13 @@ test-slow: $(BIN)/python
 lint: $(BIN)/python
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# What `import layermoe`, the CLI and scripts/gpu_check.sh need that the GPU machine lacks (CPython 3.12,
+# manylinux x86-64), into the git-ignored .whl/. datasets (Hub data only) and gguf (SmolLM2 only) stay out.
+GPU_WHEELS ?= bitsandbytes==0.50.2 jsonargparse==4.53.0 docstring-parser==0.18.0 typeshed-client==2.15.0
+gpu-wheels:
+	rm -rf .whl
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 --platform any -d .whl $(GPU_WHEELS)
+	du -ch .whl/*.whl

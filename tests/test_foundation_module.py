@@ -94,6 +94,12 @@ def test_label_logits_equal_the_full_logits_at_the_predicting_position(monkeypat
     torch.testing.assert_close(loss_fast, loss_full, rtol=1e-5, atol=1e-6)
     for a, b in zip(grads_fast, grads_full, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # transformers without per-row logits_to_keep (the GPU machine's 5.17) takes the whole-sequence path
+    from layermoe.lightning_modules import finetuner
+
+    monkeypatch.setattr(finetuner, "PER_ROW_LOGITS_TO_KEEP", False)
+    torch.testing.assert_close(module.label_logits(batch), full, rtol=1e-5, atol=1e-5)
+    monkeypatch.undo()
     # a model whose forward has no logits_to_keep takes the whole-sequence path
     plain_forward = module.model.forward
 

@@ -21,6 +21,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassMatthewsCorrCoef
 from torchmetrics.text import Perplexity
+from transformers import modeling_utils
 
 from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject, layout
 from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_layout
@@ -43,6 +44,10 @@ from layermoe.lightning_modules.resume_settings import (
     settings_differences,
 )
 from layermoe.lightning_modules.schedule import SCHEDULES, lr_multiplier
+
+# Per-row positions in ``logits_to_keep`` (a (B, 1) tensor): transformers' models slice with this helper
+# since it exists; older releases (the GPU machine's 5.17) read such a tensor as one index list for every row.
+PER_ROW_LOGITS_TO_KEEP = hasattr(modeling_utils, "slice_logits_to_keep")
 
 Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
 TASKS = ("classification", "causal_lm", "instruction", "multiple_choice")
@@ -218,7 +223,7 @@ class MoELoRAFineTuner(pl.LightningModule):
         ``logits_to_keep``: SmolLM2's 49k-word head over every position costs ~15% of a training step.
         """
         position = label_positions(batch["labels"]).to(batch["input_ids"].device) - 1
-        if "logits_to_keep" in inspect.signature(self.model.forward).parameters:
+        if PER_ROW_LOGITS_TO_KEEP and "logits_to_keep" in inspect.signature(self.model.forward).parameters:
             logits = self.model(
                 input_ids=batch["input_ids"],
                 attention_mask=batch.get("attention_mask"),
