@@ -57,7 +57,9 @@ def test_equal_scores_spread_spare_units_evenly_under_params_budgets() -> None:
     dims = {b: [(24, 24), (24, 40)] for b in range(n)}
     above = np.zeros(n)
     for budget in range(3000, 3000 + 400 * 40, 40):
-        experts = np.array(_experts(allocate([1.0] * n, "power_law", f"params:{budget}", block_dims=dims, rank=2)))
+        experts = np.array(
+            _experts(allocate([1.0] * n, "power_law", f"params:{budget}", block_dims=dims, rank=2))
+        )
         above += experts - experts.min()
     share = above / above.mean()
     assert share.min() > 0.8 and share.max() < 1.2, share.round(2)
@@ -83,7 +85,13 @@ def _shrunk_tie(n: int = 14) -> tuple[dict[int, float], dict[int, float]]:
 def test_raw_scores_break_a_shrunk_tie_under_total_experts() -> None:
     scores, errors = _shrunk_tie()
     lay = allocate(
-        scores, "power_law", "total_experts:31", rank=4, score_errors=errors, error_shrinkage=1, experts_bounds=(1, None)
+        scores,
+        "power_law",
+        "total_experts:31",
+        rank=4,
+        score_errors=errors,
+        error_shrinkage=1,
+        experts_bounds=(1, None),
     )
     # independent reference: 14 x 2 experts, the 3 spare ones to the three highest raw scores
     highest = sorted(scores, key=scores.get, reverse=True)[:3]

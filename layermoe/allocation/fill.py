@@ -91,7 +91,9 @@ def _params_scored_rank(
     units = continuous_share(
         method, space.scores, np.ones(space.n), space.e_lo, space.e_hi, float(t), options
     )
-    e = largest_remainder(units, t, space.e_lo, space.e_hi, space.scores, space.raw_scores, space.tie_position)
+    e = largest_remainder(
+        units, t, space.e_lo, space.e_hi, space.scores, space.raw_scores, space.tie_position
+    )
     k = np.zeros(space.n, dtype=np.int64)
     if space.cost(e, k) > space.budget:  # too many experts for P even at the lowest ranks
         while space.cost(e, k) > space.budget:
