@@ -92,12 +92,11 @@ def save_rewire_figure(
     after: Layout,
     scores: dict[int, float],
     title: str | None = None,
-    *,
-    errors: dict[int, float] | None = None,
-    shrunk: dict[int, float] | None = None,
+    **marks: dict[int, float] | None,
 ) -> Any:
-    """Write the figure as PNG (creating the folder) and return it, e.g. for TensorBoard's ``add_figure``."""
-    fig = rewire_figure(before, after, scores, title, errors=errors, shrunk=shrunk)
+    """Write :func:`rewire_figure` (``marks``: its ``errors`` and ``shrunk``) as PNG, creating the folder,
+    and return it, e.g. for TensorBoard's ``add_figure``."""
+    fig = rewire_figure(before, after, scores, title, **marks)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png", dpi=100)
