@@ -10,6 +10,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from layermoe.allocation import allocate, mdl, power_law, proportional_units
+from layermoe.allocation.rounding import tie_positions
 
 FAST = settings(max_examples=80, deadline=None)
 int_scores = st.lists(st.integers(0, 30), min_size=1, max_size=12)
@@ -18,7 +19,7 @@ real_scores = st.lists(st.floats(-5, 50, allow_nan=False, allow_infinity=False),
 
 def reference_power_law(scores: list[int], total: int, beta: int, shift: bool) -> list[int]:
     """Exact rational arithmetic: shares 1 + (T - L) v / sum(v), floor, largest remainder (ties: higher
-    score, then lower index); all-zero weights spread evenly."""
+    score, then the documented tie positions, never the index); all-zero weights spread evenly."""
     s = [x - min(scores) for x in scores] if shift else scores
     v = [Fraction(x) ** beta for x in s]
     if sum(v) == 0:
@@ -26,7 +27,8 @@ def reference_power_law(scores: list[int], total: int, beta: int, shift: bool) -
     extra = total - len(s)
     shares = [1 + extra * x / sum(v) for x in v]
     out = [int(x) for x in shares]  # floor (shares >= 1)
-    order = sorted(range(len(s)), key=lambda i: (-(shares[i] - out[i]), -scores[i], i))
+    place = tie_positions(np.array(scores, dtype=np.float64), total)
+    order = sorted(range(len(s)), key=lambda i: (-(shares[i] - out[i]), -scores[i], place[i]))
     for i in order[: total - sum(out)]:
         out[i] += 1
     return out
@@ -82,7 +84,9 @@ def test_uniform_on_ties(n, value, extra, method):
     fn = power_law if method == "power_law" else mdl
     out = fn([value] * n, total)
     base, rem = divmod(total, n)
-    assert out == [base + (1 if i < rem else 0) for i in range(n)]
+    # the remainder goes to the first `rem` blocks of the seeded tie order (not the lowest indices)
+    place = tie_positions(np.full(n, value), total)
+    assert out == [base + (1 if place[i] < rem else 0) for i in range(n)]
     lay = allocate([value] * n, method, f"total_experts:{total}", rank=4)
     assert [lay[b]["experts"] for b in range(n)] == out
 

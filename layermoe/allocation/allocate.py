@@ -129,7 +129,9 @@ def allocate(
       each score is first shrunk toward the mean by k standard errors (``layermoe.allocation.shrink``),
       so capacity moves only as far as the score differences are outside their noise.
 
-    All-equal scores give the uniform layout (remainders to the lower block indices). Raises
+    Ties never go by block index: tied blocks are ordered by their raw (unshrunk) score, then by a
+    permutation seeded from the budget and the scores' order (``layermoe.allocation.rounding``), so
+    all-equal scores give the uniform layout with its remainders spread over the blocks. Raises
     :class:`AllocationError` for empty/NaN/inf scores, contradictory bounds, a budget below the minimum
     layout, or missing inputs.
     """
@@ -194,6 +196,7 @@ def allocate(
     space = Space(
         blocks=blocks,
         scores=values,
+        raw_scores=raw,
         e_lo=e_lo,
         e_hi=e_hi,
         ladders=ladders,

@@ -3,7 +3,8 @@
 ``total_experts``: the program's shares of T with unit costs, floor + largest remainder: exactly T.
 
 ``params`` (the rule): the program spreads the parameter budget P as real-valued units; each block is
-floored to whole units; then, in order of largest fractional part (ties: higher score, lower index), a
+floored to whole units; then, in order of largest fractional part (ties: higher score, higher raw
+score, then a seeded order of the blocks, never their index: rounding.py), a
 block takes its rounded-up unit if that still fits under P; then blocks take further units greedily by
 score (highest first) while any fits. The result never exceeds P, and no block can take one more unit (one
 expert, or one rank step when ranks follow the scores) without exceeding P or its upper bound.
@@ -18,7 +19,7 @@ import numpy as np
 
 from .errors import AllocationError
 from .programs import continuous_share
-from .rounding import largest_remainder, priority_order, snap, tie_key
+from .rounding import largest_remainder, snap, tie_key
 from .space import EXPERT, RANK, Space
 
 
@@ -33,14 +34,16 @@ def _total_experts(space: Space, method: str, options: Mapping[str, Any]) -> tup
         options,
         "experts",
     )
-    e = largest_remainder(units, space.budget, space.e_lo, space.e_hi, space.scores)
+    e = largest_remainder(
+        units, space.budget, space.e_lo, space.e_hi, space.scores, space.raw_scores, space.tie_position
+    )
     return e, np.zeros(space.n, dtype=np.int64)
 
 
 def _round_up_by_fraction(space: Space, kind: str, e: np.ndarray, k: np.ndarray, frac: np.ndarray) -> None:
     """One pass: each block with a fractional share takes its rounded-up unit if it still fits."""
     slack = space.budget - space.cost(e, k)
-    for i in priority_order([tie_key(frac), space.scores]):
+    for i in space.priority([tie_key(frac)]):
         if frac[i] <= 0 or not space.can_step(i, kind, +1, e, k):
             continue
         delta = space.step_delta(i, kind, +1, e, k)
@@ -88,7 +91,9 @@ def _params_scored_rank(
     units = continuous_share(
         method, space.scores, np.ones(space.n), space.e_lo, space.e_hi, float(t), options
     )
-    e = largest_remainder(units, t, space.e_lo, space.e_hi, space.scores)
+    e = largest_remainder(
+        units, t, space.e_lo, space.e_hi, space.scores, space.raw_scores, space.tie_position
+    )
     k = np.zeros(space.n, dtype=np.int64)
     if space.cost(e, k) > space.budget:  # too many experts for P even at the lowest ranks
         while space.cost(e, k) > space.budget:
@@ -128,6 +133,8 @@ def _subspace(space: Space, mask: np.ndarray) -> Space:
     return Space(
         blocks=[space.blocks[i] for i in idx],
         scores=space.scores[idx],
+        raw_scores=space.raw_scores[idx],
+        tie_position=space.tie_position[idx],
         e_lo=space.e_lo[idx],
         e_hi=space.e_hi[idx],
         ladders=[space.ladders[i] for i in idx],

@@ -132,7 +132,8 @@ def power_law(
 ) -> list[int] | dict[int, int]:
     """Exactly ``total`` units, at least the lower bound (default 1) per block, in proportion to
     ``s^beta`` (after ``s - min(s)`` when ``shift``): floor, then largest fractional part (ties: higher
-    score, then lower block index). Returns a list for a sequence of scores, a dict for a mapping.
+    score, then a seeded order of the blocks, never their index: ``rounding.tie_positions``). Returns a
+    list for a sequence of scores, a dict for a mapping.
 
     ``power_law([0, 1, 2, 4], 12, shift=False) == [1, 2, 3, 6]``.
     """

@@ -7,12 +7,12 @@ A *unit* is one expert, or one rank step (the next allowed rank on the block's l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .costs import block_cost
-from .rounding import priority_order
+from .rounding import priority_order, tie_positions
 
 EXPERT, RANK = "experts", "rank"
 
@@ -29,6 +29,16 @@ class Space:
     s: np.ndarray | None = None  # sum(d_in + d_out) per block (params mode)
     r: np.ndarray | None = None  # sum(d_in + 1) per block (params mode)
     rank_first: bool = False  # greedy fill tries a rank step before an expert (rank_policy="scores")
+    # Ties of `scores` go to the higher raw (unshrunk) score, then to the lower tie position (rounding.py's
+    # rule, never the block index); defaults: `scores`, and tie_positions(raw_scores, budget).
+    raw_scores: np.ndarray | None = None
+    tie_position: np.ndarray = field(default=None)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.raw_scores is None:
+            self.raw_scores = self.scores
+        if self.tie_position is None:
+            self.tie_position = tie_positions(self.raw_scores, self.budget)
 
     @property
     def n(self) -> int:
@@ -71,15 +81,19 @@ class Space:
     def kinds(self) -> tuple[str, ...]:
         return (RANK, EXPERT) if self.rank_first else (EXPERT, RANK)
 
+    def priority(self, keys_desc: list[np.ndarray]) -> np.ndarray:
+        """Block positions by `keys_desc` (each descending), then by the score and the tie rule."""
+        return priority_order([*keys_desc, self.scores, self.raw_scores], self.tie_position)
+
     def by_score(self, descending: bool = True) -> np.ndarray:
-        order = priority_order([self.scores])
+        order = self.priority([])
         return order if descending else order[::-1]
 
     def greedy_fill(
         self, e: np.ndarray, k: np.ndarray, allowed: np.ndarray | None = None, max_moves: float = np.inf
     ) -> int:
         """Params: add units while one fits under the budget, in passes over the blocks by score (highest
-        first, ties to the lower index), at most one unit per block per pass. Ends when no allowed block
+        first, ties by the raw score, then the tie positions), at most one unit per block per pass. Ends when no allowed block
         can take one more unit. Returns the number of units added."""
         slack = self.budget - self.cost(e, k)
         moves = 0

@@ -674,6 +674,7 @@ class LayerInfluenceCallback(Callback):
             "scored_at_step": plan.step,
             "scores": plan.scores,
             "score_errors": plan.score_errors,
+            "error_shrinkage": float(self.allocator_options.get("error_shrinkage", 0.0)),
             "layout_before": before_layout,
             "layout_after": after_layout,
             "params_before": int(layout_params(before_layout, dims)),

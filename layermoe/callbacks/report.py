@@ -10,7 +10,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from layermoe.allocation.shrink import shrink_toward_mean
+
+
+def shrunk_scores(entry: dict[str, Any]) -> dict[int, float] | None:
+    """The scores the allocator used: shrunk toward their mean by ``error_shrinkage`` standard errors
+    (``layermoe.allocation.shrink``); None without errors or shrinkage (the raw scores were used)."""
+    errors, strength = entry.get("score_errors"), entry.get("error_shrinkage") or 0
+    if not errors or not strength:
+        return None
+    blocks = sorted(entry["scores"])
+    raw = np.array([float(entry["scores"][b]) for b in blocks], dtype=np.float64)
+    values = shrink_toward_mean(blocks, raw, errors, float(strength))
+    return {b: float(v) for b, v in zip(blocks, values, strict=True)}
 
 
 def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
@@ -20,6 +35,8 @@ def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
         out[f"{prefix}/score/block_{b}"] = float(s)
     for b, e in (entry.get("score_errors") or {}).items():
         out[f"{prefix}/score_error/block_{b}"] = float(e)
+    for b, s in (shrunk_scores(entry) or {}).items():
+        out[f"{prefix}/score_shrunk/block_{b}"] = s
     for b, spec in entry["layout_after"].items():
         out[f"{prefix}/experts/block_{b}"] = float(spec["experts"])
         out[f"{prefix}/rank/block_{b}"] = float(spec["rank"])
@@ -73,7 +90,15 @@ def save_and_log_figure(trainer: Any, prefix: str, entry: dict[str, Any]) -> Pat
     path = figure_dir(trainer) / f"rewire_{entry['index']:02d}_step{entry['step']}.png"
     title = f"rewire {entry['index']} at step {entry['step']} (params {entry['params_before']} -> {entry['params_after']})"
     try:
-        fig = save_rewire_figure(path, entry["layout_before"], entry["layout_after"], entry["scores"], title)
+        fig = save_rewire_figure(
+            path,
+            entry["layout_before"],
+            entry["layout_after"],
+            entry["scores"],
+            title,
+            errors=entry.get("score_errors"),
+            shrunk=shrunk_scores(entry),
+        )
     except ImportError as exc:
         rank_zero_warn(f"LayerInfluenceCallback: no rewire figure ({exc})")
         return None
@@ -91,22 +116,65 @@ def score_scale(scores: dict[int, float]) -> float:
     return mean_abs if mean_abs > 0 else 1.0
 
 
+def _aligned_pairs(pairs: list[tuple[str, str]], sep: str) -> list[str]:
+    """``left sep right`` for each pair, lefts right-aligned and rights left-aligned, so the separators
+    line up and every cell has the same width (two-digit ranks or experts included)."""
+    wl = max((len(a) for a, _ in pairs), default=0)
+    wr = max((len(b) for _, b in pairs), default=0)
+    return [f"{a:>{wl}}{sep}{b:<{wr}}" if b else f"{a:>{wl}}" + " " * (len(sep) + wr) for a, b in pairs]
+
+
+def _table_rows(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Right-aligned columns, each as wide as its widest cell, two spaces apart."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return ["  ".join(f"{cell:>{w}}" for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
+
+
 def console_table(entry: dict[str, Any]) -> str:
-    """Per-block score (raw, and relative to the mean |score| with its standard error) and experts x rank
-    before -> after, then totals, timings and the disturbance."""
+    """Per-block score (raw; the shrunk score the allocator used when ``error_shrinkage`` was on; relative
+    to the mean |score| with its standard error) and experts x rank before -> after, then totals,
+    timings and the disturbance. Columns align whatever the widths of the numbers."""
     before, after, scores = entry["layout_before"], entry["layout_after"], entry["scores"]
     errors = entry.get("score_errors") or {}
+    shrunk = shrunk_scores(entry)
     scale = score_scale(scores)
+    blocks = sorted(set(before) | set(after))
+    empty = {"experts": 0, "rank": 0}
+    moves = _aligned_pairs(
+        [
+            (
+                f"{before.get(b, empty)['experts']}x{before.get(b, empty)['rank']}",
+                f"{after.get(b, empty)['experts']}x{after.get(b, empty)['rank']}",
+            )
+            for b in blocks
+        ],
+        " -> ",
+    )
+    relative = _aligned_pairs(
+        [
+            (f"{scores.get(b, float('nan')) / scale:.3f}", f"{errors[b] / scale:.3f}" if b in errors else "")
+            for b in blocks
+        ],
+        " +- ",
+    )
+    header = (
+        ["block", "score"] + (["shrunk"] if shrunk else []) + ["score/mean|score| +- SE", "experts x rank"]
+    )
+    rows = [
+        [str(b), f"{scores.get(b, float('nan')):.4g}"]
+        + ([f"{shrunk[b]:.4g}" if b in shrunk else ""] if shrunk else [])
+        + [relative[i], moves[i]]
+        for i, b in enumerate(blocks)
+    ]
     lines = [
         f"LayerInfluenceCallback: rewire {entry['index']} at step {entry['step']} (epoch {entry['epoch']})",
-        f"{'block':>5} {'score':>11} {'score/mean|score| +- SE':>24}  {'experts x rank':>16}",
+        *_table_rows(header, rows),
     ]
-    for b in sorted(set(before) | set(after)):
-        old, new = before.get(b, {"experts": 0, "rank": 0}), after.get(b, {"experts": 0, "rank": 0})
-        arrow = f"{old['experts']}x{old['rank']} -> {new['experts']}x{new['rank']}"
-        raw = scores.get(b, float("nan"))
-        relative = f"{raw / scale:.3f}" + (f" +- {errors[b] / scale:.3f}" if b in errors else "")
-        lines.append(f"{b:>5} {raw:>11.4g} {relative:>24}  {arrow:>16}")
+    if shrunk:
+        lines.append(
+            f"shrunk = the score the allocator used: moved toward the mean by {entry['error_shrinkage']:g} SE "
+            "(error_shrinkage); ties go to the higher raw score"
+        )
     lines.append(
         f"params {entry['params_before']} -> {entry['params_after']} (budget {entry['budget']} {entry.get('budget_unit') or 'params'}); "
         f"scoring {entry['time_scoring_s']:.2f}s, rewire {entry['time_rewire_s']:.2f}s "
