@@ -52,7 +52,7 @@ for folder in (REPO, REPO / "benchmarks"):
 
 import tasks  # noqa: E402
 from allocation_quality import machine_description  # noqa: E402
-from quality_results import write_result  # noqa: E402
+from quality_results import load_results, result_path, write_result  # noqa: E402
 
 from layermoe.models.paths import cache_dir, resolve_path  # noqa: E402
 
@@ -136,15 +136,14 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def arm_name(system: str, args: argparse.Namespace) -> str:
-    """The system plus the options that differ from the issue's defaults (the table's row label)."""
-    extra = []
-    if args.loss_aggregation != "token_mean":
-        extra.append(args.loss_aggregation)
-    if args.val_size and system != "peft":
-        extra.append(f"val{args.val_size}-{args.val_from_train}")
-    if (args.lr, args.steps, args.rank) != (4e-3, 150, 2) and not args.quick:
-        extra.append(f"lr{args.lr:g}-steps{args.steps}-r{args.rank}")
-    return "+".join([system, *extra])
+    """The system plus every setting that differs from the defaults and applies to it (the table's row
+    label and part of the result's file name, so runs with other settings never overwrite these)."""
+    defaults = run_settings(parse(["--quick"] if args.quick else []))
+    skip = {"val_size", "val_from_train"} if system == "peft" else set()
+    if system != "layermoe-router":
+        skip.add("router_experts")
+    diffs = [f"{k}={v}" for k, v in run_settings(args).items() if k not in skip and v != defaults[k]]
+    return "+".join([system, *diffs])
 
 
 # ------------------------------------------------------------------ data
@@ -451,18 +450,6 @@ def run_one(task: str, system: str, seed: int, args: argparse.Namespace, folder:
 
 
 # ------------------------------------------------------------------ results
-def result_file(results: Path, task: str, arm: str, seed: int) -> Path:
-    return results / f"{task}__{arm}__seed{seed}.json"
-
-
-def load(results: Path) -> list[dict[str, Any]]:
-    return (
-        [json.loads(p.read_text()) for p in sorted(results.glob("*__*__seed*.json"))]
-        if results.is_dir()
-        else []
-    )
-
-
 def spread(values: Sequence[float]) -> str:
     """mean, then [min, max] over seeds."""
     if not values:
@@ -493,7 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(argv)
     results = Path(args.results)
     if args.table:
-        print(table(load(results)))
+        print(table(load_results(results)))
         return 0
     if not args.quick:
         from layermoe.lightning_modules.model_factory import resolve_model_dir
@@ -510,7 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for system in args.systems.split(","):
             for seed in seeds:
                 arm = arm_name(system, args)
-                path = result_file(results, task, arm, seed)
+                path = result_path(results, task, arm, seed)
                 if path.is_file() and json.loads(path.read_text()).get("settings") == run_settings(args):
                     print(f"skip {path.name} (done)", flush=True)
                     continue
@@ -522,7 +509,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     f"{result['train_seconds']:.0f} s",
                     flush=True,
                 )
-    print(table(load(results)))
+    print(table(load_results(results)))
     return 0
 
 

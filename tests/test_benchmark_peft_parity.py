@@ -24,7 +24,7 @@ def test_quick_runs_every_system_resumes_and_tabulates(tmp_path, capsys):
     argv = ["--quick", "--seeds", "0", "--systems", ",".join(peft_parity.SYSTEMS)]
     argv += ["--results", str(tmp_path / "results"), "--workdir", str(tmp_path / "data")]
     assert peft_parity.main(argv) == 0
-    results = peft_parity.load(tmp_path / "results")
+    results = peft_parity.load_results(tmp_path / "results")
     assert len(results) == len(peft_parity.TASKS) * len(peft_parity.SYSTEMS)
     for task in peft_parity.TASKS:
         runs = {r["system"]: r for r in results if r["task"] == task}
@@ -84,6 +84,7 @@ def test_plain_schedule_is_the_projects_after_warmup():
 
 def test_results_are_json_with_their_settings(tmp_path):
     args = peft_parity.parse(["--quick", "--loss-aggregation", "sample_mean", "--val-size", "4"])
-    assert peft_parity.arm_name("layermoe", args) == "layermoe+sample_mean+val4-holdout"
-    assert peft_parity.arm_name("peft", args) == "peft+sample_mean"
+    assert peft_parity.arm_name("layermoe", args) == "layermoe+loss_aggregation=sample_mean+val_size=4"
+    assert peft_parity.arm_name("peft", args) == "peft+loss_aggregation=sample_mean"
+    assert peft_parity.arm_name("layermoe", peft_parity.parse(["--quick"])) == "layermoe"
     assert json.loads(json.dumps(peft_parity.run_settings(args)))["loss_aggregation"] == "sample_mean"
