@@ -221,7 +221,8 @@ def pad(examples: Sequence[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def data_module(task: str, folder: Path, args: argparse.Namespace, seed: int) -> Any:
+def data_module(task: str, folder: Path, args: argparse.Namespace, seed: int, carve: bool = True) -> Any:
+    """The project's data module of a task (``carve``: with the ``--val-size`` carve-out)."""
     from layermoe.data import TextDataModule
 
     common = {
@@ -230,7 +231,7 @@ def data_module(task: str, folder: Path, args: argparse.Namespace, seed: int) ->
         "test_split": "test",
         "tokenizer": "tiny" if args.quick else args.model_folder,
         "max_length": args.max_length,
-        "val_size": args.val_size,
+        "val_size": args.val_size if carve else 0,
         "val_from_train": args.val_from_train,
         "batch_size": args.batch_size,
         "eval_batch_size": args.eval_batch_size,
@@ -408,7 +409,7 @@ def run_one(task: str, system: str, seed: int, args: argparse.Namespace, folder:
     from layermoe.data.tokenizer import load_tokenizer
     from layermoe.lightning_modules.model_factory import build_model
 
-    dm = data_module(task, folder, args, seed)
+    dm = data_module(task, folder, args, seed, carve=system != "peft")
     dm.setup()
     tokenizer = dm.prepare_tokenizer()
     pad_id = tokenizer.pad_token_id

@@ -88,3 +88,11 @@ def test_results_are_json_with_their_settings(tmp_path):
     assert peft_parity.arm_name("peft", args) == "peft+loss_aggregation=sample_mean"
     assert peft_parity.arm_name("layermoe", peft_parity.parse(["--quick"])) == "layermoe"
     assert json.loads(json.dumps(peft_parity.run_settings(args)))["loss_aggregation"] == "sample_mean"
+
+
+def test_carve_out_applies_to_the_project_arms_only(tmp_path):
+    argv = ["--quick", "--seeds", "0", "--tasks", "facts", "--systems", "peft,layermoe", "--val-size", "4"]
+    assert peft_parity.main(argv + ["--results", str(tmp_path / "r"), "--workdir", str(tmp_path / "d")]) == 0
+    runs = {r["system"]: r for r in peft_parity.load_results(tmp_path / "r")}
+    assert runs["layermoe"]["arm"] == "layermoe+val_size=4" and runs["peft"]["arm"] == "peft"
+    assert runs["layermoe"]["train_rows"] == runs["peft"]["train_rows"] - 4 == 32
