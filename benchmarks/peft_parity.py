@@ -101,11 +101,13 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--eval-batch-size", type=int, default=16)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--results", default=str(REPO / "benchmarks" / "results" / "parity"))
+    p.add_argument("--results", default=None, help="default: benchmarks/results/parity (--quick: .../quick)")
     p.add_argument("--workdir", default=None, help="where task files are written (default: {cache}/parity)")
     p.add_argument("--quick", action="store_true", help="tiny random Llama, a few steps (for tests)")
     p.add_argument("--table", action="store_true", help="print the table of the finished runs and exit")
     args = p.parse_args(argv)
+    if args.results is None:
+        args.results = str(REPO / "benchmarks" / "results" / "parity" / ("quick" if args.quick else ""))
     if args.quick:
         args.steps, args.batch_size, args.warmup, args.lr = min(args.steps, 6), 4, 1, 1e-2
         args.sst2_train_rows, args.sst2_test_rows, args.max_length = 24, 8, 96
