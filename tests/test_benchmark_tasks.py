@@ -51,6 +51,14 @@ def test_sizes_are_checked():
         tasks.facts_rows(phrasings=4)
 
 
+EXPECTED = {
+    "reverse": lambda x: x[::-1],
+    "sort": lambda x: "".join(sorted(x)),
+    "number": lambda x: tasks.number_in_words(int(x)),
+    "date": lambda x: tasks._date_in_words(x),
+}
+
+
 def _skill_and_input(prompt: str) -> tuple[str, str]:
     for skill, (template, _, _) in tasks.SKILLS.items():
         head, tail = template.split("{x}")
@@ -75,13 +83,7 @@ def test_skills_test_inputs_are_new_and_answered_right():
         skill, x = _skill_and_input(row["prompt"])
         skills.add(skill)
         assert x not in train_inputs
-        expected = {
-            "reverse": lambda: x[::-1],
-            "sort": lambda: "".join(sorted(x)),
-            "number": lambda: tasks.number_in_words(int(x)),
-            "date": lambda: tasks._date_in_words(x),
-        }[skill]
-        assert row["response"] == expected()
+        assert row["response"] == EXPECTED[skill](x)
     assert skills == set(tasks.SKILLS)
 
 

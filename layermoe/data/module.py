@@ -336,7 +336,9 @@ class TextDataModule(pl.LightningDataModule):
         else:
             what = f"{taken} of the {total} training rows are held out for validation and not trained on"
             what += " (val_from_train: holdout; 'overlap' keeps them in training)"
-        rank_zero_info(f"Validation: no {given} given, so {what}. Give {given}, or data.val_size: 0 for none.")
+        rank_zero_info(
+            f"Validation: no {given} given, so {what}. Give {given}, or data.val_size: 0 for none."
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split and tokenize what ``stage`` needs (once; later calls reuse the datasets)."""
