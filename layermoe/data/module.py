@@ -36,6 +36,7 @@ from layermoe.models.paths import resolve_path
 Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
 Rows = tuple[list[dict[str, Any]], list[int] | None]
 STAGE_SPLITS = {"train": "train_split", "val": "val_split", "test": "test_split"}
+VAL_FROM_TRAIN = ("holdout", "overlap")
 
 
 class EncodedDataset(Dataset):
@@ -62,7 +63,11 @@ class TextDataModule(pl.LightningDataModule):
         train_file: training rows (``.jsonl``, ``.csv``, ``.tsv``, ``.json``, ``.parquet``); ``{cache}``,
             ``{shared}``, ``{quickstart}`` placeholders allowed.
         val_file: validation rows; when None (and no ``val_split``), ``val_size`` rows (int) or fraction
-            (float) of train are carved out, stratified by label and seeded (0 disables validation).
+            (float) of train are carved out, stratified by label and seeded (0 disables validation), and
+            a line at set-up says so.
+        val_from_train: what carving does to those rows: "holdout" (taken out of training) or "overlap"
+            (they stay in training too: validation then measures fit to trained rows, not generalization,
+            but no training row is lost).
         test_file: rows for ``trainer.test``.
         dataset / dataset_config / dataset_cache_dir: instead of the files, a Hugging Face dataset: a
             name (from the local cache when offline), a local folder of data files, or one local file;
@@ -111,6 +116,7 @@ class TextDataModule(pl.LightningDataModule):
         label_separator: str = " ",
         max_length: int = 64,
         val_size: float | int = 0.1,
+        val_from_train: str = "holdout",
         limit_train_rows: int | None = None,
         limit_eval_rows: int | None = None,
         batch_size: int = 8,
@@ -154,6 +160,11 @@ class TextDataModule(pl.LightningDataModule):
             if label_column is None:
                 raise DataError("task 'classification' needs label_column (the column holding class indices)")
         check_template(prompt_template)
+        if val_from_train not in VAL_FROM_TRAIN:
+            raise DataError(
+                f"val_from_train must be one of {list(VAL_FROM_TRAIN)}, got {val_from_train!r}: 'holdout' "
+                "takes the validation rows out of training, 'overlap' scores on rows that also train"
+            )
         if not is_int_at_least(max_length, 2):
             raise DataError(f"max_length must be an int >= 2, got {max_length!r}")
         for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
@@ -190,6 +201,7 @@ class TextDataModule(pl.LightningDataModule):
         self.label_separator = label_separator
         self.max_length = max_length
         self.val_size = val_size
+        self.val_from_train = val_from_train
         self.limit_train_rows = limit_train_rows
         self.limit_eval_rows = limit_eval_rows
         self.batch_size = batch_size
@@ -309,7 +321,24 @@ class TextDataModule(pl.LightningDataModule):
         if not self.val_size:
             return (rows, strata), None
         kept, taken = stratified_indices(strata, self.val_size, self.seed, total=len(rows))
+        self._announce_carve_out(len(taken), len(rows))
+        if self.val_from_train == "overlap":
+            return (rows, strata), self._subset(rows, strata, taken)
         return self._subset(rows, strata, kept), self._subset(rows, strata, taken)
+
+    def _announce_carve_out(self, taken: int, total: int) -> None:
+        from lightning.pytorch.utilities import rank_zero_info
+
+        given = "data.val_split" if self.dataset is not None else "data.val_file"
+        if self.val_from_train == "overlap":
+            what = f"{taken} of the {total} training rows also serve as validation (val_from_train: overlap;"
+            what += " they stay in training, so validation measures fit, not generalization)"
+        else:
+            what = f"{taken} of the {total} training rows are held out for validation and not trained on"
+            what += " (val_from_train: holdout; 'overlap' keeps them in training)"
+        rank_zero_info(
+            f"Validation: no {given} given, so {what}. Give {given}, or data.val_size: 0 for none."
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Read, split and tokenize what ``stage`` needs (once; later calls reuse the datasets)."""

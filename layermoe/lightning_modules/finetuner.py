@@ -29,6 +29,8 @@ from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
 from layermoe.checkpointing.integrity import check_finite_state, read_verified_checkpoint, verify_checksum
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
 from layermoe.lightning_modules.losses import (
+    LOSS_AGGREGATIONS,
+    aggregate_losses,
     greedy_exact_match,
     label_loss,
     label_positions,
@@ -91,6 +93,10 @@ class MoELoRAFineTuner(pl.LightningModule):
         print_metrics: print the validation metrics after each validation run.
         exact_resume: add ``layermoe.checkpointing.exact_resume_callbacks()`` (RNG states in checkpoints,
             optimizer-state manifest check) so ``--ckpt_path`` resumes bit-exactly, mid-epoch included.
+        loss_aggregation: how the training loss reduces a batch: "token_mean" (every supervised token
+            weighs the same, as Hugging Face, peft and TRL do) or "sample_mean" (every row weighs the
+            same). Identical for classification. Validation/test losses and the influence callback's
+            scoring stay per-sample means.
     """
 
     def __init__(
@@ -114,8 +120,13 @@ class MoELoRAFineTuner(pl.LightningModule):
         print_metrics: bool = True,
         exact_resume: bool = True,
         choice_score: str = "sum",
+        loss_aggregation: str = "token_mean",
     ) -> None:
         super().__init__()
+        if loss_aggregation not in LOSS_AGGREGATIONS:
+            raise ValueError(
+                f"loss_aggregation must be one of {list(LOSS_AGGREGATIONS)}, got {loss_aggregation!r}"
+            )
         if task not in TASKS:
             raise ValueError(f"task must be one of {list(TASKS)}, got {task!r}")
         if choice_score not in CHOICE_SCORES:
@@ -282,7 +293,9 @@ class MoELoRAFineTuner(pl.LightningModule):
 
     def _shared_step(self, batch: Mapping[str, torch.Tensor], stage: str) -> torch.Tensor:
         task_losses, logits = self._task_losses(batch)
-        task_loss = task_losses.mean()
+        # Evaluation losses stay per-sample means: the metric the callback and earlier results compare.
+        how = self.hparams.loss_aggregation if stage == "train" else "sample_mean"
+        task_loss = aggregate_losses(task_losses, batch["labels"], how)
         router = collect_router_losses(self.model)
         loss = task_loss + router.loss
         size = batch["input_ids"].shape[0]

@@ -1,5 +1,6 @@
-"""Classification, exact-match and option-scoring helpers of the LightningModule; the per-sample loss
-itself is ``layermoe.scoring.per_sample_loss_from_logits`` (one definition shared with scoring)."""
+"""Classification, exact-match, option-scoring and loss-aggregation helpers of the LightningModule; the
+per-sample loss itself is ``layermoe.scoring.per_sample_loss_from_logits`` (one definition shared with
+scoring)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import torch.nn.functional as F
 
 from layermoe.scoring.losses import per_sample_loss_from_logits
 
+LOSS_AGGREGATIONS = ("token_mean", "sample_mean")
+
 __all__ = [
+    "LOSS_AGGREGATIONS",
+    "aggregate_losses",
     "candidate_logits",
     "greedy_exact_match",
     "label_loss",
     "label_positions",
     "per_sample_loss_from_logits",
     "supervised_log_likelihood",
+    "supervised_token_counts",
 ]
 
 
@@ -31,6 +37,27 @@ def label_positions(labels: torch.Tensor) -> torch.Tensor:
     if bool((position == 0).any()):
         raise ValueError("a label token at position 0 has no preceding token to predict it")
     return position
+
+
+def supervised_token_counts(labels: torch.Tensor) -> torch.Tensor:
+    """(B,) number of supervised (predicted) tokens per row: labels after the shift that are not -100."""
+    return (labels[:, 1:] != -100).sum(dim=1)
+
+
+def aggregate_losses(per_sample: torch.Tensor, labels: torch.Tensor, how: str) -> torch.Tensor:
+    """One training loss from (B,) per-sample mean losses.
+
+    ``token_mean``: every supervised token weighs the same (sum of token losses over the number of
+    supervised tokens in the batch), as Hugging Face, peft and TRL reduce it; a long response counts more
+    than a short one. ``sample_mean``: every row weighs the same. With one supervised token per row
+    (classification) the two are identical.
+    """
+    if how == "sample_mean":
+        return per_sample.mean()
+    if how != "token_mean":
+        raise ValueError(f"loss_aggregation must be one of {list(LOSS_AGGREGATIONS)}, got {how!r}")
+    counts = supervised_token_counts(labels).to(device=per_sample.device, dtype=per_sample.dtype)
+    return (per_sample * counts).sum() / counts.sum().clamp_min(1.0)
 
 
 def candidate_logits(logits: torch.Tensor, labels: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
@@ -64,7 +91,7 @@ def supervised_log_likelihood(logits: torch.Tensor, labels: torch.Tensor, mean: 
     mean_log_likelihood = -per_sample_loss_from_logits(logits, labels)
     if mean:
         return mean_log_likelihood
-    count = (labels[:, 1:] != -100).sum(dim=1).to(mean_log_likelihood.device)
+    count = supervised_token_counts(labels).to(mean_log_likelihood.device)
     return mean_log_likelihood * count
 
 

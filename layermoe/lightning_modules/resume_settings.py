@@ -27,6 +27,9 @@ FREE_SETTINGS = (
     "gradient_checkpointing",
     "save_base_weights",
     "exact_resume",
+    # The loss reduction holds no state: a resumed run trains with the value given (older checkpoints
+    # predate the field).
+    "loss_aggregation",
 )
 BASE_SETTINGS = ("model", "model_seed", "dtype", "quantization")
 
