@@ -225,3 +225,19 @@ def test_rank_growth_step_size_under_adam():
     print("through grow_layer (keep_scaling: ratio):", ratios)
     assert ratios[True] == pytest.approx(1.0, abs=1e-6)  # growth plans in float32
     assert ratios[False] == pytest.approx(results["alpha/r"][0], rel=1e-6)
+
+
+def test_keep_scaling_needs_the_grown_alpha_restored_on_load():
+    """What a caller of keep_scaling must do: the state dict does not hold lora_alpha, so a layer built
+    from the config loads the grown weights with the config's alpha; setting the saved alpha restores
+    the function exactly."""
+    layer = make_layer(2, 2)
+    x = torch.randn(10, 16)
+    grow_layer(layer, rank=4, keep_scaling=True)
+    expected = out(layer, x)
+    fresh = make_layer(2, 2, seed=5)
+    fresh.load_state_dict(layer.state_dict())
+    assert (fresh.experts, fresh.rank) == (2, 4)
+    assert float((out(fresh, x) - expected).abs().max()) > 1e-3  # config alpha: half the grown scaling
+    fresh.lora_alpha = layer.lora_alpha
+    torch.testing.assert_close(out(fresh, x), expected, atol=1e-6, rtol=0)

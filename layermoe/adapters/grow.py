@@ -9,15 +9,17 @@ gradient-aligned A rows makes the first gradient on the new B columns as large a
 norm, so the new capacity learns at once.
 
 **Rank.** The layer's scaling is ``lora_alpha / rank``. Growing r -> r' keeps the output exact either by
-multiplying the old B columns by r'/r (``keep_scaling=False``, what `grow_rank` does) or by raising the
-layer's ``lora_alpha`` by r'/r so the scaling stays where it was (``keep_scaling=True``, the default).
+multiplying the old B columns by r'/r (``keep_scaling=False``, the default, what `grow_rank` does) or by
+raising the layer's ``lora_alpha`` by r'/r so the scaling stays where it was (``keep_scaling=True``).
 Under Adam only the second keeps the old directions' step size: Adam moves each entry by about the
 learning rate whatever its scale, so after B -> B r'/r with scaling alpha/r' the B-side change of the
 delta per step is r/r' of what it was (tests/test_adapter_grow.py measures it); with rsLoRA's
 alpha / sqrt(r) it would still be sqrt(r/r'). Exact function *and* unchanged Adam steps of A and B need
-an unchanged scaling, whatever rule it starts from. A per-layer ``lora_alpha`` is not in the state dict
-(it comes from the config): whoever grows with ``keep_scaling`` must save the grown layers' alphas and
-set them again on load (``ResizeReport.operations`` names the change).
+an unchanged scaling, whatever rule it starts from. But a per-layer ``lora_alpha`` is not in the state
+dict (the layer gets it from the config), so a checkpoint of a layer grown with ``keep_scaling`` loads
+with the config's alpha and the wrong scaling: use it only where the caller saves the grown layers'
+alphas and sets them again on every load (``ResizeReport.operations`` names the change), until the
+layer persists its alpha.
 
 **Experts** (dense softmax exact). A new expert with B = 0 changes the output only through the gates:
 a new router row would take probability from every expert. Instead each new expert shares the gate of
@@ -224,7 +226,7 @@ def grow_layer(
     *,
     init: str = "lora",
     gradient: torch.Tensor | None = None,
-    keep_scaling: bool = True,
+    keep_scaling: bool = False,
     probe: torch.Tensor | None = None,
     name: str = "",
 ) -> ResizeReport:
