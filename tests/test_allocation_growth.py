@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from layermoe.allocation import (
     AllocationError,
+    GrowthPlan,
     grow_layout,
     layout_params,
     placebo_grow,
@@ -141,6 +142,16 @@ def test_initial_layout_is_the_largest_even_rank_within_the_share():
         plan_growth(dims, 100, 3)
     with pytest.raises(AllocationError, match="initial_fraction"):
         plan_growth(dims, 40_000, 3, initial_fraction=0)
+
+
+def test_growth_plan_round_trips_through_json():
+    import json
+
+    plan = plan_growth({b: [(16, 16)] for b in range(3)}, 5_000, 4, 0.3)
+    back = GrowthPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert back == plan
+    with pytest.raises(AllocationError, match="targets"):
+        GrowthPlan.from_dict({**plan.to_dict(), "targets": [1, 2]})
 
 
 def test_unit_rule_grows_rank_while_the_router_outweighs_the_expert():

@@ -78,6 +78,35 @@ class GrowthPlan:
         previous = (self.initial_params, *self.targets[:-1])
         return tuple(t - p for t, p in zip(self.targets, previous, strict=True))
 
+    def to_dict(self) -> dict[str, Any]:
+        """Plain ints, lists and dicts (what a checkpointed callback state may hold)."""
+        return {
+            "initial": {b: dict(spec) for b, spec in self.initial.items()},
+            "initial_params": self.initial_params,
+            "targets": list(self.targets),
+            "budget": self.budget,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> GrowthPlan:
+        """Inverse of :meth:`to_dict` (block keys may come back as strings from JSON)."""
+        try:
+            plan = cls(
+                initial=normalize_layout(data["initial"], None, "growth plan initial"),
+                initial_params=int(data["initial_params"]),
+                targets=tuple(int(t) for t in data["targets"]),
+                budget=int(data["budget"]),
+            )
+        except (KeyError, TypeError) as err:
+            raise AllocationError(
+                f"growth plan {dict(data)!r} is not a GrowthPlan.to_dict(): missing or bad field {err}"
+            ) from None
+        if not plan.targets or plan.targets[-1] != plan.budget:
+            raise AllocationError(
+                f"growth plan: targets {list(plan.targets)} must end at the budget {plan.budget}"
+            )
+        return plan
+
     def allowance(self, round_index: int, current_params: int) -> int:
         """What round ``round_index`` (0-based) may add to a model holding ``current_params``: its
         cumulative target minus what is there, so what a round could not place carries to the next."""
