@@ -10,10 +10,22 @@ import pytest
 import torch
 from torch import nn
 
-from layermoe.adapters import MoELoRALinear
+from layermoe.adapters import (
+    MoELoRAConfig,
+    MoELoRALinear,
+    grow_model,
+    inject,
+    layout,
+    moe_layers,
+    named_moe_layers,
+)
 from layermoe.adapters.grow import LORA_ROW_NORM, gradient_directions, grow_layer, weight_gradients
+from layermoe.allocation import grow_layout, layout_params, plan_growth
+from layermoe.layout import block_cost
+from layermoe.scoring import causal_lm_per_sample_loss
 
 from .test_adapter_helpers import randomize
+from .tiny_models import random_tokens, tiny_llama
 
 
 def make_layer(experts=3, rank=4, top_k=None, seed=0, d_in=16, d_out=12):
@@ -241,3 +253,45 @@ def test_keep_scaling_needs_the_grown_alpha_restored_on_load():
     assert float((out(fresh, x) - expected).abs().max()) > 1e-3  # config alpha: half the grown scaling
     fresh.lora_alpha = layer.lora_alpha
     torch.testing.assert_close(out(fresh, x), expected, atol=1e-6, rtol=0)
+
+
+def test_growth_rounds_on_a_model_keep_its_output_and_match_the_cost_model():
+    """plan_growth -> grow_layout -> grow_model for three rounds on a tiny Llama (gradient init from
+    weight_gradients): logits unchanged at every round, the model's layout is the allocated one and its
+    trainable adapter parameters are what the allocation's cost rule counts."""
+    model = tiny_llama(num_blocks=4)
+    blocks = range(4)
+    dims = {b: [(32, 32), (32, 16)] for b in blocks}  # q_proj, v_proj (2 kv heads of 8)
+    plan = plan_growth(dims, 12_000, 3, initial_fraction=0.3)
+    spec = plan.initial[0]
+    inject(
+        model, MoELoRAConfig(target_modules=["q_proj", "v_proj"], experts=spec["experts"], rank=spec["rank"])
+    )
+    for block in moe_layers(model).values():
+        for seed, layer in enumerate(block.values()):
+            randomize(layer, seed, b_std=0.3)
+    tokens = random_tokens(batch=4, length=8)
+    batch = {"input_ids": tokens, "attention_mask": torch.ones_like(tokens), "labels": tokens}
+    scores = {0: 0.2, 1: 1.5, 2: 0.9, 3: 0.4}
+    current = layout(model)
+    for t in range(plan.rounds):
+        before = out(model, tokens).logits
+        nxt = grow_layout(
+            current, scores, dims, plan.allowance(t, layout_params(current, dims)), plan.budget, seed=t
+        )
+        gradients = weight_gradients(model, [batch], causal_lm_per_sample_loss, named_moe_layers(model))
+        grow_model(model, nxt, init="gradient", gradients=gradients)
+        torch.testing.assert_close(out(model, tokens).logits, before, atol=1e-5, rtol=0)
+        assert layout(model) == nxt
+        trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "lora_" in n)
+        assert trainable == layout_params(nxt, dims)
+        current = nxt
+    # the last round spent the budget up to less than the cheapest unit of any block (S = 112, R = 66)
+    units = [
+        block_cost(e + de, k + dk, 112, 66) - block_cost(e, k, 112, 66)
+        for e, k in ((v["experts"], v["rank"]) for v in current.values())
+        for de, dk in ((1, 0), (0, 1))
+    ]
+    assert 0 <= plan.budget - layout_params(current, dims) < min(units)
+    with pytest.raises(ValueError, match="never removes"):
+        grow_model(model, {0: {"experts": 1, "rank": 1}})

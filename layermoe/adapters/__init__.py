@@ -2,7 +2,7 @@
 
 from .base import BaseInfo, base_info, is_supported_base
 from .config import DEFAULT_TARGET_MODULES, MoELoRAConfig
-from .grow import GROW_INITS, gradient_directions, grow_layer, weight_gradients
+from .grow import GROW_INITS, gradient_directions, grow_layer, grow_model, plan_grow, weight_gradients
 from .inject import (
     block_index,
     inject,
@@ -48,6 +48,8 @@ __all__ = [
     "GROW_INITS",
     "gradient_directions",
     "grow_layer",
+    "grow_model",
+    "plan_grow",
     "grow_rank",
     "weight_gradients",
     "inject",

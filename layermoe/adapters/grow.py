@@ -39,8 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from layermoe.layout import effective_top_k, is_int_at_least
+from layermoe.layout import effective_top_k, is_int_at_least, normalize_layout
 
+from .inject import named_moe_layers, split_block_name
 from .layer import MoELoRALinear, lora_init_A
 from .resize import ResizeReport, install_state, single_thread, state_map
 from .surgery import LayerState, ParamMap, adapter_output, layer_generator
@@ -219,7 +220,7 @@ def _add_experts(
     )
 
 
-def grow_layer(
+def plan_grow(
     layer: MoELoRALinear,
     experts: int | None = None,
     rank: int | None = None,
@@ -229,38 +230,38 @@ def grow_layer(
     keep_scaling: bool = False,
     probe: torch.Tensor | None = None,
     name: str = "",
-) -> ResizeReport:
-    """Grow `layer` in place to at least (experts, rank) with fresh, function-preserving capacity (module
-    docstring): rank first, then experts at the new rank. ``init="gradient"`` needs ``gradient``, the
-    module's weight gradient (d_out, d_in), e.g. from :func:`weight_gradients`. The report's
-    ``state_map`` tells the optimizer how old entries moved (fresh entries -1; B columns rescaled where
-    a gate or the scaling changed). All-or-nothing: the layer changes only once every tensor is built
-    and checked."""
+) -> tuple[LayerState, ResizeReport, float]:
+    """Plan (without touching the layer) what :func:`grow_layer` does: ``(state, report, lora_alpha)``."""
     experts = layer.experts if experts is None else experts
     rank = layer.rank if rank is None else rank
-    if not is_int_at_least(experts, max(layer.experts, 1)):
+    where = f" ({name})" if name else ""
+    if layer.experts == 0:
+        raise ValueError(f"grow_layer{where}: the layer has no experts; give it some with apply_layout first")
+    if not is_int_at_least(experts, layer.experts):
         raise ValueError(
-            f"grow_layer: experts must be an int >= {max(layer.experts, 1)} (never fewer), got {experts!r}"
+            f"grow_layer{where}: experts must be an int >= the current {layer.experts} (growth never removes), "
+            f"got {experts!r}"
         )
     if not is_int_at_least(rank, layer.rank):
-        raise ValueError(f"grow_layer: rank must be an int >= the current {layer.rank}, got {rank!r}")
-    if layer.experts == 0:
-        raise ValueError("grow_layer: the layer has no experts; give it some with apply_layout first")
+        raise ValueError(
+            f"grow_layer{where}: rank must be an int >= the current {layer.rank} (growth never removes), "
+            f"got {rank!r}"
+        )
     if init not in GROW_INITS:
         raise ValueError(f"grow_layer: init = {init!r}; use one of {GROW_INITS}")
     if init == "gradient":
         if gradient is None:
             raise ValueError(
-                "grow_layer: init='gradient' needs gradient= (d_out, d_in); see weight_gradients"
+                f"grow_layer{where}: init='gradient' needs gradient= (d_out, d_in); see weight_gradients"
             )
         if tuple(gradient.shape) != (layer.out_features, layer.in_features):
             raise ValueError(
-                f"grow_layer: gradient shape {tuple(gradient.shape)} is not (d_out, d_in) = "
+                f"grow_layer{where}: gradient shape {tuple(gradient.shape)} is not (d_out, d_in) = "
                 f"({layer.out_features}, {layer.in_features})"
             )
     report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
-    old_alpha = layer.lora_alpha
-    with torch.no_grad(), single_thread():
+    old_alpha = alpha = layer.lora_alpha
+    with torch.no_grad():
         device = layer.adapter_placement()[0]
         generator = layer_generator(device)
         state = old = replace(LayerState.of(layer), generator=generator)
@@ -268,7 +269,6 @@ def grow_layer(
         def rows(count: int, existing: torch.Tensor) -> torch.Tensor:
             return _new_rows(init, count, layer.in_features, gradient, existing, generator, device)
 
-        alpha = old_alpha
         if rank > state.rank:
             report.operations.append(f"grow_rank {state.rank}->{rank} (B = 0, A {init})")
             if keep_scaling:
@@ -285,8 +285,96 @@ def grow_layer(
             before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), old_alpha)
             after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts), alpha)
             report.output_change = float((after - before).norm(dim=-1).max()) if x.numel() else 0.0
-        report.state_map = state_map(state, name)
-        if report.operations:
-            install_state(layer, state)
-            layer.lora_alpha = alpha
+    report.state_map = state_map(state, name)
+    return state, report, alpha
+
+
+def _install(layer: MoELoRALinear, state: LayerState, report: ResizeReport, alpha: float) -> None:
+    if report.operations:
+        install_state(layer, state)
+        layer.lora_alpha = alpha
+
+
+def grow_layer(
+    layer: MoELoRALinear,
+    experts: int | None = None,
+    rank: int | None = None,
+    *,
+    init: str = "lora",
+    gradient: torch.Tensor | None = None,
+    keep_scaling: bool = False,
+    probe: torch.Tensor | None = None,
+    name: str = "",
+) -> ResizeReport:
+    """Grow `layer` in place to (experts, rank) with fresh, function-preserving capacity (module
+    docstring): rank first, then experts at the new rank. ``init="gradient"`` needs ``gradient``, the
+    module's weight gradient (d_out, d_in), e.g. from :func:`weight_gradients`. The report's
+    ``state_map`` tells the optimizer how old entries moved (fresh entries -1; B columns rescaled where
+    a gate or the scaling changed). All-or-nothing: the layer changes only once every tensor is built
+    and checked."""
+    with single_thread():
+        state, report, alpha = plan_grow(
+            layer,
+            experts,
+            rank,
+            init=init,
+            gradient=gradient,
+            keep_scaling=keep_scaling,
+            probe=probe,
+            name=name,
+        )
+    _install(layer, state, report, alpha)
     return report
+
+
+def grow_model(
+    model: nn.Module,
+    layout: Mapping[Any, Any],
+    *,
+    init: str = "lora",
+    gradients: Mapping[str, torch.Tensor] | None = None,
+    keep_scaling: bool = False,
+    probes: Mapping[str, torch.Tensor] | None = None,
+) -> list[ResizeReport]:
+    """Grow every layer of the blocks in `layout` to its (experts, rank) with :func:`grow_layer`, all or
+    nothing: every layer is planned and checked before any changes (a block asked to shrink, or a layer
+    without its gradient under ``init="gradient"``, raises first). ``gradients`` and ``probes`` map full
+    module names (as :func:`named_moe_layers`) to the layer's weight gradient / probe input. Returns one
+    report per changed layer, in block order."""
+    target = normalize_layout(layout)
+    by_block: dict[int, list[tuple[str, MoELoRALinear]]] = {}
+    for name, layer in named_moe_layers(model).items():
+        parts = split_block_name(name)
+        if parts is not None:
+            by_block.setdefault(parts[1], []).append((name, layer))
+    unknown = sorted(set(target) - set(by_block))
+    if unknown:
+        raise ValueError(
+            f"grow_model: layout names blocks {unknown} without MoE-LoRA layers ({sorted(by_block)})"
+        )
+    plans = []
+    with single_thread():
+        for block, spec in target.items():
+            for name, layer in by_block[block]:
+                if (layer.experts, layer.rank) == (spec["experts"], spec["rank"]):
+                    continue
+                gradient = None if gradients is None else gradients.get(name)
+                if init == "gradient" and gradient is None:
+                    raise ValueError(f"grow_model: init='gradient' but gradients has no entry for {name}")
+                probe = None if probes is None else probes.get(name)
+                plans.append(
+                    (layer,)
+                    + plan_grow(
+                        layer,
+                        spec["experts"],
+                        spec["rank"],
+                        init=init,
+                        gradient=gradient,
+                        keep_scaling=keep_scaling,
+                        probe=probe,
+                        name=name,
+                    )
+                )
+    for layer, state, report, alpha in plans:
+        _install(layer, state, report, alpha)
+    return [report for _, _, report, _ in plans]
