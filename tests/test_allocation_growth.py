@@ -4,6 +4,7 @@ rule, the controls and the tie-break. Unit costs are recomputed here from the la
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -17,6 +18,7 @@ from layermoe.allocation import (
     plan_growth,
     uniform_grow,
 )
+from layermoe.allocation.growth import _targets
 from layermoe.layout import block_cost
 
 FAST = settings(max_examples=60, deadline=None)
@@ -107,6 +109,7 @@ def arms(case):
     }
 
 
+@pytest.mark.filterwarnings("error")  # an overflow or NaN in the shares would pass the budget checks
 @FAST
 @given(growth_cases())
 def test_growth_rounds_never_shrink_never_exceed_and_spend_the_budget(case):
@@ -128,6 +131,28 @@ def test_growth_rounds_never_shrink_never_exceed_and_spend_the_budget(case):
         # the last round: the budget is spent up to less than one unit of any kind of any block
         leftover = budget - layout_params(layout, dims)
         assert all(c > leftover for b, v in layout.items() for c in unit_costs(v, dims[b]).values()), name
+
+
+@FAST
+@given(
+    st.lists(st.tuples(st.floats(0, 1e6), st.floats(1e-300, 1), st.floats(1, 1e4)), min_size=1, max_size=8),
+    st.floats(0, 1e7),
+)
+def test_power_law_targets_are_a_water_level(blocks, extra):
+    """max(before_l, x w_l unit_l) with one level x that spends the total exactly (power_law, beta 1)."""
+    before = np.array([b for b, _, _ in blocks])
+    weights = np.array([w for _, w, _ in blocks])
+    unit = np.array([u for _, _, u in blocks])
+    total = float(before.sum()) + extra
+    out = _targets("power_law", weights, unit, before, total, {"beta": 1.0, "shift": False})
+    assert np.all(np.isfinite(out)) and np.all(out >= before)
+    assert out.sum() == pytest.approx(total, rel=1e-9, abs=1e-6)
+    reach = weights * unit
+    grown = out > before * (1 + 1e-9) + 1e-6
+    if grown.any():  # every grown block sits on one level c; the others are at or above it already
+        level = out[grown] / reach[grown]
+        assert np.allclose(level, level[0], rtol=1e-6)
+        assert np.all(level[0] * reach[~grown] <= before[~grown] * (1 + 1e-6) + 1e-3)
 
 
 def test_initial_layout_is_the_largest_even_rank_within_the_share():

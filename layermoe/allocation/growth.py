@@ -224,19 +224,20 @@ def _targets(
     if not np.any(w > 0):
         w = np.ones_like(w)
     reach = w * unit  # parameters per unit of the water level x
-
-    def spend(x: float) -> float:
-        return float(np.maximum(before, x * reach).sum())
-
     if total <= before.sum():
         return before.copy()
-    low, high = 0.0, float(np.max(before / np.where(reach > 0, reach, np.inf))) + total / reach.sum()
-    for _ in range(200):  # bisection on the level: spend is continuous and increasing
-        mid = 0.5 * (low + high)
-        low, high = (mid, high) if spend(mid) < total else (low, mid)
-        if high - low <= 1e-13 * high:
-            break
-    return np.maximum(before, high * reach)
+    # spend(x) = sum max(before_l, x reach_l) is piecewise linear with a knee at before_l / reach_l:
+    # walk the knees in order until the spend at the next one reaches the total, then solve the line.
+    # (A block with a tiny weight has a knee at inf: it keeps its size.)
+    fixed, slope = float(before.sum()), 0.0
+    with np.errstate(divide="ignore", over="ignore"):  # a knee past the float range is never reached
+        knees = np.where(reach > 0, before / np.where(reach > 0, reach, 1.0), np.inf)
+        for j in np.argsort(knees, kind="stable"):
+            if not math.isfinite(knees[j]) or fixed + slope * knees[j] >= total:
+                break
+            fixed -= before[j]
+            slope += reach[j]
+    return np.maximum(before, (total - fixed) / slope * reach)
 
 
 def _order(keys_desc: list[np.ndarray], tiebreak: np.ndarray) -> list[int]:
