@@ -311,6 +311,10 @@ def grow_layout(
         [max(int(state.k[i]) * int(s[i]) + int(r[i]), 1) for i in range(len(blocks))], dtype=np.float64
     )
     desired = _targets(method, values, unit, before.astype(np.float64), spent_before + room, opts) - before
+    if not np.all(np.isfinite(desired)):  # never let a NaN share take units unranked
+        raise AllocationError(
+            f"growth: the {method} program gave non-finite shares for scores {raw.tolist()}"
+        )
     desired = np.maximum(desired, 0.0)
 
     tiebreak = np.random.default_rng(seed).permutation(len(blocks)).astype(np.float64)
