@@ -295,3 +295,20 @@ def test_growth_rounds_on_a_model_keep_its_output_and_match_the_cost_model():
     assert 0 <= plan.budget - layout_params(current, dims) < min(units)
     with pytest.raises(ValueError, match="never removes"):
         grow_model(model, {0: {"experts": 1, "rank": 1}})
+
+
+@pytest.mark.parametrize("init", ["lora", "gradient"])
+def test_growth_gives_a_block_without_adapter_fresh_experts(init):
+    layer = make_layer(2, 3)
+    x = torch.randn(6, 16)
+    base = out(layer.base_layer, x)
+    layer.install(0, 3, None, None, None, None, torch.zeros(0))
+    gradient = torch.randn(12, 16) if init == "gradient" else None
+    report = grow_layer(layer, 2, 4, init=init, gradient=gradient, name="m")
+    assert (layer.experts, layer.rank) == (2, 4) and report.exact
+    torch.testing.assert_close(out(layer, x), base, atol=1e-6, rtol=0)
+    assert all(m is None for m in report.state_map.values()) and len(report.state_map) == 4
+    if init == "gradient":  # the four slots of each expert: the top directions of the gradient
+        top = torch.linalg.svd(gradient.double()).Vh[:8]
+        rows = layer.lora_A.detach().double()
+        torch.testing.assert_close((rows @ top.T).norm(dim=1), rows.norm(dim=1), atol=1e-5, rtol=0)

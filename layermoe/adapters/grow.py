@@ -177,6 +177,18 @@ def _add_experts(
 ) -> LayerState:
     E, r = state.experts, state.rank
     d_in = state.A.shape[1]
+    if E == 0:  # a block without adapter: fresh experts (nothing to preserve but the base output)
+        A = rows(new_experts * r, state.A)
+        router = new_experts > 1
+        return state.update(
+            dict.fromkeys(("lora_A", "lora_B", "lora_router_weight", "lora_router_bias")),
+            experts=new_experts,
+            A=A,
+            B=state.B.new_zeros(state.B.shape[0], new_experts * r),
+            router_weight=state.A.new_zeros(new_experts, d_in) if router else None,
+            router_bias=state.A.new_zeros(new_experts) if router else None,
+            mass=torch.full((new_experts,), 1.0 / new_experts, device=state.mass.device),
+        )
     parts = [1] * E
     sources = []
     for _ in range(new_experts - E):
@@ -235,8 +247,6 @@ def plan_grow(
     experts = layer.experts if experts is None else experts
     rank = layer.rank if rank is None else rank
     where = f" ({name})" if name else ""
-    if layer.experts == 0:
-        raise ValueError(f"grow_layer{where}: the layer has no experts; give it some with apply_layout first")
     if not is_int_at_least(experts, layer.experts):
         raise ValueError(
             f"grow_layer{where}: experts must be an int >= the current {layer.experts} (growth never removes), "
@@ -269,6 +279,9 @@ def plan_grow(
         def rows(count: int, existing: torch.Tensor) -> torch.Tensor:
             return _new_rows(init, count, layer.in_features, gradient, existing, generator, device)
 
+        if rank > state.rank and state.experts == 0:  # an empty layer only remembers its rank
+            report.operations.append(f"set_rank {state.rank}->{rank}")
+            state = replace(state, rank=rank)
         if rank > state.rank:
             report.operations.append(f"grow_rank {state.rank}->{rank} (B = 0, A {init})")
             if keep_scaling:
