@@ -1,4 +1,4 @@
-"""Function-preserving growth of one `MoELoRALinear`: new rank slots and new experts with B = 0.
+"""Function-preserving growth of `MoELoRALinear` layers: new rank slots and new experts with B = 0.
 
 Unlike `add_experts` (which splits a loaded expert into copies that carry its learned delta), growth adds
 *fresh* capacity: every new B column is zero, so the layer's output is unchanged, and the new A rows are
