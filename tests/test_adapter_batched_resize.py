@@ -86,7 +86,7 @@ def test_batched_plan_equals_per_layer_plan_after_splits_and_with_given_routing_
     _assert_same(*_resize_both(single, second, seed=6, routing_mass=mass))
 
 
-def test_batched_plan_routes_zero_capacity_resizes_per_layer_and_stays_identical():
+def test_batched_plan_equals_per_layer_plan_with_resizes_to_and_from_zero_experts():
     """Blocks emptied (experts -> 0) and refilled (0 -> experts, at another rank) in the same layouts as
     ordinary resizes: the batched apply_layout equals the per-layer one bit for bit, with the same
     global RNG draws (one seed per resized layer, in layer order, whatever path plans it)."""

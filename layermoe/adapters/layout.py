@@ -14,9 +14,8 @@ from torch import nn
 
 from layermoe.layout import Layout, normalize_layout
 
-from .batched_resize import plan_group
 from .inject import moe_layers, named_moe_layers, split_block_name
-from .resize import ResizeReport, install_state, plan_resize, single_thread, state_map
+from .resize import ResizeReport, install_state, plan_resize, plan_stack, single_thread
 from .surgery import layer_generator
 
 
@@ -53,8 +52,8 @@ def apply_layout(
     layers' running averages. probes: optional layer inputs by full module name, to measure each
     layer's output change. Blocks absent from the layout are left as they are; a layout naming a block
     without adapters is an error. All layers are planned before any is changed. batched: plan layers
-    with the same shapes and resize together (stacked tensor ops, the same result as planning each
-    layer alone, which `batched=False` and any `probes` do).
+    with the same shapes and resize as one stack (the same result as planning each layer alone, a
+    stack of one, which `batched=False` and any `probes` do).
     """
     target = normalize_layout(new_layout)
     layers = named_moe_layers(model)
@@ -84,12 +83,10 @@ def _plan_all(
     probes: Mapping[str, torch.Tensor] | None,
     batched: bool,
 ) -> list[tuple[Any, Any, ResizeReport]]:
-    if probes is not None or not batched:
-        return _plan_each(target, by_block, layers, routing_mass, probes)
-    # Layers with the same shapes and the same resize are planned together (one QR/SVD per group and
-    # step); each layer's generator is seeded in the order plan_resize would seed it, so the result is
-    # the per-layer plan's.
-    groups: dict[tuple, list[tuple[str, Any, torch.Tensor | None, torch.Generator]]] = {}
+    # Layers with the same shapes and the same resize are planned as one stack (one QR/SVD per stack and
+    # step); each layer's generator is seeded in layer order whatever stack it joins, so a layer's
+    # result is the same as when it is planned alone.
+    stacks: dict[tuple, list[tuple[str, Any, torch.Tensor | None, torch.Generator]]] = {}
     planned: dict[str, tuple[Any, Any, ResizeReport]] = {}
     for block, spec in target.items():
         for name in by_block[block]:
@@ -97,12 +94,13 @@ def _plan_all(
             if (layer.experts, layer.rank) == (spec["experts"], spec["rank"]):
                 continue
             mass = _mass_for(routing_mass, name, block)
-            if min(layer.experts, layer.rank, spec["experts"], spec["rank"]) < 1:
-                # resizes to or from zero capacity are planned per layer (same generator order)
-                state, report = plan_resize(layer, spec["experts"], spec["rank"], mass, None, name)
+            if probes is not None or not batched:
+                probe = None if probes is None else probes.get(name)
+                state, report = plan_resize(layer, spec["experts"], spec["rank"], mass, probe, name)
                 planned[name] = (layer, state, report)
                 continue
-            generator = layer_generator(layer.lora_A.device)
+            device, dtype = layer.adapter_placement()
+            generator = layer_generator(device)
             key = (
                 layer.experts,
                 layer.rank,
@@ -112,42 +110,14 @@ def _plan_all(
                 layer.out_features,
                 layer.top_k,
                 layer.lora_alpha,
-                layer.lora_A.device,
-                layer.lora_A.dtype,
+                device,
+                dtype,
             )
-            groups.setdefault(key, []).append((name, layer, mass, generator))
-    for (_, _, experts, rank, *_), members in groups.items():
-        group_layers, masses, generators = ([m[i] for m in members] for i in (1, 2, 3))
-        outcome = plan_group(group_layers, masses, generators, experts, rank)
-        for i, (name, layer, _, _) in enumerate(members):
-            state = outcome.states[i]
-            report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
-            report.operations = list(outcome.operations)
-            report.exact = outcome.exact[i]
-            report.discarded_energy = outcome.discarded_energy[i]
-            report.discarded_norm = outcome.discarded_norm[i]
-            report.state_map = state_map(state, name)
+            stacks.setdefault(key, []).append((name, layer, mass, generator))
+    for (_, _, experts, rank, *_), members in stacks.items():
+        names, stacked, masses, generators = zip(*members, strict=True)
+        plans = plan_stack(stacked, masses, generators, experts, rank, names)
+        for name, layer, (state, report) in zip(names, stacked, plans, strict=True):
             planned[name] = (layer, state, report)
     order = [name for block in target for name in by_block[block]]
     return [planned[name] for name in order if name in planned]
-
-
-def _plan_each(
-    target: Layout,
-    by_block: dict[int, list[str]],
-    layers: dict[str, Any],
-    routing_mass: Mapping[Any, torch.Tensor] | None,
-    probes: Mapping[str, torch.Tensor] | None,
-) -> list[tuple[Any, Any, ResizeReport]]:
-    plans = []
-    for block, spec in target.items():
-        for name in by_block[block]:
-            layer = layers[name]
-            if (layer.experts, layer.rank) == (spec["experts"], spec["rank"]):
-                continue
-            probe = None if probes is None else probes.get(name)
-            state, report = plan_resize(
-                layer, spec["experts"], spec["rank"], _mass_for(routing_mass, name, block), probe, name
-            )
-            plans.append((layer, state, report))
-    return plans

@@ -1,6 +1,7 @@
 """Public resize operations on a live `MoELoRALinear`, each returning a `ResizeReport`.
 
-A resize is planned on float32 copies (`surgery.py`), measured on an optional probe input, and only
+A resize is planned on float32 copies (`surgery.py`, on a stack of layers: one layer is a stack of one,
+`apply_layout` stacks the layers with the same resize), measured on an optional probe input, and only
 then installed, so a failure at any point leaves the layer as it was. Order inside one resize: grow rank,
 remove experts (merging into the larger rank), shrink rank, add experts (copies are split after any
 truncation so the split stays exact).
@@ -9,30 +10,16 @@ truncation so the split stays exact).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from layermoe.layout import effective_top_k, is_int_at_least
 
+from . import surgery
 from .layer import MoELoRALinear
-from .surgery import (
-    PARAM_NAMES,
-    LayerState,
-    ParamMap,
-    _add,
-    _expert_blocks,
-    _from_empty,
-    _grow,
-    _join_blocks,
-    _remove,
-    _shrink,
-    _to_empty,
-    adapter_output,
-    layer_generator,
-    truncate_factors,
-)
+from .surgery import PARAM_NAMES, LayerStack, LayerState, ParamMap, adapter_output, layer_generator
 
 
 @dataclass
@@ -98,69 +85,92 @@ def plan_resize(
     """Compute (without touching the layer) the state after resizing to (experts, rank) and its report."""
     experts = layer.experts if experts is None else _check_target("experts", experts, low=0)
     rank = layer.rank if rank is None else _check_target("rank", rank)
-    alpha = layer.lora_alpha
     generator = layer_generator(layer.adapter_placement()[0])
-    old = state = replace(LayerState.of(layer, routing_mass), generator=generator)
-    report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
-    kept_energy = 1.0
-    if experts == 0 or state.experts == 0:
-        state = _plan_empty_side(state, experts, rank, alpha, report)
-        kept_energy = 1.0 - report.discarded_energy
-    if rank > state.rank:
-        report.operations.append(f"grow_rank {state.rank}->{rank}")
-        state, _ = _grow(state, rank, alpha)
-    if experts < state.experts:
-        report.operations.append(f"remove_experts {state.experts}->{experts}")
-        dense = effective_top_k(layer.top_k, state.experts) is None
-        state, stats = _remove(state, experts, alpha)
-        report.exact = report.exact and bool(stats["exact"]) and dense
-        kept_energy *= 1.0 - stats["discarded"]
-        report.discarded_norm += stats["norm"]
-    if rank < state.rank:
-        report.operations.append(f"shrink_rank {state.rank}->{rank}")
-        state, stats = _shrink(state, rank, alpha)
-        report.exact = report.exact and stats["discarded"] <= 1e-10
-        kept_energy *= 1.0 - stats["discarded"]
-        report.discarded_norm += stats["norm"]
-    if experts > state.experts:
-        report.operations.append(f"add_experts {state.experts}->{experts}")
-        state, _ = _add(state, experts, alpha)
-        report.exact = report.exact and effective_top_k(layer.top_k, experts) is None
-    state.check(layer.in_features, layer.out_features)
-    report.discarded_energy = max(0.0, 1.0 - kept_energy)
+    ((state, report),) = plan_stack([layer], [routing_mass], [generator], experts, rank, [name])
     if probe is not None:
+        old = LayerStack.of([layer], [routing_mass], [None]).unstack()[0]
         x = probe.detach().to(device=layer.adapter_placement()[0])
+        alpha = layer.lora_alpha
         with torch.no_grad():
             before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), alpha)
             after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts), alpha)
         report.output_change = float((after - before).norm(dim=-1).max()) if x.numel() else 0.0
-    report.state_map = state_map(state, name)
     return state, report
+
+
+def plan_stack(
+    layers: Sequence[MoELoRALinear],
+    masses: Sequence[torch.Tensor | None],
+    generators: Sequence[torch.Generator],
+    experts: int,
+    rank: int,
+    names: Sequence[str],
+) -> list[tuple[LayerState, ResizeReport]]:
+    """Plan (without touching them) the resize of layers of identical shapes, (experts, rank), top_k and
+    lora_alpha to one new (experts, rank), as one stack: each layer's state and report, in order.
+    `masses`: optional routing masses; `generators`: one per layer (`surgery.layer_generator`)."""
+    first = layers[0]
+    alpha = first.lora_alpha
+    stack = LayerStack.of(layers, masses, generators)
+    exact = torch.ones(stack.size, dtype=torch.bool)
+    kept = torch.ones(stack.size, dtype=torch.float64)
+    norm = torch.zeros(stack.size, dtype=torch.float64)
+    operations: list[str] = []
+    if experts == 0 or stack.experts == 0:  # a block without adapter: no other step has work after this
+        if stack.experts > 0:
+            operations.append(f"remove_all_experts {stack.experts}->0")
+            share, norm = surgery.remove_all_experts(stack, alpha)
+            exact, kept = share == 0, 1.0 - share
+        if stack.rank != rank:  # an empty layer only remembers its rank
+            operations.append(f"set_rank {stack.rank}->{rank}")
+            stack.rank = rank
+        if experts > 0:
+            operations.append(f"add_fresh_experts 0->{experts}")
+            surgery.add_fresh_experts(stack, experts, rank)
+    if rank > stack.rank:
+        operations.append(f"grow_rank {stack.rank}->{rank}")
+        surgery.grow_rank(stack, rank)
+    if experts < stack.experts:
+        operations.append(f"remove_experts {stack.experts}->{experts}")
+        dense = effective_top_k(first.top_k, stack.experts) is None
+        share, extra, merged_exact = surgery.remove_experts(stack, experts, alpha)
+        exact &= merged_exact & dense
+        kept *= 1.0 - share
+        norm += extra
+    if rank < stack.rank:
+        operations.append(f"shrink_rank {stack.rank}->{rank}")
+        share, extra = surgery.shrink_rank(stack, rank, alpha)
+        exact &= share <= 1e-10
+        kept *= 1.0 - share
+        norm += extra
+    if experts > stack.experts:
+        operations.append(f"add_experts {stack.experts}->{experts}")
+        surgery.add_experts(stack, experts)
+        exact &= effective_top_k(first.top_k, experts) is None
+    stack.check(first.in_features, first.out_features)
+    discarded = (1.0 - kept).clamp(min=0.0)
+    plans = []
+    for i, (layer, state, name) in enumerate(zip(layers, stack.unstack(), names, strict=True)):
+        report = ResizeReport(
+            name,
+            layer.experts,
+            layer.rank,
+            experts,
+            rank,
+            exact=bool(exact[i]),
+            discarded_energy=float(discarded[i]),
+            discarded_norm=float(norm[i]),
+            operations=list(operations),
+            state_map=state_map(state, name),
+        )
+        plans.append((state, report))
+    return plans
 
 
 def state_map(state: LayerState, name: str = "") -> dict[str, ParamMap | None]:
     """Full parameter name -> ParamMap of the parameters a planned state replaces."""
     prefix = f"{name}." if name else ""
     return {prefix + n: state.maps.get(n) for n in PARAM_NAMES if n in state.changed and _present(state, n)}
-
-
-def _plan_empty_side(
-    state: LayerState, experts: int, rank: int, alpha: float, report: ResizeReport
-) -> LayerState:
-    """Resizes to or from 0 experts (a block without adapter); the rest of plan_resize then has no work."""
-    if state.experts > 0:  # to 0: the adapter goes whole
-        report.operations.append(f"remove_all_experts {state.experts}->0")
-        state, stats = _to_empty(state, alpha)
-        report.discarded_energy = stats["discarded"]
-        report.discarded_norm = stats["norm"]
-        report.exact = stats["discarded"] == 0.0
-    if state.rank != rank:  # an empty layer only remembers its rank
-        report.operations.append(f"set_rank {state.rank}->{rank}")
-        state = replace(state, rank=rank)
-    if experts > 0:
-        report.operations.append(f"add_fresh_experts 0->{experts}")
-        state = _from_empty(state, experts, rank)
-    return state
 
 
 def _present(state: LayerState, name: str) -> bool:
@@ -254,10 +264,10 @@ def rotate_to_singular_basis(layer: MoELoRALinear) -> None:
     if not layer.has_adapter:
         return
     with torch.no_grad(), single_thread():
-        state = LayerState.of(layer)
-        A, B = _expert_blocks(state)
-        new_B, new_A, _ = truncate_factors(B, A, state.rank)
-        A2, B2 = _join_blocks(new_A, new_B)
+        stack = LayerStack.of([layer], [None], [None])
+        A, B = stack.blocks()
+        new_B, new_A, _ = surgery.truncate_factors(B[0], A[0], stack.rank)
+        A2, B2 = (t[0] for t in surgery.join_blocks(new_A[None], new_B[None]))
         layer.lora_A.copy_(A2.to(layer.lora_A.dtype))
         layer.lora_B.copy_(B2.to(layer.lora_B.dtype))
 

@@ -1,6 +1,7 @@
-"""Resize math on detached float32 copies of a layer's adapter tensors (`LayerState`).
+"""Resize math on detached float32 copies of adapter tensors, for a stack of layers (`LayerStack`: layers
+of the same shapes on a leading layer axis; one layer is a stack of one).
 
-Each operation returns a new state plus how each new parameter's entries come from the old ones
+Each operation updates the stack and composes how each new parameter's entries come from the old ones
 (`ParamMap`), so nothing touches a layer until `layermoe.adapters.resize` installs a finished plan.
 
 - grow rank: new A rows get LoRA's A init, new B columns zero, old B columns scaled by r'/r (the scaling
@@ -16,18 +17,26 @@ Each operation returns a new state plus how each new parameter's entries come fr
   by the merged share): removing a just-split copy is exact.
 - to 0 experts: the whole adapter goes (its full energy is the discarded part; exact only if B was 0);
   from 0 experts: fresh experts with LoRA's init (A kaiming, B zero, router zero), exact.
+
+Why a stack: a SmolLM2-wide rewire resizes ~200 small layers; one layer at a time, a plan is tens of
+tiny torch calls (~90k calls of a few microseconds for the whole rewire), stacked a few hundred (one
+QR/SVD per stack and step). A layer's result does not depend on the layers stacked with it: choices
+(which expert to split, drop, merge into) are made per layer, and random draws come from each layer's
+own generator (`layer_generator`); tests/test_adapter_batched_resize.py checks it bit for bit.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from .layer import MoELoRALinear, gate_expert_hidden, lora_init_A
 
 PARAM_NAMES = ("lora_A", "lora_B", "lora_router_weight", "lora_router_bias")
+ROUTER_NAMES = ("lora_router_weight", "lora_router_bias")
 SPLIT_PERTURBATION = 0.01  # zero-sum noise on the copies' A rows, relative to the RMS of the split expert's A
 # Copies of a split expert share its gate in proportions (1 + SPLIT_SKEW * t) / copies, t evenly spread in
 # [-1, 1]: their router logits then differ by a margin far above rounding, so top-k routing never meets an
@@ -40,16 +49,13 @@ class ParamMap:
     """How a new parameter's entries come from the old parameter of the same name.
 
     Along `dim`, new slice i is old slice `index[i]` times `scale[i]` (index -1: fresh, no old state).
-    Adam-style state maps the same way (second moments with scale**2).
+    Adam-style state maps the same way (second moments with scale**2). Inside a `LayerStack`, index
+    and scale carry the leading layer axis.
     """
 
     dim: int
     index: torch.Tensor
     scale: torch.Tensor
-
-    @staticmethod
-    def identity(size: int, dim: int) -> ParamMap:
-        return ParamMap(dim, torch.arange(size, dtype=torch.long), torch.ones(size))
 
     def then(self, other: ParamMap | None) -> ParamMap | None:
         """Compose: self maps old -> mid, other maps mid -> new."""
@@ -57,14 +63,20 @@ class ParamMap:
             return None
         valid = other.index >= 0
         safe = other.index.clamp(min=0)
-        index = torch.where(valid, self.index[safe], torch.full_like(other.index, -1))
-        scale = torch.where(valid, self.scale[safe] * other.scale, torch.ones_like(other.scale))
+        index = torch.where(valid, self.index.gather(-1, safe), torch.full_like(other.index, -1))
+        scale = torch.where(valid, self.scale.gather(-1, safe) * other.scale, torch.ones_like(other.scale))
         return ParamMap(other.dim, index, scale)
+
+
+def _slot_map(dim: int, index: torch.Tensor, scale: torch.Tensor | None = None) -> ParamMap:
+    """A stack's map on the CPU (where optimizer state carry reads it); scale 1 unless given."""
+    index = index.cpu()
+    return ParamMap(dim, index, torch.ones(index.shape) if scale is None else scale.cpu())
 
 
 @dataclass
 class LayerState:
-    """Float32 copy of a layer's adapter tensors plus the maps from the layer's current parameters."""
+    """One layer's planned float32 adapter tensors plus the maps from its current parameters."""
 
     experts: int
     rank: int
@@ -75,85 +87,159 @@ class LayerState:
     mass: torch.Tensor
     maps: dict[str, ParamMap | None]
     changed: set[str] = field(default_factory=set)
-    #: source of this layer's random draws (new A rows, split noise): one per layer, seeded from the
-    #: global RNG in layer order, so a layer gets the same draws whether planned alone or in a batch
+    #: the layer's source of random draws (see `LayerStack.generators`)
     generator: torch.Generator | None = None
 
+
+@dataclass
+class LayerStack:
+    """Float32 copies of L layers' adapter tensors (same shapes) on a leading layer axis, plus the maps
+    from the layers' current parameters."""
+
+    experts: int
+    rank: int
+    A: torch.Tensor  # (L, E*r, d_in)
+    B: torch.Tensor  # (L, d_out, E*r)
+    router_weight: torch.Tensor | None  # (L, E, d_in); None when experts <= 1
+    router_bias: torch.Tensor | None  # (L, E)
+    mass: torch.Tensor  # (L, E), normalized routing mass
+    maps: dict[str, ParamMap | None]
+    #: one per layer, seeded from the global RNG in layer order (`layer_generator`): a layer gets the
+    #: same draws (new A rows, split noise, fresh experts) whatever stack it is planned in
+    generators: list[torch.Generator | None]
+    changed: set[str] = field(default_factory=set)
+
     @staticmethod
-    def of(layer: MoELoRALinear, routing_mass: torch.Tensor | None = None) -> LayerState:
-        E, r = layer.experts, layer.rank
-        device = layer.adapter_placement()[0]
-        mass = layer.lora_routing_mass if routing_mass is None else torch.as_tensor(routing_mass)
-        mass = mass.detach().to(device=device, dtype=torch.float32).reshape(-1)
-        if mass.numel() != E:
-            raise ValueError(f"routing_mass has {mass.numel()} entries but the layer has {E} experts")
-        if not torch.isfinite(mass).all() or (mass < 0).any():
+    def of(
+        layers: Sequence[MoELoRALinear],
+        masses: Sequence[torch.Tensor | None],
+        generators: Sequence[torch.Generator | None],
+    ) -> LayerStack:
+        """The stack of layers of identical shapes, with optional routing masses (default: each layer's
+        running average) and one generator per layer."""
+        first = layers[0]
+        L, E, r = len(layers), first.experts, first.rank
+        device = first.adapter_placement()[0]
+        mass = []
+        for layer, given in zip(layers, masses, strict=True):
+            value = layer.lora_routing_mass if given is None else torch.as_tensor(given)
+            value = value.detach().to(device=device, dtype=torch.float32).reshape(-1)
+            if value.numel() != E:
+                raise ValueError(f"routing_mass has {value.numel()} entries but the layer has {E} experts")
+            mass.append(value)
+        stacked = torch.stack(mass)
+        if not torch.isfinite(stacked).all() or (stacked < 0).any():
             raise ValueError("routing_mass must be finite and >= 0")
-        mass = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, 1.0 / max(E, 1))
-        f32 = lambda t: None if t is None else t.detach().to(torch.float32).clone()  # noqa: E731
+        total = stacked.sum(dim=1, keepdim=True)
+        stacked = torch.where(total > 0, stacked / total, torch.full_like(stacked, 1.0 / max(E, 1)))
+
+        def f32(name: str) -> torch.Tensor:
+            return torch.stack([getattr(layer, name).detach() for layer in layers]).to(torch.float32)
+
         maps: dict[str, ParamMap | None] = {}
+        for name, size, dim, present in (
+            ("lora_A", E * r, 0, E > 0),
+            ("lora_B", E * r, 1, E > 0),
+            ("lora_router_weight", E, 0, E > 1),
+            ("lora_router_bias", E, 0, E > 1),
+        ):
+            if present:
+                maps[name] = _slot_map(dim, torch.arange(size).expand(L, size).clone())
         if E > 0:
-            maps["lora_A"] = ParamMap.identity(E * r, 0)
-            maps["lora_B"] = ParamMap.identity(E * r, 1)
-        if E > 1:
-            maps["lora_router_weight"] = ParamMap.identity(E, 0)
-            maps["lora_router_bias"] = ParamMap.identity(E, 0)
-        # 0 experts: empty factors, so the math below needs no special case for reading them
-        A = f32(layer.lora_A) if E > 0 else torch.zeros(0, layer.in_features, device=device)
-        B = f32(layer.lora_B) if E > 0 else torch.zeros(layer.out_features, 0, device=device)
-        return LayerState(
+            A, B = f32("lora_A"), f32("lora_B")
+        else:  # empty factors, so the math needs no special case for reading them
+            A = torch.zeros(L, 0, first.in_features, device=device)
+            B = torch.zeros(L, first.out_features, 0, device=device)
+        router = E > 1
+        return LayerStack(
             E,
             r,
             A,
             B,
-            f32(layer.lora_router_weight),
-            f32(layer.lora_router_bias),
-            mass,
+            f32("lora_router_weight") if router else None,
+            f32("lora_router_bias") if router else None,
+            stacked,
             maps,
+            list(generators),
         )
 
-    def update(self, changed: dict[str, ParamMap | None], **values: object) -> LayerState:
-        """New state with `values` replaced and the maps of the `changed` parameters composed."""
-        maps = dict(self.maps)
+    @property
+    def size(self) -> int:
+        return int(self.A.shape[0])
+
+    def blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(L, E, r, d_in) and (L, E, d_out, r) views: each expert's A_e and B_e."""
+        L, E, r = self.size, self.experts, self.rank
+        A = self.A.reshape(L, E, r, self.A.shape[-1])
+        B = self.B.reshape(L, self.B.shape[1], E, r).permute(0, 2, 1, 3)
+        return A, B
+
+    def update(self, changed: dict[str, ParamMap | None], **values: object) -> None:
+        """Replace `values` and compose the maps of the `changed` parameters with their new step."""
         for name, step in changed.items():
-            prev = maps.get(name)
-            maps[name] = None if prev is None else prev.then(step)
-        names = self.changed | set(changed)
+            prev = self.maps.get(name)
+            self.maps[name] = None if prev is None else prev.then(step)
+        self.changed |= set(changed)
         if values.get("experts", self.experts) <= 1:
-            maps.pop("lora_router_weight", None)
-            maps.pop("lora_router_bias", None)
+            for name in ROUTER_NAMES:
+                self.maps.pop(name, None)
             if self.router_weight is not None:
-                names |= {"lora_router_weight", "lora_router_bias"}
-        return replace(self, maps=maps, changed=names, **values)
+                self.changed |= set(ROUTER_NAMES)
+        for name, value in values.items():
+            setattr(self, name, value)
 
     def check(self, d_in: int, d_out: int) -> None:
-        """Raise if the tensors do not form a valid layer of (experts, rank): run before installing."""
-        E, r = self.experts, self.rank
-        if self.A.shape != (E * r, d_in) or self.B.shape != (d_out, E * r):
+        """Raise if the tensors do not form valid layers of (experts, rank): run before installing."""
+        E, r, L = self.experts, self.rank, self.size
+        if self.A.shape != (L, E * r, d_in) or self.B.shape != (L, d_out, E * r):
             raise RuntimeError(
-                f"resize produced lora_A {tuple(self.A.shape)} / lora_B {tuple(self.B.shape)} for {E}x{r}"
+                f"resize produced lora_A {tuple(self.A.shape[1:])} / lora_B {tuple(self.B.shape[1:])} "
+                f"for {E}x{r}"
             )
         if (self.router_weight is None) != (E <= 1) or (self.router_bias is None) != (E <= 1):
             raise RuntimeError(f"resize produced a router inconsistent with {E} experts")
-        if E > 1 and (self.router_weight.shape != (E, d_in) or self.router_bias.shape != (E,)):
+        if E > 1 and (self.router_weight.shape != (L, E, d_in) or self.router_bias.shape != (L, E)):
             raise RuntimeError("resize produced router tensors of the wrong shape")
-        if self.mass.shape != (E,):
+        if self.mass.shape != (L, E):
             raise RuntimeError("resize produced a routing mass of the wrong shape")
         for name in ("A", "B", "router_weight", "router_bias"):
             tensor = getattr(self, name)
             # a sum is non-finite iff an entry is (overflow of finite entries aside): one cheap check
-            if tensor is not None and not torch.isfinite(tensor.sum()):
-                raise RuntimeError(f"resize produced non-finite values in {name}; the layer is unchanged")
+            if tensor is not None and not bool(
+                torch.isfinite(tensor.sum(dim=tuple(range(1, tensor.ndim)))).all()
+            ):
+                raise RuntimeError(f"resize produced non-finite values in {name}; no layer was changed")
+
+    def unstack(self) -> list[LayerState]:
+        """One `LayerState` per layer, in stack order."""
+        out = []
+        for i in range(self.size):
+            maps = {
+                name: None if m is None else ParamMap(m.dim, m.index[i], m.scale[i])
+                for name, m in self.maps.items()
+            }
+            router_weight, router_bias = self.router_weight, self.router_bias
+            out.append(
+                LayerState(
+                    self.experts,
+                    self.rank,
+                    self.A[i].clone(),
+                    self.B[i].clone(),
+                    None if router_weight is None else router_weight[i].clone(),
+                    None if router_bias is None else router_bias[i].clone(),
+                    self.mass[i].clone(),
+                    maps,
+                    set(self.changed),
+                    self.generators[i],
+                )
+            )
+        return out
 
 
-def _row_index(experts: int, rank: int, sources: list[int], old_rank: int, kept: int) -> torch.Tensor:
-    """Index of expert-block slices: new expert j takes old expert sources[j]'s first `kept` slots."""
-    index = torch.full((experts * rank,), -1, dtype=torch.long)
-    for j, src in enumerate(sources):
-        if src < 0:
-            continue
-        index[j * rank : j * rank + kept] = torch.arange(src * old_rank, src * old_rank + kept)
-    return index
+def join_blocks(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, E, r, d_in), (L, E, d_out, r) -> (L, E*r, d_in), (L, d_out, E*r): the inverse of `blocks`."""
+    L, E, r, d_in = A.shape
+    return A.reshape(L, E * r, d_in), B.permute(0, 2, 1, 3).reshape(L, B.shape[2], E * r)
 
 
 def truncate_factors(
@@ -187,71 +273,6 @@ def layer_generator(device: torch.device) -> torch.Generator:
     return torch.Generator(device=device).manual_seed(seed)
 
 
-def _revive_dead_rows(
-    A: torch.Tensor, B: torch.Tensor, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """Give LoRA's A init to rank slots whose A row and B column are both zero (they could never learn).
-
-    Exact: a zero B column multiplies whatever the A row holds.
-    """
-    dead = (A.abs().sum(1) == 0) & (B.abs().sum(0) == 0)
-    if dead.any():
-        A = A.clone()
-        A[dead] = lora_init_A(
-            int(dead.sum()), A.shape[1], device=A.device, dtype=A.dtype, generator=generator
-        )
-    return A
-
-
-def _expert_blocks(state: LayerState) -> tuple[torch.Tensor, torch.Tensor]:
-    E, r = state.experts, state.rank
-    A = state.A.reshape(E, r, -1)
-    B = state.B.reshape(state.B.shape[0], E, r).permute(1, 0, 2)
-    return A, B
-
-
-def _join_blocks(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    E, r, d_in = A.shape
-    return A.reshape(E * r, d_in), B.permute(1, 0, 2).reshape(B.shape[1], E * r)
-
-
-def _grow(state: LayerState, new_rank: int, alpha: float) -> tuple[LayerState, dict[str, float]]:
-    """New rank slots: A from LoRA init, B zero; old B scaled by r'/r so scaling changes cancel. Exact."""
-    E, r = state.experts, state.rank
-    A, B = _expert_blocks(state)
-    extra = new_rank - r
-    new_rows = lora_init_A(
-        E * extra, A.shape[-1], device=A.device, dtype=A.dtype, generator=state.generator
-    ).reshape(E, extra, -1)
-    A = torch.cat([A, new_rows], dim=1)
-    ratio = new_rank / r
-    B = torch.cat([B * ratio, B.new_zeros(E, B.shape[1], extra)], dim=2)
-    A, B = _join_blocks(A, B)
-    index = _row_index(E, new_rank, list(range(E)), r, r)
-    scale_B = torch.where(index >= 0, torch.full((E * new_rank,), ratio), torch.ones(E * new_rank))
-    maps = {"lora_A": ParamMap(0, index, torch.ones(E * new_rank)), "lora_B": ParamMap(1, index, scale_B)}
-    return state.update(maps, rank=new_rank, A=A, B=B), {"discarded": 0.0, "norm": 0.0}
-
-
-def _shrink(state: LayerState, new_rank: int, alpha: float) -> tuple[LayerState, dict[str, float]]:
-    """Per-expert truncated SVD to `new_rank` from the factors, in float32; reports discarded energy."""
-    E, r = state.experts, state.rank
-    A, B = _expert_blocks(state)
-    old_scaling, new_scaling = alpha / r, alpha / new_rank
-    # scaling * B A must keep its best rank-r' part: rescale the product by old/new scaling.
-    new_B, new_A, discarded = truncate_factors(B * (old_scaling / new_scaling), A, new_rank)
-    total = _factor_energy(B, A).sum()
-    A2, B2 = _join_blocks(new_A, new_B)
-    A2 = _revive_dead_rows(A2, B2, state.generator)
-    stats = {
-        "discarded": float((discarded * new_scaling**2).sum() / (total * old_scaling**2))
-        if total > 0
-        else 0.0,
-        "norm": float((discarded.sqrt() * new_scaling).max()) if E else 0.0,
-    }
-    return state.update({"lora_A": None, "lora_B": None}, rank=new_rank, A=A2, B=B2), stats
-
-
 def _factor_energy(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     """||B_e A_e||_F^2 per expert from the factors: sum((B^T B) * (A A^T))."""
     return ((B.transpose(-1, -2) @ B) * (A @ A.transpose(-1, -2))).sum(dim=(-1, -2)).clamp(min=0)
@@ -265,176 +286,259 @@ def split_noise_scale(A: torch.Tensor) -> torch.Tensor:
     return SPLIT_PERTURBATION * rms
 
 
-def _add(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerState, dict[str, float]]:
-    """Split the most-loaded experts into copies; dense routing output unchanged exactly."""
-    E, r = state.experts, state.rank
-    copies = torch.ones(E)
-    for _ in range(new_experts - E):
-        copies[int(torch.argmax(state.mass.cpu() / copies))] += 1
-    sources = list(range(E)) + [e for e in range(E) for _ in range(int(copies[e]) - 1)]
-    src = torch.tensor(sources, dtype=torch.long)
-    A, B = _expert_blocks(state)
-    new_A, new_B = A[src].clone(), B[src].clone()
-    share = torch.ones(new_experts, dtype=torch.float64)  # each slot's part of its source's gate
-    scale = split_noise_scale(A)
-    for e in range(E):
-        members = [j for j, s in enumerate(sources) if s == e]
-        if len(members) < 2:
+def _slot_index(sources: torch.Tensor, rank: int, old_rank: int, kept: int) -> torch.Tensor:
+    """(L, E'*rank) index: new expert j takes old expert sources[l, j]'s first `kept` slots (-1 fresh)."""
+    sources = sources.cpu()
+    L, E = sources.shape
+    slots = torch.arange(rank)
+    index = sources[:, :, None] * old_rank + slots
+    index = torch.where((sources[:, :, None] >= 0) & (slots < kept), index, torch.full_like(index, -1))
+    return index.reshape(L, E * rank)
+
+
+def _init_rows(stack: LayerStack, layer: int, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """LoRA's A init for `rows` rows of one layer, from that layer's generator."""
+    generator = stack.generators[layer]
+    return lora_init_A(rows, like.shape[-1], device=like.device, dtype=like.dtype, generator=generator)
+
+
+def _revive_dead_rows(
+    stack: LayerStack, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor | None = None
+) -> None:
+    """Give LoRA's A init (in place) to rank slots whose A row and B column are both zero: they could
+    never learn. Exact: a zero B column multiplies whatever the A row holds. `slots` (L, E*r) limits
+    it to some slots; those are then revived expert by expert."""
+    dead = (A.abs().sum(-1) == 0) & (B.abs().sum(-2) == 0)
+    if slots is not None:
+        dead &= slots.to(dead.device)
+    for layer in dead.any(dim=1).nonzero().flatten().tolist():
+        if slots is None:
+            mask = dead[layer]
+            A[layer, mask] = _init_rows(stack, layer, int(mask.sum()), A)
             continue
-        parts = (1 + SPLIT_SKEW * torch.linspace(1, -1, len(members), dtype=torch.float64)) / len(members)
-        share[members] = parts
-        noise = torch.randn(
-            len(members), r, A.shape[-1], device=A.device, dtype=A.dtype, generator=state.generator
-        )
-        # zero mean under the gate shares: sum_j share_j A_j = A_e, so dense routing is unchanged
-        weights = parts.to(device=A.device, dtype=A.dtype).view(-1, 1, 1)
-        new_A[members] += scale[e] * (noise - (weights * noise).sum(dim=0, keepdim=True))
-    log_share = share.log().to(device=A.device, dtype=A.dtype)
-    if state.router_weight is None:
-        router_w = torch.zeros(new_experts, A.shape[-1], device=A.device, dtype=A.dtype)
-        router_b = log_share
-        router_maps: dict[str, ParamMap | None] = {"lora_router_weight": None, "lora_router_bias": None}
-    else:
-        router_w = state.router_weight[src].clone()
-        router_b = state.router_bias[src] + log_share.to(state.router_bias.dtype)
-        ones = torch.ones(new_experts)
-        router_maps = {
-            "lora_router_weight": ParamMap(0, src, ones),
-            "lora_router_bias": ParamMap(0, src, ones),
-        }
-    mass = state.mass[src] / copies.to(state.mass.device)[src]
-    A2, B2 = _join_blocks(new_A, new_B)
-    index = _row_index(new_experts, r, sources, r, r)
-    maps = {
-        "lora_A": ParamMap(0, index, torch.ones(index.numel())),
-        "lora_B": ParamMap(1, index, torch.ones(index.numel())),
-    }
-    maps.update(router_maps)
-    new_state = state.update(
-        maps, experts=new_experts, A=A2, B=B2, router_weight=router_w, router_bias=router_b, mass=mass
+        r = stack.rank
+        for k in range(A.shape[1] // r):
+            mask = dead[layer, k * r : (k + 1) * r]
+            if mask.any():
+                A[layer, k * r : (k + 1) * r][mask] = _init_rows(stack, layer, int(mask.sum()), A)
+
+
+def grow_rank(stack: LayerStack, new_rank: int) -> None:
+    """New rank slots: A from LoRA init, B zero; old B scaled by r'/r so scaling changes cancel. Exact."""
+    L, E, r = stack.size, stack.experts, stack.rank
+    A, B = stack.blocks()
+    extra = new_rank - r
+    new_rows = torch.stack(
+        [_init_rows(stack, layer, E * extra, A).reshape(E, extra, -1) for layer in range(L)]
     )
-    return new_state, {"discarded": 0.0, "norm": 0.0}
+    A = torch.cat([A, new_rows], dim=2)
+    ratio = new_rank / r
+    B = torch.cat([B * ratio, B.new_zeros(L, E, B.shape[2], extra)], dim=3)
+    A, B = join_blocks(A, B)
+    index = _slot_index(torch.arange(E).expand(L, E), new_rank, r, r)
+    scale_B = torch.where(index >= 0, torch.full(index.shape, ratio), torch.ones(index.shape))
+    stack.update(
+        {"lora_A": _slot_map(0, index), "lora_B": _slot_map(1, index, scale_B)}, rank=new_rank, A=A, B=B
+    )
 
 
-def _remove(state: LayerState, new_experts: int, alpha: float) -> tuple[LayerState, dict[str, float]]:
+def shrink_rank(stack: LayerStack, new_rank: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert truncated SVD to `new_rank` from the factors; returns each layer's discarded share of
+    the energy and its per-token bound (float64, (L,))."""
+    L, E, r = stack.size, stack.experts, stack.rank
+    A, B = stack.blocks()
+    old_scaling, new_scaling = alpha / r, alpha / new_rank
+    # scaling * B A must keep its best rank-r' part: rescale the product by old/new scaling.
+    flat_B = (B * (old_scaling / new_scaling)).reshape(L * E, B.shape[2], r)
+    new_B, new_A, discarded = truncate_factors(flat_B, A.reshape(L * E, r, -1), new_rank)
+    total = _factor_energy(B.reshape(L * E, B.shape[2], r), A.reshape(L * E, r, -1)).view(L, E).sum(-1)
+    A2, B2 = join_blocks(new_A.view(L, E, new_rank, -1), new_B.view(L, E, -1, new_rank))
+    _revive_dead_rows(stack, A2, B2)
+    discarded = discarded.view(L, E)
+    share = (discarded * new_scaling**2).sum(-1) / (total * old_scaling**2)
+    share = torch.where(total > 0, share, torch.zeros_like(share))
+    norm = (discarded.sqrt() * new_scaling).max(-1).values
+    stack.update({"lora_A": None, "lora_B": None}, rank=new_rank, A=A2, B=B2)
+    return share.double().cpu(), norm.double().cpu()
+
+
+def remove_experts(
+    stack: LayerStack, new_experts: int, alpha: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop the least important experts one at a time, each folded into its most similar survivor.
 
     One at a time so that a survivor's mass grows before the next choice: of a just-split pair only one
-    copy goes (into the other), which undoes the split exactly. Works on per-expert factor lists and
-    cached energies, so each removal costs one small QR/SVD.
+    copy goes (into the other), which undoes the split exactly. Each step merges one expert per layer
+    (one small QR/SVD per layer, batched). Returns each layer's discarded share, bound and exactness.
     """
-    r = state.rank
-    A, B = _expert_blocks(state)
-    As, Bs = list(A.unbind(0)), list(B.unbind(0))
-    energy = _factor_energy(B, A).tolist()
-    mass = state.mass.tolist()
-    bias = state.router_bias.clone()
-    weight = state.router_weight
-    unit = weight / weight.norm(dim=1, keepdim=True).clamp(min=1e-12)
-    ids = list(range(state.experts))  # original expert of each remaining slot
-    changed: set[int] = set()
-    discarded_total = energy_total = norm = 0.0
-    exact = True
-    while len(ids) > new_experts:
-        importance = [mass[i] * math.sqrt(energy[i]) for i in ids]
+    L, E, r = stack.size, stack.experts, stack.rank
+    device = stack.A.device
+    lanes = torch.arange(L, device=device)
+    A, B = stack.blocks()
+    A, B = A.clone(), B.clone()
+    energy = _factor_energy(B, A).double()  # (L, E)
+    mass = stack.mass.double()
+    bias = stack.router_bias.clone()
+    weight = stack.router_weight
+    unit = weight / weight.norm(dim=2, keepdim=True).clamp(min=1e-12)
+    alive = torch.ones(L, E, dtype=torch.bool, device=device)
+    changed = torch.zeros(L, E, dtype=torch.bool, device=device)
+    discarded_total = torch.zeros(L, dtype=torch.float64, device=device)
+    energy_total = torch.zeros(L, dtype=torch.float64, device=device)
+    norm = torch.zeros(L, dtype=torch.float64, device=device)
+    exact = torch.ones(L, dtype=torch.bool, device=device)
+    positions = torch.arange(E, device=device)
+    for _ in range(E - new_experts):
+        importance = torch.where(alive, mass * energy.sqrt(), torch.full_like(mass, math.inf))
+        lowest = importance.min(dim=1, keepdim=True).values
         # lowest importance; among ties the later expert goes (keeps the original of a split pair)
-        p = min(range(len(ids)), key=lambda k: (importance[k], -k))
-        e = ids[p]
-        others = [i for i in ids if i != e]
-        same = [i for i in others if torch.equal(weight[i], weight[e])]
+        e = torch.where(alive & (importance == lowest), positions, -1).max(dim=1).values
+        others = alive & (positions != e[:, None])
+        same = others & (weight == weight[lanes, e][:, None, :]).all(dim=-1)
+        has_same = same.any(dim=1)
+        first_same = torch.where(same, positions, E).min(dim=1).values
         # row-wise products, not a matvec: equal rows (split copies) get equal similarities, so the
-        # first of them wins here and in the batched planner alike (a matvec may round rows apart)
-        s = same[0] if same else others[int(torch.argmax((unit[others] * unit[e]).sum(-1)))]
-        if same:
-            # logits differ only by the bias: the two gates are in ratio exp(b_s) : exp(b_e), exactly
-            pair = torch.stack([bias[s], bias[e]])
-            w = torch.softmax(pair, dim=0).tolist()
-            bias[s] = torch.logsumexp(pair, dim=0)
-        else:
-            m_s, m_e = max(mass[s], 1e-12), max(mass[e], 1e-12)
-            w = [m_s / (m_s + m_e), m_e / (m_s + m_e)]
-            bias[s] = bias[s] + math.log((m_s + m_e) / m_s)
-            exact = False
-        B_cat = torch.cat([Bs[s] * w[0], Bs[e] * w[1]], dim=-1)
-        A_cat = torch.cat([As[s], As[e]], dim=0)
-        # a batch of one: the same kernels as the batched planner (layermoe.adapters.batched_resize)
-        new_B, new_A, discarded = truncate_factors(B_cat[None], A_cat[None], r)
-        Bs[s], As[s], discarded = new_B[0], new_A[0], discarded[0]
-        merged_energy = float(_factor_energy(B_cat[None], A_cat[None])[0])
-        energy[s] = max(merged_energy - float(discarded), 0.0)
-        mass[s] += mass[e]
-        discarded_total += float(discarded)
-        energy_total += merged_energy
-        norm += math.sqrt(float(discarded)) * alpha / r
-        if merged_energy > 0 and float(discarded) > 1e-10 * merged_energy:
-            exact = False
-        changed.add(s)
-        ids.pop(p)
-    n = len(ids)
-    A2, B2 = _join_blocks(torch.stack([As[i] for i in ids]), torch.stack([Bs[i] for i in ids]))
-    for k, i in enumerate(ids):
-        if i in changed:
-            A2[k * r : (k + 1) * r] = _revive_dead_rows(
-                A2[k * r : (k + 1) * r], B2[:, k * r : (k + 1) * r], state.generator
-            )
-    keep = torch.tensor(ids, dtype=torch.long)
-    index = _row_index(n, r, [-1 if i in changed else i for i in ids], r, r)
-    ones = torch.ones(index.numel())
-    maps: dict[str, ParamMap | None] = {
-        "lora_A": ParamMap(0, index, ones),
-        "lora_B": ParamMap(1, index, ones),
-    }
+        # first of them wins (a matvec may round rows apart)
+        similarity = (unit * unit[lanes, e][:, None, :]).sum(-1)
+        nearest = torch.where(others, similarity, torch.full_like(similarity, -math.inf)).argmax(dim=1)
+        s = torch.where(has_same, first_same, nearest)
+        # same router row: logits differ only by the bias, the two gates are in ratio exp(b_s) : exp(b_e)
+        pair = torch.stack([bias[lanes, s], bias[lanes, e]], dim=1)
+        m_s, m_e = mass[lanes, s].clamp(min=1e-12), mass[lanes, e].clamp(min=1e-12)
+        w_mass = torch.stack([m_s / (m_s + m_e), m_e / (m_s + m_e)], dim=1)
+        w = torch.where(has_same[:, None], torch.softmax(pair, dim=1).double(), w_mass).to(A.dtype)
+        # math.log, as the per-layer merge this replaced computed it, so results stay bit for bit
+        shift = [math.log((a + b) / a) for a, b in zip(m_s.tolist(), m_e.tolist(), strict=True)]
+        raised = bias[lanes, s] + torch.tensor(shift, dtype=torch.float64, device=device).to(bias.dtype)
+        bias[lanes, s] = torch.where(has_same, torch.logsumexp(pair, dim=1), raised)
+        exact &= has_same
+        B_cat = torch.cat([B[lanes, s] * w[:, :1, None], B[lanes, e] * w[:, 1:, None]], dim=-1)
+        A_cat = torch.cat([A[lanes, s], A[lanes, e]], dim=1)
+        new_B, new_A, discarded = truncate_factors(B_cat, A_cat, r)
+        B[lanes, s], A[lanes, s] = new_B, new_A
+        merged = _factor_energy(B_cat, A_cat).double()
+        discarded = discarded.double()
+        energy[lanes, s] = (merged - discarded).clamp(min=0.0)
+        mass[lanes, s] += mass[lanes, e]
+        discarded_total += discarded
+        energy_total += merged
+        norm += discarded.sqrt() * alpha / r
+        exact &= ~((merged > 0) & (discarded > 1e-10 * merged))
+        changed[lanes, s] = True
+        alive[lanes, e] = False
+    keep = alive.nonzero()[:, 1].view(L, new_experts)
+    A2, B2 = join_blocks(A[lanes[:, None], keep], B[lanes[:, None], keep])
+    kept_changed = changed.gather(1, keep)
+    _revive_dead_rows(stack, A2, B2, kept_changed.repeat_interleave(r, dim=1))
+    index = _slot_index(torch.where(kept_changed, -1, keep), r, r, r)
+    maps: dict[str, ParamMap | None] = {"lora_A": _slot_map(0, index), "lora_B": _slot_map(1, index)}
     router_w = router_b = None
-    if n > 1:
-        router_w, router_b = weight[keep].clone(), bias[keep].clone()
-        maps["lora_router_weight"] = ParamMap(0, keep, torch.ones(n))
-        maps["lora_router_bias"] = ParamMap(0, keep, torch.ones(n))
-    new_mass = torch.tensor([mass[i] for i in ids], dtype=torch.float32, device=state.mass.device)
-    new_state = state.update(
-        maps, experts=n, A=A2, B=B2, router_weight=router_w, router_bias=router_b, mass=new_mass
+    if new_experts > 1:
+        router_w = weight.gather(1, keep[:, :, None].expand(-1, -1, weight.shape[2]))
+        router_b = bias.gather(1, keep)
+        maps["lora_router_weight"] = _slot_map(0, keep)
+        maps["lora_router_bias"] = _slot_map(0, keep)
+    new_mass = mass.gather(1, keep).to(torch.float32)
+    stack.update(
+        maps, experts=new_experts, A=A2, B=B2, router_weight=router_w, router_bias=router_b, mass=new_mass
     )
-    stats = {
-        "discarded": discarded_total / energy_total if energy_total > 0 else 0.0,
-        "norm": norm,
-        "exact": float(exact),
-    }
-    return new_state, stats
+    share = torch.where(energy_total > 0, discarded_total / energy_total, torch.zeros_like(energy_total))
+    return share.cpu(), norm.cpu(), exact.cpu()
 
 
-def _to_empty(state: LayerState, alpha: float) -> tuple[LayerState, dict[str, float]]:
-    """Remove every expert: the adapter's whole delta is the discarded part."""
-    A, B = _expert_blocks(state)
+def add_experts(stack: LayerStack, new_experts: int) -> None:
+    """Split the most-loaded experts into copies; dense routing output unchanged exactly."""
+    L, E, r = stack.size, stack.experts, stack.rank
+    device = stack.A.device
+    lanes = torch.arange(L)
+    copies = torch.ones(L, E)
+    for _ in range(new_experts - E):
+        copies[lanes, torch.argmax(stack.mass.cpu() / copies, dim=1)] += 1
+    counts = copies.long().tolist()
+    sources = [list(range(E)) + [e for e in range(E) for _ in range(c[e] - 1)] for c in counts]
+    src = torch.tensor(sources, dtype=torch.long)
+    src_here = src.to(device)
+    A, B = stack.blocks()
+    new_A, new_B = A[lanes[:, None], src], B[lanes[:, None], src]
+    share = torch.ones(L, new_experts, dtype=torch.float64)  # each slot's part of its source's gate
+    scale = split_noise_scale(A)
+    for layer, layer_sources in enumerate(sources):
+        for e in range(E):
+            members = [j for j, s in enumerate(layer_sources) if s == e]
+            if len(members) < 2:
+                continue
+            parts = (1 + SPLIT_SKEW * torch.linspace(1, -1, len(members), dtype=torch.float64)) / len(members)
+            share[layer, members] = parts
+            noise = torch.randn(
+                len(members), r, A.shape[-1], device=device, dtype=A.dtype, generator=stack.generators[layer]
+            )
+            # zero mean under the gate shares: sum_j share_j A_j = A_e, so dense routing is unchanged
+            weights = parts.to(device=device, dtype=A.dtype).view(-1, 1, 1)
+            new_A[layer, members] += scale[layer, e] * (noise - (weights * noise).sum(dim=0, keepdim=True))
+    log_share = share.log().to(device=device, dtype=A.dtype)
+    if stack.router_weight is None:
+        router_w = torch.zeros(L, new_experts, A.shape[-1], device=device, dtype=A.dtype)
+        router_b = log_share
+        router_maps: dict[str, ParamMap | None] = dict.fromkeys(ROUTER_NAMES)
+    else:
+        router_w = stack.router_weight[lanes[:, None], src]
+        router_b = stack.router_bias.gather(1, src_here) + log_share.to(stack.router_bias.dtype)
+        router_maps = dict.fromkeys(ROUTER_NAMES, _slot_map(0, src))
+    mass = stack.mass.gather(1, src_here) / copies.to(device).gather(1, src_here)
+    A2, B2 = join_blocks(new_A, new_B)
+    index = _slot_index(src, r, r, r)
+    maps = {"lora_A": _slot_map(0, index), "lora_B": _slot_map(1, index), **router_maps}
+    stack.update(
+        maps, experts=new_experts, A=A2, B=B2, router_weight=router_w, router_bias=router_b, mass=mass
+    )
+
+
+def remove_all_experts(stack: LayerStack, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Remove every expert: the adapter's whole delta is the discarded part. Returns each layer's
+    discarded share (1, or 0 if B was 0) and per-token bound."""
+    A, B = stack.blocks()
     energy = _factor_energy(B, A)
-    scaling = alpha / state.rank
-    stats = {
-        "discarded": 1.0 if float(energy.sum()) > 0 else 0.0,
-        # gates sum to at most 1, so no token moves by more than the largest expert delta times ||x||
-        "norm": float(energy.sqrt().max()) * scaling if state.experts else 0.0,
-    }
-    empty = {
-        "A": state.A.new_zeros(0, state.A.shape[1]),
-        "B": state.B.new_zeros(state.B.shape[0], 0),
-        "router_weight": None,
-        "router_bias": None,
-        "mass": state.mass.new_zeros(0),
-    }
-    changed = dict.fromkeys(("lora_A", "lora_B"))
-    return state.update(changed, experts=0, **empty), stats
+    share = (energy.sum(-1) > 0).double()
+    # gates sum to at most 1, so no token moves by more than the largest expert delta times ||x||
+    norm = energy.sqrt().max(-1).values.double() * (alpha / stack.rank)
+    L = stack.size
+    stack.update(
+        dict.fromkeys(("lora_A", "lora_B")),
+        experts=0,
+        A=stack.A.new_zeros(L, 0, stack.A.shape[-1]),
+        B=stack.B.new_zeros(L, stack.B.shape[1], 0),
+        router_weight=None,
+        router_bias=None,
+        mass=stack.mass.new_zeros(L, 0),
+    )
+    return share.cpu(), norm.cpu()
 
 
-def _from_empty(state: LayerState, experts: int, rank: int) -> LayerState:
-    """Fresh experts for a layer that had none: LoRA's init (B zero), so the output is unchanged."""
-    d_in, d_out = state.A.shape[1], state.B.shape[0]
-    device = state.A.device
-    A = lora_init_A(experts * rank, d_in, device=device, dtype=torch.float32, generator=state.generator)
-    B = torch.zeros(d_out, experts * rank, device=device)
+def add_fresh_experts(stack: LayerStack, experts: int, rank: int) -> None:
+    """Fresh experts for layers that had none: LoRA's init (B zero), so the output is unchanged."""
+    L, d_in, d_out = stack.size, stack.A.shape[-1], stack.B.shape[1]
+    device = stack.A.device
+    A = torch.stack(
+        [
+            lora_init_A(experts * rank, d_in, device=device, dtype=torch.float32, generator=generator)
+            for generator in stack.generators
+        ]
+    )
     router_w = router_b = None
     if experts > 1:
-        router_w, router_b = torch.zeros(experts, d_in, device=device), torch.zeros(experts, device=device)
-    mass = torch.full((experts,), 1.0 / experts, device=device)
-    changed = dict.fromkeys(PARAM_NAMES)  # none of these existed: fresh optimizer state
-    return state.update(
-        changed, experts=experts, rank=rank, A=A, B=B, router_weight=router_w, router_bias=router_b, mass=mass
+        router_w, router_b = (
+            torch.zeros(L, experts, d_in, device=device),
+            torch.zeros(L, experts, device=device),
+        )
+    stack.update(
+        dict.fromkeys(PARAM_NAMES),  # none of these existed: fresh optimizer state
+        experts=experts,
+        rank=rank,
+        A=A,
+        B=torch.zeros(L, d_out, experts * rank, device=device),
+        router_weight=router_w,
+        router_bias=router_b,
+        mass=torch.full((L, experts), 1.0 / experts, device=device),
     )
 
 
