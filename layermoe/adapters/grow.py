@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -44,7 +43,16 @@ from layermoe.layout import effective_top_k, is_int_at_least, normalize_layout
 from .inject import named_moe_layers, split_block_name
 from .layer import MoELoRALinear, lora_init_A
 from .resize import ResizeReport, install_state, single_thread, state_map
-from .surgery import LayerState, ParamMap, adapter_output, layer_generator
+from .surgery import (
+    PARAM_NAMES,
+    ROUTER_NAMES,
+    LayerStack,
+    LayerState,
+    ParamMap,
+    adapter_output,
+    join_blocks,
+    layer_generator,
+)
 
 GROW_INITS = ("lora", "gradient")
 #: norm of one row of LoRA's A init in expectation (kaiming_uniform a=sqrt(5): U(+-1/sqrt(d_in)), so
@@ -152,83 +160,80 @@ def _new_rows(
     return gradient_directions(gradient.to(device), count, exclude, generator)
 
 
+def _lane_map(dim: int, index: torch.Tensor, scale: torch.Tensor | None = None) -> ParamMap:
+    """A map of the one-layer stack: CPU tensors with the stack's leading layer axis."""
+    index = index.cpu()[None]
+    return ParamMap(dim, index, torch.ones(index.shape) if scale is None else scale.cpu()[None])
+
+
 def _grow_rank(
-    state: LayerState, new_rank: int, keep_scaling: bool, rows: Callable[[int, torch.Tensor], torch.Tensor]
-) -> LayerState:
-    E, r = state.experts, state.rank
-    A = state.A.reshape(E, r, -1)
-    B = state.B.reshape(state.B.shape[0], E, r)
+    stack: LayerStack, new_rank: int, keep_scaling: bool, rows: Callable[[int, torch.Tensor], torch.Tensor]
+) -> None:
+    """New rank slots of a one-layer stack: A rows from `rows`, B zero; old B x r'/r unless the scaling
+    is kept (then the caller raises lora_alpha by r'/r)."""
+    E, r = stack.experts, stack.rank
+    A, B = stack.blocks()  # (1, E, r, d_in), (1, E, d_out, r)
     extra = new_rank - r
-    grown_A = torch.stack([torch.cat([A[e], rows(extra, A[e])]) for e in range(E)])
+    fresh = torch.stack([rows(extra, A[0, e]).to(A) for e in range(E)])[None]
     factor = 1.0 if keep_scaling else new_rank / r
-    grown_B = torch.cat([B * factor, B.new_zeros(B.shape[0], E, extra)], dim=2)
+    A, B = join_blocks(
+        torch.cat([A, fresh], dim=2), torch.cat([B * factor, B.new_zeros(1, E, B.shape[2], extra)], dim=3)
+    )
     index = torch.full((E, new_rank), -1, dtype=torch.long)
     index[:, :r] = torch.arange(E * r).reshape(E, r)
     index = index.reshape(-1)
     scale_B = torch.where(index >= 0, torch.full(index.shape, factor), torch.ones(index.shape))
-    maps = {"lora_A": ParamMap(0, index, torch.ones(index.numel())), "lora_B": ParamMap(1, index, scale_B)}
-    return state.update(
-        maps, rank=new_rank, A=grown_A.reshape(E * new_rank, -1), B=grown_B.reshape(B.shape[0], -1)
+    stack.update(
+        {"lora_A": _lane_map(0, index), "lora_B": _lane_map(1, index, scale_B)}, rank=new_rank, A=A, B=B
     )
 
 
 def _add_experts(
-    state: LayerState, new_experts: int, rows: Callable[[int, torch.Tensor], torch.Tensor]
-) -> LayerState:
-    E, r = state.experts, state.rank
-    d_in = state.A.shape[1]
+    stack: LayerStack, new_experts: int, rows: Callable[[int, torch.Tensor], torch.Tensor]
+) -> None:
+    """Fresh experts (B = 0) for a one-layer stack, each sharing the gate of its source (module docstring)."""
+    E, r = stack.experts, stack.rank
+    A, B, mass = stack.A[0], stack.B[0], stack.mass[0]
+    d_in, d_out = A.shape[1], B.shape[0]
     if E == 0:  # a block without adapter: fresh experts (nothing to preserve but the base output)
-        A = rows(new_experts * r, state.A)
         router = new_experts > 1
-        return state.update(
-            dict.fromkeys(("lora_A", "lora_B", "lora_router_weight", "lora_router_bias")),
+        stack.update(
+            dict.fromkeys(PARAM_NAMES),  # none of these existed: fresh optimizer state
             experts=new_experts,
-            A=A,
-            B=state.B.new_zeros(state.B.shape[0], new_experts * r),
-            router_weight=state.A.new_zeros(new_experts, d_in) if router else None,
-            router_bias=state.A.new_zeros(new_experts) if router else None,
-            mass=torch.full((new_experts,), 1.0 / new_experts, device=state.mass.device),
+            A=rows(new_experts * r, A).to(A)[None],
+            B=B.new_zeros(1, d_out, new_experts * r),
+            router_weight=A.new_zeros(1, new_experts, d_in) if router else None,
+            router_bias=A.new_zeros(1, new_experts) if router else None,
+            mass=torch.full((1, new_experts), 1.0 / new_experts, device=mass.device),
         )
+        return
     parts = [1] * E
     sources = []
     for _ in range(new_experts - E):
-        source = max(range(E), key=lambda e: (float(state.mass[e]) / parts[e], -parts[e]))
+        source = max(range(E), key=lambda e: (float(mass[e]) / parts[e], -parts[e]))
         parts[source] += 1
         sources.append(source)
-    part = torch.tensor(parts, dtype=torch.float32, device=state.A.device)
-    B = state.B.reshape(state.B.shape[0], E, r) * part.view(1, E, 1)
-    A_new = rows((new_experts - E) * r, state.A)
-    B_new = state.B.new_zeros(state.B.shape[0], (new_experts - E) * r)
-    if state.router_weight is None:  # one expert: no router yet, equal logits split the gate evenly
-        weight = state.A.new_zeros(new_experts, d_in)
-        bias = state.A.new_zeros(new_experts)
-        router_maps: dict[str, ParamMap | None] = {"lora_router_weight": None, "lora_router_bias": None}
+    part = torch.tensor(parts, dtype=torch.float32, device=A.device)
+    src = torch.tensor(list(range(E)) + sources, dtype=torch.long, device=A.device)
+    scaled_B = (B.reshape(d_out, E, r) * part.view(1, E, 1)).reshape(d_out, E * r)
+    if stack.router_weight is None:  # one expert: no router yet, equal logits split the gate evenly
+        weight, bias = A.new_zeros(new_experts, d_in), A.new_zeros(new_experts)
+        router_maps: dict[str, ParamMap | None] = dict.fromkeys(ROUTER_NAMES)
     else:
-        src = torch.tensor(list(range(E)) + sources, dtype=torch.long)
-        weight = state.router_weight[src.to(state.router_weight.device)].clone()
-        shift = -torch.log(part)[src.to(part.device)]
-        bias = state.router_bias[src.to(state.router_bias.device)] + shift.to(state.router_bias)
-        ones = torch.ones(new_experts)
-        router_maps = {
-            "lora_router_weight": ParamMap(0, src, ones),
-            "lora_router_bias": ParamMap(0, src, ones),
-        }
-    share = (state.mass / part.to(state.mass))[torch.tensor(list(range(E)) + sources)]
-    index = torch.cat([torch.arange(E * r), torch.full(((new_experts - E) * r,), -1, dtype=torch.long)])
-    scale_B = torch.cat([part.cpu().repeat_interleave(r), torch.ones((new_experts - E) * r)])
-    maps = {
-        "lora_A": ParamMap(0, index, torch.ones(index.numel())),
-        "lora_B": ParamMap(1, index, scale_B),
-        **router_maps,
-    }
-    return state.update(
-        maps,
+        weight = stack.router_weight[0][src]
+        bias = stack.router_bias[0][src] - torch.log(part)[src].to(stack.router_bias)
+        router_maps = dict.fromkeys(ROUTER_NAMES, _lane_map(0, src))
+    added = (new_experts - E) * r
+    index = torch.cat([torch.arange(E * r), torch.full((added,), -1, dtype=torch.long)])
+    scale_B = torch.cat([part.cpu().repeat_interleave(r), torch.ones(added)])
+    stack.update(
+        {"lora_A": _lane_map(0, index), "lora_B": _lane_map(1, index, scale_B), **router_maps},
         experts=new_experts,
-        A=torch.cat([state.A, A_new]),
-        B=torch.cat([B.reshape(B.shape[0], E * r), B_new], dim=1),
-        router_weight=weight,
-        router_bias=bias,
-        mass=share,
+        A=torch.cat([A, rows(added, A).to(A)])[None],
+        B=torch.cat([scaled_B, B.new_zeros(d_out, added)], dim=1)[None],
+        router_weight=weight[None],
+        router_bias=bias[None],
+        mass=(mass / part.to(mass))[src.to(mass.device)][None],
     )
 
 
@@ -274,25 +279,27 @@ def plan_grow(
     with torch.no_grad():
         device = layer.adapter_placement()[0]
         generator = layer_generator(device)
-        state = old = replace(LayerState.of(layer), generator=generator)
+        stack = LayerStack.of([layer], [None], [generator])
+        old = stack.unstack()[0]
 
         def rows(count: int, existing: torch.Tensor) -> torch.Tensor:
             return _new_rows(init, count, layer.in_features, gradient, existing, generator, device)
 
-        if rank > state.rank and state.experts == 0:  # an empty layer only remembers its rank
-            report.operations.append(f"set_rank {state.rank}->{rank}")
-            state = replace(state, rank=rank)
-        if rank > state.rank:
-            report.operations.append(f"grow_rank {state.rank}->{rank} (B = 0, A {init})")
+        if rank > stack.rank and stack.experts == 0:  # an empty layer only remembers its rank
+            report.operations.append(f"set_rank {stack.rank}->{rank}")
+            stack.update({}, rank=rank)
+        if rank > stack.rank:
+            report.operations.append(f"grow_rank {stack.rank}->{rank} (B = 0, A {init})")
             if keep_scaling:
-                alpha = old_alpha * rank / state.rank
+                alpha = old_alpha * rank / stack.rank
                 report.operations.append(f"lora_alpha {old_alpha:g}->{alpha:g} (scaling kept)")
-            state = _grow_rank(state, rank, keep_scaling, rows)
-        if experts > state.experts:
-            report.operations.append(f"add_fresh_experts {state.experts}->{experts} (B = 0, A {init})")
-            state = _add_experts(state, experts, rows)
+            _grow_rank(stack, rank, keep_scaling, rows)
+        if experts > stack.experts:
+            report.operations.append(f"add_fresh_experts {stack.experts}->{experts} (B = 0, A {init})")
+            _add_experts(stack, experts, rows)
             report.exact = effective_top_k(layer.top_k, experts) is None
-        state.check(layer.in_features, layer.out_features)
+        stack.check(layer.in_features, layer.out_features)
+        state = stack.unstack()[0]
         if probe is not None:
             x = probe.detach().to(device)
             before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), old_alpha)
