@@ -25,13 +25,13 @@ from layermoe.layout import block_cost
 from layermoe.scoring import causal_lm_per_sample_loss
 
 from .test_adapter_helpers import randomize
+from .test_adapter_resize import make_layer as resize_test_layer
 from .tiny_models import random_tokens, tiny_llama
 
 
-def make_layer(experts=3, rank=4, top_k=None, seed=0, d_in=16, d_out=12):
-    torch.manual_seed(seed)
-    layer = MoELoRALinear(nn.Linear(d_in, d_out), experts=experts, rank=rank, top_k=top_k, lora_alpha=8.0)
-    randomize(layer, seed)
+def make_layer(experts=3, rank=4, top_k=None, seed=0):
+    """The resize tests' layer (16 -> 12, alpha 8, trained-looking B and router)."""
+    layer = resize_test_layer(experts, rank, top_k, seed)
     with torch.no_grad():  # routing mass unequal, so the shared gate's source is not a tie
         layer.lora_routing_mass.copy_(
             torch.linspace(1.0, 2.0, experts) / torch.linspace(1.0, 2.0, experts).sum()

@@ -40,8 +40,8 @@ from torch import nn
 
 from layermoe.layout import effective_top_k, is_int_at_least, normalize_layout
 
-from .inject import named_moe_layers, split_block_name
 from .layer import MoELoRALinear, lora_init_A
+from .layout import layers_by_block
 from .resize import ResizeReport, install_state, single_thread, state_map
 from .surgery import (
     PARAM_NAMES,
@@ -316,33 +316,17 @@ def _install(layer: MoELoRALinear, state: LayerState, report: ResizeReport, alph
 
 
 def grow_layer(
-    layer: MoELoRALinear,
-    experts: int | None = None,
-    rank: int | None = None,
-    *,
-    init: str = "lora",
-    gradient: torch.Tensor | None = None,
-    keep_scaling: bool = False,
-    probe: torch.Tensor | None = None,
-    name: str = "",
+    layer: MoELoRALinear, experts: int | None = None, rank: int | None = None, **options: Any
 ) -> ResizeReport:
     """Grow `layer` in place to (experts, rank) with fresh, function-preserving capacity (module
-    docstring): rank first, then experts at the new rank. ``init="gradient"`` needs ``gradient``, the
-    module's weight gradient (d_out, d_in), e.g. from :func:`weight_gradients`. The report's
-    ``state_map`` tells the optimizer how old entries moved (fresh entries -1; B columns rescaled where
-    a gate or the scaling changed). All-or-nothing: the layer changes only once every tensor is built
-    and checked."""
+    docstring): rank first, then experts at the new rank. ``options`` are :func:`plan_grow`'s keywords
+    (``init``, ``gradient``, ``keep_scaling``, ``probe``, ``name``); ``init="gradient"`` needs
+    ``gradient``, the module's weight gradient (d_out, d_in), e.g. from :func:`weight_gradients`. The
+    report's ``state_map`` tells the optimizer how old entries moved (fresh entries -1; B columns
+    rescaled where a gate or the scaling changed). All-or-nothing: the layer changes only once every
+    tensor is built and checked."""
     with single_thread():
-        state, report, alpha = plan_grow(
-            layer,
-            experts,
-            rank,
-            init=init,
-            gradient=gradient,
-            keep_scaling=keep_scaling,
-            probe=probe,
-            name=name,
-        )
+        state, report, alpha = plan_grow(layer, experts, rank, **options)
     _install(layer, state, report, alpha)
     return report
 
@@ -362,20 +346,12 @@ def grow_model(
     module names (as :func:`named_moe_layers`) to the layer's weight gradient / probe input. Returns one
     report per changed layer, in block order."""
     target = normalize_layout(layout)
-    by_block: dict[int, list[tuple[str, MoELoRALinear]]] = {}
-    for name, layer in named_moe_layers(model).items():
-        parts = split_block_name(name)
-        if parts is not None:
-            by_block.setdefault(parts[1], []).append((name, layer))
-    unknown = sorted(set(target) - set(by_block))
-    if unknown:
-        raise ValueError(
-            f"grow_model: layout names blocks {unknown} without MoE-LoRA layers ({sorted(by_block)})"
-        )
+    layers, by_block = layers_by_block(model, target)
     plans = []
     with single_thread():
         for block, spec in target.items():
-            for name, layer in by_block[block]:
+            for name in by_block[block]:
+                layer = layers[name]
                 if (layer.experts, layer.rank) == (spec["experts"], spec["rank"]):
                     continue
                 gradient = None if gradients is None else gradients.get(name)
