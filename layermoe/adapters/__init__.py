@@ -2,6 +2,7 @@
 
 from .base import BaseInfo, base_info, is_supported_base
 from .config import DEFAULT_TARGET_MODULES, MoELoRAConfig
+from .grow import GROW_INITS, gradient_directions, grow_layer, grow_model, plan_grow, weight_gradients
 from .inject import (
     block_index,
     inject,
@@ -44,7 +45,13 @@ __all__ = [
     "collect_router_losses",
     "compute_gates",
     "export_peft",
+    "GROW_INITS",
+    "gradient_directions",
+    "grow_layer",
+    "grow_model",
+    "plan_grow",
     "grow_rank",
+    "weight_gradients",
     "inject",
     "modules_to_save",
     "is_supported_base",

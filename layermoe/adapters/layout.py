@@ -56,6 +56,18 @@ def apply_layout(
     stack of one, which `batched=False` and any `probes` do).
     """
     target = normalize_layout(new_layout)
+    layers, by_block = layers_by_block(model, target)
+    plans = []
+    with single_thread():
+        plans = _plan_all(target, by_block, layers, routing_mass, probes, batched)
+    for layer, state, _ in plans:
+        install_state(layer, state)
+    return [report for _, _, report in plans]
+
+
+def layers_by_block(model: nn.Module, target: Layout) -> tuple[dict[str, Any], dict[int, list[str]]]:
+    """The model's MoE-LoRA layers by full name, and their names per block; raises if `target` names a
+    block without adapted layers."""
     layers = named_moe_layers(model)
     by_block: dict[int, list[str]] = {}
     for name in layers:
@@ -67,12 +79,7 @@ def apply_layout(
         raise ValueError(
             f"layout names blocks {unknown} that have no MoE-LoRA layers (adapted: {sorted(by_block)})"
         )
-    plans = []
-    with single_thread():
-        plans = _plan_all(target, by_block, layers, routing_mass, probes, batched)
-    for layer, state, _ in plans:
-        install_state(layer, state)
-    return [report for _, _, report in plans]
+    return layers, by_block
 
 
 def _plan_all(

@@ -10,10 +10,17 @@ from .budget import Budget
 from .continuous import mdl_units, proportional_units
 from .costs import block_cost, layout_params
 from .errors import AllocationError
+from .growth import GROWTH_CONTROLS, GrowthPlan, grow_layout, placebo_grow, plan_growth, uniform_grow
 from .programs import METHODS, mdl, mdl_quality, power_law, power_law_weights
 
 __all__ = [
     "ALLOCATE_OPTIONS",
+    "GROWTH_CONTROLS",
+    "GrowthPlan",
+    "grow_layout",
+    "placebo_grow",
+    "plan_growth",
+    "uniform_grow",
     "METHODS",
     "RANK_POLICIES",
     "AllocationError",
