@@ -362,7 +362,8 @@ class MoELoRAFineTuner(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         """Print one line of validation metrics (outside the sanity check) so CPU runs show progress, with
         the rows they cover and, for multiple choice, the accuracy of guessing among each row's options."""
-        self._log_step_for_loggers()
+        if self.trainer.state.fn == "fit":  # validate/test print their metrics as a table: keep it clean
+            self._log_step_for_loggers()
         if self.trainer.sanity_checking or not self.hparams.print_metrics:
             return
         values = {k: float(v) for k, v in self.metrics["val_metrics"].compute().items()}
@@ -373,11 +374,8 @@ class MoELoRAFineTuner(pl.LightningModule):
             shown += f" (chance acc {float(self.metrics['val_chance'].compute()):.4f})"
         self.print(f"[step {self.global_step}] {shown} on {rows:,} validation rows")
 
-    def on_test_epoch_end(self) -> None:
-        self._log_step_for_loggers()
-
     def _log_step_for_loggers(self) -> None:
-        """Evaluation metrics reach the loggers at the number of optimizer steps done (``global_step``, as
+        """Validation metrics of a fit reach the loggers at the number of optimizer steps done (``global_step``, as
         the console line, checkpoint names and the influence callback's metrics say), not at Lightning's
         default, which is one lower for a validation inside the epoch (its counter of stepped batches is
         advanced only after that validation). A logged ``step`` is the step Lightning hands the loggers; it
