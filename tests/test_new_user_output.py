@@ -202,3 +202,40 @@ def test_the_filters_drop_only_the_known_messages(caplog):
         )
         warnings.warn("an unrelated user warning", UserWarning, stacklevel=1)
     assert [str(w.message) for w in caught] == ["an unrelated user warning"]
+
+
+def test_line_progress_is_silent_for_short_phases_and_writes_whole_lines_for_long_ones(monkeypatch):
+    import io
+
+    from layermoe import progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: clock[0])
+    quick = io.StringIO()
+    with progress.progress_bar(file=quick, total=3, desc="scoring", interval=20, mininterval=0) as bar:
+        for _ in range(3):
+            clock[0] += 1
+            bar.update(1)
+    assert quick.getvalue() == ""  # 3 s: shorter than one interval
+    slow = io.StringIO()
+    with progress.progress_bar(file=slow, total=3, desc="scoring", interval=20, mininterval=0) as bar:
+        for _ in range(3):
+            clock[0] += 15
+            bar.update(1)
+    lines = slow.getvalue().splitlines(keepends=True)
+    # one line at 30 s (the first redraw past 20 s), none at 45 s (15 s later), the final state at close
+    assert [line.split("|")[-1].split("[")[0].strip() for line in lines] == ["2/3", "3/3"]
+    assert all(line.startswith("scoring:") and line.endswith("\n") and "\r" not in line for line in lines)
+
+
+def test_heartbeat_prints_while_a_silent_call_runs():
+    import io
+    import time
+
+    from layermoe.progress import heartbeat
+
+    out = io.StringIO()
+    with heartbeat("prepare smollm2", interval=0.05, file=out):
+        time.sleep(0.3)
+    lines = out.getvalue().splitlines()
+    assert len(lines) >= 3 and all(line.startswith("prepare smollm2: still running (") for line in lines)
