@@ -1,6 +1,6 @@
 # layermoe: set-up, quickstart and tests. Every target builds its own virtual environment (.venv) when
 # it is missing, so a fresh clone needs nothing but python3 (>= 3.10) and pip access.
-#   make quickstart   set-up + SmolLM2 MoE-LoRA quickstart run (CPU, <= 10 min on 2 cores)
+#   make quickstart   set-up + SmolLM2 MoE-LoRA quickstart run (CPU; target <= 10 min on an idle 2-core machine)
 #   make test         set-up + default test suite (fresh cache under .cache/test, HF_HUB_OFFLINE=1)
 #   make test-slow    set-up + real-model tests (marked slow)
 SHELL := /bin/bash

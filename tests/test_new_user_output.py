@@ -239,3 +239,49 @@ def test_heartbeat_prints_while_a_silent_call_runs():
         time.sleep(0.3)
     lines = out.getvalue().splitlines()
     assert len(lines) >= 3 and all(line.startswith("prepare smollm2: still running (") for line in lines)
+
+
+class ReadmeModule(L.LightningModule):
+    """The README's plug-in example: the model comes in as an object, so it is not a hyperparameter."""
+
+    def __init__(self, hf_model, train_set=None, lr: float = 1e-2) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["hf_model", "train_set"])
+        self.model, self.train_set = hf_model, train_set
+        from layermoe.adapters import MoELoRAConfig, inject
+
+        inject(self.model, MoELoRAConfig(experts=2, rank=4))
+
+    def training_step(self, batch, batch_idx):
+        from layermoe.adapters import collect_router_losses
+
+        input_ids, labels = batch
+        return self.model(input_ids=input_ids, labels=labels).loss + collect_router_losses(self.model).loss
+
+    def train_dataloader(self):
+        from layermoe.checkpointing import resumable_train_loader
+
+        return resumable_train_loader(self.train_set, batch_size=4, seed=0)
+
+    def configure_optimizers(self):
+        params = [p for _, p in sorted(self.named_parameters()) if p.requires_grad]
+        return torch.optim.AdamW(params, lr=self.hparams.lr)
+
+
+def test_the_readme_module_reloads_with_load_from_checkpoint_given_its_model(tmp_path):
+    from torch.utils.data import TensorDataset
+
+    from tests.tiny_models import random_tokens, tiny_llama
+
+    ids = random_tokens()
+    module = ReadmeModule(tiny_llama(), TensorDataset(ids, ids.clone()), lr=5e-2)
+    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module)
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    restored = ReadmeModule.load_from_checkpoint(path, hf_model=tiny_llama())
+    assert restored.hparams.lr == 5e-2  # saved hyperparameters come back; the objects are passed again
+    with torch.no_grad():
+        expected = module.model.eval()(ids).logits
+        assert not torch.allclose(tiny_llama()(ids).logits, expected)  # training moved the adapters
+        torch.testing.assert_close(restored.model.eval()(ids).logits, expected)
