@@ -275,7 +275,13 @@ def test_the_readme_module_reloads_with_load_from_checkpoint_given_its_model(tmp
 
     ids = random_tokens()
     module = ReadmeModule(tiny_llama(), TensorDataset(ids, ids.clone()), lr=5e-2)
-    trainer = L.Trainer(max_steps=3, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        max_steps=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(module)
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)
