@@ -16,6 +16,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from layermoe.data import TextDataModule
@@ -85,7 +86,12 @@ def line_fit(toy_files, tmp_path, capsys):
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         enable_model_summary=False,
-        callbacks=[FitProgressBar(interval=0)],
+        callbacks=[
+            FitProgressBar(interval=0),
+            ModelCheckpoint(
+                dirpath=tmp_path / "steps", filename="{step}", every_n_train_steps=1, save_top_k=-1
+            ),
+        ],
         logger=CSVLogger(tmp_path, name="logs"),
         default_root_dir=tmp_path,
     )
@@ -127,6 +133,9 @@ def test_validation_is_logged_at_the_step_the_console_prints(line_fit):
         rows = list(csv.DictReader(handle))
     logged = [int(row["step"]) for row in rows if row.get("val/acc")]
     assert printed == logged == [3, 6]
+    # the logged step does not outlive its validation: checkpoints after it are named by their own step
+    names = sorted(path.name for path in (Path(trainer.default_root_dir) / "steps").glob("*.ckpt"))
+    assert names == sorted(f"step={k}.ckpt" for k in range(1, 7))
 
 
 KNOWN_NOISE = (

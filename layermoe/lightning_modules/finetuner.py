@@ -27,6 +27,7 @@ from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_l
 from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
 from layermoe.checkpointing.integrity import check_finite_state, read_verified_checkpoint, verify_checksum
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
+from layermoe.lightning_compat import forget_logged_position
 from layermoe.lightning_modules.losses import (
     greedy_exact_match,
     label_loss,
@@ -374,12 +375,18 @@ class MoELoRAFineTuner(pl.LightningModule):
             shown += f" (chance acc {float(self.metrics['val_chance'].compute()):.4f})"
         self.print(f"[step {self.global_step}] {shown} on {rows:,} validation rows")
 
+    def on_validation_end(self) -> None:
+        # after every callback's on_validation_end (ModelCheckpoint saves there, naming files by this step)
+        if self.trainer.state.fn == "fit":
+            forget_logged_position(self.trainer)
+
     def _log_step_for_loggers(self) -> None:
         """Validation metrics of a fit reach the loggers at the number of optimizer steps done (``global_step``, as
         the console line, checkpoint names and the influence callback's metrics say), not at Lightning's
         default, which is one lower for a validation inside the epoch (its counter of stepped batches is
         advanced only after that validation). A logged ``step`` is the step Lightning hands the loggers; it
-        then no longer adds ``epoch`` itself."""
+        then no longer adds ``epoch`` itself. Both are dropped again at the validation's end
+        (:func:`layermoe.lightning_compat.forget_logged_position`)."""
         at = {"step": float(self.global_step), "epoch": float(self.current_epoch)}
         self.log_dict(at, on_step=False, on_epoch=True, batch_size=1)
 
