@@ -27,6 +27,18 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def save_trained_peft(peft_model, ids, folder) -> torch.Tensor:
+    """Give a fresh peft LoRA non-zero B factors (seeded), save it to ``folder``; its logits on ``ids``."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    peft_model.eval()
+    peft_model.save_pretrained(str(folder))
+    return logits(peft_model, ids)
+
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 def test_export_loads_in_peft_with_equal_outputs(build, tmp_path):
     model = build()
@@ -60,15 +72,8 @@ def test_import_peft_lora_into_experts_matches_peft(tmp_path):
         alpha_pattern={"v_proj": 3},
     )
     peft_model = peft.get_peft_model(base, config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    peft_model.eval()
     ids = random_tokens()
-    reference = logits(peft_model, ids)
-    peft_model.save_pretrained(str(tmp_path))
+    reference = save_trained_peft(peft_model, ids, tmp_path)
 
     model = tiny_llama()
     inject(model, MoELoRAConfig(experts=3, rank=8))
@@ -97,15 +102,8 @@ def test_import_into_a_bare_base_injects_from_the_adapter_config_and_matches_pef
     targets = ["q_proj", "v_proj", "down_proj"] if build is tiny_llama else ["c_attn", "c_fc"]
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=build is tiny_gpt2)
     peft_model = peft.get_peft_model(build(), config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    peft_model.eval()
     ids = random_tokens()
-    reference = logits(peft_model, ids)
-    peft_model.save_pretrained(str(tmp_path))
+    reference = save_trained_peft(peft_model, ids, tmp_path)
 
     model = build().eval()  # bare: no MoE-LoRA layers, as PeftModel.from_pretrained takes its base
     assert not torch.allclose(logits(model, ids), reference)  # the adapter changes the output

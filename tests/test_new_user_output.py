@@ -29,6 +29,7 @@ from layermoe.quiet import (
     LIGHTNING_TIP_PREFIX,
 )
 from tests.conftest import tiny_llama_spec
+from tests.test_cli_quickstart import toy_data_override
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,14 +158,7 @@ def test_a_cli_fit_prints_none_of_the_known_harmless_messages(toy_files, tmp_pat
             "enable_progress_bar": False,
         },
         "model": {"model": tiny_llama_spec(), "warmup_steps": 1},
-        "data": {
-            "tokenizer": "tiny",
-            "train_file": str(toy_files["train"]),
-            "test_file": str(toy_files["test"]),
-            "val_size": 16,
-            "limit_train_rows": None,
-            "limit_eval_rows": None,
-        },
+        "data": toy_data_override(toy_files),
     }
     config = tmp_path / "override.yaml"
     config.write_text(yaml.safe_dump(override))
