@@ -294,3 +294,20 @@ def test_the_readme_module_reloads_with_load_from_checkpoint_given_its_model(tmp
         expected = module.model.eval()(ids).logits
         assert not torch.allclose(tiny_llama()(ids).logits, expected)  # training moved the adapters
         torch.testing.assert_close(restored.model.eval()(ids).logits, expected)
+
+
+@pytest.mark.parametrize(
+    ("limit", "expected"), [(10, "on 10 of 24 rows (data.limit_eval_rows: 10;"), (None, "on all 24 rows")]
+)
+def test_test_setup_says_how_many_rows_it_evaluates(toy_files, caplog, limit, expected):
+    dm = TextDataModule(
+        train_file=str(toy_files["train"]),
+        test_file=str(toy_files["test"]),  # 24 rows
+        tokenizer="tiny",
+        label_words=["no", "yes"],
+        limit_eval_rows=limit,
+    )
+    caplog.set_level(logging.INFO)
+    dm.setup("test")
+    assert len(dm.datasets["test"]) == (limit or 24)
+    assert f"data: test {expected}" in caplog.text

@@ -310,7 +310,8 @@ class TextDataModule(pl.LightningDataModule):
         from lightning.pytorch.utilities import rank_zero_info
 
         used = len(self.datasets[stage])
-        line = f"data: {STAGE_NAMES[stage]} on {used:,} of {available:,} rows"
+        shown = f"all {used:,}" if used == available else f"{used:,} of {available:,}"
+        line = f"data: {STAGE_NAMES[stage]} on {shown} rows"
         limit = getattr(self, field)
         if limit is not None and limit < available:
             line += f" (data.{field}: {limit}; null uses them all)"
