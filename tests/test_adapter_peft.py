@@ -27,6 +27,18 @@ def logits(model, ids):
         return model(ids).logits
 
 
+def save_trained_peft(peft_model, ids, folder) -> torch.Tensor:
+    """Give a fresh peft LoRA non-zero B factors (seeded), save it to ``folder``; its logits on ``ids``."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
+    peft_model.eval()
+    peft_model.save_pretrained(str(folder))
+    return logits(peft_model, ids)
+
+
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
 def test_export_loads_in_peft_with_equal_outputs(build, tmp_path):
     model = build()
@@ -60,15 +72,8 @@ def test_import_peft_lora_into_experts_matches_peft(tmp_path):
         alpha_pattern={"v_proj": 3},
     )
     peft_model = peft.get_peft_model(base, config)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(0.1 * torch.randn(param.shape, generator=generator))
-    peft_model.eval()
     ids = random_tokens()
-    reference = logits(peft_model, ids)
-    peft_model.save_pretrained(str(tmp_path))
+    reference = save_trained_peft(peft_model, ids, tmp_path)
 
     model = tiny_llama()
     inject(model, MoELoRAConfig(experts=3, rank=8))
@@ -89,4 +94,34 @@ def test_import_rejects_modules_that_are_not_adapted(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with pytest.raises(ValueError, match="k_proj' is not an MoE-LoRA layer"):
         load_peft(model, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_import_into_a_bare_base_injects_from_the_adapter_config_and_matches_peft(build, tmp_path):
+    targets = ["q_proj", "v_proj", "down_proj"] if build is tiny_llama else ["c_attn", "c_fc"]
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=build is tiny_gpt2)
+    peft_model = peft.get_peft_model(build(), config)
+    ids = random_tokens()
+    reference = save_trained_peft(peft_model, ids, tmp_path)
+
+    model = build().eval()  # bare: no MoE-LoRA layers, as PeftModel.from_pretrained takes its base
+    assert not torch.allclose(logits(model, ids), reference)  # the adapter changes the output
+    load_peft(model, tmp_path)
+    torch.testing.assert_close(logits(model, ids), reference, atol=1e-5, rtol=1e-5)
+    adapted = set(named_moe_layers(model))
+    expected = {n for n, _ in peft_model.base_model.model.named_modules() if n.split(".")[-1] in targets}
+    assert adapted == expected
+    assert all(spec == {"experts": 1, "rank": 4} for spec in layout(model).values())
+
+
+def test_import_into_a_bare_base_refuses_a_module_it_lacks_and_leaves_the_model_unchanged(tmp_path):
+    peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(
+        str(tmp_path)
+    )
+    model = tiny_gpt2()  # no q_proj anywhere
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="is not a linear layer of this model"):
+        load_peft(model, tmp_path)
+    assert not named_moe_layers(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

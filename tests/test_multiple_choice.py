@@ -120,3 +120,14 @@ def test_model_and_data_tasks_must_agree(tmp_path):
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=1)
     with pytest.raises(ValueError, match="model.task='instruction' but data.task='multiple_choice'"):
         trainer.fit(other, dm)
+
+
+def test_validation_line_shows_the_chance_level_and_the_rows(tmp_path, capsys):
+    module, dm = _module_and_data(tmp_path)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(module, dm, verbose=False)
+    (line,) = [line for line in capsys.readouterr().out.splitlines() if "val/acc=" in line]
+    # guessing among each row's options (3, 4, 2, 3 and 3 of them), averaged over the 5 rows
+    chance = sum(1 / len(q["options"]) for q in QUESTIONS) / len(QUESTIONS)
+    assert f"(chance acc {chance:.4f})" in line
+    assert line.endswith("on 5 validation rows")

@@ -21,7 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .inject import SAVED_MODULE_FLAG, modules_to_save, named_moe_layers, split_block_name
+from .base import base_info, is_supported_base
+from .config import MoELoRAConfig
+from .inject import SAVED_MODULE_FLAG, inject, modules_to_save, named_moe_layers, split_block_name
 from .layer import MoELoRALinear, lora_init_A
 from .layout import apply_layout, layout
 from .resize import ResizeReport
@@ -167,11 +169,18 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
     routing). Blocks with 0 experts that it covers get one. Layers the adapter does not cover keep
     their parameters. The adapter's ``modules_to_save`` are copied into the model's modules of those
     names, which stay trainable. Returns the resize reports.
-    Everything is validated before the model changes.
+
+    A model without MoE-LoRA layers (a bare base, as ``peft.PeftModel.from_pretrained`` takes it) is first
+    injected with one expert on exactly the adapter's modules, with its ``lora_alpha`` and ``lora_dropout``;
+    its outputs then equal peft's. Everything is validated before the model changes.
     """
     config, factors, others = _read_peft(source)
     saved_states = _saved_module_states(model, config, others)
     layers = named_moe_layers(model)
+    bare = not layers
+    dims = {name: (layer.in_features, layer.out_features) for name, layer in layers.items()}
+    if bare:
+        dims = _base_dims(model, factors)
     alpha, r_default = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
     rslora = bool(config.get("use_rslora", False))
     plan: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -179,18 +188,20 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
     for module, pair in factors.items():
         if set(pair) != {"A", "B"}:
             raise ValueError(f"load_peft: module {module!r} lacks lora_{'A' if 'A' not in pair else 'B'}")
-        if module not in layers:
+        if module not in dims:
             raise ValueError(
-                f"load_peft: adapter module {module!r} is not an MoE-LoRA layer of this model; "
+                f"load_peft: adapter module {module!r} is not a linear layer of this model"
+                if bare
+                else f"load_peft: adapter module {module!r} is not an MoE-LoRA layer of this model; "
                 "inject with target_modules covering it"
             )
         A, B = pair["A"], pair["B"]
-        layer = layers[module]
+        d_in, d_out = dims[module]
         rank = A.shape[0]
-        if A.shape != (rank, layer.in_features) or B.shape != (layer.out_features, rank):
+        if A.shape != (rank, d_in) or B.shape != (d_out, rank):
             raise ValueError(
                 f"load_peft: {module} lora_A {tuple(A.shape)} / lora_B {tuple(B.shape)} do not fit "
-                f"d_in={layer.in_features}, d_out={layer.out_features}"
+                f"d_in={d_in}, d_out={d_out}"
             )
         expected_rank = int(_pattern_value(config.get("rank_pattern") or {}, module, r_default))
         if expected_rank != rank:
@@ -200,6 +211,20 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
         plan[module] = (A, B, scale)
         block = split_block_name(module)[1]
         block_rank[block] = max(block_rank.get(block, 1), rank)
+    if bare and not plan:
+        raise ValueError(f"load_peft: {source} holds no lora_A/lora_B weights to inject")
+    if bare:
+        inject(
+            model,
+            MoELoRAConfig(
+                target_modules=sorted(plan),
+                experts=1,
+                rank=max(block_rank.values()),
+                lora_alpha=alpha,
+                lora_dropout=float(config.get("lora_dropout") or 0.0),
+            ),
+        )
+        layers = named_moe_layers(model)
     current = layout(model)
     # a block without adapter that the LoRA covers gets one expert to hold it
     new_layout = {b: {"experts": max(current[b]["experts"], 1), "rank": r} for b, r in block_rank.items()}
@@ -214,6 +239,18 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
         saved.requires_grad_(True)
         setattr(saved, SAVED_MODULE_FLAG, True)
     return reports
+
+
+def _base_dims(model: nn.Module, factors: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each module of a bare model that the adapter covers and inject can wrap."""
+    named = dict(model.named_modules())
+    dims = {}
+    for name in factors:
+        module = named.get(name)
+        if module is not None and is_supported_base(module):
+            info = base_info(module)
+            dims[name] = (info.in_features, info.out_features)
+    return dims
 
 
 def _fill_experts(

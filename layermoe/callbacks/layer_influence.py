@@ -514,7 +514,8 @@ class LayerInfluenceCallback(Callback):
             )
             train = data_utils.to_device(trainer.strategy, train)
             # the memory plan (passes, bytes, projection) is printed where the per-rewire table is
-            options = {"progress": False, "show_plan": self.verbose and trainer.is_global_zero}
+            shown = self.verbose and trainer.is_global_zero
+            options = {"progress": shown, "show_plan": shown}
             if "max_store_bytes" not in self.capture_options:
                 # scoring inside training: its rows may add a tenth of training's own peak memory
                 options["max_store_bytes"] = training_store_bytes(pl_module.device)

@@ -56,6 +56,9 @@ class EncodedDataset(Dataset):
         return [len(e["input_ids"]) for e in self.examples]
 
 
+STAGE_NAMES = {"train": "training", "val": "validation", "test": "test"}
+
+
 class TextDataModule(pl.LightningDataModule):
     """Reads local files or a Hugging Face dataset and serves batches in the format of docs/architecture.md.
 
@@ -314,6 +317,18 @@ class TextDataModule(pl.LightningDataModule):
         _, taken = stratified_indices(strata, limit, self.seed + 1, total=len(rows), field=field)
         return self._subset(rows, strata, taken)
 
+    def _announce_rows(self, stage: str, available: int, field: str) -> None:
+        """Say how many rows ``stage`` uses out of those available, and which setting limits them."""
+        from lightning.pytorch.utilities import rank_zero_info
+
+        used = len(self.datasets[stage])
+        shown = f"all {used:,}" if used == available else f"{used:,} of {available:,}"
+        line = f"data: {STAGE_NAMES[stage]} on {shown} rows"
+        limit = getattr(self, field)
+        if limit is not None and limit < available:
+            line += f" (data.{field}: {limit}; null uses them all)"
+        rank_zero_info(line)
+
     def _carve_val(self, rows: list[dict[str, Any]], strata: list[int] | None) -> tuple[Rows, Rows | None]:
         """(train rows, validation rows): from the validation source if any, else a stratified slice of train."""
         if self._source("val") is not None:
@@ -357,6 +372,10 @@ class TextDataModule(pl.LightningDataModule):
                 self.datasets["val"] = self._encode(
                     *self._limit(*val, self.limit_eval_rows, "limit_eval_rows")
                 )
+            if self._source("train") is not None:
+                self._announce_rows("train", len(train[0]), "limit_train_rows")
+            if val is not None:
+                self._announce_rows("val", len(val[0]), "limit_eval_rows")
             self._built.add("fit")
         if stage in (None, "test") and "test" not in self._built:
             if self._source("test") is None:
@@ -369,6 +388,7 @@ class TextDataModule(pl.LightningDataModule):
                 self.datasets["test"] = self._encode(
                     *self._limit(*test, self.limit_eval_rows, "limit_eval_rows")
                 )
+                self._announce_rows("test", len(test[0]), "limit_eval_rows")
             self._built.add("test")
 
     # ------------------------------------------------------------------ loaders

@@ -13,7 +13,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins import CheckpointIO
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -21,7 +21,9 @@ from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.checkpointing.integrity import read_verified_checkpoint
 from layermoe.data import TextDataModule
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
+from layermoe.lightning_modules.progress_bar import FitProgressBar
 from layermoe.precision import AUTO, describe_choice, resolve_precision
+from layermoe.quiet import silence_trainer_noise
 
 
 class Trainer(pl.Trainer):
@@ -29,12 +31,17 @@ class Trainer(pl.Trainer):
     checkpoints are written atomically (:class:`AtomicCheckpointIO`) unless another ``CheckpointIO`` is given:
     a job killed while saving never leaves a half-written checkpoint behind.
 
+    Without a progress bar among the callbacks (and unless ``enable_progress_bar: false``) it shows
+    :class:`FitProgressBar`: one bar over the fit's optimizer steps with the fit's remaining time, written
+    as lines where stdout is not a terminal.
+
     Every ``ModelCheckpoint`` that writes ``last.ckpt`` (``save_last`` or ``filename: last``) overwrites it:
     Lightning's version counter would make a second run into the same folder write ``last-v1.ckpt`` and
     leave ``last.ckpt`` at the old run's step, so ``--ckpt_path .../last.ckpt`` would resume the old run.
     """
 
     def __init__(self, *, precision: str | int | None = AUTO, **kwargs: Any) -> None:
+        silence_trainer_noise()
         accelerator = kwargs.get("accelerator", "auto")
         resolved = resolve_precision(precision, accelerator if isinstance(accelerator, str) else "auto")
         if precision == AUTO:
@@ -46,6 +53,16 @@ class Trainer(pl.Trainer):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
+        if kwargs.get("enable_progress_bar", True) is not False:
+            callbacks = kwargs.get("callbacks")
+            callbacks = (
+                list(callbacks)
+                if isinstance(callbacks, (list, tuple))
+                else ([] if callbacks is None else [callbacks])
+            )
+            if not any(isinstance(c, ProgressBar) for c in callbacks):
+                callbacks.append(FitProgressBar())
+            kwargs["callbacks"] = callbacks
         super().__init__(precision=resolved, **kwargs)
         for callback in self.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and writes_last(callback):

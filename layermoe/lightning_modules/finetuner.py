@@ -18,7 +18,7 @@ from typing import IO, Any, Literal, Self
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torchmetrics import MeanMetric, MetricCollection
+from torchmetrics import MeanMetric, MetricCollection, SumMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassMatthewsCorrCoef
 from torchmetrics.text import Perplexity
 from transformers import modeling_utils
@@ -28,6 +28,7 @@ from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_l
 from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
 from layermoe.checkpointing.integrity import check_finite_state, read_verified_checkpoint, verify_checksum
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
+from layermoe.lightning_compat import forget_logged_position
 from layermoe.lightning_modules.losses import (
     LOSS_AGGREGATIONS,
     aggregate_losses,
@@ -177,6 +178,10 @@ class MoELoRAFineTuner(pl.LightningModule):
                 collection = MetricCollection(self._generation_metrics(stage))
             self.metrics[f"{stage}_metrics"] = collection
             self.metrics[f"{stage}_loss"] = MeanMetric()
+        # for the printed validation line: rows evaluated and, for multiple choice, the accuracy of guessing
+        self.metrics["val_rows"] = SumMetric()
+        if self.task == "multiple_choice":
+            self.metrics["val_chance"] = MeanMetric()
 
     def _generation_metrics(self, stage: str) -> dict[str, Any]:
         """Perplexity on the supervised tokens; token accuracy (``acc``) except for multiple_choice, whose
@@ -300,20 +305,26 @@ class MoELoRAFineTuner(pl.LightningModule):
         loss = task_loss + router.loss
         size = batch["input_ids"].shape[0]
         on_step = stage == "train"
+        # `{stage}/loss` is the task loss in every stage, so train/loss and val/loss read alike; the router
+        # terms that training adds to it (zero outside training) are shown beside it under their own names
         mean_loss = self.metrics[f"{stage}_loss"]
-        mean_loss.update(loss.detach(), weight=size)
+        mean_loss.update(task_loss.detach(), weight=size)
         self.log(
             f"{stage}/loss",
-            loss if on_step else mean_loss,
+            task_loss.detach() if on_step else mean_loss,
             prog_bar=True,
             on_step=on_step,
             on_epoch=True,
             batch_size=size,
         )
         if stage == "train":
-            self.log("train/task_loss", task_loss, on_step=True, on_epoch=False, batch_size=size)
-            self.log("train/router_aux", router.aux_loss, on_step=True, on_epoch=False, batch_size=size)
-            self.log("train/router_z", router.z_loss, on_step=True, on_epoch=False, batch_size=size)
+            self.log_dict(
+                {"train/router_aux": router.aux_loss, "train/router_z": router.z_loss},
+                prog_bar=True,
+                on_step=True,
+                on_epoch=False,
+                batch_size=size,
+            )
         metrics = self.metrics[f"{stage}_metrics"]
         with torch.no_grad():
             if self.task == "classification":
@@ -327,12 +338,16 @@ class MoELoRAFineTuner(pl.LightningModule):
                     if stage != "train":
                         correct = self.choice_scores(batch).argmax(dim=1) == batch["class_label"]
                         metrics["acc"].update(correct.float())
+                        if stage == "val":
+                            self.metrics["val_chance"].update(1.0 / batch["choice_mask"].float().sum(dim=1))
                 else:
                     metrics["acc"].update(shifted.reshape(-1, shifted.shape[-1]), targets.reshape(-1))
                 if "exact_match" in metrics:
                     metrics["exact_match"].update(
                         greedy_exact_match(logits.detach(), batch["labels"]).float()
                     )
+        if stage == "val":
+            self.metrics["val_rows"].update(float(size))
         if stage != "train":
             self.log_dict(
                 {f"{stage}/{k}": v for k, v in metrics.items()}, prog_bar=True, on_epoch=True, batch_size=size
@@ -358,14 +373,40 @@ class MoELoRAFineTuner(pl.LightningModule):
     def validation_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "val")
 
+    def on_validation_epoch_start(self) -> None:
+        self.metrics["val_rows"].reset()
+        if "val_chance" in self.metrics:
+            self.metrics["val_chance"].reset()
+
     def on_validation_epoch_end(self) -> None:
-        """Print one line of validation metrics (outside the sanity check) so CPU runs show progress."""
+        """Print one line of validation metrics (outside the sanity check) so CPU runs show progress, with
+        the rows they cover and, for multiple choice, the accuracy of guessing among each row's options."""
+        if self.trainer.state.fn == "fit":  # validate/test print their metrics as a table: keep it clean
+            self._log_step_for_loggers()
         if self.trainer.sanity_checking or not self.hparams.print_metrics:
             return
         values = {k: float(v) for k, v in self.metrics["val_metrics"].compute().items()}
         values["loss"] = float(self.metrics["val_loss"].compute())
         shown = ", ".join(f"val/{k}={v:.4f}" for k, v in sorted(values.items()))
-        self.print(f"[step {self.global_step}] {shown}")
+        rows = int(self.metrics["val_rows"].compute())
+        if "val_chance" in self.metrics:
+            shown += f" (chance acc {float(self.metrics['val_chance'].compute()):.4f})"
+        self.print(f"[step {self.global_step}] {shown} on {rows:,} validation rows")
+
+    def on_validation_end(self) -> None:
+        # after every callback's on_validation_end (ModelCheckpoint saves there, naming files by this step)
+        if self.trainer.state.fn == "fit":
+            forget_logged_position(self.trainer)
+
+    def _log_step_for_loggers(self) -> None:
+        """Validation metrics of a fit reach the loggers at the number of optimizer steps done (``global_step``, as
+        the console line, checkpoint names and the influence callback's metrics say), not at Lightning's
+        default, which is one lower for a validation inside the epoch (its counter of stepped batches is
+        advanced only after that validation). A logged ``step`` is the step Lightning hands the loggers; it
+        then no longer adds ``epoch`` itself. Both are dropped again at the validation's end
+        (:func:`layermoe.lightning_compat.forget_logged_position`)."""
+        at = {"step": float(self.global_step), "epoch": float(self.current_epoch)}
+        self.log_dict(at, on_step=False, on_epoch=True, batch_size=1)
 
     def test_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "test")

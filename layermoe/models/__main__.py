@@ -7,6 +7,7 @@ import sys
 import time
 
 from layermoe.models.smollm2 import ModelPrepareError, prepare_smollm2, smollm2_dir
+from layermoe.progress import heartbeat
 
 PREPARERS = {"smollm2": (prepare_smollm2, smollm2_dir)}
 
@@ -27,8 +28,14 @@ def main(argv: list[str] | None = None) -> int:
         print(default_dir())
         return 0
     start = time.perf_counter()
+    label = f"prepare {args.name}"
+    print(
+        f"{label}: converting into {args.target or default_dir()} (about a minute; skipped when done)",
+        flush=True,
+    )
     try:
-        folder = prepare(args.target, force=args.force)
+        with heartbeat(label):  # transformers' GGUF loader prints nothing while it dequantizes
+            folder = prepare(args.target, force=args.force)
     except ModelPrepareError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

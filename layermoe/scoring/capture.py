@@ -303,10 +303,10 @@ def _chunks(batches: Iterable[Batch], chunk_size: int, device: torch.device, fie
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
-    from tqdm.auto import tqdm
+    from layermoe.progress import progress_bar
 
-    disable = (not sys.stderr.isatty()) if enabled is None else not enabled
-    return tqdm(total=total, desc="scoring", unit="chunk", disable=disable, leave=False)
+    # None: a bar on a terminal, elsewhere a line every 20 s once the pass has run that long
+    return progress_bar(total=total, desc="scoring", unit="chunk", disable=enabled is False, leave=False)
 
 
 def _input_embeddings(model: nn.Module) -> nn.Module | None:
@@ -430,7 +430,8 @@ def capture_statistics(
     reduce_fn: an all-gather for DDP (see layermoe.scoring.distributed); each rank passes its shard of
     samples and every rank gets identical statistics. max_store_bytes: bound on the kept gradient rows;
     None takes `store_fraction` of the memory available on the model's device (the smallest over ranks).
-    progress: None shows a bar only on a terminal. show_plan: print the memory plan to stderr before
+    progress: None shows a bar on a terminal and, elsewhere, a line every 20 s
+    once the pass has taken that long; False shows nothing. show_plan: print the memory plan to stderr before
     the first pass (None: only on a terminal); it is also logged at INFO on "layermoe.scoring".
     loss_sink(split, losses): receives each chunk's detached per-sample losses ("train" / "val") from
     the first pass, so a caller can reuse the scoring forward's losses instead of another forward.
