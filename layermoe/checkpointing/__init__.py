@@ -4,6 +4,7 @@
 - ``resumable_train_loader`` / ``ResumableDataLoader``: a train loader Lightning resumes mid-epoch.
 - ``RNGStateCallback``: torch/CUDA/numpy/Python RNG states in every checkpoint, restored on resume.
 - ``EpochEndResume``: a checkpoint saved in ``on_train_epoch_end`` resumes at the next epoch's start.
+- ``LoaderPositionResume``: the loader's mid-epoch position is restored even when ``max_epochs`` is set.
 - ``validate_checkpoint_layout``: a clear error for a missing/corrupt adapter layout, before loading.
 - ``OptimizerStateGuard``: refuses optimizer state saved for other parameters (names, shapes, order).
 - ``save_adapters`` / ``load_adapters``: adapter tensors (safetensors) + layout/config (JSON) only.
@@ -17,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from .adapter_io import AdapterArtifactError, load_adapters, read_adapter_manifest, save_adapters
 from .atomic_io import AtomicCheckpointIO, atomic_torch_save, stale_temp_files
 from .layout_check import CheckpointLayoutError, validate_checkpoint_layout
-from .loop_state import EpochEndResume
+from .loop_state import EpochEndResume, LoaderPositionResume
 from .optimizer_guard import (
     MANIFEST_KEY,
     OptimizerStateGuard,
@@ -30,9 +31,9 @@ from .rng import RNGStateCallback, capture_rng_state, restore_rng_state
 
 
 def exact_resume_callbacks() -> list[Callback]:
-    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard`` and ``EpochEndResume``: add all three for
-    exact, checked resume."""
-    return [RNGStateCallback(), OptimizerStateGuard(), EpochEndResume()]
+    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard``, ``EpochEndResume`` and ``LoaderPositionResume``:
+    add all four for exact, checked resume."""
+    return [RNGStateCallback(), OptimizerStateGuard(), EpochEndResume(), LoaderPositionResume()]
 
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "AtomicCheckpointIO",
     "CheckpointLayoutError",
     "EpochEndResume",
+    "LoaderPositionResume",
     "OptimizerStateGuard",
     "OptimizerStateMismatchError",
     "RNGStateCallback",
