@@ -169,3 +169,10 @@ def load_pending_train_loader_state(trainer: Any) -> bool:
     if fit_loop._data_fetcher is not None:
         iter(fit_loop._data_fetcher)
     return True
+
+
+def hpc_checkpoint_path(trainer: Any) -> str:
+    """The next ``hpc_ckpt_N.ckpt`` in ``default_root_dir``: where Lightning's SLURM requeue handler saves,
+    and what ``ckpt_path="hpc"`` (and, on SLURM, a requeued job without ``ckpt_path``) resumes from. The
+    name comes from the private ``_checkpoint_connector.hpc_save_path``; no public API gives it."""
+    return str(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))

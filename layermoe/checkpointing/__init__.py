@@ -4,6 +4,7 @@
 - ``resumable_train_loader`` / ``ResumableDataLoader``: a train loader Lightning resumes mid-epoch.
 - ``RNGStateCallback``: torch/CUDA/numpy/Python RNG states in every checkpoint, restored on resume.
 - ``EpochEndResume``: a checkpoint saved in ``on_train_epoch_end`` resumes at the next epoch's start.
+- ``PreemptionCheckpoint``: SIGTERM writes a resumable checkpoint and exits with status 143.
 - ``LoaderPositionResume``: the loader's mid-epoch position is restored even when ``max_epochs`` is set.
 - ``validate_checkpoint_layout``: a clear error for a missing/corrupt adapter layout, before loading.
 - ``OptimizerStateGuard``: refuses optimizer state saved for other parameters (names, shapes, order).
@@ -26,14 +27,21 @@ from .optimizer_guard import (
     check_optimizer_states,
     optimizer_manifest,
 )
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from .resumable_data import ResumableDataLoader, ResumableSampler, resumable_train_loader
 from .rng import RNGStateCallback, capture_rng_state, restore_rng_state
 
 
 def exact_resume_callbacks() -> list[Callback]:
-    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard``, ``EpochEndResume`` and ``LoaderPositionResume``:
-    add all four for exact, checked resume."""
-    return [RNGStateCallback(), OptimizerStateGuard(), EpochEndResume(), LoaderPositionResume()]
+    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard``, ``EpochEndResume``, ``LoaderPositionResume`` and
+    ``PreemptionCheckpoint``: add all five for exact, checked resume that survives preemption."""
+    return [
+        RNGStateCallback(),
+        OptimizerStateGuard(),
+        EpochEndResume(),
+        LoaderPositionResume(),
+        PreemptionCheckpoint(),
+    ]
 
 
 __all__ = [
@@ -45,6 +53,8 @@ __all__ = [
     "LoaderPositionResume",
     "OptimizerStateGuard",
     "OptimizerStateMismatchError",
+    "PREEMPTED_EXIT_CODE",
+    "PreemptionCheckpoint",
     "RNGStateCallback",
     "ResumableDataLoader",
     "ResumableSampler",

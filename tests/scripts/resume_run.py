@@ -10,7 +10,9 @@ trainable tensors, layout and progress go to ``--out`` (``torch.save``, plain da
 ``train_step`` (between backward and optimizer step of step ``--kill-step``), ``scoring`` (inside the
 rewire's scoring pass), ``after_rewire`` (right after the rewire, before that step's checkpoint),
 ``checkpoint_write`` (halfway through writing ``last.ckpt`` for step ``--kill-step``), ``validation``
-(inside the validation that follows step ``--kill-step``).
+(inside the validation that follows step ``--kill-step``). ``sigterm_train_step`` and ``sigterm_validation``
+send SIGTERM instead (what a cluster does to preempt a job) at the ``train_step`` / ``validation`` points:
+the run must then write a resumable checkpoint and exit with a non-zero status.
 
 ``--epochs N`` switches to epoch mode: ``max_epochs=N``, one validation at each epoch end, an
 epoch-interval rewire after epoch ``--rewire-step`` (scored at that epoch's validation end), and a
@@ -52,9 +54,17 @@ ADAPTER = {"experts": 2, "rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
 
 
 def die(point: str) -> None:
-    """SIGKILL this process (no cleanup, no exception handlers): what an OOM killer or a preemption does."""
+    """SIGKILL this process (no cleanup, no exception handlers): what an OOM killer does."""
     print(f"KILLING at {point}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def terminate(point: str) -> None:
+    """SIGTERM this process once (how a cluster preempts a job); the fit goes on to a graceful stop."""
+    global KILL_AT
+    KILL_AT = ""
+    print(f"SIGTERM at {point}", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class KillableFineTuner(MoELoRAFineTuner):
@@ -63,8 +73,11 @@ class KillableFineTuner(MoELoRAFineTuner):
     kill_step = -1
 
     def on_after_backward(self) -> None:
-        if KILL_AT == "train_step" and self.trainer.global_step == self.kill_step:
-            die("train_step")
+        if self.trainer.global_step == self.kill_step:
+            if KILL_AT == "train_step":
+                die("train_step")
+            if KILL_AT == "sigterm_train_step":
+                terminate("train_step")
 
     def per_sample_loss(self, batch: Any) -> torch.Tensor:
         # Only the influence callback calls this (training and validation do not): its dry run at fit start,
@@ -74,13 +87,11 @@ class KillableFineTuner(MoELoRAFineTuner):
         return super().per_sample_loss(batch)
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if (
-            KILL_AT == "validation"
-            and not self.trainer.sanity_checking
-            and self.trainer.global_step == self.kill_step
-            and batch_idx == 1
-        ):
-            die("validation")
+        if not self.trainer.sanity_checking and self.trainer.global_step == self.kill_step:
+            if KILL_AT == "validation" and batch_idx == 1:
+                die("validation")
+            if KILL_AT == "sigterm_validation" and batch_idx == 0:  # not the last batch: Lightning stops there
+                terminate("validation")
         return super().validation_step(batch, batch_idx)
 
 
