@@ -166,7 +166,6 @@ def test_lightning_resumes_batches_and_dropout_masks_mid_epoch(tmp_path: Path) -
     assert not all(torch.equal(p, q) for p, q in zip(full.parameters(), no_rng.parameters(), strict=True))
 
 
-
 @pytest.mark.parametrize("max_steps", [9, -1])
 def test_mid_epoch_resume_is_exact_when_max_epochs_is_set(tmp_path: Path, max_steps: int) -> None:
     """Issue 37: with max_epochs set (3 epochs of 4 batches; with or without max_steps), Lightning 2.6

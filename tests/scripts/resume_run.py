@@ -90,7 +90,8 @@ class KillableFineTuner(MoELoRAFineTuner):
         if not self.trainer.sanity_checking and self.trainer.global_step == self.kill_step:
             if KILL_AT == "validation" and batch_idx == 1:
                 die("validation")
-            if KILL_AT == "sigterm_validation" and batch_idx == 0:  # not the last batch: Lightning stops there
+            # batch 0 is not the last one: Lightning stops the validation right after it
+            if KILL_AT == "sigterm_validation" and batch_idx == 0:
                 terminate("validation")
         return super().validation_step(batch, batch_idx)
 
