@@ -305,6 +305,134 @@ def cli_config(
     }
 
 
+# The resume matrix (tests/test_resume_matrix.py): 40 rows = 10 batches of 4 per epoch, validation every 5
+# steps (mid-epoch at 5 and 15, at epoch 0's end at 10), every run 20 steps long however its length is set.
+MATRIX_LENGTHS: dict[str, dict[str, int]] = {
+    "max_steps": {"max_steps": 20},
+    "max_epochs": {"max_epochs": 2},
+    "both": {"max_steps": 24, "max_epochs": 2},  # as filed in issue 37: max_epochs is the bound that binds
+}
+# A step rewire after step 8; an epoch rewire scored at epoch 0's validation end (step 10), applied after step 11.
+MATRIX_WARMUP = {"step": 8, "epoch": 1}
+# Where each kind of checkpoint is written and the one the matrix resumes from (see matrix_checkpoints).
+MATRIX_RESUME_FROM = {
+    "mid_epoch": ("steps", "step=7.ckpt"),
+    "epoch_end": ("epoch_end", "step=10.ckpt"),
+    "validation_end": ("validation_end", "step=15.ckpt"),
+}
+
+
+def matrix_checkpoints(run_dir: str) -> list[dict[str, Any]]:
+    """ModelCheckpoint arguments: after every step (``steps/``), inside ``on_train_epoch_end``
+    (``epoch_end/``, where a monitored best lands when validation runs at the epoch end) and at every
+    validation end (``validation_end/``)."""
+    root = Path(run_dir) / "checkpoints"
+    common = {"filename": "{step}", "save_top_k": -1}
+    return [
+        {"dirpath": str(root / "steps"), "every_n_train_steps": 1, **common},
+        {"dirpath": str(root / "epoch_end"), "every_n_epochs": 1, "save_on_train_epoch_end": True, **common},
+        # monitored, as a best checkpoint is (and so that its state_key differs from epoch_end's)
+        {
+            "dirpath": str(root / "validation_end"),
+            "save_on_train_epoch_end": False,
+            "monitor": "val/loss",
+            **common,
+        },
+    ]
+
+
+def matrix_trainer_args(length: str, run_dir: str) -> dict[str, Any]:
+    return {
+        **MATRIX_LENGTHS[length],
+        "val_check_interval": 5,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": 2,
+        "num_sanity_val_steps": 1,
+        "deterministic": True,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": run_dir,
+    }
+
+
+def matrix_influence_args(interval: str) -> dict[str, Any]:
+    return {
+        "scorer": "grad_norm",
+        "allocator_options": {"error_shrinkage": 0},  # a rewire that changes shapes (see build)
+        "schedule": {"warmup": MATRIX_WARMUP[interval], "interval": interval},
+        "num_train_samples": 8,
+        "num_val_samples": 8,
+        "plot": False,
+        "verbose": False,
+    }
+
+
+MODULE_ARGS: dict[str, Any] = {
+    "model": TINY_LLAMA,
+    "adapter": ADAPTER,
+    "task": "classification",
+    "num_classes": 2,
+    "lr": 1e-2,
+    "scheduler": "cosine",
+    "warmup_steps": 2,
+    "print_layout": False,
+    "print_metrics": False,
+}
+
+
+def matrix_plugin_fit(
+    data: str, run_dir: str, length: str, interval: str, ckpt: str | None = None
+) -> L.Trainer:
+    """The plug-in path: a plain ``lightning.Trainer`` with the callback and ``exact_resume_callbacks()``."""
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        **matrix_trainer_args(length, run_dir),
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            LayerInfluenceCallback(**matrix_influence_args(interval)),
+            *exact_resume_callbacks(),
+            *(ModelCheckpoint(**kwargs) for kwargs in matrix_checkpoints(run_dir)),
+        ],
+    )
+    trainer.fit(MoELoRAFineTuner(**MODULE_ARGS), datamodule=data_module(data), ckpt_path=ckpt)
+    return trainer
+
+
+def matrix_cli_config(data: str, run_dir: str, length: str, interval: str) -> dict[str, Any]:
+    """The same run as ``matrix_plugin_fit`` as a ``python train.py fit --config`` YAML dict."""
+    checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "precision": "32-true",
+            "accelerator": "cpu",
+            "devices": 1,
+            **matrix_trainer_args(length, run_dir),
+            "callbacks": [
+                {
+                    "class_path": "layermoe.callbacks.LayerInfluenceCallback",
+                    "init_args": matrix_influence_args(interval),
+                },
+                *({"class_path": checkpoint, "init_args": kwargs} for kwargs in matrix_checkpoints(run_dir)),
+            ],
+        },
+        "model": MODULE_ARGS,
+        "data": {
+            "train_file": str(Path(data) / "train.jsonl"),
+            "val_file": str(Path(data) / "val.jsonl"),
+            "tokenizer": "tiny",
+            "label_words": ["no", "yes"],
+            "max_length": 24,
+            "batch_size": 4,
+            "eval_batch_size": 4,
+            "seed": 0,
+        },
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--data", required=True)
