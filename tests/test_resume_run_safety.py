@@ -90,12 +90,8 @@ HOLD_LOCK = textwrap.dedent(
 )
 
 
-def test_a_second_fit_into_a_folder_in_use_stops_naming_the_other_process(
-    quickstart_dir: Path, tiny_spec: dict, toy_files: dict[str, Path]
-) -> None:
-    """Two processes, one folder: the second fit stops before writing anything, naming the holder's pid
-    and host; once the holder is gone (its lock dies with it), the same fit runs."""
-    folder = quickstart_dir / "runs" / "quickstart"
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process holding the run lock of ``folder`` until its stdin is closed."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLD_LOCK, str(folder)],
         stdin=subprocess.PIPE,
@@ -103,8 +99,18 @@ def test_a_second_fit_into_a_folder_in_use_stops_naming_the_other_process(
         text=True,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_fit_into_a_folder_in_use_stops_naming_the_other_process(
+    quickstart_dir: Path, tiny_spec: dict, toy_files: dict[str, Path]
+) -> None:
+    """Two processes, one folder: the second fit stops before writing anything, naming the holder's pid
+    and host; once the holder is gone (its lock dies with it), the same fit runs."""
+    folder = quickstart_dir / "runs" / "quickstart"
+    holder = _hold_lock(folder)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         with pytest.raises(RunFolderBusyError) as info:
             _fit(quickstart_dir, tiny_spec, toy_files, max_steps=3)
         message = str(info.value)
@@ -122,14 +128,7 @@ def test_a_second_fit_into_a_folder_in_use_stops_naming_the_other_process(
 
 
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(tmp_path)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder = _hold_lock(tmp_path)
     from layermoe.checkpointing.run_lock import run_folder_lock
 
     with pytest.raises(RunFolderBusyError), run_folder_lock([tmp_path]):
@@ -164,7 +163,10 @@ def _plugin_fit(folder: Path, data: Path, budget: str, max_steps: int, ckpt: Pat
         enable_progress_bar=False,
         enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
-        callbacks=[_influence(budget), ModelCheckpoint(folder, filename="{step}", every_n_train_steps=1, save_top_k=-1)],
+        callbacks=[
+            _influence(budget),
+            ModelCheckpoint(folder, filename="{step}", every_n_train_steps=1, save_top_k=-1),
+        ],
     )
     module = MoELoRAFineTuner(model=TINY_LLAMA, adapter=ADAPTER, num_classes=2, print_layout=False)
     trainer.fit(module, datamodule=data_module(str(data)), ckpt_path=ckpt)

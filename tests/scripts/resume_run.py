@@ -51,6 +51,16 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
 }
 ADAPTER = {"experts": 2, "rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
+MODULE_ARGS: dict[str, Any] = {
+    "model": TINY_LLAMA,
+    "adapter": ADAPTER,
+    "task": "classification",
+    "num_classes": 2,
+    "lr": 1e-2,
+    "scheduler": "cosine",
+    "warmup_steps": 2,
+    "print_layout": False,
+}
 
 
 def die(point: str) -> None:
@@ -147,33 +157,29 @@ def validation_loss(module: MoELoRAFineTuner, data: TextDataModule) -> float:
     return float(torch.cat(losses).mean())
 
 
+def data_args(folder: str) -> dict[str, Any]:
+    """The ``TextDataModule`` arguments (and a config's ``data`` section) for the files in ``folder``."""
+    return {
+        "train_file": str(Path(folder) / "train.jsonl"),
+        "val_file": str(Path(folder) / "val.jsonl"),
+        "tokenizer": "tiny",
+        "label_words": ["no", "yes"],
+        "max_length": 24,
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "seed": 0,
+    }
+
+
 def data_module(folder: str) -> TextDataModule:
-    return TextDataModule(
-        train_file=str(Path(folder) / "train.jsonl"),
-        val_file=str(Path(folder) / "val.jsonl"),
-        tokenizer="tiny",
-        label_words=["no", "yes"],
-        max_length=24,
-        batch_size=4,
-        eval_batch_size=4,
-        seed=0,
-    )
+    return TextDataModule(**data_args(folder))
 
 
 def build(
     args: argparse.Namespace,
 ) -> tuple[L.Trainer, MoELoRAFineTuner, TextDataModule, LayerInfluenceCallback]:
     L.seed_everything(0)
-    module = KillableFineTuner(
-        model=TINY_LLAMA,
-        adapter=ADAPTER,
-        task="classification",
-        num_classes=2,
-        lr=1e-2,
-        scheduler="cosine",
-        warmup_steps=2,
-        print_layout=False,
-    )
+    module = KillableFineTuner(**MODULE_ARGS)
     module.kill_step = args.kill_step
     data = data_module(args.data)
     epochs = args.epochs is not None
@@ -282,26 +288,8 @@ def cli_config(
                 },
             ],
         },
-        "model": {
-            "model": TINY_LLAMA,
-            "adapter": ADAPTER,
-            "task": "classification",
-            "num_classes": 2,
-            "lr": 1e-2,
-            "scheduler": "cosine",
-            "warmup_steps": 2,
-            "print_layout": False,
-        },
-        "data": {
-            "train_file": str(Path(data) / "train.jsonl"),
-            "val_file": str(Path(data) / "val.jsonl"),
-            "tokenizer": "tiny",
-            "label_words": ["no", "yes"],
-            "max_length": 24,
-            "batch_size": 4,
-            "eval_batch_size": 4,
-            "seed": 0,
-        },
+        "model": MODULE_ARGS,
+        "data": data_args(data),
     }
 
 
@@ -368,17 +356,7 @@ def matrix_influence_args(interval: str) -> dict[str, Any]:
     }
 
 
-MODULE_ARGS: dict[str, Any] = {
-    "model": TINY_LLAMA,
-    "adapter": ADAPTER,
-    "task": "classification",
-    "num_classes": 2,
-    "lr": 1e-2,
-    "scheduler": "cosine",
-    "warmup_steps": 2,
-    "print_layout": False,
-    "print_metrics": False,
-}
+MATRIX_MODULE_ARGS = {**MODULE_ARGS, "print_metrics": False}
 
 
 def matrix_plugin_fit(
@@ -397,7 +375,7 @@ def matrix_plugin_fit(
             *(ModelCheckpoint(**kwargs) for kwargs in matrix_checkpoints(run_dir)),
         ],
     )
-    trainer.fit(MoELoRAFineTuner(**MODULE_ARGS), datamodule=data_module(data), ckpt_path=ckpt)
+    trainer.fit(MoELoRAFineTuner(**MATRIX_MODULE_ARGS), datamodule=data_module(data), ckpt_path=ckpt)
     return trainer
 
 
@@ -419,17 +397,8 @@ def matrix_cli_config(data: str, run_dir: str, length: str, interval: str) -> di
                 *({"class_path": checkpoint, "init_args": kwargs} for kwargs in matrix_checkpoints(run_dir)),
             ],
         },
-        "model": MODULE_ARGS,
-        "data": {
-            "train_file": str(Path(data) / "train.jsonl"),
-            "val_file": str(Path(data) / "val.jsonl"),
-            "tokenizer": "tiny",
-            "label_words": ["no", "yes"],
-            "max_length": 24,
-            "batch_size": 4,
-            "eval_batch_size": 4,
-            "seed": 0,
-        },
+        "model": MATRIX_MODULE_ARGS,
+        "data": data_args(data),
     }
 
 
