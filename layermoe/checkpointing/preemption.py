@@ -21,6 +21,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -31,7 +32,7 @@ PREEMPTED_EXIT_CODE = 128 + signal.SIGTERM
 
 class PreemptionCheckpoint(Callback):
     """On SIGTERM: write a resumable checkpoint, say where it is and how to resume, exit with status 143.
-    Stateless; part of ``exact_resume_callbacks()``."""
+    Nothing of it goes into checkpoints; part of ``exact_resume_callbacks()``."""
 
     def __init__(self) -> None:
         self.saved_path: str | None = None
@@ -52,10 +53,15 @@ class PreemptionCheckpoint(Callback):
     ) -> None:
         if not isinstance(exception, SIGTERMException):
             return
-        if self.saved_path is None:
-            self._save(trainer)
         # SystemExit without a code exits 0; the run is not finished, so say so to the shell.
         exception.code = PREEMPTED_EXIT_CODE
+        if trainer.state.fn != TrainerFn.FITTING:  # validate/test/predict: nothing to resume
+            rank_zero_warn(
+                f"Received SIGTERM: {trainer.state.fn} stopped early. Exiting with status {PREEMPTED_EXIT_CODE}."
+            )
+            return
+        if self.saved_path is None:
+            self._save(trainer)
         rank_zero_warn(
             f"Received SIGTERM at step {trainer.global_step}: the run is incomplete. A resumable checkpoint"
             f" is at {self.saved_path}. Resume with the same command plus `--ckpt_path {self.saved_path}`"
