@@ -278,7 +278,8 @@ class LayerInfluenceCallback(Callback):
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
-        others = [cb for cb in trainer.callbacks if isinstance(cb, LayerInfluenceCallback) and cb is not self]
+        callbacks = getattr(trainer, "callbacks", [])
+        others = [cb for cb in callbacks if isinstance(cb, LayerInfluenceCallback) and cb is not self]
         if others:
             raise CallbackConfigError(
                 f"the Trainer has {len(others) + 1} LayerInfluenceCallbacks: one callback allocates every"

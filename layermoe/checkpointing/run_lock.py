@@ -57,15 +57,18 @@ def _record_owner(lock_path: Path) -> None:
 
 @contextlib.contextmanager
 def run_folder_lock(folders: Iterable[str | os.PathLike]) -> Iterator[list[Path]]:
-    """Hold ``LOCK_NAME`` in each folder (created if missing) for the ``with`` block; all or none.
+    """Hold ``LOCK_NAME`` in each folder for the ``with`` block; all or none. Folders made for the lock
+    are removed again at the end when nothing was written in them.
 
     Raises ``RunFolderBusyError`` naming the folder and the process holding it (pid, host, start time,
     command) when another process holds one; nothing of this process is then written there.
     """
     paths = sorted({Path(folder).resolve() for folder in folders})
     held: list[FileLock] = []
+    created: list[Path] = []  # folders made here, removed again at the end if nothing was written in them
     try:
         for folder in paths:
+            created += reversed([p for p in (folder, *folder.parents) if not p.exists()])
             folder.mkdir(parents=True, exist_ok=True)
             lock_path = folder / LOCK_NAME
             lock = FileLock(lock_path, timeout=0)
@@ -85,3 +88,8 @@ def run_folder_lock(folders: Iterable[str | os.PathLike]) -> Iterator[list[Path]
             with contextlib.suppress(OSError):
                 _owner_path(Path(lock.lock_file)).unlink()
             lock.release()
+        for folder in reversed(created):  # deepest first
+            with contextlib.suppress(OSError):
+                if [entry.name for entry in folder.iterdir()] in ([], [LOCK_NAME]):
+                    (folder / LOCK_NAME).unlink(missing_ok=True)
+                    folder.rmdir()
