@@ -251,16 +251,7 @@ def cli_config(
             "precision": "32-true",
             "accelerator": "cpu",
             "devices": 1,
-            "max_steps": max_steps,
-            "val_check_interval": val_every,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": 2,
-            "num_sanity_val_steps": 1,
-            "deterministic": True,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": run_dir,
+            **step_trainer_args({"max_steps": max_steps}, val_every, run_dir),
             "plugins": [{"class_path": "layermoe.checkpointing.AtomicCheckpointIO"}],
             "callbacks": [
                 {
@@ -330,9 +321,15 @@ def matrix_checkpoints(run_dir: str) -> list[dict[str, Any]]:
 
 
 def matrix_trainer_args(length: str, run_dir: str) -> dict[str, Any]:
+    return step_trainer_args(MATRIX_LENGTHS[length], 5, run_dir)
+
+
+def step_trainer_args(length: dict[str, int], val_every: int, run_dir: str) -> dict[str, Any]:
+    """Trainer arguments of a run of ``length`` validating every ``val_every`` steps (plain data: also a
+    config's ``trainer`` section)."""
     return {
-        **MATRIX_LENGTHS[length],
-        "val_check_interval": 5,
+        **length,
+        "val_check_interval": val_every,
         "check_val_every_n_epoch": None,
         "limit_val_batches": 2,
         "num_sanity_val_steps": 1,
