@@ -4,6 +4,7 @@
 #   make test         set-up + default test suite (fresh cache under .cache/test, HF_HUB_OFFLINE=1)
 #   make test-slow    set-up + real-model tests (marked slow)
 #   make gpu-wheels   the wheels scripts/gpu_check.sh brings to a bare GPU machine (docs/gpu.md)
+#   make test-resume-matrix  set-up + the full resume cross product (marked resume_matrix, minutes)
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ TEST_CACHE ?= $(CURDIR)/.cache/test
 TEST_ENV = LAYERMOE_CACHE=$(TEST_CACHE) LAYERMOE_QUICKSTART_DATA=$(TEST_CACHE)/data/sarcasm \
 	HF_HOME=$(TEST_CACHE)/hf HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
-.PHONY: setup setup-real quickstart test test-slow lint gpu-wheels
+.PHONY: setup setup-real quickstart test test-slow test-resume-matrix lint gpu-wheels
 
 # $(call step,LABEL,COMMAND): print LABEL, run COMMAND, and while it runs print a line every 20 s (pip --quiet
 # says nothing for minutes while it downloads torch, so a silent terminal would look like a hang).
@@ -45,6 +46,10 @@ test: $(BIN)/python
 test-slow: $(BIN)/python
 	$(TEST_ENV) $(MAKE) --no-print-directory setup-real
 	$(TEST_ENV) LAYERMOE_TEST_THREADS=2 $(BIN)/python -m pytest -m slow
+
+test-resume-matrix: $(BIN)/python
+	$(MAKE) --no-print-directory setup
+	$(TEST_ENV) $(BIN)/python -m pytest -m resume_matrix tests/test_resume_matrix.py
 
 lint: $(BIN)/python
 	$(BIN)/ruff check .

@@ -161,3 +161,32 @@ def forget_logged_position(trainer: Any) -> None:
     metrics = trainer._logger_connector._callback_metrics
     for name in ("step", "epoch"):
         metrics.pop(name, None)
+
+
+def load_pending_train_loader_state(trainer: Any) -> bool:
+    """Hand a checkpoint's training-loader position to the loader when Lightning skipped it; True if it did.
+
+    Why: ``FitLoop.setup_data`` loads the checkpoint's loader states (private ``_combined_loader_states_to_load``,
+    through the private ``_load_combined_loader_states``) only while it builds the loader, and only when the
+    loop is restarting. ``Trainer.estimated_stepping_batches`` builds the loader early whenever
+    ``max_epochs`` is set (``configure_optimizers`` and ``LayerInfluenceCallback.on_fit_start`` call it),
+    before the loops are restored; the real ``setup_data`` then returns early and the states are dropped, so
+    a mid-epoch resume restarts the epoch from its first batch (Lightning issue #20550, open in 2.6.6).
+    Called once the loops are restored (``on_train_start``), this does what ``setup_data`` would have done:
+    load the states, then re-create the fetcher's iterator (private ``_data_fetcher``) so nothing built
+    before the load is used. A no-op when Lightning already loaded them (the list is then empty).
+    """
+    fit_loop = trainer.fit_loop
+    if not (fit_loop.restarting and fit_loop._combined_loader_states_to_load and fit_loop._combined_loader):
+        return False
+    fit_loop._load_combined_loader_states()
+    if fit_loop._data_fetcher is not None:
+        iter(fit_loop._data_fetcher)
+    return True
+
+
+def hpc_checkpoint_path(trainer: Any) -> str:
+    """The next ``hpc_ckpt_N.ckpt`` in ``default_root_dir``: where Lightning's SLURM requeue handler saves,
+    and what ``ckpt_path="hpc"`` (and, on SLURM, a requeued job without ``ckpt_path``) resumes from. The
+    name comes from the private ``_checkpoint_connector.hpc_save_path``; no public API gives it."""
+    return str(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))

@@ -113,11 +113,30 @@ class _DropoutRegressor(L.LightningModule):
         return resumable_train_loader(_dataset(), BATCH, seed=SEED)
 
 
-def _fit(folder: Path, ckpt_path: Path | None, callbacks: list) -> _DropoutRegressor:
+class _ScheduledRegressor(_DropoutRegressor):
+    """Sizes its schedule from ``trainer.estimated_stepping_batches`` (as OneCycleLR users do): with
+    ``max_epochs`` set, that builds the training loader before Lightning restores the loops."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.Adam(self.parameters(), lr=1e-2)
+        total = self.trainer.estimated_stepping_batches
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / (total + 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def _fit(
+    folder: Path,
+    ckpt_path: Path | None,
+    callbacks: list,
+    max_epochs: int | None = None,
+    model_cls: type[_DropoutRegressor] = _DropoutRegressor,
+    max_steps: int = 9,
+) -> _DropoutRegressor:
     L.seed_everything(0)
-    model = _DropoutRegressor()
+    model = model_cls()
     trainer = L.Trainer(
-        max_steps=9,
+        max_steps=max_steps,
+        max_epochs=max_epochs,
         logger=False,
         enable_progress_bar=False,
         enable_model_summary=False,
@@ -145,3 +164,26 @@ def test_lightning_resumes_batches_and_dropout_masks_mid_epoch(tmp_path: Path) -
     no_rng = _fit(tmp_path / "c", ckpt, [])
     assert no_rng.seen == full.seen[5:]
     assert not all(torch.equal(p, q) for p, q in zip(full.parameters(), no_rng.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("max_steps", [9, -1])
+def test_mid_epoch_resume_is_exact_when_max_epochs_is_set(tmp_path: Path, max_steps: int) -> None:
+    """Issue 37: with max_epochs set (3 epochs of 4 batches; with or without max_steps), Lightning 2.6
+    dropped the loader's position (its issue #20550) and the resumed run restarted the epoch from its
+    first batch; LoaderPositionResume hands the position over."""
+    from layermoe.checkpointing import LoaderPositionResume
+
+    def fit(folder: str, ckpt: Path | None, callbacks: list) -> _DropoutRegressor:
+        return _fit(tmp_path / folder, ckpt, callbacks, 3, _ScheduledRegressor, max_steps)
+
+    full = fit("a", None, exact_resume_callbacks())
+    assert len(full.seen) == (9 if max_steps == 9 else 12)
+    ckpt = tmp_path / "a" / "step=5.ckpt"  # epoch 1, one batch in
+    resumed = fit("b", ckpt, exact_resume_callbacks())
+    assert resumed.seen == full.seen[5:]
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
+        assert torch.equal(p, q), name
+    # Without LoaderPositionResume Lightning restarts epoch 1 from its first batch: the test is not vacuous.
+    others = [cb for cb in exact_resume_callbacks() if not isinstance(cb, LoaderPositionResume)]
+    without = fit("c", ckpt, others)
+    assert without.seen[:3] == full.seen[4:7] != full.seen[5:8]

@@ -29,7 +29,7 @@ from layermoe.callbacks.report import log_rewire, print_table, save_and_log_figu
 from layermoe.callbacks.rewire import rewire
 from layermoe.callbacks.schedule import RewireSchedule
 from layermoe.callbacks.scoring_pass import PerSampleLoss, mean_loss, resolve_per_sample_loss, scoring_context
-from layermoe.callbacks.state import CallbackState, RewirePlan, plain_scores
+from layermoe.callbacks.state import CallbackState, RewirePlan, plain_scores, resume_budget_conflict
 from layermoe.callbacks.transaction import ModuleSnapshot
 from layermoe.layout import LAYOUT_KEY, BlockDims, Layout, is_int_at_least, layout_params, normalize_layout
 from layermoe.lightning_compat import (
@@ -278,6 +278,14 @@ class LayerInfluenceCallback(Callback):
     # ------------------------------------------------------------------ setup
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._trainer = trainer
+        callbacks = getattr(trainer, "callbacks", [])
+        others = [cb for cb in callbacks if isinstance(cb, LayerInfluenceCallback) and cb is not self]
+        if others:
+            raise CallbackConfigError(
+                f"the Trainer has {len(others) + 1} LayerInfluenceCallbacks: one callback allocates every"
+                " block, and two would rewire the same adapters twice. Keep one in Trainer(callbacks=[...])"
+                " (trainer.callbacks in a config)."
+            )
         if stage == TrainerFn.FITTING:
             check_strategy(trainer.strategy)
         if self.inject is not None and not moe_layers(pl_module):
@@ -334,7 +342,9 @@ class LayerInfluenceCallback(Callback):
                 "rewire would happen; lower schedule.warmup or lengthen the run"
             )
         kept = self.state.resolved_budget
-        if kept is None or kept.unit != self.budget.unit:
+        if kept is not None and (conflict := resume_budget_conflict(kept, self.budget)):
+            raise CallbackConfigError(conflict)
+        if kept is None:
             self.state.keep_budget(self.budget.resolve(layout(pl_module), self._block_dims(pl_module)))
         if self.state.plans_made < self.schedule.limit:
             self._check_budget_fits(pl_module)

@@ -141,6 +141,22 @@ class CallbackState:
         )
 
 
+def resume_budget_conflict(kept: Budget, requested: Budget) -> str | None:
+    """Why ``requested`` (the callback's ``budget`` argument on resume) cannot continue a run whose budget
+    was fixed at ``kept``, or None. A budget without a number (``current``, ``params``, ``total_experts``)
+    means "what the starting layout has", i.e. the kept one, as long as it counts in the same unit."""
+    same_unit = requested.unit == kept.unit
+    if same_unit and (requested.value is None or requested.value == kept.value):
+        return None
+    return (
+        f"budget={str(requested)!r}: the checkpoint's run fixed its budget at {kept} at its first fit, and a"
+        " resumed run keeps it (a changed budget would silently be ignored, or change what earlier rewires"
+        f" were allocated under). Resume with budget='{kept}' (or a budget without a number in"
+        f" {kept.unit}, such as '{'current' if kept.unit == 'params' else kept.unit}'), or start a new run"
+        " without --ckpt_path."
+    )
+
+
 def _plain_fade(fade: dict[str, Any] | None) -> dict[str, Any] | None:
     if fade is None:
         return None

@@ -4,6 +4,8 @@
 - ``resumable_train_loader`` / ``ResumableDataLoader``: a train loader Lightning resumes mid-epoch.
 - ``RNGStateCallback``: torch/CUDA/numpy/Python RNG states in every checkpoint, restored on resume.
 - ``EpochEndResume``: a checkpoint saved in ``on_train_epoch_end`` resumes at the next epoch's start.
+- ``PreemptionCheckpoint``: SIGTERM writes a resumable checkpoint and exits with status 143.
+- ``LoaderPositionResume``: the loader's mid-epoch position is restored even when ``max_epochs`` is set.
 - ``validate_checkpoint_layout``: a clear error for a missing/corrupt adapter layout, before loading.
 - ``OptimizerStateGuard``: refuses optimizer state saved for other parameters (names, shapes, order).
 - ``save_adapters`` / ``load_adapters``: adapter tensors (safetensors) + layout/config (JSON) only.
@@ -17,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from .adapter_io import AdapterArtifactError, load_adapters, read_adapter_manifest, save_adapters
 from .atomic_io import AtomicCheckpointIO, atomic_torch_save, stale_temp_files
 from .layout_check import CheckpointLayoutError, validate_checkpoint_layout
-from .loop_state import EpochEndResume
+from .loop_state import EpochEndResume, LoaderPositionResume
 from .optimizer_guard import (
     MANIFEST_KEY,
     OptimizerStateGuard,
@@ -25,14 +27,21 @@ from .optimizer_guard import (
     check_optimizer_states,
     optimizer_manifest,
 )
+from .preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
 from .resumable_data import ResumableDataLoader, ResumableSampler, resumable_train_loader
 from .rng import RNGStateCallback, capture_rng_state, restore_rng_state
 
 
 def exact_resume_callbacks() -> list[Callback]:
-    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard`` and ``EpochEndResume``: add all three for
-    exact, checked resume."""
-    return [RNGStateCallback(), OptimizerStateGuard(), EpochEndResume()]
+    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard``, ``EpochEndResume``, ``LoaderPositionResume`` and
+    ``PreemptionCheckpoint``: add all five for exact, checked resume that survives preemption."""
+    return [
+        RNGStateCallback(),
+        OptimizerStateGuard(),
+        EpochEndResume(),
+        LoaderPositionResume(),
+        PreemptionCheckpoint(),
+    ]
 
 
 __all__ = [
@@ -41,8 +50,11 @@ __all__ = [
     "AtomicCheckpointIO",
     "CheckpointLayoutError",
     "EpochEndResume",
+    "LoaderPositionResume",
     "OptimizerStateGuard",
     "OptimizerStateMismatchError",
+    "PREEMPTED_EXIT_CODE",
+    "PreemptionCheckpoint",
     "RNGStateCallback",
     "ResumableDataLoader",
     "ResumableSampler",

@@ -1,4 +1,13 @@
-"""Resume a checkpoint written inside ``on_train_epoch_end`` from the next epoch's start, in that epoch's order.
+"""Two repairs of Lightning 2.6's loop restore, so a resume continues exactly where the checkpoint was written.
+
+``LoaderPositionResume``: the training loader's mid-epoch position reaches the loader even when the loader
+was built before the loops were restored (``trainer.estimated_stepping_batches`` with ``max_epochs`` set,
+called by ``MoELoRAFineTuner.configure_optimizers`` and ``LayerInfluenceCallback``); without it Lightning
+drops the position and the resumed run restarts the epoch from its first batch
+(:func:`layermoe.lightning_compat.load_pending_train_loader_state`).
+
+``EpochEndResume``: resume a checkpoint written inside ``on_train_epoch_end`` from the next epoch's start,
+in that epoch's order.
 
 Why: ``ModelCheckpoint`` saves inside ``on_train_epoch_end`` whenever validation runs once per epoch at
 its end (its default ``save_on_train_epoch_end=None`` then means True): the monitored best, ``save_last``,
@@ -22,7 +31,7 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 
-from layermoe.lightning_compat import settle_epoch_end_progress
+from layermoe.lightning_compat import load_pending_train_loader_state, settle_epoch_end_progress
 
 
 class EpochEndResume(Callback):
@@ -33,3 +42,12 @@ class EpochEndResume(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         settle_epoch_end_progress(checkpoint)
+
+
+class LoaderPositionResume(Callback):
+    """Makes a mid-epoch checkpoint's training-loader position reach the loader whenever the loader was built
+    before Lightning restored the loops (see the module docstring). Stateless; part of
+    ``exact_resume_callbacks()``."""
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        load_pending_train_loader_state(trainer)

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.checkpointing.integrity import read_verified_checkpoint
+from layermoe.checkpointing.run_lock import run_folder_lock
 from layermoe.data import TextDataModule
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
 from layermoe.lightning_modules.progress_bar import FitProgressBar
@@ -38,6 +39,10 @@ class Trainer(pl.Trainer):
     Every ``ModelCheckpoint`` that writes ``last.ckpt`` (``save_last`` or ``filename: last``) overwrites it:
     Lightning's version counter would make a second run into the same folder write ``last-v1.ckpt`` and
     leave ``last.ckpt`` at the old run's step, so ``--ckpt_path .../last.ckpt`` would resume the old run.
+
+    ``fit`` holds a lock on ``default_root_dir`` and every ``ModelCheckpoint`` folder
+    (:mod:`layermoe.checkpointing.run_lock`): a second fit into the same folder stops at once with
+    ``RunFolderBusyError`` naming the process that holds it.
     """
 
     def __init__(self, *, precision: str | int | None = AUTO, **kwargs: Any) -> None:
@@ -53,6 +58,7 @@ class Trainer(pl.Trainer):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             plugins.append(AtomicCheckpointIO())
         kwargs["plugins"] = plugins
+        check_single_influence_callback(kwargs.get("callbacks"))
         if kwargs.get("enable_progress_bar", True) is not False:
             callbacks = kwargs.get("callbacks")
             callbacks = (
@@ -67,6 +73,35 @@ class Trainer(pl.Trainer):
         for callback in self.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and writes_last(callback):
                 callback._enable_version_counter = False  # no public setter; the init argument sets it
+
+    def fit(self, *args: Any, **kwargs: Any) -> None:
+        if not self.is_global_zero:  # DDP's other ranks write nothing of their own here
+            return super().fit(*args, **kwargs)
+        with run_folder_lock(output_folders(self)):
+            return super().fit(*args, **kwargs)
+
+
+def output_folders(trainer: pl.Trainer) -> list[str]:
+    """The folders a fit writes into: ``default_root_dir`` and each ``ModelCheckpoint``'s ``dirpath``."""
+    folders = [str(trainer.default_root_dir)]
+    folders += [str(cb.dirpath) for cb in trainer.checkpoint_callbacks if getattr(cb, "dirpath", None)]
+    return folders
+
+
+def check_single_influence_callback(callbacks: Any) -> None:
+    """Raise ``CallbackConfigError`` naming the entries when ``trainer.callbacks`` has more than one
+    ``LayerInfluenceCallback`` (Lightning's own error for that, raised in ``Trainer.__init__``, only says
+    that a callback's ``state_key`` must be unique)."""
+    from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
+
+    entries = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
+    indices = [i for i, cb in enumerate(entries) if isinstance(cb, LayerInfluenceCallback)]
+    if len(indices) > 1:
+        raise CallbackConfigError(
+            f"trainer.callbacks[{indices[0]}] and trainer.callbacks[{indices[1]}] are both"
+            " LayerInfluenceCallbacks: one callback allocates every block, and two would rewire the same"
+            " adapters twice. Keep one."
+        )
 
 
 def writes_last(callback: ModelCheckpoint) -> bool:

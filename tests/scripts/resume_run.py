@@ -10,7 +10,9 @@ trainable tensors, layout and progress go to ``--out`` (``torch.save``, plain da
 ``train_step`` (between backward and optimizer step of step ``--kill-step``), ``scoring`` (inside the
 rewire's scoring pass), ``after_rewire`` (right after the rewire, before that step's checkpoint),
 ``checkpoint_write`` (halfway through writing ``last.ckpt`` for step ``--kill-step``), ``validation``
-(inside the validation that follows step ``--kill-step``).
+(inside the validation that follows step ``--kill-step``). ``sigterm_train_step`` and ``sigterm_validation``
+send SIGTERM instead (what a cluster does to preempt a job) at the ``train_step`` / ``validation`` points:
+the run must then write a resumable checkpoint and exit with a non-zero status.
 
 ``--epochs N`` switches to epoch mode: ``max_epochs=N``, one validation at each epoch end, an
 epoch-interval rewire after epoch ``--rewire-step`` (scored at that epoch's validation end), and a
@@ -49,12 +51,30 @@ TINY_LLAMA = {
     "tie_word_embeddings": False,
 }
 ADAPTER = {"experts": 2, "rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
+MODULE_ARGS: dict[str, Any] = {
+    "model": TINY_LLAMA,
+    "adapter": ADAPTER,
+    "task": "classification",
+    "num_classes": 2,
+    "lr": 1e-2,
+    "scheduler": "cosine",
+    "warmup_steps": 2,
+    "print_layout": False,
+}
 
 
 def die(point: str) -> None:
-    """SIGKILL this process (no cleanup, no exception handlers): what an OOM killer or a preemption does."""
+    """SIGKILL this process (no cleanup, no exception handlers): what an OOM killer does."""
     print(f"KILLING at {point}", flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def terminate(point: str) -> None:
+    """SIGTERM this process once (how a cluster preempts a job); the fit goes on to a graceful stop."""
+    global KILL_AT
+    KILL_AT = ""
+    print(f"SIGTERM at {point}", flush=True)
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 class KillableFineTuner(MoELoRAFineTuner):
@@ -63,8 +83,11 @@ class KillableFineTuner(MoELoRAFineTuner):
     kill_step = -1
 
     def on_after_backward(self) -> None:
-        if KILL_AT == "train_step" and self.trainer.global_step == self.kill_step:
-            die("train_step")
+        if self.trainer.global_step == self.kill_step:
+            if KILL_AT == "train_step":
+                die("train_step")
+            if KILL_AT == "sigterm_train_step":
+                terminate("train_step")
 
     def per_sample_loss(self, batch: Any) -> torch.Tensor:
         # Only the influence callback calls this (training and validation do not): its dry run at fit start,
@@ -74,13 +97,12 @@ class KillableFineTuner(MoELoRAFineTuner):
         return super().per_sample_loss(batch)
 
     def validation_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        if (
-            KILL_AT == "validation"
-            and not self.trainer.sanity_checking
-            and self.trainer.global_step == self.kill_step
-            and batch_idx == 1
-        ):
-            die("validation")
+        if not self.trainer.sanity_checking and self.trainer.global_step == self.kill_step:
+            if KILL_AT == "validation" and batch_idx == 1:
+                die("validation")
+            # batch 0 is not the last one: Lightning stops the validation right after it
+            if KILL_AT == "sigterm_validation" and batch_idx == 0:
+                terminate("validation")
         return super().validation_step(batch, batch_idx)
 
 
@@ -135,33 +157,29 @@ def validation_loss(module: MoELoRAFineTuner, data: TextDataModule) -> float:
     return float(torch.cat(losses).mean())
 
 
+def data_args(folder: str) -> dict[str, Any]:
+    """The ``TextDataModule`` arguments (and a config's ``data`` section) for the files in ``folder``."""
+    return {
+        "train_file": str(Path(folder) / "train.jsonl"),
+        "val_file": str(Path(folder) / "val.jsonl"),
+        "tokenizer": "tiny",
+        "label_words": ["no", "yes"],
+        "max_length": 24,
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "seed": 0,
+    }
+
+
 def data_module(folder: str) -> TextDataModule:
-    return TextDataModule(
-        train_file=str(Path(folder) / "train.jsonl"),
-        val_file=str(Path(folder) / "val.jsonl"),
-        tokenizer="tiny",
-        label_words=["no", "yes"],
-        max_length=24,
-        batch_size=4,
-        eval_batch_size=4,
-        seed=0,
-    )
+    return TextDataModule(**data_args(folder))
 
 
 def build(
     args: argparse.Namespace,
 ) -> tuple[L.Trainer, MoELoRAFineTuner, TextDataModule, LayerInfluenceCallback]:
     L.seed_everything(0)
-    module = KillableFineTuner(
-        model=TINY_LLAMA,
-        adapter=ADAPTER,
-        task="classification",
-        num_classes=2,
-        lr=1e-2,
-        scheduler="cosine",
-        warmup_steps=2,
-        print_layout=False,
-    )
+    module = KillableFineTuner(**MODULE_ARGS)
     module.kill_step = args.kill_step
     data = data_module(args.data)
     epochs = args.epochs is not None
@@ -233,16 +251,7 @@ def cli_config(
             "precision": "32-true",
             "accelerator": "cpu",
             "devices": 1,
-            "max_steps": max_steps,
-            "val_check_interval": val_every,
-            "check_val_every_n_epoch": None,
-            "limit_val_batches": 2,
-            "num_sanity_val_steps": 1,
-            "deterministic": True,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "default_root_dir": run_dir,
+            **step_trainer_args({"max_steps": max_steps}, val_every, run_dir),
             "plugins": [{"class_path": "layermoe.checkpointing.AtomicCheckpointIO"}],
             "callbacks": [
                 {
@@ -270,26 +279,123 @@ def cli_config(
                 },
             ],
         },
-        "model": {
-            "model": TINY_LLAMA,
-            "adapter": ADAPTER,
-            "task": "classification",
-            "num_classes": 2,
-            "lr": 1e-2,
-            "scheduler": "cosine",
-            "warmup_steps": 2,
-            "print_layout": False,
+        "model": MODULE_ARGS,
+        "data": data_args(data),
+    }
+
+
+# The resume matrix (tests/test_resume_matrix.py): 40 rows = 10 batches of 4 per epoch, validation every 5
+# steps (mid-epoch at 5 and 15, at epoch 0's end at 10), every run 20 steps long however its length is set.
+MATRIX_LENGTHS: dict[str, dict[str, int]] = {
+    "max_steps": {"max_steps": 20},
+    "max_epochs": {"max_epochs": 2},
+    "both": {"max_steps": 24, "max_epochs": 2},  # as filed in issue 37: max_epochs is the bound that binds
+}
+# A step rewire after step 8; an epoch rewire scored at epoch 0's validation end (step 10), applied after step 11.
+MATRIX_WARMUP = {"step": 8, "epoch": 1}
+# Where each kind of checkpoint is written and the one the matrix resumes from (see matrix_checkpoints).
+MATRIX_RESUME_FROM = {
+    "mid_epoch": ("steps", "step=7.ckpt"),
+    "epoch_end": ("epoch_end", "step=10.ckpt"),
+    "validation_end": ("validation_end", "step=15.ckpt"),
+}
+
+
+def matrix_checkpoints(run_dir: str) -> list[dict[str, Any]]:
+    """ModelCheckpoint arguments: after every step (``steps/``), inside ``on_train_epoch_end``
+    (``epoch_end/``, where a monitored best lands when validation runs at the epoch end) and at every
+    validation end (``validation_end/``)."""
+    root = Path(run_dir) / "checkpoints"
+    common = {"filename": "{step}", "save_top_k": -1}
+    return [
+        {"dirpath": str(root / "steps"), "every_n_train_steps": 1, **common},
+        {"dirpath": str(root / "epoch_end"), "every_n_epochs": 1, "save_on_train_epoch_end": True, **common},
+        # monitored, as a best checkpoint is (and so that its state_key differs from epoch_end's)
+        {
+            "dirpath": str(root / "validation_end"),
+            "save_on_train_epoch_end": False,
+            "monitor": "val/loss",
+            **common,
         },
-        "data": {
-            "train_file": str(Path(data) / "train.jsonl"),
-            "val_file": str(Path(data) / "val.jsonl"),
-            "tokenizer": "tiny",
-            "label_words": ["no", "yes"],
-            "max_length": 24,
-            "batch_size": 4,
-            "eval_batch_size": 4,
-            "seed": 0,
+    ]
+
+
+def matrix_trainer_args(length: str, run_dir: str) -> dict[str, Any]:
+    return step_trainer_args(MATRIX_LENGTHS[length], 5, run_dir)
+
+
+def step_trainer_args(length: dict[str, int], val_every: int, run_dir: str) -> dict[str, Any]:
+    """Trainer arguments of a run of ``length`` validating every ``val_every`` steps (plain data: also a
+    config's ``trainer`` section)."""
+    return {
+        **length,
+        "val_check_interval": val_every,
+        "check_val_every_n_epoch": None,
+        "limit_val_batches": 2,
+        "num_sanity_val_steps": 1,
+        "deterministic": True,
+        "logger": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": run_dir,
+    }
+
+
+def matrix_influence_args(interval: str) -> dict[str, Any]:
+    return {
+        "scorer": "grad_norm",
+        "allocator_options": {"error_shrinkage": 0},  # a rewire that changes shapes (see build)
+        "schedule": {"warmup": MATRIX_WARMUP[interval], "interval": interval},
+        "num_train_samples": 8,
+        "num_val_samples": 8,
+        "plot": False,
+        "verbose": False,
+    }
+
+
+MATRIX_MODULE_ARGS = {**MODULE_ARGS, "print_metrics": False}
+
+
+def matrix_plugin_fit(
+    data: str, run_dir: str, length: str, interval: str, ckpt: str | None = None
+) -> L.Trainer:
+    """The plug-in path: a plain ``lightning.Trainer`` with the callback and ``exact_resume_callbacks()``."""
+    L.seed_everything(0)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        **matrix_trainer_args(length, run_dir),
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            LayerInfluenceCallback(**matrix_influence_args(interval)),
+            *exact_resume_callbacks(),
+            *(ModelCheckpoint(**kwargs) for kwargs in matrix_checkpoints(run_dir)),
+        ],
+    )
+    trainer.fit(MoELoRAFineTuner(**MATRIX_MODULE_ARGS), datamodule=data_module(data), ckpt_path=ckpt)
+    return trainer
+
+
+def matrix_cli_config(data: str, run_dir: str, length: str, interval: str) -> dict[str, Any]:
+    """The same run as ``matrix_plugin_fit`` as a ``python train.py fit --config`` YAML dict."""
+    checkpoint = "lightning.pytorch.callbacks.ModelCheckpoint"
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "precision": "32-true",
+            "accelerator": "cpu",
+            "devices": 1,
+            **matrix_trainer_args(length, run_dir),
+            "callbacks": [
+                {
+                    "class_path": "layermoe.callbacks.LayerInfluenceCallback",
+                    "init_args": matrix_influence_args(interval),
+                },
+                *({"class_path": checkpoint, "init_args": kwargs} for kwargs in matrix_checkpoints(run_dir)),
+            ],
         },
+        "model": MATRIX_MODULE_ARGS,
+        "data": data_args(data),
     }
 
 
