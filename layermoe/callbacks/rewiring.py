@@ -24,8 +24,16 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
 from layermoe.adapters import apply_layout, layout, moe_layers, named_moe_layers
-from layermoe.allocation import METHODS, AllocationError, Budget, allocate, check_method_options
+from layermoe.allocation import Budget, allocate
 from layermoe.callbacks import data as data_utils
+from layermoe.callbacks.arguments import (
+    SCOPES,
+    check_allocator,
+    check_count,
+    check_options,
+    checked_scorer,
+    with_default_shrinkage,
+)
 from layermoe.callbacks.distributed import any_rank, broadcast, mean_scores
 from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
@@ -35,13 +43,9 @@ from layermoe.callbacks.rewire import RewireResult, rewire
 from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss, scoring_context
 from layermoe.callbacks.state import RewirePlan, plain_scores
 from layermoe.callbacks.transaction import ModuleSnapshot
-from layermoe.layout import BlockDims, Layout, is_int_at_least, layout_params
+from layermoe.layout import BlockDims, Layout, layout_params
 from layermoe.lightning_compat import build_validation_loaders, validation_defined, validation_source_loader
-from layermoe.scoring import capture_statistics, get_scorer, torch_distributed_gather, training_store_bytes
-
-SCOPES = ("adapter", "base")
-#: ``allocator_options.error_shrinkage`` when not given, for scorers with standard errors (issue 27's sweep)
-DEFAULT_ERROR_SHRINKAGE = 1.0
+from layermoe.scoring import capture_statistics, torch_distributed_gather, training_store_bytes
 
 
 def block_dims(module: nn.Module) -> BlockDims:
@@ -50,20 +54,6 @@ def block_dims(module: nn.Module) -> BlockDims:
         b: [(int(layer.in_features), int(layer.out_features)) for _, layer in sorted(mods.items())]
         for b, mods in moe_layers(module).items()
     }
-
-
-def check_count(name: str, value: Any, minimum: int) -> int:
-    if not is_int_at_least(value, minimum):
-        raise CallbackConfigError(f"{name}={value!r}: must be an int >= {minimum}")
-    return value
-
-
-def _check_options(name: str, value: Any) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
-        raise CallbackConfigError(f"{name}={value!r}: must be a dict of keyword options (str keys) or None")
-    return dict(value)
 
 
 @dataclass
@@ -113,11 +103,11 @@ class Rewiring:
         rank_fade_steps: int,
         verbose: bool,
     ) -> None:
-        self.scorer_options = _check_options("scorer_options", scorer_options)
-        self.scorer, self.scoring = scorer, self._scorer_from(scorer)
+        self.scorer_options = check_options("scorer_options", scorer_options)
+        self.scorer, self.scoring = scorer, checked_scorer(scorer, self.scorer_options)
         self.allocator = allocator
-        self.allocator_options = _check_options("allocator_options", allocator_options)
-        self._check_allocator()
+        self.allocator_options = check_options("allocator_options", allocator_options)
+        check_allocator(allocator, self.allocator_options)
         self.num_train_samples = check_count("num_train_samples", num_train_samples, 1)
         self.num_val_samples = check_count("num_val_samples", num_val_samples, 1)
         if scoring_batch_size is not None:
@@ -132,51 +122,17 @@ class Rewiring:
         if scope not in SCOPES:
             raise CallbackConfigError(f"scope={scope!r}: must be one of {SCOPES}")
         self.scope = scope
-        self.capture_options = _check_options("capture_options", capture_options)
+        self.capture_options = check_options("capture_options", capture_options)
         self.rank_fade_steps = check_count("rank_fade_steps", rank_fade_steps, 0)
         self.error_groups = check_count("error_groups", error_groups, 0)
         if self.error_groups == 1:
             raise CallbackConfigError(
                 "error_groups=1: a jackknife needs >= 2 groups (0 turns error bars off)"
             )
-        self._default_error_shrinkage()
+        has_errors = self.needs_statistics and self.error_groups >= 2
+        self.allocator_options = with_default_shrinkage(self.allocator_options, scorer, has_errors)
         self.verbose = bool(verbose)
         self.start_fit()
-
-    # ------------------------------------------------------------------ checks of the arguments
-    def _scorer_from(self, scorer: Any) -> Any:
-        if not isinstance(scorer, str):
-            raise CallbackConfigError(f"scorer={scorer!r}: give a registry name such as 'layerif'")
-        try:
-            return get_scorer(scorer, **self.scorer_options)
-        except KeyError as exc:
-            raise CallbackConfigError(f"scorer={scorer!r}: {exc.args[0]}") from exc
-        except (TypeError, ValueError) as exc:
-            raise CallbackConfigError(
-                f"scorer_options={self.scorer_options!r} for {scorer!r}: {exc}"
-            ) from exc
-
-    def _check_allocator(self) -> None:
-        if self.allocator not in METHODS:
-            raise CallbackConfigError(f"allocator={self.allocator!r}: use one of {list(METHODS)}")
-        try:
-            check_method_options(self.allocator, self.allocator_options)
-        except AllocationError as exc:
-            raise CallbackConfigError(f"allocator_options: {exc}") from exc
-
-    def _default_error_shrinkage(self) -> None:
-        has_errors = self.needs_statistics and self.error_groups >= 2
-        if "error_shrinkage" not in self.allocator_options and has_errors:
-            # the budget sweep's default (BENCHMARKS.md): move capacity only as far as the scores differ
-            # beyond their noise; moves within it cost quality and bought none
-            self.allocator_options = {**self.allocator_options, "error_shrinkage": DEFAULT_ERROR_SHRINKAGE}
-        shrinkage = self.allocator_options.get("error_shrinkage", 0)
-        if shrinkage and not has_errors:
-            raise CallbackConfigError(
-                f"allocator_options.error_shrinkage={shrinkage!r} needs standard errors, but scorer "
-                f"{self.scorer!r} reads no statistics or error_groups=0: use a statistics scorer with "
-                "error_groups >= 2, or drop error_shrinkage"
-            )
 
     @property
     def needs_statistics(self) -> bool:
