@@ -161,6 +161,17 @@ def expected_runs(plans: Sequence[CellPlan], seeds: Sequence[int]) -> int:
     return sum(len(p.grid) + len(seeds) - 1 for p in plans)
 
 
+def finished_runs(results: Sequence[dict[str, Any]], plans: Sequence[CellPlan], seeds: Sequence[int]) -> int:
+    """Finished runs that the plans count: each grid lr on the selection seed, the chosen lr's other seeds
+    (a run at an lr outside the grid, e.g. from an earlier --lrs, is not counted)."""
+    needed = set()
+    for p in plans:
+        needed |= {(p.task, p.budget, lr_arm(lr), seeds[0]) for lr in p.grid}
+        if p.chosen is not None:
+            needed |= {(p.task, p.budget, lr_arm(p.chosen), s) for s in seeds}
+    return sum(1 for r in results if (r["task"], r["budget"], r["arm"], r["seed"]) in needed)
+
+
 # ---------------------------------------------------------------------------------------------- table
 def _mean_sd(values: Sequence[float], digits: int = 4) -> str:
     if not values:
@@ -208,7 +219,7 @@ def build_curve_table(
     seeds: Sequence[int],
     ratio_budgets: tuple[str, str],
 ) -> str:
-    done = sum(1 for r in results if any((r["task"], r["budget"]) == (p.task, p.budget) for p in plans))
+    done = finished_runs(results, plans, seeds)
     total = expected_runs(plans, seeds)
     unresolved = sum(1 for p in plans if p.chosen is None)
     lines = [
@@ -260,7 +271,10 @@ def build_curve_table(
         " test file. Wall time: mean over every run of the cell (grid included).",
     ]
     if any(p.at_edge for p in plans):
-        lines += ["", "(grid edge): the best lr is the grid's last value; --max-lr-extensions allows more."]
+        lines += [
+            "",
+            "(grid edge): the best lr is at an edge of the grid after its extensions; --max-lr-extensions allows more.",
+        ]
     return "\n".join(lines)
 
 

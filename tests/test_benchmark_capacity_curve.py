@@ -111,6 +111,9 @@ def test_cell_plan_grid_then_seeds_at_the_lowest_validation_loss() -> None:
     assert edge.chosen == 1e-3 and edge.at_edge  # one extension allowed: the table flags it
     assert plan(low, extensions=0).chosen == 2e-3 and plan(low, extensions=0).at_edge
     assert capacity_curve.expected_runs([grown, interior], [0, 1, 2]) == (4 + 2) * 2
+    # counted: the grid on seed 0 and the chosen lr's seeds; not a run at an lr outside the grid
+    extra = [_result("mid", 4e-3, 1, 0.5), _result("mid", 1.6e-2, 0, 0.1)]
+    assert capacity_curve.finished_runs([*grid, *extra], [chosen], [0, 1, 2]) == 4
 
 
 def test_loss_ratio_is_the_issues_criterion_per_seed() -> None:
