@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tasks
+from sweep_report import _mean_sd  # one format for every sweep table
 
 GENERATIVE_TASKS = ("facts", "skills")
 VAL_ROWS = 96  # validation rows per task (lr selection, and the callback's scoring in the later sweep)
@@ -173,14 +174,6 @@ def finished_runs(results: Sequence[dict[str, Any]], plans: Sequence[CellPlan], 
 
 
 # ---------------------------------------------------------------------------------------------- table
-def _mean_sd(values: Sequence[float], digits: int = 4) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
 def _cell_runs(results: Sequence[dict[str, Any]], plan: CellPlan) -> list[dict[str, Any]]:
     if plan.chosen is None:
         return []
@@ -255,7 +248,7 @@ def build_curve_table(
             ",".join(str(r["seed"]) for r in runs) or "-",
             _mean_sd([r["final"]["loss_sample"] for r in runs]),
             _mean_sd([r["final"]["loss_token"] for r in runs]),
-            _mean_sd([r["final"]["exact_match"] for r in runs], 3),
+            _mean_sd([r["final"]["exact_match"] for r in runs], digits=3),
             f"{statistics.fmean(r['wall_time_s'] for r in mine) / 60:.1f}" if mine else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
