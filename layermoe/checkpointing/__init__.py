@@ -7,6 +7,7 @@
 - ``validate_checkpoint_layout``: a clear error for a missing/corrupt adapter layout, before loading.
 - ``OptimizerStateGuard``: refuses optimizer state saved for other parameters (names, shapes, order).
 - ``save_adapters`` / ``load_adapters``: adapter tensors (safetensors) + layout/config (JSON) only.
+- ``CheckpointIntegrityGuard``: checksums and finite checks on every save/load, whatever the CheckpointIO.
 - ``exact_resume_callbacks()``: the callbacks above, for ``Trainer(callbacks=[...])``.
 """
 
@@ -16,6 +17,7 @@ from lightning.pytorch.callbacks import Callback
 
 from .adapter_io import AdapterArtifactError, load_adapters, read_adapter_manifest, save_adapters
 from .atomic_io import AtomicCheckpointIO, atomic_torch_save, stale_temp_files
+from .integrity_guard import CheckpointIntegrityGuard, VerifiedCheckpointIO
 from .layout_check import CheckpointLayoutError, validate_checkpoint_layout
 from .loop_state import EpochEndResume
 from .optimizer_guard import (
@@ -30,15 +32,16 @@ from .rng import RNGStateCallback, capture_rng_state, restore_rng_state
 
 
 def exact_resume_callbacks() -> list[Callback]:
-    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard`` and ``EpochEndResume``: add all three for
-    exact, checked resume."""
-    return [RNGStateCallback(), OptimizerStateGuard(), EpochEndResume()]
+    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard``, ``EpochEndResume`` and
+    ``CheckpointIntegrityGuard``: add them all for exact, checked resume."""
+    return [RNGStateCallback(), OptimizerStateGuard(), EpochEndResume(), CheckpointIntegrityGuard()]
 
 
 __all__ = [
     "AdapterArtifactError",
     "MANIFEST_KEY",
     "AtomicCheckpointIO",
+    "CheckpointIntegrityGuard",
     "CheckpointLayoutError",
     "EpochEndResume",
     "OptimizerStateGuard",
@@ -46,6 +49,7 @@ __all__ = [
     "RNGStateCallback",
     "ResumableDataLoader",
     "ResumableSampler",
+    "VerifiedCheckpointIO",
     "atomic_torch_save",
     "capture_rng_state",
     "check_optimizer_states",

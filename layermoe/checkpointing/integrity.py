@@ -6,7 +6,8 @@ checkpoint written by :class:`AtomicCheckpointIO` carries a SHA-256 digest of ea
 sections (``state_dict``, ``optimizer_states``, ``loops``, ...), computed over a canonical walk of the
 content (tensor dtype, shape and bytes; keys, lists and primitives), and loading recomputes them and
 names the section that changed. A checkpoint without the digest (written by other code) still loads.
-Non-finite floats in a ``state_dict`` are refused both when writing and when reading.
+Non-finite floats in a ``state_dict`` or the optimizer state are refused both when writing and when
+reading.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from .layout_check import validate_checkpoint_layout
+from .optimizer_guard import MANIFEST_KEY
 
 CHECKSUM_KEY = "layermoe_checksum"
 _ALGORITHM = "sha256"
@@ -54,6 +56,13 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}".encode())
         for item in value:
             _feed(digest, item)
+    elif isinstance(value, (set, frozenset)):  # repr order follows string hashing, random per process
+        digest.update(f"S{len(value)}".encode())
+        for item in sorted(value, key=repr):
+            _feed(digest, item)
+    elif type(value).__repr__ is object.__repr__:  # the default repr holds a memory address
+        digest.update(f"O{type(value).__qualname__}".encode())
+        _feed(digest, vars(value) if hasattr(value, "__dict__") else None)
     else:
         digest.update(f"{type(value).__name__}:{value!r};".encode())
 
@@ -119,28 +128,82 @@ def verify_checksum(
 
 def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
     """Names of floating-point tensors in ``state`` holding NaN or infinity."""
-    return [
-        str(name)
-        for name, value in state.items()
-        if isinstance(value, torch.Tensor)
+    return [str(name) for name, value in state.items() if _non_finite(value)]
+
+
+def _non_finite(value: Any) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
         and value.is_floating_point()
         and not bool(torch.isfinite(value).all())
-    ]
+    )
+
+
+def _parameter_names(optimizer_state: Mapping[str, Any], manifest: Any) -> dict[Any, str]:
+    """Parameter id in an optimizer state_dict -> the parameter's name (from ``OptimizerStateGuard``'s
+    manifest: names per group, in the order of the group's ``params``)."""
+    names: dict[Any, str] = {}
+    groups = optimizer_state.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(manifest, list) or len(manifest) != len(groups):
+        return names
+    for group, named in zip(groups, manifest, strict=True):
+        params = group.get("params") if isinstance(group, Mapping) else None
+        if isinstance(params, list) and isinstance(named, list) and len(params) == len(named):
+            names.update({index: str(entry[0]) for index, entry in zip(params, named, strict=True)})
+    return names
+
+
+def non_finite_optimizer_state(checkpoint: Mapping[str, Any]) -> list[str]:
+    """Each floating-point optimizer-state tensor holding NaN or infinity, as "optimizer K <state> of
+    <parameter name>" (the name comes from ``OptimizerStateGuard``'s manifest, else the position)."""
+    states = checkpoint.get("optimizer_states")
+    if not isinstance(states, list):
+        return []
+    manifests = checkpoint.get(MANIFEST_KEY)
+    found = []
+    for k, optimizer_state in enumerate(states):
+        per_param = optimizer_state.get("state") if isinstance(optimizer_state, Mapping) else None
+        if not isinstance(per_param, Mapping):
+            continue
+        manifest = manifests[k] if isinstance(manifests, list) and k < len(manifests) else None
+        names = _parameter_names(optimizer_state, manifest)
+        for index, entry in per_param.items():
+            if not isinstance(entry, Mapping):
+                continue
+            owner = names.get(index, f"parameter #{index}")
+            found += [f"optimizer {k} {key} of {owner}" for key, value in entry.items() if _non_finite(value)]
+    return found
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
 
 
 def check_finite_state(checkpoint: Mapping[str, Any], source: str, action: str) -> None:
-    """Raise ``CheckpointIntegrityError`` when the checkpoint's ``state_dict`` holds non-finite floats."""
+    """Raise ``CheckpointIntegrityError`` when the checkpoint's ``state_dict`` or optimizer state holds
+    NaN or infinity, naming the tensors and the fix."""
     state = checkpoint.get("state_dict")
-    if not isinstance(state, Mapping):
+    weights = non_finite_tensors(state) if isinstance(state, Mapping) else []
+    moments = non_finite_optimizer_state(checkpoint)
+    if not weights and not moments:
         return
-    bad = non_finite_tensors(state)
-    if bad:
-        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-        raise CheckpointIntegrityError(
-            f"Refusing to {action} {source}: {len(bad)} weight tensors hold NaN or infinity"
-            f" ({', '.join(bad[:_MAX_LISTED])}{more}). The training diverged or the file is corrupt:"
-            " resume from an earlier checkpoint and lower the learning rate (model.lr) or check the data."
+    found = [f"{len(weights)} weight tensors hold NaN or infinity ({_listed(weights)})"] if weights else []
+    if moments:
+        found.append(f"{len(moments)} optimizer state tensors hold NaN or infinity ({_listed(moments)})")
+    if action == "write":
+        fix = (
+            "The training diverged before this save; nothing was written (the previous checkpoint is"
+            " intact). Resume from the last checkpoint with a lower learning rate (model.lr), and check"
+            " the data."
         )
+    else:
+        fix = (
+            "It was written by code that does not refuse non-finite values (training had diverged), or"
+            " its bytes are damaged. Resume from an earlier checkpoint (an earlier step=*.ckpt) and lower"
+            " the learning rate (model.lr) or check the data."
+        )
+    raise CheckpointIntegrityError(f"Refusing to {action} {source}: {'; '.join(found)}. {fix}")
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True) -> Any:
