@@ -123,3 +123,41 @@ def test_resume_under_another_scorer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CallbackConfigError, match=r"holds the state of LayerInfluenceCallback.*grad_norm"):
         trainer.fit(_module(), datamodule=_data(tmp_path), ckpt_path=folder / "last.ckpt")
     assert trainer.global_step == 0  # stopped while restoring, before the loops and any training
+
+
+@pytest.mark.parametrize(
+    ("parameter", "value", "pattern"),
+    [
+        # NaN: the losses come out NaN
+        (
+            "model.model.layers.0.self_attn.q_proj.lora_B",
+            float("nan"),
+            r"q_proj\.lora_B holds NaN or infinity",
+        ),
+        # finite but huge: the losses stay finite, the gradient statistics overflow
+        ("model.model.layers.0.self_attn.q_proj.lora_B", 1e30, r"q_proj\.lora_B holds \|w\| = 1e\+30"),
+        # finite, the forward overflows: traced to the module whose output turns non-finite
+        ("model.lm_head.weight", 3e38, r"forward pass turns non-finite in model\.lm_head "),
+    ],
+)
+def test_damaged_weights_are_named_by_the_dry_run_not_blamed_on_the_loss(
+    parameter: str, value: float, pattern: str
+) -> None:
+    from tests.scripts.callback_fixtures import TinyLlamaModule, assert_fit_fails_before_first_step, loaders
+
+    module = TinyLlamaModule()
+    with torch.no_grad():
+        weight = dict(module.named_parameters())[parameter]
+        if parameter.endswith("lm_head.weight"):
+            weight.fill_(value)
+        else:
+            weight.view(-1)[0] = value
+    # names the weight and the fix, and neither blames per_sample_loss nor gives the autograd advice
+    pattern = (
+        r"(?s)^(?!.*(?:per_sample_loss|autograd)).*"
+        f"{pattern}.*the weights are damaged .* the loss is not at fault: load an earlier checkpoint"
+    )
+    # (no step taken; the NaN weight would fail the helper's equality check of the weights)
+    assert_fit_fails_before_first_step(
+        module, _callback(), CallbackConfigError, pattern, *loaders(), weights_unchanged=False
+    )
