@@ -60,3 +60,22 @@ def test_dict_model_smaller_than_the_tiny_vocabulary_fails_at_setup(run_dir, tin
     ):
         main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
     assert not (run_dir / "runs" / "quickstart" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "pattern"),
+    [
+        ("folder", r"is a folder, not a checkpoint file\. It holds last\.ckpt"),
+        ("state_dict", "bare state_dict"),
+    ],
+)
+def test_ckpt_path_that_is_not_a_checkpoint_fails_before_the_model_is_built(
+    run_dir, tiny_spec, toy_files, kind, pattern
+):
+    from layermoe.checkpointing.integrity import NotACheckpointError
+    from tests.test_checkpoint_load_errors import _not_a_checkpoint
+
+    path = _not_a_checkpoint(run_dir, kind)
+    override = _override(run_dir, tiny_spec, toy_files)
+    with pytest.raises(NotACheckpointError, match=pattern):
+        main(["fit", "--config", str(QUICKSTART), "--config", str(override), "--ckpt_path", str(path)])

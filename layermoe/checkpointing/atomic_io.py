@@ -119,7 +119,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         if not _is_remote(path):
-            return read_verified_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            return read_verified_checkpoint(
+                path, map_location=map_location, weights_only=weights_only, lightning=False
+            )
         checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         verify_loaded_checkpoint(checkpoint, f"checkpoint {path}")
         return checkpoint

@@ -41,6 +41,53 @@ class CheckpointIntegrityError(ValueError):
     """A checkpoint file is empty, truncated, corrupt, or holds non-finite weights."""
 
 
+class NotACheckpointError(CheckpointIntegrityError):
+    """A path or file that is not a Lightning checkpoint: a folder, a bare state_dict, another object."""
+
+
+# What every "this is not a checkpoint" message suggests instead.
+_PASS_A_CKPT = (
+    "Pass a .ckpt file written by the Trainer (ModelCheckpoint or Trainer.save_checkpoint), e.g. last.ckpt in"
+    " the run's checkpoint folder."
+)
+
+
+def _folder_message(path: Path) -> str:
+    if (path / "layermoe_adapters.json").is_file():
+        return (
+            f"{path} is an adapter folder (save_adapters), not a checkpoint: load it with"
+            " layermoe.checkpointing.load_adapters(model, folder)."
+        )
+    found = sorted(p.name for p in path.glob("*.ckpt"))
+    listed = f" It holds {', '.join(found[:6])}." if found else " It holds no .ckpt file."
+    return f"{path} is a folder, not a checkpoint file.{listed} {_PASS_A_CKPT}"
+
+
+def check_lightning_checkpoint(checkpoint: Any, source: str) -> None:
+    """Raise ``NotACheckpointError`` unless ``checkpoint`` is a dict with what Lightning reads first (its
+    version and a ``state_dict``): other objects fail deep inside Lightning with a bare ``KeyError`` or
+    ``AttributeError``."""
+    if not isinstance(checkpoint, Mapping):
+        raise NotACheckpointError(
+            f"{source} is not a Lightning checkpoint: it holds a {type(checkpoint).__name__} (written by"
+            f" torch.save, not by the Trainer). {_PASS_A_CKPT}"
+        )
+    missing = [k for k in ("pytorch-lightning_version", "state_dict") if k not in checkpoint]
+    if not missing:
+        return
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise NotACheckpointError(
+            f"{source} is a bare state_dict ({len(checkpoint)} tensors, e.g. {next(iter(checkpoint))!r}), not"
+            " a Lightning checkpoint: load it with module.load_state_dict(torch.load(path)), or "
+            + _PASS_A_CKPT[0].lower()
+            + _PASS_A_CKPT[1:]
+        )
+    keys = sorted(map(str, checkpoint))
+    raise NotACheckpointError(
+        f"{source} is not a Lightning checkpoint: it lacks {missing} (its keys: {keys[:8]}). {_PASS_A_CKPT}"
+    )
+
+
 def _feed(digest: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         tensor = value.detach().to("cpu").contiguous()
@@ -211,6 +258,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     (``CheckpointIntegrityError``), instead of torch's own errors (``EOFError``, a miniz error, or a
     "Weights only load failed ... re-run with weights_only=False" that damaged pickle bytes also raise)."""
     path = Path(path)
+    if path.is_dir():
+        raise NotACheckpointError(_folder_message(path))
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; check the path (--ckpt_path accepts 'last')."
@@ -247,11 +296,21 @@ def verify_loaded_checkpoint(checkpoint: Mapping[str, Any], source: str) -> None
 
 
 def read_verified_checkpoint(
-    path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True
+    path: str | Path,
+    map_location: Any = "cpu",
+    weights_only: bool | None = True,
+    *,
+    lightning: bool = True,
 ) -> Any:
     """:func:`read_checkpoint` then :func:`verify_loaded_checkpoint`: what ``--ckpt_path``,
     ``AtomicCheckpointIO``, ``MoELoRAFineTuner.load_from_checkpoint`` and ``load_adapted_checkpoint`` run
-    on a local checkpoint file before Lightning or the module sees it."""
+    on a local checkpoint file before Lightning or the module sees it. ``lightning``: the file must also be
+    a Lightning checkpoint (:func:`check_lightning_checkpoint`); a ``CheckpointIO`` reads any dict."""
     checkpoint = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
-    verify_loaded_checkpoint(checkpoint, f"checkpoint {path}")
+    source = f"checkpoint {path}"
+    if lightning:
+        check_lightning_checkpoint(checkpoint, source)
+    elif not isinstance(checkpoint, Mapping):
+        raise NotACheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
+    verify_loaded_checkpoint(checkpoint, source)
     return checkpoint

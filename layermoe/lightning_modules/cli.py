@@ -8,7 +8,6 @@ printing the choice; every other Trainer argument passes through unchanged.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -16,6 +15,7 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.model_registry import _is_registry
 
 from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.checkpointing.integrity import read_verified_checkpoint
@@ -114,7 +114,11 @@ class LayerMoECLI(LightningCLI):
         """Read and verify the checkpoint early (a clear error before the model is built), overlay nothing."""
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).suffix == ".ckpt" and "://" not in str(ckpt_path):
+        # every local path, whatever its suffix (a folder, a .pt, a safetensors file fail here with their
+        # cause); Lightning's own keywords and URLs are left to Lightning
+        text = str(ckpt_path or "")
+        keyword = text in ("last", "best", "hpc") or _is_registry(text)
+        if text and not keyword and "://" not in text:
             read_verified_checkpoint(ckpt_path)
 
 
