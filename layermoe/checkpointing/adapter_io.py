@@ -44,7 +44,7 @@ from layermoe.adapters import (
 from layermoe.adapters.inject import SAVED_MODULE_FLAG
 from layermoe.layout import is_adapter_key
 
-from .atomic_io import atomic_torch_save
+from .atomic_io import atomic_save_all
 from .base_identity import base_fingerprint, base_identity, describe_source
 from .integrity import content_digest, non_finite_tensors
 
@@ -171,10 +171,14 @@ def save_adapters(
         "manifest": content_digest(json.loads(json.dumps(manifest))),  # as it will read back
     }
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(tensors, folder / WEIGHTS_NAME, save_fn=lambda obj, f: f.write(_safetensors_bytes(obj)))
     text = json.dumps(manifest, indent=2, sort_keys=True)
-    atomic_torch_save(text, folder / CONFIG_NAME, save_fn=lambda obj, f: f.write(obj.encode()))
+    # both files staged before either replaces its predecessor: never new tensors with an old manifest
+    atomic_save_all(
+        [
+            (tensors, folder / WEIGHTS_NAME, lambda obj, f: f.write(_safetensors_bytes(obj))),
+            (text, folder / CONFIG_NAME, lambda obj, f: f.write(obj.encode())),
+        ]
+    )
     if peft:
         export_peft(model, folder / PEFT_SUBFOLDER, base_model_name_or_path)
     return folder
