@@ -79,3 +79,23 @@ def test_ckpt_path_that_is_not_a_checkpoint_fails_before_the_model_is_built(
     override = _override(run_dir, tiny_spec, toy_files)
     with pytest.raises(NotACheckpointError, match=pattern):
         main(["fit", "--config", str(QUICKSTART), "--config", str(override), "--ckpt_path", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("field", "pattern"),
+    [
+        (
+            {"vocab_size": "x"},
+            r"refused its field 'vocab_size': .*expected int.* Fix model\.model\.vocab_size\.",
+        ),
+        (
+            {"hidden_size": 30},
+            r"not a valid transformers llama config: .*hidden size \(30\) is not a multiple",
+        ),
+        ({"hidden_act": "nope"}, r"a value it does not know \('nope'\).* Fix model\.model\.hidden_act\."),
+    ],
+)
+def test_bad_model_dict_names_the_config_field(run_dir, tiny_spec, toy_files, field, pattern):
+    override = _override(run_dir, {**tiny_spec, **field}, toy_files)
+    with pytest.raises(ValueError, match=pattern):
+        main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
