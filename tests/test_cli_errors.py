@@ -99,3 +99,32 @@ def test_bad_model_dict_names_the_config_field(run_dir, tiny_spec, toy_files, fi
     override = _override(run_dir, {**tiny_spec, **field}, toy_files)
     with pytest.raises(ValueError, match=pattern):
         main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+
+
+def test_partial_adapter_override_merges_into_the_configured_adapter(run_dir, tiny_spec, toy_files):
+    from layermoe.lightning_modules.cli import LayerMoECLI
+
+    override = _override(run_dir, tiny_spec, toy_files)
+    configured = yaml.safe_load(QUICKSTART.read_text())["model"]["adapter"]
+    for option in (["--model.adapter", "{experts: 3, rank: 2}"], ["--model.adapter={experts: 3, rank: 2}"]):
+        cli = LayerMoECLI(args=["--config", str(QUICKSTART), "--config", str(override), *option], run=False)
+        adapter = cli.model.hparams.adapter
+        assert (adapter["experts"], adapter["rank"]) == (3, 2)
+        # the fields the override left out keep the configured values, not MoELoRAConfig's defaults
+        for field in ("lora_alpha", "lora_dropout", "target_modules", "router_aux_loss_coef"):
+            assert adapter[field] == configured[field], field
+
+
+def test_resume_with_another_layout_lists_only_the_layout_fields(run_dir, tiny_spec, toy_files):
+    from layermoe.lightning_modules.resume_settings import CheckpointSettingsError
+
+    override = _override(run_dir, tiny_spec, toy_files, max_steps=3)
+    main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    last = run_dir / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointSettingsError) as info:
+        main(
+            ["fit", "--config", str(QUICKSTART), "--config", str(override), "--ckpt_path", str(last)]
+            + ["--model.adapter", "{experts: 3, rank: 2}", "--trainer.max_steps", "6"]
+        )
+    listed = [line.strip().split(":")[0] for line in str(info.value).splitlines() if line.startswith("  ")]
+    assert listed == ["model.adapter.experts", "model.adapter.rank"]
