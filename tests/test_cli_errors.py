@@ -128,3 +128,13 @@ def test_resume_with_another_layout_lists_only_the_layout_fields(run_dir, tiny_s
         )
     listed = [line.strip().split(":")[0] for line in str(info.value).splitlines() if line.startswith("  ")]
     assert listed == ["model.adapter.experts", "model.adapter.rank"]
+
+
+def test_val_size_from_the_cli_keeps_ints_as_row_counts(run_dir, tiny_spec, toy_files):
+    from layermoe.lightning_modules.cli import LayerMoECLI
+
+    override = _override(run_dir, tiny_spec, toy_files)
+    for given, expected in (("1", 1), ("200", 200), ("0.25", 0.25)):
+        args = ["--config", str(QUICKSTART), "--config", str(override), "--data.val_size", given]
+        value = LayerMoECLI(args=args, run=False).datamodule.val_size
+        assert value == expected and type(value) is type(expected), given
