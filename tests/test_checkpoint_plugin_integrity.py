@@ -14,24 +14,17 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.checkpointing import exact_resume_callbacks
 from layermoe.checkpointing.integrity import CHECKSUM_KEY, CheckpointIntegrityError
+from tests.conftest import quiet_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 from tests.test_checkpoint_load_errors import _flip
 
 
 def _plugin_trainer(folder: Path, max_steps: int, extra: list[Callback] = ()) -> L.Trainer:
     """The README's plug-in Trainer: no plugins=, so Lightning's own TorchCheckpointIO."""
-    influence = LayerInfluenceCallback(
-        scorer="grad_norm", schedule={"warmup": 2}, num_train_samples=4, num_val_samples=4, plot=False,
-        verbose=False,
-    )  # fmt: skip
-    return L.Trainer(
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        callbacks=[influence, *exact_resume_callbacks(), *extra, ModelCheckpoint(folder, save_last=True)],
+    options = {"schedule": {"warmup": 2}, "num_train_samples": 4, "num_val_samples": 4}
+    influence = LayerInfluenceCallback(scorer="grad_norm", plot=False, verbose=False, **options)
+    return quiet_trainer(
+        max_steps, [influence, *exact_resume_callbacks(), *extra, ModelCheckpoint(folder, save_last=True)]
     )
 
 
