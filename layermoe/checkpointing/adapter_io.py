@@ -11,9 +11,11 @@ to the saved module) and ``layermoe_adapters.json`` (format version, ``MoELoRACo
 per-block ``experts``/``rank`` equal to the layout, the layout, the list of adapted module names and of
 ``modules_to_save`` by full name, and, from format version 2 on, a SHA-256 of every tensor and of the
 manifest itself: flipped bytes in either file are named on load instead of loading as huge values).
-Version 1 artifacts (no checksums) still load; NaN/inf tensors are refused on save and on load. A layout with one expert per block can also be
-exported to peft's format (``save_adapters(..., peft=True)``), through the adapter package's
-exporter ``layermoe.adapters.export_peft``: there is one peft writer in the code base.
+Version 1 artifacts (no checksums) still load; NaN/inf tensors are refused on save and on load.
+
+A layout with one expert per block can also be exported to peft's format (``save_adapters(...,
+peft=True)``), through the adapter package's exporter ``layermoe.adapters.export_peft``: there is one peft
+writer in the code base.
 """
 
 from __future__ import annotations

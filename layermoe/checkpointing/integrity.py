@@ -107,9 +107,8 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"S{len(value)}".encode())
         for item in sorted(value, key=repr):
             _feed(digest, item)
-    elif type(value).__repr__ is object.__repr__:  # the default repr holds a memory address
-        digest.update(f"O{type(value).__qualname__}".encode())
-        _feed(digest, vars(value) if hasattr(value, "__dict__") else None)
+    elif type(value).__repr__ is object.__repr__:  # the default repr is a memory address: type only
+        digest.update(f"O{type(value).__module__}.{type(value).__qualname__};".encode())
     else:
         digest.update(f"{type(value).__name__}:{value!r};".encode())
 
