@@ -9,6 +9,7 @@
 - ``validate_checkpoint_layout``: a clear error for a missing/corrupt adapter layout, before loading.
 - ``OptimizerStateGuard``: refuses optimizer state saved for other parameters (names, shapes, order).
 - ``save_adapters`` / ``load_adapters``: adapter tensors (safetensors) + layout/config (JSON) only.
+- ``CheckpointIntegrityGuard``: checksums and finite checks on every save/load, whatever the CheckpointIO.
 - ``exact_resume_callbacks()``: the callbacks above, for ``Trainer(callbacks=[...])``.
 """
 
@@ -18,6 +19,7 @@ from lightning.pytorch.callbacks import Callback
 
 from .adapter_io import AdapterArtifactError, load_adapters, read_adapter_manifest, save_adapters
 from .atomic_io import AtomicCheckpointIO, atomic_torch_save, stale_temp_files
+from .integrity_guard import CheckpointIntegrityGuard, VerifiedCheckpointIO
 from .layout_check import CheckpointLayoutError, validate_checkpoint_layout
 from .loop_state import EpochEndResume, LoaderPositionResume
 from .optimizer_guard import (
@@ -33,14 +35,16 @@ from .rng import RNGStateCallback, capture_rng_state, restore_rng_state
 
 
 def exact_resume_callbacks() -> list[Callback]:
-    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard``, ``EpochEndResume``, ``LoaderPositionResume`` and
-    ``PreemptionCheckpoint``: add all five for exact, checked resume that survives preemption."""
+    """Fresh ``RNGStateCallback``, ``OptimizerStateGuard``, ``EpochEndResume``, ``LoaderPositionResume``,
+    ``PreemptionCheckpoint`` and ``CheckpointIntegrityGuard``: add all six for exact, checked resume that
+    survives preemption."""
     return [
         RNGStateCallback(),
         OptimizerStateGuard(),
         EpochEndResume(),
         LoaderPositionResume(),
         PreemptionCheckpoint(),
+        CheckpointIntegrityGuard(),
     ]
 
 
@@ -48,6 +52,7 @@ __all__ = [
     "AdapterArtifactError",
     "MANIFEST_KEY",
     "AtomicCheckpointIO",
+    "CheckpointIntegrityGuard",
     "CheckpointLayoutError",
     "EpochEndResume",
     "LoaderPositionResume",
@@ -58,6 +63,7 @@ __all__ = [
     "RNGStateCallback",
     "ResumableDataLoader",
     "ResumableSampler",
+    "VerifiedCheckpointIO",
     "atomic_torch_save",
     "capture_rng_state",
     "check_optimizer_states",

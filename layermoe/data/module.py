@@ -118,7 +118,7 @@ class TextDataModule(pl.LightningDataModule):
         label_words: list[str] | None = None,
         label_separator: str = " ",
         max_length: int = 64,
-        val_size: float | int = 0.1,
+        val_size: int | float = 0.1,  # int first: jsonargparse would turn a row count into a float
         val_from_train: str = "holdout",
         limit_train_rows: int | None = None,
         limit_eval_rows: int | None = None,
@@ -170,9 +170,12 @@ class TextDataModule(pl.LightningDataModule):
             )
         if not is_int_at_least(max_length, 2):
             raise DataError(f"max_length must be an int >= 2, got {max_length!r}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if not is_int_at_least(value):
-                raise DataError(f"{name} must be a positive int, got {value!r}")
+        if not is_int_at_least(batch_size):
+            raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+        if eval_batch_size is not None and not is_int_at_least(eval_batch_size):
+            raise DataError(
+                f"eval_batch_size must be a positive int, or null for batch_size, got {eval_batch_size!r}"
+            )
         for name, value in (("limit_train_rows", limit_train_rows), ("limit_eval_rows", limit_eval_rows)):
             if value is not None and not is_int_at_least(value):
                 raise DataError(f"{name} must be a positive int or null, got {value!r}")
@@ -208,7 +211,7 @@ class TextDataModule(pl.LightningDataModule):
         self.limit_train_rows = limit_train_rows
         self.limit_eval_rows = limit_eval_rows
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.append_eos = append_eos

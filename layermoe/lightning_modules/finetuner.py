@@ -423,8 +423,13 @@ class MoELoRAFineTuner(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for _, p in self.trainable_parameters()]
         if not params:
+            current = layout(self.model)
             raise ValueError(
-                "no trainable parameters: MoELoRAConfig.target_modules matched nothing trainable"
+                f"no trainable parameters: every one of the {len(current)} adapted blocks has 0 experts"
+                " (model.adapter.experts), so there is no adapter to train; give blocks experts >= 1"
+                " (e.g. model.adapter.experts: 2) or list a task head in model.adapter.modules_to_save"
+                if current
+                else "no trainable parameters: MoELoRAConfig.target_modules matched nothing trainable"
             )
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))
