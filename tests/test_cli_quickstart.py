@@ -16,8 +16,8 @@ import yaml
 from layermoe.adapters import layout
 from layermoe.allocation import allocate
 from layermoe.callbacks import LayerInfluenceCallback
+from layermoe.cli import main
 from layermoe.lightning_modules import MoELoRAFineTuner
-from layermoe.lightning_modules.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
