@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import lightning
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "layermoe"
@@ -45,6 +46,14 @@ ALLOWED_UNCOMMENTED_LOCAL_IMPORTS = {
 }
 
 
+def check_against_allow_list(found: set[tuple[str, str]], allowed: set[tuple[str, str]], what: str) -> None:
+    """``found`` must be exactly ``allowed``: nothing new, and no entry left that is no longer needed."""
+    unexpected = sorted(found - allowed)
+    assert not unexpected, f"{what}: {unexpected}"
+    stale = sorted(allowed - found)
+    assert not stale, f"allow-list entries no longer needed (delete them): {stale}"
+
+
 def _is_private(name: str) -> bool:
     return name.startswith("_") and not name.startswith("__")
 
@@ -59,14 +68,17 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _defined_privates(tree: ast.AST) -> set[str]:
-    """The ``_x`` names a piece of source defines: functions, classes, assigned names and attributes."""
+def _defined_privates(tree: ast.AST, only_self: bool = False) -> set[str]:
+    """The ``_x`` names a piece of source defines: functions, classes, assigned names and attributes
+    (``only_self``: only attributes of ``self``/``cls``; ``other._x = ...`` sets someone else's)."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
         elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
-            names.add(node.attr)
+            on_self = isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")
+            if on_self or not only_self:
+                names.add(node.attr)
         elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
             names.add(node.id)
     return {name for name in names if _is_private(name)}
@@ -131,24 +143,6 @@ def _accessed_private(node: ast.AST) -> tuple[ast.expr, str] | None:
     return None
 
 
-def _own_privates(tree: ast.AST) -> set[str]:
-    """The ``_x`` names layermoe source defines: functions, classes, assigned names, ``self._x = ...``."""
-    names: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.add(node.name)
-        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-            names.add(node.id)
-        elif (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.ctx, ast.Store)
-            and isinstance(node.value, ast.Name)
-            and node.value.id in ("self", "cls")
-        ):
-            names.add(node.attr)
-    return {name for name in names if _is_private(name)}
-
-
 def private_lightning_uses() -> set[tuple[str, str]]:
     """``(file, name)`` for every use of a private Lightning name outside lightning_compat.py."""
     trees = [(rel, path, tree) for rel, path, tree in _sources() if path != COMPAT]
@@ -161,9 +155,9 @@ def private_lightning_uses() -> set[tuple[str, str]]:
                     lightning_classes[node] = _base_privates(cls)
     own: set[str] = set()
     for _, _, tree in trees:
-        own |= _own_privates(tree)
+        own |= _defined_privates(tree, only_self=True)
     for cls_node, inherited in lightning_classes.items():  # a Lightning member is not made layermoe's own
-        own -= _own_privates(cls_node) & inherited
+        own -= _defined_privates(cls_node, only_self=True) & inherited
     found: set[tuple[str, str]] = set()
     for rel, _, tree in trees:
         in_lightning_class: dict[ast.AST, frozenset[str]] = {}
@@ -192,14 +186,6 @@ def private_lightning_uses() -> set[tuple[str, str]]:
             elif attr in _lightning_privates() and attr not in own:
                 found.add((rel, attr))
     return found
-
-
-def test_private_lightning_names_appear_only_in_lightning_compat() -> None:
-    found = private_lightning_uses()
-    unexpected = sorted(found - ALLOWED_PRIVATE_LIGHTNING)
-    assert not unexpected, f"private Lightning names outside layermoe/lightning_compat.py: {unexpected}"
-    stale = sorted(ALLOWED_PRIVATE_LIGHTNING - found)
-    assert not stale, f"allow-list entries no longer needed (delete them): {stale}"
 
 
 def test_the_private_use_check_sees_each_kind_of_use() -> None:
@@ -279,14 +265,6 @@ def layout_redefinitions() -> set[tuple[str, str]]:
     return found
 
 
-def test_layout_types_are_defined_only_in_layout_py() -> None:
-    found = layout_redefinitions()
-    unexpected = sorted(found - ALLOWED_LAYOUT_REDEFINITIONS)
-    assert not unexpected, f"redefined outside layermoe/layout.py (import them from there): {unexpected}"
-    stale = sorted(ALLOWED_LAYOUT_REDEFINITIONS - found)
-    assert not stale, f"allow-list entries no longer needed (delete them): {stale}"
-
-
 def test_the_layout_check_knows_the_layout_definitions() -> None:
     values, functions = _layout_definitions()
     assert values["Layout"] == "dict[int, dict[str, int]]"
@@ -329,12 +307,23 @@ def uncommented_local_imports() -> set[tuple[str, str]]:
     return found
 
 
-def test_function_local_project_imports_say_which_cycle_they_break() -> None:
-    found = uncommented_local_imports()
-    unexpected = sorted(found - ALLOWED_UNCOMMENTED_LOCAL_IMPORTS)
-    assert not unexpected, (
-        f"function-local imports of layermoe without a comment: {unexpected}; import at the module top, or"
-        " say on the line which import cycle the local import breaks"
-    )
-    stale = sorted(ALLOWED_UNCOMMENTED_LOCAL_IMPORTS - found)
-    assert not stale, f"allow-list entries no longer needed (delete them): {stale}"
+RULES = {
+    "private Lightning names only in lightning_compat.py": (
+        private_lightning_uses,
+        ALLOWED_PRIVATE_LIGHTNING,
+    ),
+    "layout types and constants defined only in layout.py (import them from there)": (
+        layout_redefinitions,
+        ALLOWED_LAYOUT_REDEFINITIONS,
+    ),
+    "function-local imports of layermoe say on their line which import cycle they break (or move to the top)": (
+        uncommented_local_imports,
+        ALLOWED_UNCOMMENTED_LOCAL_IMPORTS,
+    ),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_the_source_keeps_the_rule(rule: str) -> None:
+    find, allowed = RULES[rule]
+    check_against_allow_list(find(), allowed, f"broken rule, {rule}")
