@@ -263,7 +263,7 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool, max_steps: int | No
 
     from layermoe.adapters import layout
     from layermoe.callbacks import LayerInfluenceCallback
-    from layermoe.lightning_modules.cli import LayerMoECLI
+    from layermoe.cli import LayerMoECLI
 
     task, budget, arm, seed = run
     generative = task in capacity_curve.GENERATIVE_TASKS

@@ -112,7 +112,7 @@ def toy_files(tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def shared_data() -> Path:
     """The read-only CoLA/SST-2 folder, or skip when it is not beside the repository."""
-    from layermoe.models.paths import shared_data_dir
+    from layermoe.paths import shared_data_dir
 
     folder = shared_data_dir()
     if not (folder / "sst2" / "train.jsonl").is_file():

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from layermoe.callbacks import CallbackConfigError
-from layermoe.lightning_modules.cli import main
+from layermoe.cli import main
 from tests.test_cli_quickstart import QUICKSTART, _override
 
 
@@ -102,7 +102,7 @@ def test_bad_model_dict_names_the_config_field(run_dir, tiny_spec, toy_files, fi
 
 
 def test_partial_adapter_override_merges_into_the_configured_adapter(run_dir, tiny_spec, toy_files):
-    from layermoe.lightning_modules.cli import LayerMoECLI
+    from layermoe.cli import LayerMoECLI
 
     override = _override(run_dir, tiny_spec, toy_files)
     configured = yaml.safe_load(QUICKSTART.read_text())["model"]["adapter"]
@@ -131,7 +131,7 @@ def test_resume_with_another_layout_lists_only_the_layout_fields(run_dir, tiny_s
 
 
 def test_val_size_from_the_cli_keeps_ints_as_row_counts(run_dir, tiny_spec, toy_files):
-    from layermoe.lightning_modules.cli import LayerMoECLI
+    from layermoe.cli import LayerMoECLI
 
     override = _override(run_dir, tiny_spec, toy_files)
     for given, expected in (("1", 1), ("200", 200), ("0.25", 0.25)):

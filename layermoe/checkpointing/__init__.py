@@ -1,7 +1,8 @@
 """Checkpoints that survive rewires and crashes, exact mid-epoch resume, adapter-only artifacts.
 
 - ``AtomicCheckpointIO``: a checkpoint file is never half-written (temp file + fsync + rename).
-- ``resumable_train_loader`` / ``ResumableDataLoader``: a train loader Lightning resumes mid-epoch.
+- ``resumable_train_loader`` (from :mod:`layermoe.data.resumable_loader`): a train loader Lightning resumes
+  mid-epoch.
 - ``RNGStateCallback``: torch/CUDA/numpy/Python RNG states in every checkpoint, restored on resume.
 - ``EpochEndResume``: a checkpoint saved in ``on_train_epoch_end`` resumes at the next epoch's start.
 - ``PreemptionCheckpoint``: SIGTERM writes a resumable checkpoint and exits with status 143.
@@ -17,6 +18,10 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import Callback
 
+# the loader lives with the data (layermoe.data.resumable_loader); exact resume needs it beside the
+# callbacks below, so the exact-resume kit is importable from here too
+from layermoe.data.resumable_loader import resumable_train_loader
+
 from .adapter_io import AdapterArtifactError, load_adapters, read_adapter_manifest, save_adapters
 from .atomic_io import AtomicCheckpointIO, atomic_torch_save, stale_temp_files
 from .integrity_guard import CheckpointIntegrityGuard, VerifiedCheckpointIO
@@ -30,7 +35,6 @@ from .optimizer_guard import (
     optimizer_manifest,
 )
 from .preemption import PREEMPTED_EXIT_CODE, PreemptionCheckpoint
-from .resumable_data import ResumableDataLoader, ResumableSampler, resumable_train_loader
 from .rng import RNGStateCallback, capture_rng_state, restore_rng_state
 
 
@@ -61,8 +65,6 @@ __all__ = [
     "PREEMPTED_EXIT_CODE",
     "PreemptionCheckpoint",
     "RNGStateCallback",
-    "ResumableDataLoader",
-    "ResumableSampler",
     "VerifiedCheckpointIO",
     "atomic_torch_save",
     "capture_rng_state",

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layermoe.models.paths import resolve_path
+from layermoe.paths import resolve_path
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -78,7 +78,7 @@ def read_rows(
     """Texts and (when ``label_column`` is set) integer labels of a local file.
 
     ``path`` may use the ``{cache}``/``{shared}``/``{quickstart}`` placeholders of
-    :func:`layermoe.models.paths.resolve_path`.
+    :func:`layermoe.paths.resolve_path`.
     """
     file = resolve_path(str(path))
     if not file.is_file():

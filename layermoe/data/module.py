@@ -27,11 +27,12 @@ from layermoe.data.encode import (
 )
 from layermoe.data.io import DataError, read_rows
 from layermoe.data.responses import ResponseFormat, encode_multiple_choice, encode_response
+from layermoe.data.resumable_loader import resumable_train_loader
 from layermoe.data.sources import PROJECT_READER_SUFFIXES, load_split, read_source
 from layermoe.data.split import stratified_indices
 from layermoe.data.tokenizer import TINY, load_tokenizer
 from layermoe.layout import is_int_at_least
-from layermoe.models.paths import resolve_path
+from layermoe.paths import resolve_path
 
 Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
 Rows = tuple[list[dict[str, Any]], list[int] | None]
@@ -409,11 +410,9 @@ class TextDataModule(pl.LightningDataModule):
         """The only place the training loader is built: shuffled by ``seed`` + epoch, and resumable.
 
         Lightning saves its position in every checkpoint and resumes it mid-epoch (see
-        ``layermoe.checkpointing.resumable_train_loader``); iterating it draws nothing from the global RNG.
+        ``layermoe.data.resumable_loader``); iterating it draws nothing from the global RNG.
         With ``group_by_length`` the shuffled order is grouped by token length (less padding per batch).
         """
-        from layermoe.checkpointing import resumable_train_loader
-
         train = self.datasets["train"]
         return resumable_train_loader(
             train,

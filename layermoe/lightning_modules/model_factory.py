@@ -15,8 +15,8 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
-from layermoe.models.paths import resolve_path
 from layermoe.models.smollm2 import smollm2_dir
+from layermoe.paths import resolve_path
 
 ALIASES = {"smollm2": smollm2_dir}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

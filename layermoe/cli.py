@@ -18,12 +18,17 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.model_registry import _is_registry
 
+from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
 from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.checkpointing.integrity import read_verified_checkpoint
 from layermoe.checkpointing.run_lock import run_folder_lock
 from layermoe.data import TextDataModule
+from layermoe.lightning_compat import (
+    CheckpointPathWithoutOverlay,
+    is_lightning_checkpoint_keyword,
+    overwrite_last_checkpoint,
+)
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
 from layermoe.lightning_modules.progress_bar import FitProgressBar
 from layermoe.precision import AUTO, describe_choice, resolve_precision
@@ -75,7 +80,7 @@ class Trainer(pl.Trainer):
         super().__init__(precision=resolved, **kwargs)
         for callback in self.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and writes_last(callback):
-                callback._enable_version_counter = False  # no public setter; the init argument sets it
+                overwrite_last_checkpoint(callback)
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
         if not self.is_global_zero:  # DDP's other ranks write nothing of their own here
@@ -95,8 +100,6 @@ def check_single_influence_callback(callbacks: Any) -> None:
     """Raise ``CallbackConfigError`` naming the entries when ``trainer.callbacks`` has more than one
     ``LayerInfluenceCallback`` (Lightning's own error for that, raised in ``Trainer.__init__``, only says
     that a callback's ``state_key`` must be unique)."""
-    from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
-
     entries = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
     indices = [i for i, cb in enumerate(entries) if isinstance(cb, LayerInfluenceCallback)]
     if len(indices) > 1:
@@ -138,9 +141,6 @@ def split_adapter_overrides(args: list[str]) -> tuple[list[str], list[str]]:
 def check_influence_callback_entry(index: int, entry: Any) -> None:
     """Raise ``CallbackConfigError`` naming ``trainer.callbacks[index]`` when the entry is a
     ``LayerInfluenceCallback`` (or subclass) whose arguments it rejects."""
-
-    from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
-
     class_path = getattr(entry, "class_path", None) if isinstance(entry, Namespace) else None
     if not isinstance(class_path, str) or "." not in class_path:
         return
@@ -159,7 +159,7 @@ def check_influence_callback_entry(index: int, entry: Any) -> None:
         raise CallbackConfigError(f"trainer.callbacks[{index}] ({name}): {exc}") from None
 
 
-class LayerMoECLI(LightningCLI):
+class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):
     """LightningCLI over :class:`MoELoRAFineTuner` and :class:`TextDataModule` with the auto-precision Trainer.
 
     The optimizer and LR schedule are the module's own (``configure_optimizers``: deterministic parameter
@@ -215,15 +215,12 @@ class LayerMoECLI(LightningCLI):
         self.config[key] = merged
         return None
 
-    def _parse_ckpt_path(self) -> None:
+    def check_ckpt_path(self, ckpt_path: Any) -> None:
         """Read and verify the checkpoint early (a clear error before the model is built), overlay nothing."""
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         # every local path, whatever its suffix (a folder, a .pt, a safetensors file fail here with their
         # cause); Lightning's own keywords and URLs are left to Lightning
         text = str(ckpt_path or "")
-        keyword = text in ("last", "best", "hpc") or _is_registry(text)
-        if text and not keyword and "://" not in text:
+        if text and not is_lightning_checkpoint_keyword(text) and "://" not in text:
             read_verified_checkpoint(ckpt_path)
 
 
