@@ -4,7 +4,7 @@ Subcommands and options are LightningCLI's (``fit``, ``validate``, ``test``, ``-
 ``--print_config``); ``trainer.precision: auto`` picks bf16 only where the hardware runs it natively.
 """
 
-from layermoe.lightning_modules.cli import main
+from layermoe.cli import main
 
 if __name__ == "__main__":
     main()

@@ -117,7 +117,7 @@ def run_one(
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from layermoe.adapters import layout
-    from layermoe.lightning_modules.cli import LayerMoECLI
+    from layermoe.cli import LayerMoECLI
 
     sys.argv = sys.argv[:1]  # LightningCLI reads sys.argv too; the runner's own flags are not its business
     args = cli_args(task, arm, seed, workdir, quick, real, gpu)

@@ -5,6 +5,19 @@
     python benchmarks/allocation_sweep.py --phase default --jobs 2      # the chosen defaults at the generous one
     python benchmarks/allocation_sweep.py --table                       # only rebuild table + figure
     python benchmarks/allocation_sweep.py --quick                       # tiny random model, 4 runs (~3 min)
+    python benchmarks/allocation_sweep.py --phase curve --jobs 2        # capacity curve (issue 34), see below
+    python benchmarks/allocation_sweep.py --phase curve --table         # only rebuild the curve's table
+    python benchmarks/allocation_sweep.py --phase curve --quick         # tiny random model, 6 runs (tested)
+
+The capacity curve (issue 34, ``--phase curve``, results under ``benchmarks/results/curve``): uniform
+MoE-LoRA (no callback) on the generative tasks ``facts`` and ``skills`` (benchmarks/tasks.py, written into
+each run's folder with a validation file; ``configs/experiments/allocation_sweep/generative.yaml``) at the
+budgets ``CURVE["budgets"]``, each over a learning-rate grid on seed 0; the lr with the lowest validation
+loss is chosen per (task, budget), then seeds 1 and 2 run at it (``benchmarks/capacity_curve.py``). The
+driver plans again after each round until every cell has its seeds, so one command runs it all and resumes.
+Its runs' metrics: test loss over the answer tokens with the final weights (per-sample mean, the primary,
+and token mean) and exact match, by ``benchmarks/peft_parity.py``'s evaluator; the same on the validation
+file; Lightning's validation loss at each check.
 
 Every run is train.py's configuration: ``configs/experiments/allocation_sweep/base.yaml`` + the task's YAML +
 ``budgets/<budget>.yaml`` + the arm's callback (``ARMS`` below, written to ``<workdir>/<run>/arm.yaml``;
@@ -33,9 +46,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import capacity_curve  # noqa: E402
 from allocation_quality import machine_description, tiny_task_files  # noqa: E402
 from quality_results import load_results, write_result  # noqa: E402
 from run_queue import QueuedRun, run_queue  # noqa: E402
@@ -46,9 +62,14 @@ TASK_CONFIGS = {
     "sst2": REPO / "configs" / "experiments" / "allocation_quality" / "sst2.yaml",
     "cola": REPO / "configs" / "experiments" / "allocation_quality" / "cola.yaml",
     "sarcasm": CONFIGS / "sarcasm.yaml",
+    **dict.fromkeys(capacity_curve.GENERATIVE_TASKS, CONFIGS / "generative.yaml"),
 }
 QUICK_CONFIG = REPO / "configs" / "experiments" / "allocation_quality" / "quick_tiny.yaml"
+QUICK_GENERATIVE_CONFIG = CONFIGS / "quick_generative.yaml"
 BUDGETS = ["tight", "mid", "generous"]  # 0.043%, 0.45%, 4.1% of SmolLM2's parameters
+#: every budget YAML, smallest first: tiny 0.017%, tight 0.043%, small 0.227%, mid 0.454%, large 1.362%,
+#: generous 4.077% of SmolLM2's parameters (each file says how)
+ALL_BUDGETS = ["tiny", "tight", "small", "mid", "large", "generous"]
 SELECTION_METRIC = {"cola": "val/mcc"}  # model selection; accuracy elsewhere (CoLA: majority class wins acc)
 
 _COMMON = {
@@ -129,6 +150,26 @@ PHASES: dict[str, dict[str, list]] = {
     "default": {"tasks": _TASKS, "budgets": ["generous"], "arms": ["uniform", "default"]},
 }
 QUICK = {"tasks": ["sst2"], "budgets": ["generous"], "arms": ["uniform", "layerif"], "seeds": [0, 1]}
+#: the capacity curve: uniform at each budget over the lr grid (seed 0), then the other seeds at the lr
+#: chosen on validation loss; a best lr at the grid's edge grows the grid by one step, at most
+#: max_extensions times per cell; the ratio is the issue's criterion (tight / the largest budget)
+CURVE: dict[str, Any] = {
+    "tasks": list(capacity_curve.GENERATIVE_TASKS),
+    "budgets": ["tiny", "tight", "small", "mid", "large"],
+    "lrs": [2e-3, 4e-3, 8e-3],
+    "seeds": [0, 1, 2],
+    "max_extensions": 1,
+    "ratio": ("tight", "large"),
+}
+CURVE_QUICK: dict[str, Any] = {
+    **CURVE,
+    "tasks": ["facts"],
+    "budgets": ["tight", "mid"],
+    "lrs": [3e-3, 1e-2],
+    "seeds": [0, 1],
+    "max_extensions": 0,
+    "ratio": ("tight", "mid"),
+}
 
 Run = tuple[str, str, str, int]  # task, budget, arm, seed
 
@@ -140,7 +181,7 @@ def run_name(run: Run) -> str:
 
 def callback_config(arm: str, seed: int) -> dict[str, Any] | None:
     """The arm's ``LayerInfluenceCallback`` init_args (None: no callback)."""
-    spec = ARMS[arm]
+    spec = ARMS[capacity_curve.split_arm(arm)[0]]
     if spec is None:
         return None
     args: dict[str, Any] = json.loads(json.dumps({**_COMMON, **spec}).replace('"{seed}"', str(seed)))
@@ -216,16 +257,18 @@ def second_draw(callback: Any, offset: int = 1000) -> list[dict[int, float]]:
     return draws
 
 
-def run_one(run: Run, out: Path, workdir: Path, quick: bool) -> None:
+def run_one(run: Run, out: Path, workdir: Path, quick: bool, max_steps: int | None = None) -> None:
     import torch
     import yaml
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from layermoe.adapters import layout
     from layermoe.callbacks import LayerInfluenceCallback
-    from layermoe.lightning_modules.cli import LayerMoECLI
+    from layermoe.cli import LayerMoECLI
 
     task, budget, arm, seed = run
+    generative = task in capacity_curve.GENERATIVE_TASKS
+    lr = capacity_curve.split_arm(arm)[1]
     sys.argv = sys.argv[:1]  # LightningCLI reads sys.argv too
     workdir.mkdir(parents=True, exist_ok=True)
     args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(TASK_CONFIGS[task])]
@@ -236,10 +279,19 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool) -> None:
         entry = {"class_path": "layermoe.callbacks.LayerInfluenceCallback", "init_args": callback}
         arm_file.write_text(yaml.safe_dump({"trainer": {"callbacks": [entry]}}, sort_keys=False))
         args += ["--config", str(arm_file)]
-    if quick:
+    if generative:
+        args += ["--config", str(QUICK_GENERATIVE_CONFIG)] if quick else []
+        files = capacity_curve.write_task_files(task, workdir / "data", quick)
+        args += ["--data.train_file", files["train"], "--data.test_file", files["test"]]
+        args += ["--data.val_file", files["validation"]]
+    elif quick:
         args += ["--config", str(QUICK_CONFIG)]
         files = tiny_task_files(workdir / "data", seed=0)
         args += ["--data.train_file", files["train"], "--data.test_file", files["test"]]
+    if lr is not None:
+        args += ["--model.lr", repr(lr)]
+    if max_steps is not None:  # a smoke run: the warm-up shrinks with it (the configs' is 10 steps)
+        args += ["--trainer.max_steps", str(max_steps), "--model.warmup_steps", str(max(1, max_steps // 10))]
     args += ["--seed_everything", str(seed), "--data.seed", str(seed)]
     args += ["--trainer.default_root_dir", str(workdir), "--trainer.logger.init_args.save_dir", str(workdir)]
     cli = LayerMoECLI(args=args, run=False)
@@ -251,25 +303,28 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool) -> None:
         for c in influence:  # the tiny smoke run only checks the plumbing
             c.num_train_samples, c.num_val_samples = 16, 16
     draws = second_draw(influence[0]) if influence and arm in SCORER_ARMS else None
-    selection = ModelCheckpoint(
-        dirpath=str(workdir / "best"), monitor=SELECTION_METRIC.get(task, "val/acc"), mode="max", save_top_k=1
-    )
-    trainer.callbacks.append(selection)
+    val_history = ValidationHistory()
+    trainer.callbacks.append(val_history)
+    selection = None
+    if not generative:  # generative runs are judged by their final weights only (no accuracy to select on)
+        selection = ModelCheckpoint(
+            dirpath=str(workdir / "best"),
+            monitor=SELECTION_METRIC.get(task, "val/acc"),
+            mode="max",
+            save_top_k=1,
+        )
+        trainer.callbacks.append(selection)
     start = time.perf_counter()
     trainer.fit(module, datamodule=cli.datamodule)
     fit_seconds = time.perf_counter() - start
     cli.datamodule.setup("test")
-    final = evaluate_label_loss(module, cli.datamodule.test_dataloader())
-    best_path = selection.best_model_path
-    best_step = int(m.group(1)) if (m := re.search(r"step=(\d+)", Path(best_path).name)) else None
-    if best_step is not None and best_step != trainer.global_step:
-        metrics = trainer.test(module, datamodule=cli.datamodule, ckpt_path=best_path, verbose=False)[0]
-        selected = {
-            "accuracy": float(metrics["test/acc"]),
-            "mcc": float(metrics.get("test/mcc", float("nan"))),
-        }
-    else:  # the selected checkpoint is the final weights
-        selected = {"accuracy": final["accuracy"], "mcc": final["mcc"]}
+    extra: dict[str, Any] = {}
+    if generative:
+        final, extra["validation"] = evaluate_generative(module, cli.datamodule)
+        selected = None
+    else:
+        final = evaluate_label_loss(module, cli.datamodule.test_dataloader())
+        selected = select_checkpoint(trainer, module, cli.datamodule, selection, final)
     history = json.loads(json.dumps(influence[0].history, default=str)) if influence else []
     result: dict[str, Any] = {
         "task": task,
@@ -279,7 +334,10 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool) -> None:
         "quick": quick,
         "steps": int(trainer.global_step),
         "final": final,
-        "selected": {**selected, "step": best_step},
+        **extra,
+        "selected": selected,
+        "lr": float(module.hparams.lr),
+        "val_history": val_history.losses,
         "trainable_params": int(sum(p.numel() for p in module.parameters() if p.requires_grad)),
         "base_params": int(sum(p.numel() for n, p in module.model.named_parameters() if "lora_" not in n)),
         "final_layout": {str(k): v for k, v in layout(module.model).items()},
@@ -295,6 +353,50 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool) -> None:
         "parallel_runs": int(os.environ.get("LAYERMOE_PARALLEL_RUNS", "1")),
     }
     write_result(out, result)
+
+
+def select_checkpoint(
+    trainer: Any, module: Any, datamodule: Any, selection: Any, final: dict[str, float]
+) -> dict[str, Any]:
+    """Test accuracy and MCC with the checkpoint chosen on the validation slice (the final weights' when
+    that is the one chosen)."""
+    best_path = selection.best_model_path
+    best_step = int(m.group(1)) if (m := re.search(r"step=(\d+)", Path(best_path).name)) else None
+    if best_step is not None and best_step != trainer.global_step:
+        metrics = trainer.test(module, datamodule=datamodule, ckpt_path=best_path, verbose=False)[0]
+        selected = {
+            "accuracy": float(metrics["test/acc"]),
+            "mcc": float(metrics.get("test/mcc", float("nan"))),
+        }
+    else:  # the selected checkpoint is the final weights
+        selected = {"accuracy": final["accuracy"], "mcc": final["mcc"]}
+    return {**selected, "step": best_step}
+
+
+def evaluate_generative(module: Any, datamodule: Any) -> tuple[dict[str, float], dict[str, float]]:
+    """Test and validation metrics with the weights now, by the parity benchmark's evaluator (the one
+    that checks both systems there): answer-token loss per sample and per token, exact match."""
+    from peft_parity import evaluate, project_examples
+
+    pad_id = datamodule.prepare_tokenizer().pad_token_id
+    batch_size = datamodule.hparams.get("eval_batch_size") or datamodule.hparams["batch_size"]
+    out = []
+    for stage in ("test", "val"):
+        examples = project_examples(datamodule, stage)
+        out.append({**evaluate(module.model, examples, pad_id, batch_size, None), "rows": len(examples)})
+    module.train()
+    return out[0], out[1]
+
+
+class ValidationHistory(Callback):
+    """Lightning's validation loss (per-sample mean over the answer tokens) at each check, by step."""
+
+    def __init__(self) -> None:
+        self.losses: list[tuple[int, float]] = []
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking and "val/loss" in trainer.callback_metrics:
+            self.losses.append((int(trainer.global_step), float(trainer.callback_metrics["val/loss"])))
 
 
 def code_version() -> str:
@@ -319,20 +421,33 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--phase",
-        choices=[*PHASES, "all"],
+        choices=[*PHASES, "curve", "all"],
         default=None,
-        help="which part of the grid (default: primary; --table: all)",
+        help="which part of the grid (default: primary; --table: all but the curve); curve: the capacity curve",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny random model, 1 budget x 2 arms x 2 seeds (~1 min)"
     )
     parser.add_argument("--tasks", nargs="+", choices=list(TASK_CONFIGS))
-    parser.add_argument("--budgets", nargs="+", choices=BUDGETS)
+    parser.add_argument("--budgets", nargs="+", choices=ALL_BUDGETS)
     parser.add_argument("--arms", nargs="+", choices=list(ARMS))
     parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--lrs", nargs="+", type=float, help="curve: the lr grid (default CURVE['lrs'])")
+    parser.add_argument(
+        "--max-lr-extensions",
+        type=int,
+        default=None,
+        help="curve: grid steps added when the best lr is at an edge",
+    )
     parser.add_argument("--results", help="results folder (default benchmarks/results/sweep[-quick])")
     parser.add_argument("--workdir", default=str(REPO / "runs" / "allocation_sweep"))
     parser.add_argument("--table", action="store_true", help="only rebuild the report from finished runs")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="override the step count, warm-up a tenth of it (smoke runs; give them their own --results)",
+    )
     parser.add_argument("--max-runs", type=int, default=None, help="stop after this many new runs")
     parser.add_argument(
         "--jobs", type=int, default=1, help="runs at once, each with cpu_count // jobs threads"
@@ -348,6 +463,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         args.phase = "all" if args.table else "primary"
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    if args.phase == "curve" and args.arms:
+        parser.error("--phase curve runs the uniform arm only (at each lr of its grid); drop --arms")
+    if args.lrs is not None and (len(set(args.lrs)) != len(args.lrs) or min(args.lrs) <= 0):
+        parser.error(f"--lrs must be distinct positive learning rates, got {args.lrs}")
+    if args.phase == "curve" and args.tasks and set(args.tasks) - set(capacity_curve.GENERATIVE_TASKS):
+        parser.error(f"--phase curve runs generative tasks only: {list(capacity_curve.GENERATIVE_TASKS)}")
     return args
 
 
@@ -368,7 +489,60 @@ def planned_runs(args: argparse.Namespace) -> list[Run]:
 def results_dir(args: argparse.Namespace) -> Path:
     if args.results:
         return Path(args.results)
-    return REPO / "benchmarks" / "results" / ("sweep-quick" if args.quick else "sweep")
+    name = "curve" if args.phase == "curve" else "sweep"
+    return REPO / "benchmarks" / "results" / (f"{name}-quick" if args.quick else name)
+
+
+def curve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The curve's plan: CURVE (CURVE_QUICK with --quick), with --tasks/--budgets/--seeds/--lrs/
+    --max-lr-extensions replacing its own."""
+    settings = dict(CURVE_QUICK if args.quick else CURVE)
+    for key, value in (
+        ("tasks", args.tasks),
+        ("budgets", args.budgets),
+        ("seeds", args.seeds),
+        ("lrs", args.lrs),
+    ):
+        if value:
+            settings[key] = list(value)
+    if args.max_lr_extensions is not None:
+        settings["max_extensions"] = args.max_lr_extensions
+    settings["budgets"] = sorted(settings["budgets"], key=ALL_BUDGETS.index)
+    return settings
+
+
+def curve_plans(args: argparse.Namespace, folder: Path) -> list[capacity_curve.CellPlan]:
+    settings = curve_settings(args)
+    return capacity_curve.plan_curve(
+        load_results_of(folder),
+        settings["tasks"],
+        settings["budgets"],
+        settings["lrs"],
+        settings["seeds"],
+        settings["max_extensions"],
+    )
+
+
+def run_curve(args: argparse.Namespace, folder: Path) -> str:
+    """Plan, run what the plan needs now, plan again (a finished grid chooses its lr, and its other seeds
+    become runnable) until nothing is left or --max-runs is spent; then the table."""
+    settings = curve_settings(args)
+    budget = args.max_runs
+    while not args.table:
+        todo = [run for plan in curve_plans(args, folder) for run in plan.todo]
+        # grids before seeds: every cell's lr is chosen as early as the queue allows
+        todo.sort(key=lambda run: (run[3] != settings["seeds"][0], run[3]))
+        if budget is not None:
+            todo = todo[: max(0, budget)]
+            budget -= len(todo)
+        if not todo:
+            break
+        print(f"curve: {len(todo)} runs to start in this round", flush=True)
+        run_pending(args, folder, todo)
+    plans = curve_plans(args, folder)
+    return capacity_curve.write_curve_report(
+        load_results_of(folder), folder, plans, settings["seeds"], tuple(settings["ratio"])
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +552,12 @@ def main(argv: list[str] | None = None) -> int:
         task, budget, arm, seed = args.run_one
         run = (task, budget, arm, int(seed))
         name = run_name(run)
-        run_one(run, folder / f"{name}.json", Path(args.workdir) / folder.name / name, args.quick)
+        run_one(
+            run, folder / f"{name}.json", Path(args.workdir) / folder.name / name, args.quick, args.max_steps
+        )
+        return 0
+    if args.phase == "curve":
+        print(run_curve(args, folder))
         return 0
     planned = planned_runs(args)
     if not args.table:
@@ -403,6 +582,7 @@ def run_pending(args: argparse.Namespace, folder: Path, todo: list[Run]) -> None
         name = run_name(run)
         command = [sys.executable, __file__, "--run-one", run[0], run[1], run[2], str(run[3])]
         command += ["--results", str(folder), "--workdir", args.workdir] + (["--quick"] if args.quick else [])
+        command += [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
         log = Path(args.workdir) / folder.name / f"{name}.log"
         runs.append(QueuedRun(name, command, folder / f"{name}.json", log))
     run_queue(runs, args.jobs, env)

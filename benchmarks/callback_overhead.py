@@ -224,7 +224,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from layermoe.lightning_modules import MoELoRAFineTuner
-    from layermoe.models import is_prepared, shared_data_dir, smollm2_dir
+    from layermoe.models import is_prepared, smollm2_dir
+    from layermoe.paths import shared_data_dir
 
     model_dir = smollm2_dir()
     if not is_prepared(model_dir):

@@ -54,7 +54,7 @@ import tasks  # noqa: E402
 from allocation_quality import machine_description  # noqa: E402
 from quality_results import load_results, result_path, write_result  # noqa: E402
 
-from layermoe.models.paths import cache_dir, resolve_path  # noqa: E402
+from layermoe.paths import cache_dir, resolve_path  # noqa: E402
 
 SYSTEMS = ("peft", "layermoe", "layermoe-router")
 TASKS = ("facts", "skills", "sst2")

@@ -68,7 +68,8 @@ def run_variant(variant: str, batches: int, val_batches: int, projection_dim: in
 
     from layermoe.callbacks.scoring_pass import resolve_per_sample_loss
     from layermoe.lightning_modules import MoELoRAFineTuner
-    from layermoe.models import shared_data_dir, smollm2_dir
+    from layermoe.models import smollm2_dir
+    from layermoe.paths import shared_data_dir
     from layermoe.scoring import capture_statistics
 
     torch.set_num_threads(1)

@@ -79,8 +79,8 @@ def make_batches(count: int, seq_len: int, batch_size: int, seed: int):
     """Causal-LM batches from the shared SST-2 text when present (right padded), else random tokens."""
     import torch
 
-    from layermoe.models.paths import shared_data_dir
     from layermoe.models.smollm2 import is_prepared, smollm2_dir
+    from layermoe.paths import shared_data_dir
 
     path = shared_data_dir() / "sst2" / "train.jsonl"
     ids = mask = None

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.utilities.model_registry import _is_registry
 from torch import nn
 
 
@@ -217,3 +218,53 @@ def hpc_checkpoint_path(trainer: Any) -> str:
     and what ``ckpt_path="hpc"`` (and, on SLURM, a requeued job without ``ckpt_path``) resumes from. The
     name comes from the private ``_checkpoint_connector.hpc_save_path``; no public API gives it."""
     return str(trainer._checkpoint_connector.hpc_save_path(trainer.default_root_dir))
+
+
+def overwrite_last_checkpoint(callback: Any) -> None:
+    """Turn off a ``ModelCheckpoint``'s version counter (so ``last.ckpt`` is overwritten, never joined by
+    ``last-v1.ckpt``). The counter lives in the private ``_enable_version_counter``; only the init argument
+    ``enable_version_counter`` sets it publicly, and the Trainer gets the callback already built."""
+    callback._enable_version_counter = False
+
+
+def is_lightning_checkpoint_keyword(text: str) -> bool:
+    """Whether a ``--ckpt_path`` value is one Lightning resolves itself rather than a local file: ``last``,
+    ``best``, ``hpc``, or a model-registry name (the private ``model_registry._is_registry`` is the test
+    ``Trainer.fit`` itself applies)."""
+    return text in ("last", "best", "hpc") or bool(_is_registry(text))
+
+
+class CheckpointPathWithoutOverlay:
+    """Mixin for a ``LightningCLI`` subclass (list it before ``LightningCLI``): ``--ckpt_path`` keeps the
+    configuration as given, and ``check_ckpt_path(ckpt_path)`` is called instead.
+
+    ``LightningCLI.__init__`` calls its private ``_parse_ckpt_path`` after parsing, which overlays the
+    checkpoint's hyperparameters on the model settings and command-line overrides; overriding it is the
+    only way to turn that off.
+    """
+
+    def _parse_ckpt_path(self) -> None:
+        config = self.config  # type: ignore[attr-defined]
+        subcommand = config.get("subcommand")
+        self.check_ckpt_path(config[subcommand].get("ckpt_path") if subcommand else None)
+
+    def check_ckpt_path(self, ckpt_path: Any) -> None:
+        """What ``--ckpt_path`` is checked with before the model is built (nothing by default)."""
+
+
+def attached_trainer(module: Any) -> Any:
+    """The module's trainer, or None when it is not attached to one: ``LightningModule.trainer`` raises
+    then, and the private ``_trainer`` is the attribute it reads."""
+    return module._trainer
+
+
+def built_progress_bars(progress_bar: Any) -> tuple[Any, Any, Any]:
+    """A ``TQDMProgressBar``'s train, validation and test bars, None for those not built yet (the public
+    properties raise until then; the private ``_train_progress_bar`` etc. hold them)."""
+    return progress_bar._train_progress_bar, progress_bar._val_progress_bar, progress_bar._test_progress_bar
+
+
+def progress_bar_update_due(progress_bar: Any, current: int, total: int) -> bool:
+    """Whether a ``TQDMProgressBar`` redraws at batch ``current`` of ``total``: its own rule (the private
+    ``_should_update``: enabled, and every ``refresh_rate`` batches or at the last one)."""
+    return bool(progress_bar._should_update(current, total))

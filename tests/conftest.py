@@ -64,13 +64,10 @@ def toy_rows(n: int, seed: int = 0, positive_fraction: float = 0.5) -> list[dict
     return rows
 
 
-def atomic_checkpoint_trainer(max_steps: int, callbacks: list[Callback]) -> L.Trainer:
-    """A quiet trainer without validation that writes checkpoints through AtomicCheckpointIO (with
-    checksums), as the checkpoint tests write them; they pass their ModelCheckpoint in ``callbacks``."""
+def quiet_trainer(max_steps: int, callbacks: list[Callback], plugins: list[Any] | None = None) -> L.Trainer:
+    """A quiet trainer without validation; tests pass their ModelCheckpoint in ``callbacks``."""
     # imported here: this file stays light for the many tests that never build a Trainer
     import lightning as L
-
-    from layermoe.checkpointing import AtomicCheckpointIO
 
     return L.Trainer(
         max_steps=max_steps,
@@ -79,9 +76,17 @@ def atomic_checkpoint_trainer(max_steps: int, callbacks: list[Callback]) -> L.Tr
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
-        plugins=[AtomicCheckpointIO()],
+        plugins=plugins,
         callbacks=callbacks,
     )
+
+
+def atomic_checkpoint_trainer(max_steps: int, callbacks: list[Callback]) -> L.Trainer:
+    """:func:`quiet_trainer` writing checkpoints through AtomicCheckpointIO (with checksums), as the
+    checkpoint tests write them."""
+    from layermoe.checkpointing import AtomicCheckpointIO
+
+    return quiet_trainer(max_steps, callbacks, [AtomicCheckpointIO()])
 
 
 @pytest.fixture
@@ -107,7 +112,7 @@ def toy_files(tmp_path: Path) -> dict[str, Path]:
 @pytest.fixture
 def shared_data() -> Path:
     """The read-only CoLA/SST-2 folder, or skip when it is not beside the repository."""
-    from layermoe.models.paths import shared_data_dir
+    from layermoe.paths import shared_data_dir
 
     folder = shared_data_dir()
     if not (folder / "sst2" / "train.jsonl").is_file():

@@ -288,3 +288,23 @@ def test_untargeted_four_bit_layers_pass_gradients_after_an_eval_pass(tmp_path):
     model(ids, labels=ids).loss.backward()
     # block 0's q_proj reaches the loss only through the untargeted 4-bit o_proj and the MLPs above it
     assert model.model.layers[0].self_attn.q_proj.lora_B.grad.abs().sum() > 0
+
+
+def test_a_task_head_left_frozen_is_warned_about_naming_modules_to_save() -> None:
+    import warnings
+
+    from tests.scripts.plugin_projects import tiny_bert_classifier
+
+    with pytest.warns(
+        UserWarning, match=r"froze the task head 'classifier' .*modules_to_save=\['classifier'\]"
+    ):
+        inject(tiny_bert_classifier(), MoELoRAConfig(experts=2, rank=2, target_modules=["query", "value"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # kept trainable: nothing to warn about; a causal LM has no task head
+        inject(
+            tiny_bert_classifier(),
+            MoELoRAConfig(
+                experts=2, rank=2, target_modules=["query", "value"], modules_to_save=["classifier"]
+            ),
+        )
+        inject(tiny_llama(), MoELoRAConfig(experts=2, rank=2))

@@ -75,7 +75,7 @@ def test_label_loss_evaluation_matches_lightnings_test_loop(
     pytest.importorskip("yaml")
     from lightning.pytorch import seed_everything
 
-    from layermoe.lightning_modules.cli import LayerMoECLI
+    from layermoe.cli import LayerMoECLI
 
     files = allocation_sweep.tiny_task_files(tmp_path / "data")
     args = ["--config", str(allocation_sweep.CONFIGS / "base.yaml")]

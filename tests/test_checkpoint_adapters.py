@@ -183,3 +183,61 @@ def test_adapters_are_not_loaded_onto_another_base_silently(tmp_path: Path, othe
     _assert_untouched(model, before, adapted=False)
     if model.config.num_hidden_layers >= 3:
         assert load_adapters(model, tmp_path, allow_other_base=True) == RESIZED
+
+
+def _flip_inside(path: Path, data: bytes, count: int = 64) -> None:
+    raw = path.read_bytes()
+    start = raw.find(data) + len(data) // 2
+    assert start >= len(data) // 2
+    path.write_bytes(raw[:start] + bytes(b ^ 0xFF for b in raw[start : start + count]) + raw[start + count :])
+
+
+def test_flipped_bytes_in_either_file_are_refused_and_leave_the_model_alone(tmp_path: Path) -> None:
+    trained = _trained_adapted_model()
+    save_adapters(trained, tmp_path / "a")
+    save_adapters(trained, tmp_path / "b")
+    name = "model.layers.0.self_attn.q_proj.lora_A"
+    _flip_inside(
+        tmp_path / "a" / WEIGHTS_NAME,
+        trained.get_submodule(name.rpartition(".")[0]).lora_A.detach().numpy().tobytes(),
+    )
+    config = tmp_path / "b" / CONFIG_NAME
+    data = json.loads(config.read_text())
+    data["config"]["lora_alpha"] = 9.0  # parses and validates, but is not what was trained
+    config.write_text(json.dumps(data))
+    for folder, message in (
+        ("a", rf"1 tensors do not match their checksums \(\['{name}'\]\)"),
+        ("b", "does not match its checksum"),
+    ):
+        model = tiny_llama()
+        before = _snapshot(model)
+        with pytest.raises(AdapterArtifactError, match=message):
+            load_adapters(model, tmp_path / folder)
+        _assert_untouched(model, before, adapted=False)
+
+
+def test_non_finite_adapters_are_never_written(tmp_path: Path) -> None:
+    model = _trained_adapted_model()
+    with torch.no_grad():
+        model.get_submodule("model.layers.1.mlp.up_proj").lora_B.view(-1)[3] = float("inf")
+    with pytest.raises(
+        AdapterArtifactError, match=r"Refusing to save .*\['model\.layers\.1\.mlp\.up_proj\.lora_B'\]"
+    ):
+        save_adapters(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_artifacts_written_before_checksums_still_load(tmp_path: Path) -> None:
+    trained = _trained_adapted_model()
+    save_adapters(trained, tmp_path)
+    config = tmp_path / CONFIG_NAME
+    data = json.loads(config.read_text())
+    assert data["version"] == 2 and "checksums" in data
+    del data["checksums"]
+    data["version"] = 1  # what the previous release wrote
+    config.write_text(json.dumps(data))
+    model = tiny_llama().eval()
+    load_adapters(model, tmp_path)
+    tokens = random_tokens(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model(tokens).logits, trained(tokens).logits)

@@ -79,3 +79,67 @@ def test_remove_checkpoint(tmp_path: Path) -> None:
 def test_storage_options_rejected_with_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="storage_options"):
         AtomicCheckpointIO().save_checkpoint(_ckpt(1.0), tmp_path / "x.ckpt", storage_options={"a": 1})
+
+
+def _failing_open(code: int, on_call: int = 1):
+    """``open`` that raises ``OSError(code)`` at the ``on_call``-th temporary file: a full disk (after
+    some bytes went out) or a read-only folder."""
+    import builtins
+    import errno
+    import os
+
+    calls = []
+
+    def fake(path, mode="r", *args, **kwargs):
+        calls.append(path)
+        handle = builtins.open(path, mode, *args, **kwargs)
+        if len(calls) == on_call:
+            if code == errno.ENOSPC:
+                handle.write(b"\0" * 64)  # part of the bytes reached the disk
+            handle.close()
+            raise OSError(code, os.strerror(code))
+        return handle
+
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("code", "pattern"),
+    [(28, r"the disk holding .* is full \(No space left on device\)"), (30, r"is on a read-only filesystem")],
+)
+def test_a_full_disk_or_read_only_folder_names_the_folder_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, pattern: str
+) -> None:
+    from layermoe.checkpointing import atomic_io
+
+    io, path = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint(_ckpt(1.0), path)
+    monkeypatch.setattr(atomic_io, "open", _failing_open(code), raising=False)
+    with pytest.raises(atomic_io.CheckpointWriteError, match=pattern) as info:
+        io.save_checkpoint(_ckpt(2.0), path)
+    message = str(info.value)
+    assert str(path) in message and "Nothing was written (the previous file is unchanged)" in message
+    assert "ModelCheckpoint's dirpath" in message and info.value.errno == code
+    monkeypatch.undo()
+    assert io.load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
+
+
+def test_save_adapters_replaces_both_files_or_neither(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layermoe.adapters import MoELoRAConfig, inject
+    from layermoe.checkpointing import atomic_io, save_adapters
+    from tests.tiny_models import tiny_llama
+
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=4))
+    save_adapters(model, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+    # the manifest, staged second, hits the full disk after the tensors were staged
+    monkeypatch.setattr(atomic_io, "open", _failing_open(28, on_call=2), raising=False)
+    with pytest.raises(atomic_io.CheckpointWriteError, match="is full"):
+        save_adapters(model, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

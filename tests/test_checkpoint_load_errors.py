@@ -159,3 +159,54 @@ def test_a_refused_class_keeps_torchs_own_message(tmp_path: Path) -> None:
     torch.save({"state_dict": {}, "hyper_parameters": {"obj": _NotAllowlisted()}}, path)
     with pytest.raises(pickle.UnpicklingError, match=r"Unsupported global: .*_NotAllowlisted"):
         read_checkpoint(path)
+
+
+# (what was saved instead of a Lightning checkpoint, what the message must say)
+NOT_CHECKPOINTS = [
+    ("tensor", r"not a Lightning checkpoint: it holds a Tensor"),
+    ("list", r"not a Lightning checkpoint: it holds a list"),
+    ("other_dict", r"not a Lightning checkpoint: it lacks \['pytorch-lightning_version', 'state_dict'\]"),
+    ("state_dict", r"is a bare state_dict \(1 tensors, e\.g\. 'model\.w'\).*module\.load_state_dict"),
+    ("folder", r"is a folder, not a checkpoint file\. It holds last\.ckpt"),
+]
+
+
+def _not_a_checkpoint(folder: Path, kind: str) -> Path:
+    objects = {
+        "tensor": torch.zeros(3),
+        "list": [1, 2],
+        "other_dict": {"epoch": 3},
+        "state_dict": {"model.w": torch.zeros(2)},
+    }
+    if kind == "folder":
+        (folder / "run").mkdir()
+        (folder / "run" / "last.ckpt").write_bytes(b"")
+        return folder / "run"
+    path = folder / f"{kind}.pt"
+    torch.save(objects[kind], path)
+    return path
+
+
+@pytest.mark.parametrize(("kind", "pattern"), NOT_CHECKPOINTS)
+def test_files_that_are_not_checkpoints_are_named_by_both_loaders(
+    tmp_path: Path, kind: str, pattern: str
+) -> None:
+    from layermoe.checkpointing.integrity import NotACheckpointError
+
+    path = _not_a_checkpoint(tmp_path, kind)
+    for load in (
+        MoELoRAFineTuner.load_from_checkpoint,
+        lambda p: load_adapted_checkpoint(TinyLlamaModule, p),
+    ):
+        with pytest.raises(NotACheckpointError, match=pattern) as info:
+            load(path)
+        assert str(path) in str(info.value) and ".ckpt" in str(info.value)
+
+
+def test_an_adapter_folder_points_at_load_adapters(tmp_path: Path) -> None:
+    from layermoe.checkpointing import save_adapters
+    from layermoe.checkpointing.integrity import NotACheckpointError
+
+    save_adapters(TinyLlamaModule().model, tmp_path / "adapters")
+    with pytest.raises(NotACheckpointError, match=r"is an adapter folder .*load_adapters\(model, folder\)"):
+        MoELoRAFineTuner.load_from_checkpoint(tmp_path / "adapters")

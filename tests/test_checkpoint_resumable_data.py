@@ -12,12 +12,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from layermoe.checkpointing import (
-    AtomicCheckpointIO,
-    ResumableDataLoader,
-    exact_resume_callbacks,
-    resumable_train_loader,
-)
+from layermoe.checkpointing import AtomicCheckpointIO, exact_resume_callbacks
+from layermoe.data import ResumableDataLoader, resumable_train_loader
 
 N, BATCH, SEED = 10, 3, 5
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from layermoe.callbacks import CallbackConfigError
-from layermoe.lightning_modules.cli import main
+from layermoe.cli import main
 from tests.test_cli_quickstart import QUICKSTART, _override
 
 
@@ -60,3 +60,81 @@ def test_dict_model_smaller_than_the_tiny_vocabulary_fails_at_setup(run_dir, tin
     ):
         main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
     assert not (run_dir / "runs" / "quickstart" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    ("kind", "pattern"),
+    [
+        ("folder", r"is a folder, not a checkpoint file\. It holds last\.ckpt"),
+        ("state_dict", "bare state_dict"),
+    ],
+)
+def test_ckpt_path_that_is_not_a_checkpoint_fails_before_the_model_is_built(
+    run_dir, tiny_spec, toy_files, kind, pattern
+):
+    from layermoe.checkpointing.integrity import NotACheckpointError
+    from tests.test_checkpoint_load_errors import _not_a_checkpoint
+
+    path = _not_a_checkpoint(run_dir, kind)
+    override = _override(run_dir, tiny_spec, toy_files)
+    with pytest.raises(NotACheckpointError, match=pattern):
+        main(["fit", "--config", str(QUICKSTART), "--config", str(override), "--ckpt_path", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("field", "pattern"),
+    [
+        (
+            {"vocab_size": "x"},
+            r"refused its field 'vocab_size': .*expected int.* Fix model\.model\.vocab_size\.",
+        ),
+        (
+            {"hidden_size": 30},
+            r"not a valid transformers llama config: .*hidden size \(30\) is not a multiple",
+        ),
+        ({"hidden_act": "nope"}, r"a value it does not know \('nope'\).* Fix model\.model\.hidden_act\."),
+    ],
+)
+def test_bad_model_dict_names_the_config_field(run_dir, tiny_spec, toy_files, field, pattern):
+    override = _override(run_dir, {**tiny_spec, **field}, toy_files)
+    with pytest.raises(ValueError, match=pattern):
+        main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+
+
+def test_partial_adapter_override_merges_into_the_configured_adapter(run_dir, tiny_spec, toy_files):
+    from layermoe.cli import LayerMoECLI
+
+    override = _override(run_dir, tiny_spec, toy_files)
+    configured = yaml.safe_load(QUICKSTART.read_text())["model"]["adapter"]
+    for option in (["--model.adapter", "{experts: 3, rank: 2}"], ["--model.adapter={experts: 3, rank: 2}"]):
+        cli = LayerMoECLI(args=["--config", str(QUICKSTART), "--config", str(override), *option], run=False)
+        adapter = cli.model.hparams.adapter
+        assert (adapter["experts"], adapter["rank"]) == (3, 2)
+        # the fields the override left out keep the configured values, not MoELoRAConfig's defaults
+        for field in ("lora_alpha", "lora_dropout", "target_modules", "router_aux_loss_coef"):
+            assert adapter[field] == configured[field], field
+
+
+def test_resume_with_another_layout_lists_only_the_layout_fields(run_dir, tiny_spec, toy_files):
+    from layermoe.lightning_modules.resume_settings import CheckpointSettingsError
+
+    override = _override(run_dir, tiny_spec, toy_files, max_steps=3)
+    main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    last = run_dir / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
+    with pytest.raises(CheckpointSettingsError) as info:
+        main(
+            ["fit", "--config", str(QUICKSTART), "--config", str(override), "--ckpt_path", str(last)]
+            + ["--model.adapter", "{experts: 3, rank: 2}", "--trainer.max_steps", "6"]
+        )
+    listed = [line.strip().split(":")[0] for line in str(info.value).splitlines() if line.startswith("  ")]
+    assert listed == ["model.adapter.experts", "model.adapter.rank"]
+
+
+def test_val_size_from_the_cli_keeps_ints_as_row_counts(run_dir, tiny_spec, toy_files):
+    from layermoe.cli import LayerMoECLI
+
+    override = _override(run_dir, tiny_spec, toy_files)
+    for given, expected in (("1", 1), ("200", 200), ("0.25", 0.25)):
+        args = ["--config", str(QUICKSTART), "--config", str(override), "--data.val_size", given]
+        value = LayerMoECLI(args=args, run=False).datamodule.val_size
+        assert value == expected and type(value) is type(expected), given

@@ -17,8 +17,8 @@ from layermoe.adapters import layout
 from layermoe.allocation import allocate
 from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.callbacks.rewiring import block_dims
+from layermoe.cli import main
 from layermoe.lightning_modules import MoELoRAFineTuner
-from layermoe.lightning_modules.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "configs" / "quickstart.yaml"
@@ -172,7 +172,7 @@ def test_real_quickstart_trains_smollm2(tmp_path, smollm2_folder):
     from collections import Counter
 
     from layermoe.data import TextDataModule
-    from layermoe.models import quickstart_data_dir
+    from layermoe.paths import quickstart_data_dir
 
     if not (quickstart_data_dir() / "train.jsonl").is_file():
         pytest.skip("quickstart data missing; run `python -m layermoe.data fetch-quickstart`")

@@ -41,7 +41,7 @@ def test_write_splits_is_stratified_and_complete(tmp_path):
 
 
 def test_fetched_quickstart_data_when_present():
-    from layermoe.models import quickstart_data_dir
+    from layermoe.paths import quickstart_data_dir
 
     folder = quickstart_data_dir()
     if not (folder / "train.jsonl").is_file():

@@ -11,9 +11,9 @@ pytestmark = pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_smollm2_4bit_trains_on_gpu(tmp_path, smollm2_folder, toy_files, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    from layermoe.cli import Trainer
     from layermoe.data import TextDataModule
     from layermoe.lightning_modules import MoELoRAFineTuner
-    from layermoe.lightning_modules.cli import Trainer
 
     module = MoELoRAFineTuner(
         model=str(smollm2_folder),

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from layermoe.models import ModelPrepareError, find_gguf, is_prepared, prepare_smollm2, resolve_path
+from layermoe.models import ModelPrepareError, find_gguf, is_prepared, prepare_smollm2
 from layermoe.models.__main__ import main as models_main
+from layermoe.paths import resolve_path
 
 
 def test_resolve_path_placeholders_follow_environment(monkeypatch, tmp_path):

@@ -61,7 +61,7 @@ def test_explicit_precision_is_untouched(explicit):
 
 
 def test_trainer_resolves_auto(monkeypatch):
-    import layermoe.lightning_modules.cli as cli
+    import layermoe.cli as cli
 
     monkeypatch.setattr(
         cli,

@@ -123,3 +123,93 @@ def test_resume_under_another_scorer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(CallbackConfigError, match=r"holds the state of LayerInfluenceCallback.*grad_norm"):
         trainer.fit(_module(), datamodule=_data(tmp_path), ckpt_path=folder / "last.ckpt")
     assert trainer.global_step == 0  # stopped while restoring, before the loops and any training
+
+
+@pytest.mark.parametrize(
+    ("parameter", "value", "pattern"),
+    [
+        # NaN: the losses come out NaN
+        (
+            "model.model.layers.0.self_attn.q_proj.lora_B",
+            float("nan"),
+            r"q_proj\.lora_B holds NaN or infinity",
+        ),
+        # finite but huge: the losses stay finite, the gradient statistics overflow
+        ("model.model.layers.0.self_attn.q_proj.lora_B", 1e30, r"q_proj\.lora_B holds \|w\| = 1e\+30"),
+        # finite, the forward overflows: traced to the module whose output turns non-finite
+        ("model.lm_head.weight", 3e38, r"forward pass turns non-finite in model\.lm_head "),
+    ],
+)
+def test_damaged_weights_are_named_by_the_dry_run_not_blamed_on_the_loss(
+    parameter: str, value: float, pattern: str
+) -> None:
+    from tests.scripts.callback_fixtures import TinyLlamaModule, assert_fit_fails_before_first_step, loaders
+
+    module = TinyLlamaModule()
+    with torch.no_grad():
+        weight = dict(module.named_parameters())[parameter]
+        if parameter.endswith("lm_head.weight"):
+            weight.fill_(value)
+        else:
+            weight.view(-1)[0] = value
+    # names the weight and the fix, and neither blames per_sample_loss nor gives the autograd advice
+    pattern = (
+        r"(?s)^(?!.*(?:per_sample_loss|autograd)).*"
+        f"{pattern}.*the weights are damaged .* the loss is not at fault: load an earlier checkpoint"
+    )
+    # (no step taken; the NaN weight would fail the helper's equality check of the weights)
+    assert_fit_fails_before_first_step(
+        module, _callback(), CallbackConfigError, pattern, *loaders(), weights_unchanged=False
+    )
+
+
+def test_numeric_text_names_the_row_and_column(tmp_path: Path) -> None:
+    from layermoe.data.columns import ColumnMap, task_rows
+
+    rows = toy_rows(4)
+    rows[1]["text"] = 1984
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    with pytest.raises(
+        DataError, match=r"train.jsonl row 2: text column 'text' holds 1984 \(int\), not a string"
+    ):
+        read_rows(path)
+    # the dataset path (Hugging Face datasets, parquet) reads its columns here
+    with pytest.raises(DataError, match=r"row 2: column 'text' holds int 1984, expected text"):
+        task_rows(rows, "causal_lm", ColumnMap(label=None), "train")
+
+
+def test_eval_batch_size_zero_is_refused_not_taken_as_batch_size(tmp_path: Path) -> None:
+    with pytest.raises(
+        DataError, match=r"eval_batch_size must be a positive int, or null for batch_size, got 0"
+    ):
+        _data(tmp_path, eval_batch_size=0)
+    assert _data(tmp_path, eval_batch_size=None).eval_batch_size == 4
+
+
+@pytest.mark.parametrize(
+    ("val_size", "pattern"),
+    [
+        (
+            1.0,
+            r"val_size=1\.0 is a float, so a fraction of the 24 rows \(all rows: nothing would be left to train",
+        ),
+        (
+            8.0,
+            r"val_size=8\.0 is a float, so a fraction .* must be in \(0, 1\), e\.g\. 0\.1; for 8 rows give the int 8",
+        ),
+    ],
+)
+def test_a_float_val_size_is_a_fraction(tmp_path: Path, val_size: float, pattern: str) -> None:
+    with pytest.raises(ValueError, match=pattern):
+        _data(tmp_path, val_size=val_size, tokenizer="tiny").setup("fit")
+    data = _data(tmp_path, val_size=1, tokenizer="tiny")  # an int: one row
+    data.setup("fit")
+    assert len(data.val_dataloader().dataset) == 1
+
+
+def test_all_blocks_without_experts_name_experts_not_target_modules(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"every one of the 2 adapted blocks has 0 experts \(model\.adapter\.experts\)"
+    ):
+        trainer.fit(_module(adapter={"experts": 0, "rank": 2}), datamodule=_data(tmp_path))

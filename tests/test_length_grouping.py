@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from layermoe.checkpointing import ResumableDataLoader, resumable_train_loader
-from layermoe.checkpointing.resumable_data import length_grouped_order
 from layermoe.data import DataError, TextDataModule
+from layermoe.data.resumable_loader import ResumableDataLoader, length_grouped_order, resumable_train_loader
 from tests.conftest import toy_rows, write_jsonl
 
 N, BATCH, FACTOR, SEED = 203, 4, 5, 7  # megabatches of 20 rows; the last batch and megabatch are short

@@ -104,7 +104,7 @@ def test_command_resolves_as_written(document, command, monkeypatch, capsys):
         assert (REPO / head).is_file() and os.access(REPO / head, os.X_OK), f"{document}: `{command}`"
         return
     if args[:1] == ["train.py"]:
-        from layermoe.lightning_modules.cli import main
+        from layermoe.cli import main
 
         monkeypatch.chdir(REPO)
         monkeypatch.setattr(sys, "argv", ["train.py"])

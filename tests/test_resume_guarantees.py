@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from layermoe.lightning_modules.cli import main
+from layermoe.cli import main
 from tests.conftest import tiny_llama_spec, write_toy_files
 from tests.test_cli_quickstart import QUICKSTART, _override, toy_data_override
 

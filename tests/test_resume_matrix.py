@@ -5,7 +5,7 @@ Lengths: ``max_steps`` only, ``max_epochs`` only, both (``tests/scripts/resume_r
 ``MATRIX_LENGTHS``; every run is 20 steps). Checkpoints: mid-epoch (a batch end, step 7), epoch-end
 (inside ``on_train_epoch_end``, step 10), validation-end (a mid-epoch validation, step 15). Rewires: one
 step rewire after step 8, or one epoch rewire scored at epoch 0's validation end and applied after step 11.
-Paths: ``train.py fit`` (``layermoe.lightning_modules.cli.main``) and a plain ``lightning.Trainer`` with
+Paths: ``train.py fit`` (``layermoe.cli.main``) and a plain ``lightning.Trainer`` with
 ``LayerInfluenceCallback`` and ``exact_resume_callbacks()``.
 
 The default suite runs a representative subset (each length, checkpoint kind, rewire interval and path at
@@ -23,7 +23,7 @@ import pytest
 import torch
 import yaml
 
-from layermoe.lightning_modules.cli import main
+from layermoe.cli import main
 from tests.scripts.resume_run import (
     MATRIX_LENGTHS,
     MATRIX_RESUME_FROM,

@@ -219,7 +219,7 @@ def test_the_kept_budget_resumes(
 def test_the_callback_given_twice_is_a_clear_error(tmp_path: Path) -> None:
     """train.py's Trainer names both entries (Lightning's own error only says state_key must be unique);
     two instances Lightning lets through (another scorer) are refused when the fit sets up."""
-    from layermoe.lightning_modules.cli import Trainer
+    from layermoe.cli import Trainer
 
     callback = _influence("current")
     with pytest.raises(CallbackConfigError, match=r"trainer.callbacks\[0\] and trainer.callbacks\[1\]"):

@@ -9,6 +9,7 @@ is an error (or skipped, for the default target list, e.g. BERT's `pooler.dense`
 from __future__ import annotations
 
 import re
+import warnings
 
 from torch import nn
 
@@ -84,6 +85,10 @@ def _find_targets(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str
 
 
 SAVED_MODULE_FLAG = "_layermoe_module_to_save"
+# Task heads transformers adds on top of a base model (sequence/token classification, QA): usually new and
+# randomly initialized, so freezing them trains the adapters against a random head (the names peft adds to
+# modules_to_save for its classification task types, plus QA's).
+TASK_HEAD_NAMES = ("classifier", "score", "qa_outputs")
 
 
 def _find_modules_to_save(
@@ -166,7 +171,28 @@ def inject(model: nn.Module, config: MoELoRAConfig) -> dict[int, dict[str, MoELo
     for module in saved.values():
         setattr(module, SAVED_MODULE_FLAG, True)
         module.requires_grad_(True)
+    _warn_frozen_task_heads(model, saved)
     return built
+
+
+def _warn_frozen_task_heads(model: nn.Module, saved: dict[str, nn.Module]) -> None:
+    """Warn about a task head that inject froze: unless it was trained before, it stays at its random init."""
+    frozen = [
+        name
+        for name, module in model.named_modules()
+        if name.rpartition(".")[2] in TASK_HEAD_NAMES
+        and not any(name == kept or name.startswith(kept + ".") for kept in saved)
+        and any(True for _ in module.parameters())
+    ]
+    if frozen:
+        warnings.warn(
+            f"inject froze the task head {frozen[0]!r} of {type(model).__name__}: it will not train, so a head"
+            " that was just created stays at its random initialization. Add it to"
+            f" MoELoRAConfig.modules_to_save (e.g. modules_to_save=[{frozen[0].rpartition('.')[2]!r}]) to"
+            " train it with the adapters; ignore this warning only if the head was already trained.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def named_moe_layers(model: nn.Module) -> dict[str, MoELoRALinear]:

@@ -69,7 +69,7 @@ def collect_router_losses(model: nn.Module) -> RouterLosses:
     Layers record statistics only in training mode with gradients enabled and only when they have more
     than one expert; a model with none returns zeros on the device of its first parameter.
     """
-    from .layer import MoELoRALinear
+    from .layer import MoELoRALinear  # layer.py imports this module's gate math at its top: a cycle
 
     aux_terms: list[torch.Tensor] = []
     z_terms: list[torch.Tensor] = []

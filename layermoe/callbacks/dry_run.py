@@ -29,6 +29,7 @@ from layermoe.callbacks.scoring_pass import PerSampleLoss, resolve_per_sample_lo
 from layermoe.lightning_compat import training_source_loader, validation_defined, validation_source_loader
 from layermoe.scoring import capture_statistics
 from layermoe.scoring.batches import batch_size
+from layermoe.scoring.errors import NonFiniteGradientError
 from layermoe.scoring.losses import UnsupportedBatchError
 
 DRY_RUN_SAMPLES = 2
@@ -57,6 +58,8 @@ def check_validation_data(trainer: Trainer, epoch_trigger: bool) -> None:
 
 
 _SKETCH_DIM = 8  # the gradient check needs reachability, not exact statistics
+# A weight this large overflows float32 once squared (gradient statistics are sums of squares): 3.4e38.
+_OVERFLOWING = 1e19
 
 
 def _describe(batch: Any) -> str:
@@ -92,7 +95,83 @@ def _warn_truncation(what: str, loader: Any, requested: int, option: str) -> Non
         )
 
 
-def _check_losses(losses: Any, batch: Any, split: str, origin: tuple[str, str]) -> None:
+# What the messages say when the weights, not the loss, make the numbers non-finite.
+_BROKEN_WEIGHTS = (
+    "the weights are damaged (a checkpoint changed after it was written, or an edit) or training diverged,"
+    " the loss is not at fault: load an earlier checkpoint, or lower the learning rate"
+)
+
+
+def _largest_weight(pl_module: LightningModule) -> tuple[str, float]:
+    """The parameter holding the largest |value| (inf and NaN count as infinite), and that value."""
+    name, largest = "", -1.0
+    for param_name, param in pl_module.named_parameters():
+        if param.is_floating_point() and param.numel():
+            value = param.detach().abs().nan_to_num(nan=float("inf")).max().item()
+            if value > largest:
+                name, largest = param_name, value
+    return name, largest
+
+
+def _first_non_finite_module(pl_module: LightningModule, run: Any) -> str | None:
+    """The first leaf module, in execution order, whose output holds NaN/inf while ``run()`` runs; None
+    when there is none, or when the very first module already received NaN/inf (the data, not the weights)."""
+    found: list[str] = []
+    calls: list[str] = []
+
+    def non_finite(value: Any) -> bool:
+        if isinstance(value, torch.Tensor):
+            return value.is_floating_point() and not bool(torch.isfinite(value.detach()).all())
+        if isinstance(value, (list, tuple)):
+            return any(non_finite(v) for v in value)
+        return isinstance(value, Mapping) and any(non_finite(v) for v in value.values())
+
+    def hook(name: str) -> Any:
+        def check(_module: Any, inputs: Any, output: Any) -> None:
+            calls.append(name)
+            if not found and non_finite(output):
+                found.append("" if len(calls) == 1 and non_finite(inputs) else name)
+
+        return check
+
+    leaves = [(n, m) for n, m in pl_module.named_modules() if n and not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
+    try:
+        with torch.no_grad():
+            run()
+    except Exception:  # noqa: BLE001 - the diagnosis is best effort; the caller reports the failure
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found and found[0] else None
+
+
+def _weights_verdict(pl_module: LightningModule, run: Any | None = None) -> str | None:
+    """Why the model, not the loss, made the numbers non-finite, or None when nothing points at it."""
+    name, largest = _largest_weight(pl_module)
+    if largest == float("inf"):
+        return f"the weight {name} holds NaN or infinity: {_BROKEN_WEIGHTS}"
+    culprit = _first_non_finite_module(pl_module, run) if run is not None else None
+    if culprit is not None:
+        own = [(n, p) for n, p in pl_module.named_parameters() if n.startswith(culprit + ".")]
+        sizes = ", ".join(f"{n} max |w| {p.detach().abs().max().item():.3g}" for n, p in own[:4])
+        return (
+            f"the model's forward pass turns non-finite in {culprit}"
+            f"{f' ({sizes})' if sizes else ''}; the largest weight is {name} (|w| = {largest:.3g}):"
+            f" {_BROKEN_WEIGHTS}"
+        )
+    if run is None and largest > _OVERFLOWING:
+        return (
+            f"the weight {name} holds |w| = {largest:.3g}, which overflows float32 gradients:"
+            f" {_BROKEN_WEIGHTS}"
+        )
+    return None
+
+
+def _check_losses(
+    losses: Any, batch: Any, split: str, origin: tuple[str, str], pl_module: LightningModule, run: Any
+) -> None:
     name, fix = origin
     size = batch_size(batch)
     shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
@@ -103,6 +182,11 @@ def _check_losses(losses: Any, batch: Any, split: str, origin: tuple[str, str]) 
             "(e.g. F.cross_entropy(..., reduction='none'))"
         )
     if not bool(torch.isfinite(losses.detach()).all()):
+        verdict = _weights_verdict(pl_module, run)
+        if verdict is not None:
+            raise CallbackConfigError(
+                f"scoring got NaN/inf losses on {split} samples ({losses.detach().tolist()}) because {verdict}"
+            )
         raise CallbackConfigError(
             f"{name} returned NaN/inf on {split} samples ({losses.detach().tolist()}); check the loss and "
             "those samples before training"
@@ -134,7 +218,9 @@ def dry_run(
             batches = _samples(trainer, num_train_samples, num_val_samples, seed)
             with scoring_context(pl_module):
                 for split, batch in batches.items():
-                    _check_losses(_call(per_sample, pl_module, batch, split, origin), batch, split, origin)
+                    losses = _call(per_sample, pl_module, batch, split, origin)
+                    rerun = lambda b=batch: per_sample(pl_module, b)  # noqa: E731 - the diagnosis reruns it
+                    _check_losses(losses, batch, split, origin, pl_module, rerun)
             if needs_gradients:
                 _check_gradients(pl_module, per_sample, batches, scope, capture_options, origin)
     except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank agreed
@@ -186,6 +272,13 @@ def _check_gradients(
             show_plan=False,
             **options,
         )
+    except NonFiniteGradientError as exc:  # finite losses, non-finite gradients
+        verdict = _weights_verdict(pl_module)
+        raise CallbackConfigError(
+            f"scoring got non-finite gradients ({exc}) because {verdict}"
+            if verdict is not None
+            else f"scoring got non-finite gradients from finite losses: {exc}"
+        ) from exc
     except Exception as exc:  # noqa: BLE001 - reported with the fix
         raise CallbackConfigError(
             f"scoring cannot differentiate {origin[0]} with respect to the {scope} parameters of the "

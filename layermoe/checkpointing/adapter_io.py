@@ -9,9 +9,13 @@ Folder layout: ``layermoe_adapters.safetensors`` (every ``lora_*`` parameter and
 ``MoELoRALinear``, and the whole state of every ``modules_to_save`` module, keyed by full name relative
 to the saved module) and ``layermoe_adapters.json`` (format version, ``MoELoRAConfig.to_dict()`` with
 per-block ``experts``/``rank`` equal to the layout, the layout, the list of adapted module names and of
-``modules_to_save`` by full name). A layout with one expert per block can also be
-exported to peft's format (``save_adapters(..., peft=True)``), through the adapter package's
-exporter ``layermoe.adapters.export_peft``: there is one peft writer in the code base.
+``modules_to_save`` by full name, and, from format version 2 on, a SHA-256 of every tensor and of the
+manifest itself: flipped bytes in either file are named on load instead of loading as huge values).
+Version 1 artifacts (no checksums) still load; NaN/inf tensors are refused on save and on load.
+
+A layout with one expert per block can also be exported to peft's format (``save_adapters(...,
+peft=True)``), through the adapter package's exporter ``layermoe.adapters.export_peft``: there is one peft
+writer in the code base.
 """
 
 from __future__ import annotations
@@ -42,13 +46,19 @@ from layermoe.adapters import (
 from layermoe.adapters.inject import SAVED_MODULE_FLAG
 from layermoe.layout import is_adapter_key
 
-from .atomic_io import atomic_torch_save
+from .atomic_io import atomic_save_all
 from .base_identity import base_fingerprint, base_identity, describe_source
+from .integrity import content_digest, non_finite_tensors
 
 WEIGHTS_NAME = "layermoe_adapters.safetensors"
 CONFIG_NAME = "layermoe_adapters.json"
 FORMAT = "layermoe-adapters"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: before checksums
+CHECKSUMS = "checksums"
+_SAVE_AGAIN = (
+    "Copy the artifact again from its source, or save it again (save_adapters) from the run's checkpoint."
+)
 _TENSORS = ("lora_A", "lora_B", "lora_router_weight", "lora_router_bias", "lora_shape", "lora_routing_mass")
 # Hyperparameters every layer must share with the saved config to receive its tensors.
 _LAYER_FIELDS = {
@@ -141,7 +151,13 @@ def save_adapters(
     for name, module in sorted(saved.items()):
         for key, value in module.state_dict().items():
             tensors[f"{name}.{key}"] = value.detach().to("cpu").contiguous()
-    manifest = {
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise AdapterArtifactError(
+            f"Refusing to save adapters to {folder}: {len(bad)} tensors hold NaN or infinity ({bad[:6]}); the"
+            " training diverged. Save from an earlier checkpoint, and lower the learning rate (model.lr)."
+        )
+    manifest: dict[str, Any] = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "config": config_data,
@@ -151,11 +167,20 @@ def save_adapters(
         "dtype": str(next(iter(layers.values())).adapter_placement()[1]).removeprefix("torch."),
         "base": base_identity(model, base_model_name_or_path),
     }
+    manifest[CHECKSUMS] = {
+        "algorithm": "sha256",
+        "tensors": {key: content_digest(value) for key, value in tensors.items()},
+        "manifest": content_digest(json.loads(json.dumps(manifest))),  # as it will read back
+    }
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_torch_save(tensors, folder / WEIGHTS_NAME, save_fn=lambda obj, f: f.write(_safetensors_bytes(obj)))
     text = json.dumps(manifest, indent=2, sort_keys=True)
-    atomic_torch_save(text, folder / CONFIG_NAME, save_fn=lambda obj, f: f.write(obj.encode()))
+    # both files staged before either replaces its predecessor: never new tensors with an old manifest
+    atomic_save_all(
+        [
+            (tensors, folder / WEIGHTS_NAME, lambda obj, f: f.write(_safetensors_bytes(obj))),
+            (text, folder / CONFIG_NAME, lambda obj, f: f.write(obj.encode())),
+        ]
+    )
     if peft:
         export_peft(model, folder / PEFT_SUBFOLDER, base_model_name_or_path)
     return folder
@@ -182,10 +207,13 @@ def read_adapter_manifest(folder: str | Path) -> dict[str, Any]:
         raise AdapterArtifactError(
             f"{path} has no 'format': {FORMAT!r}; it was not written by save_adapters."
         )
-    if manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise AdapterArtifactError(
-            f"{path} has format version {manifest.get('version')!r}; this layermoe reads {FORMAT_VERSION}."
+            f"{path} has format version {manifest.get('version')!r}; this layermoe reads"
+            f" {', '.join(map(str, READABLE_VERSIONS))}."
         )
+    # the digest of the text as read; compared after the field checks, whose messages say more
+    digest = content_digest({k: v for k, v in manifest.items() if k != CHECKSUMS})
     for key in ("config", "layout", "modules"):
         if key not in manifest:
             raise AdapterArtifactError(f"{path} lacks the {key!r} field; the artifact is corrupt.")
@@ -203,7 +231,37 @@ def read_adapter_manifest(folder: str | Path) -> dict[str, Any]:
         raise AdapterArtifactError(
             f"{path}: 'modules_to_save' must be a list of module names, got {saved!r}."
         )
+    if manifest["version"] >= 2:
+        checksums = manifest.get(CHECKSUMS)
+        if not isinstance(checksums, dict) or not isinstance(checksums.get("tensors"), dict):
+            raise AdapterArtifactError(
+                f"{path} lacks its {CHECKSUMS!r}; the artifact is corrupt. {_SAVE_AGAIN}"
+            )
+        if digest != checksums.get("manifest"):
+            raise AdapterArtifactError(
+                f"{path} does not match its checksum: its text changed after it was written (disk or copy"
+                f" error, or an edit). {_SAVE_AGAIN}"
+            )
     return manifest
+
+
+def _check_tensor_content(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """The tensors are the ones saved (version 2 checksums) and hold no NaN/inf (every version)."""
+    saved = manifest.get(CHECKSUMS, {}).get("tensors")
+    if saved is not None:
+        changed = sorted(k for k, v in tensors.items() if k in saved and content_digest(v) != saved[k])
+        changed += sorted(set(saved) ^ set(tensors))
+        if changed:
+            raise AdapterArtifactError(
+                f"{path} is corrupt: {len(changed)} tensors do not match their checksums ({changed[:6]}); its"
+                f" bytes changed after it was written (disk or copy error). {_SAVE_AGAIN}"
+            )
+    bad = non_finite_tensors(tensors)
+    if bad:
+        raise AdapterArtifactError(
+            f"{path}: {len(bad)} tensors hold NaN or infinity ({bad[:6]}); the artifact was saved from a"
+            f" diverged run or is damaged. {_SAVE_AGAIN}"
+        )
 
 
 def _check_tensors(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], model: nn.Module) -> None:
@@ -319,6 +377,7 @@ def load_adapters(model: nn.Module, folder: str | Path, *, allow_other_base: boo
             f"{Path(folder) / WEIGHTS_NAME} cannot be read ({err}); it is corrupt."
         ) from err
     _check_tensors(manifest, tensors, model)
+    _check_tensor_content(manifest, tensors, Path(folder) / WEIGHTS_NAME)
     existing = named_moe_layers(model)
     if existing:
         _check_existing_layers(existing, sorted(modules_to_save(model)), manifest)

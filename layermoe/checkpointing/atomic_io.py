@@ -14,6 +14,7 @@ filesystem); finally the folder is fsynced so the rename itself survives a power
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import uuid
@@ -66,38 +67,102 @@ def stale_temp_files(path: CheckpointPath) -> list[Path]:
     return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
 
 
-def atomic_torch_save(
-    obj: Any, path: CheckpointPath, save_fn: Callable[[Any, Any], None] | None = None
-) -> None:
-    """``torch.save(obj, path)`` such that ``path`` never holds a partial file.
+class CheckpointWriteError(OSError):
+    """A checkpoint or artifact could not be written (full disk, read-only or forbidden folder); nothing
+    was written: the previous files are unchanged and no temporary file is left."""
 
-    ``save_fn(obj, file_object)`` does the serialization (``torch.save``, looked up at call time).
-    """
-    save_fn = torch.save if save_fn is None else save_fn
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+
+# errno -> (what is wrong with the folder, what to do)
+_WRITE_FAILURES = {
+    errno.ENOSPC: (
+        "the disk holding {folder} is full",
+        "free space there (delete old step=*.ckpt files,"
+        " lower ModelCheckpoint's save_top_k) or write to a folder on another disk",
+    ),
+    errno.EDQUOT: (
+        "the disk quota for {folder} is exhausted",
+        "free space in your quota or write to another folder",
+    ),
+    errno.EROFS: ("{folder} is on a read-only filesystem", "write to a writable folder"),
+    errno.EACCES: (
+        "this process may not write to {folder}",
+        "fix the folder's permissions or write to another folder",
+    ),
+    errno.EPERM: (
+        "this process may not write to {folder}",
+        "fix the folder's permissions or write to another folder",
+    ),
+}
+_WHERE = (
+    " (the run's folder: trainer.default_root_dir or ModelCheckpoint's dirpath; for save_adapters its"
+    " folder argument)"
+)
+
+
+def _write_error(err: OSError, path: Path) -> OSError:
+    """``err`` as a ``CheckpointWriteError`` naming the folder, the cause and the fix, when it is one of
+    the errors a user fixes on the machine; else ``err`` itself."""
+    if err.errno not in _WRITE_FAILURES:
+        return err
+    cause, fix = _WRITE_FAILURES[err.errno]
+    kept = "the previous file is unchanged" if path.is_file() else "no partial file is left"
+    return CheckpointWriteError(
+        err.errno,
+        f"cannot write {path}: {cause.format(folder=path.parent)} ({err.strerror}). Nothing was written"
+        f" ({kept}). Fix: {fix}{_WHERE}; a fit can then resume from its last complete checkpoint.",
+    )
+
+
+def _stage(obj: Any, path: Path, save_fn: Callable[[Any, Any], None]) -> Path:
+    """The bytes of ``obj`` in a flushed, fsynced temporary file next to ``path`` (removed on failure)."""
     tmp = _temp_path_for(path)
     try:
         with open(tmp, "wb") as handle:
             save_fn(obj, handle)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
     except BaseException:
-        # Any failure (including KeyboardInterrupt) leaves the previous file untouched.
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
+        tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
-    # Leftovers of writers that were SIGKILLed before their rename: only this process writes this
-    # name now (Lightning saves from global rank 0), so they are garbage.
-    for leftover in stale_temp_files(path):
-        try:
-            leftover.unlink()
-        except FileNotFoundError:
-            pass
+    return tmp
+
+
+def atomic_save_all(items: list[tuple[Any, CheckpointPath, Callable[[Any, Any], None] | None]]) -> None:
+    """Write each ``(obj, path, save_fn)`` such that no ``path`` ever holds a partial file, and no file is
+    replaced unless every file could be staged (a full disk fails before anything changes).
+
+    ``save_fn(obj, file_object)`` does the serialization (default ``torch.save``, looked up at call time).
+    """
+    staged: list[tuple[Path, Path]] = []
+    path = Path(items[0][1])
+    try:
+        for obj, target, save_fn in items:
+            path = Path(target)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged.append((_stage(obj, path, torch.save if save_fn is None else save_fn), path))
+        for tmp, target in staged:
+            os.replace(tmp, target)
+    except BaseException as err:
+        # Any failure (including KeyboardInterrupt) leaves the previous files untouched.
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise _write_error(err, path) from err
+        raise
+    for folder in sorted({target.parent for _, target in staged}):
+        _fsync_dir(folder)
+    # Leftovers of writers that were SIGKILLed before their rename: only this process writes these
+    # names now (Lightning saves from global rank 0), so they are garbage.
+    for _, target in staged:
+        for leftover in stale_temp_files(target):
+            leftover.unlink(missing_ok=True)
+
+
+def atomic_torch_save(
+    obj: Any, path: CheckpointPath, save_fn: Callable[[Any, Any], None] | None = None
+) -> None:
+    """``torch.save(obj, path)`` such that ``path`` never holds a partial file (:func:`atomic_save_all`)."""
+    atomic_save_all([(obj, path, save_fn)])
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -119,7 +184,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         if not _is_remote(path):
-            return read_verified_checkpoint(path, map_location=map_location, weights_only=weights_only)
+            return read_verified_checkpoint(
+                path, map_location=map_location, weights_only=weights_only, lightning=False
+            )
         checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         verify_loaded_checkpoint(checkpoint, f"checkpoint {path}")
         return checkpoint

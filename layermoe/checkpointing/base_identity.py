@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from layermoe.adapters import modules_to_save
 from layermoe.layout import is_adapter_key
 
 SAMPLE = 1024
@@ -50,8 +51,6 @@ def base_fingerprint(model: nn.Module, trained_modules: Iterable[str] = ()) -> s
 def base_identity(model: nn.Module, source: Any = None) -> dict[str, Any]:
     """Plain data naming the base: where it came from (``source`` or the HF config's name) and the
     fingerprint of its frozen weights (trained ``modules_to_save`` excluded)."""
-    from layermoe.adapters import modules_to_save
-
     if source is None:
         config = getattr(model, "config", None)
         source = getattr(config, "_name_or_path", None) or None

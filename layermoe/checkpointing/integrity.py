@@ -6,7 +6,8 @@ checkpoint written by :class:`AtomicCheckpointIO` carries a SHA-256 digest of ea
 sections (``state_dict``, ``optimizer_states``, ``loops``, ...), computed over a canonical walk of the
 content (tensor dtype, shape and bytes; keys, lists and primitives), and loading recomputes them and
 names the section that changed. A checkpoint without the digest (written by other code) still loads.
-Non-finite floats in a ``state_dict`` are refused both when writing and when reading.
+Non-finite floats in a ``state_dict`` or the optimizer state are refused both when writing and when
+reading.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 
 from .layout_check import validate_checkpoint_layout
+from .optimizer_guard import MANIFEST_KEY
 
 CHECKSUM_KEY = "layermoe_checksum"
 _ALGORITHM = "sha256"
@@ -39,6 +41,53 @@ class CheckpointIntegrityError(ValueError):
     """A checkpoint file is empty, truncated, corrupt, or holds non-finite weights."""
 
 
+class NotACheckpointError(CheckpointIntegrityError):
+    """A path or file that is not a Lightning checkpoint: a folder, a bare state_dict, another object."""
+
+
+# What every "this is not a checkpoint" message suggests instead.
+_PASS_A_CKPT = (
+    "Pass a .ckpt file written by the Trainer (ModelCheckpoint or Trainer.save_checkpoint), e.g. last.ckpt in"
+    " the run's checkpoint folder."
+)
+
+
+def _folder_message(path: Path) -> str:
+    if (path / "layermoe_adapters.json").is_file():
+        return (
+            f"{path} is an adapter folder (save_adapters), not a checkpoint: load it with"
+            " layermoe.checkpointing.load_adapters(model, folder)."
+        )
+    found = sorted(p.name for p in path.glob("*.ckpt"))
+    listed = f" It holds {', '.join(found[:6])}." if found else " It holds no .ckpt file."
+    return f"{path} is a folder, not a checkpoint file.{listed} {_PASS_A_CKPT}"
+
+
+def check_lightning_checkpoint(checkpoint: Any, source: str) -> None:
+    """Raise ``NotACheckpointError`` unless ``checkpoint`` is a dict with what Lightning reads first (its
+    version and a ``state_dict``): other objects fail deep inside Lightning with a bare ``KeyError`` or
+    ``AttributeError``."""
+    if not isinstance(checkpoint, Mapping):
+        raise NotACheckpointError(
+            f"{source} is not a Lightning checkpoint: it holds a {type(checkpoint).__name__} (written by"
+            f" torch.save, not by the Trainer). {_PASS_A_CKPT}"
+        )
+    missing = [k for k in ("pytorch-lightning_version", "state_dict") if k not in checkpoint]
+    if not missing:
+        return
+    if checkpoint and all(isinstance(v, torch.Tensor) for v in checkpoint.values()):
+        raise NotACheckpointError(
+            f"{source} is a bare state_dict ({len(checkpoint)} tensors, e.g. {next(iter(checkpoint))!r}), not"
+            " a Lightning checkpoint: load it with module.load_state_dict(torch.load(path)), or "
+            + _PASS_A_CKPT[0].lower()
+            + _PASS_A_CKPT[1:]
+        )
+    keys = sorted(map(str, checkpoint))
+    raise NotACheckpointError(
+        f"{source} is not a Lightning checkpoint: it lacks {missing} (its keys: {keys[:8]}). {_PASS_A_CKPT}"
+    )
+
+
 def _feed(digest: Any, value: Any) -> None:
     if isinstance(value, torch.Tensor):
         tensor = value.detach().to("cpu").contiguous()
@@ -54,6 +103,12 @@ def _feed(digest: Any, value: Any) -> None:
         digest.update(f"{'L' if isinstance(value, list) else 'U'}{len(value)}".encode())
         for item in value:
             _feed(digest, item)
+    elif isinstance(value, (set, frozenset)):  # repr order follows string hashing, random per process
+        digest.update(f"S{len(value)}".encode())
+        for item in sorted(value, key=repr):
+            _feed(digest, item)
+    elif type(value).__repr__ is object.__repr__:  # the default repr is a memory address: type only
+        digest.update(f"O{type(value).__module__}.{type(value).__qualname__};".encode())
     else:
         digest.update(f"{type(value).__name__}:{value!r};".encode())
 
@@ -119,28 +174,82 @@ def verify_checksum(
 
 def non_finite_tensors(state: Mapping[str, Any]) -> list[str]:
     """Names of floating-point tensors in ``state`` holding NaN or infinity."""
-    return [
-        str(name)
-        for name, value in state.items()
-        if isinstance(value, torch.Tensor)
+    return [str(name) for name, value in state.items() if _non_finite(value)]
+
+
+def _non_finite(value: Any) -> bool:
+    return (
+        isinstance(value, torch.Tensor)
         and value.is_floating_point()
         and not bool(torch.isfinite(value).all())
-    ]
+    )
+
+
+def _parameter_names(optimizer_state: Mapping[str, Any], manifest: Any) -> dict[Any, str]:
+    """Parameter id in an optimizer state_dict -> the parameter's name (from ``OptimizerStateGuard``'s
+    manifest: names per group, in the order of the group's ``params``)."""
+    names: dict[Any, str] = {}
+    groups = optimizer_state.get("param_groups")
+    if not isinstance(groups, list) or not isinstance(manifest, list) or len(manifest) != len(groups):
+        return names
+    for group, named in zip(groups, manifest, strict=True):
+        params = group.get("params") if isinstance(group, Mapping) else None
+        if isinstance(params, list) and isinstance(named, list) and len(params) == len(named):
+            names.update({index: str(entry[0]) for index, entry in zip(params, named, strict=True)})
+    return names
+
+
+def non_finite_optimizer_state(checkpoint: Mapping[str, Any]) -> list[str]:
+    """Each floating-point optimizer-state tensor holding NaN or infinity, as "optimizer K <state> of
+    <parameter name>" (the name comes from ``OptimizerStateGuard``'s manifest, else the position)."""
+    states = checkpoint.get("optimizer_states")
+    if not isinstance(states, list):
+        return []
+    manifests = checkpoint.get(MANIFEST_KEY)
+    found = []
+    for k, optimizer_state in enumerate(states):
+        per_param = optimizer_state.get("state") if isinstance(optimizer_state, Mapping) else None
+        if not isinstance(per_param, Mapping):
+            continue
+        manifest = manifests[k] if isinstance(manifests, list) and k < len(manifests) else None
+        names = _parameter_names(optimizer_state, manifest)
+        for index, entry in per_param.items():
+            if not isinstance(entry, Mapping):
+                continue
+            owner = names.get(index, f"parameter #{index}")
+            found += [f"optimizer {k} {key} of {owner}" for key, value in entry.items() if _non_finite(value)]
+    return found
+
+
+def _listed(names: list[str]) -> str:
+    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
+    return ", ".join(names[:_MAX_LISTED]) + more
 
 
 def check_finite_state(checkpoint: Mapping[str, Any], source: str, action: str) -> None:
-    """Raise ``CheckpointIntegrityError`` when the checkpoint's ``state_dict`` holds non-finite floats."""
+    """Raise ``CheckpointIntegrityError`` when the checkpoint's ``state_dict`` or optimizer state holds
+    NaN or infinity, naming the tensors and the fix."""
     state = checkpoint.get("state_dict")
-    if not isinstance(state, Mapping):
+    weights = non_finite_tensors(state) if isinstance(state, Mapping) else []
+    moments = non_finite_optimizer_state(checkpoint)
+    if not weights and not moments:
         return
-    bad = non_finite_tensors(state)
-    if bad:
-        more = f" and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-        raise CheckpointIntegrityError(
-            f"Refusing to {action} {source}: {len(bad)} weight tensors hold NaN or infinity"
-            f" ({', '.join(bad[:_MAX_LISTED])}{more}). The training diverged or the file is corrupt:"
-            " resume from an earlier checkpoint and lower the learning rate (model.lr) or check the data."
+    found = [f"{len(weights)} weight tensors hold NaN or infinity ({_listed(weights)})"] if weights else []
+    if moments:
+        found.append(f"{len(moments)} optimizer state tensors hold NaN or infinity ({_listed(moments)})")
+    if action == "write":
+        fix = (
+            "The training diverged before this save; nothing was written (the previous checkpoint is"
+            " intact). Resume from the last checkpoint with a lower learning rate (model.lr), and check"
+            " the data."
         )
+    else:
+        fix = (
+            "It was written by code that does not refuse non-finite values (training had diverged), or"
+            " its bytes are damaged. Resume from an earlier checkpoint (an earlier step=*.ckpt) and lower"
+            " the learning rate (model.lr) or check the data."
+        )
+    raise CheckpointIntegrityError(f"Refusing to {action} {source}: {'; '.join(found)}. {fix}")
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True) -> Any:
@@ -148,6 +257,8 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     (``CheckpointIntegrityError``), instead of torch's own errors (``EOFError``, a miniz error, or a
     "Weights only load failed ... re-run with weights_only=False" that damaged pickle bytes also raise)."""
     path = Path(path)
+    if path.is_dir():
+        raise NotACheckpointError(_folder_message(path))
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; check the path (--ckpt_path accepts 'last')."
@@ -184,11 +295,21 @@ def verify_loaded_checkpoint(checkpoint: Mapping[str, Any], source: str) -> None
 
 
 def read_verified_checkpoint(
-    path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True
+    path: str | Path,
+    map_location: Any = "cpu",
+    weights_only: bool | None = True,
+    *,
+    lightning: bool = True,
 ) -> Any:
     """:func:`read_checkpoint` then :func:`verify_loaded_checkpoint`: what ``--ckpt_path``,
     ``AtomicCheckpointIO``, ``MoELoRAFineTuner.load_from_checkpoint`` and ``load_adapted_checkpoint`` run
-    on a local checkpoint file before Lightning or the module sees it."""
+    on a local checkpoint file before Lightning or the module sees it. ``lightning``: the file must also be
+    a Lightning checkpoint (:func:`check_lightning_checkpoint`); a ``CheckpointIO`` reads any dict."""
     checkpoint = read_checkpoint(path, map_location=map_location, weights_only=weights_only)
-    verify_loaded_checkpoint(checkpoint, f"checkpoint {path}")
+    source = f"checkpoint {path}"
+    if lightning:
+        check_lightning_checkpoint(checkpoint, source)
+    elif not isinstance(checkpoint, Mapping):
+        raise NotACheckpointError(f"{source} holds a {type(checkpoint).__name__}, not a checkpoint dict.")
+    verify_loaded_checkpoint(checkpoint, source)
     return checkpoint

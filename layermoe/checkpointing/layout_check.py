@@ -20,6 +20,8 @@ import torch
 from layermoe.adapters import split_block_name
 from layermoe.layout import LAYOUT_KEY, normalize_layout
 
+from .messages import listed_problems
+
 _MAX_LISTED = 6
 
 
@@ -96,11 +98,9 @@ def validate_checkpoint_layout(checkpoint: Mapping[str, Any], state_key: str = "
     if saved_layout is not None:
         problems.extend(_compare_with_saved_layout(saved_layout, per_block))
     if problems:
-        listed = "\n  ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise CheckpointLayoutError(
             "The checkpoint's MoE-LoRA layout is missing or corrupt, so the adapters cannot be rebuilt at"
-            f" the size they were saved with:\n  {listed}{more}\n"
+            f" the size they were saved with:\n  {listed_problems(problems, _MAX_LISTED)}\n"
             "Resume from another checkpoint (e.g. an earlier step=*.ckpt), or re-save this one from a"
             " model that loaded it (every MoELoRALinear stores its [experts, rank] in 'lora_shape')."
         )

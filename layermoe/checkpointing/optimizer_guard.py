@@ -21,6 +21,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from .messages import listed_problems
+
 MANIFEST_KEY = "layermoe_optimizer_manifest"
 _MAX_LISTED = 8
 
@@ -103,11 +105,9 @@ def check_optimizer_states(
                         )
                         break
     if problems:
-        listed = "\n  ".join(problems[:_MAX_LISTED])
-        more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
         raise OptimizerStateMismatchError(
             "The checkpoint's optimizer state does not match the current optimizer's parameters, so"
-            f" Lightning would assign it to the wrong tensors:\n  {listed}{more}\n"
+            f" Lightning would assign it to the wrong tensors:\n  {listed_problems(problems, _MAX_LISTED)}\n"
             "The model must have the same layout (the one saved with the weights) and configure_optimizers"
             " must list parameters in a fixed order when the optimizer state loads. A pending rewire"
             " must be applied after the restore (e.g. after the first resumed optimizer step), not in"

@@ -46,12 +46,12 @@ def _cell(record: dict[str, Any], column: str, origin: str, number: int, setting
 
 def _text(record: dict[str, Any], column: str, origin: str, number: int, setting: str) -> str:
     value = _cell(record, column, origin, number, setting)
-    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+    if not isinstance(value, str):  # a number is a mistaken column, not text to train on
         raise DataError(
-            f"{origin} row {number}: column {column!r} holds {type(value).__name__}, expected text; "
-            f"set data.{setting} to a text column"
+            f"{origin} row {number}: column {column!r} holds {type(value).__name__} {value!r}, expected text;"
+            f" set data.{setting} to a text column (or quote the value in the file)"
         )
-    return str(value)
+    return value
 
 
 def _messages(value: Any, origin: str, number: int, column: str) -> list[dict[str, str]]:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from layermoe.models.paths import resolve_path
+from layermoe.paths import resolve_path
 
 SUFFIXES = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 
@@ -78,7 +78,7 @@ def read_rows(
     """Texts and (when ``label_column`` is set) integer labels of a local file.
 
     ``path`` may use the ``{cache}``/``{shared}``/``{quickstart}`` placeholders of
-    :func:`layermoe.models.paths.resolve_path`.
+    :func:`layermoe.paths.resolve_path`.
     """
     file = resolve_path(str(path))
     if not file.is_file():
@@ -95,12 +95,15 @@ def read_rows(
                 "set text_column"
             )
         text = record[text_column]
-        if isinstance(text, (int, float)) and not isinstance(text, bool):
-            text = str(text)
         if not isinstance(text, str):
+            fix = (
+                "drop or fill the row (a null would otherwise train on the text 'None')"
+                if text is None
+                else "set text_column to the text column, or quote the value in the file if it is text"
+            )
             raise DataError(
-                f"{file} row {number}: text column {text_column!r} holds {text!r}, not a string; drop or"
-                " fill the row (a null would otherwise train on the text 'None')"
+                f"{file} row {number}: text column {text_column!r} holds {text!r}"
+                f" ({type(text).__name__}), not a string; {fix}"
             )
         texts.append(text)
         if labels is not None:

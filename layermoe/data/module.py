@@ -27,11 +27,12 @@ from layermoe.data.encode import (
 )
 from layermoe.data.io import DataError, read_rows
 from layermoe.data.responses import ResponseFormat, encode_multiple_choice, encode_response
+from layermoe.data.resumable_loader import resumable_train_loader
 from layermoe.data.sources import PROJECT_READER_SUFFIXES, load_split, read_source
 from layermoe.data.split import stratified_indices
 from layermoe.data.tokenizer import TINY, load_tokenizer
 from layermoe.layout import is_int_at_least
-from layermoe.models.paths import resolve_path
+from layermoe.paths import resolve_path
 
 Task = Literal["classification", "causal_lm", "instruction", "multiple_choice"]
 Rows = tuple[list[dict[str, Any]], list[int] | None]
@@ -118,7 +119,7 @@ class TextDataModule(pl.LightningDataModule):
         label_words: list[str] | None = None,
         label_separator: str = " ",
         max_length: int = 64,
-        val_size: float | int = 0.1,
+        val_size: int | float = 0.1,  # int first: jsonargparse would turn a row count into a float
         val_from_train: str = "holdout",
         limit_train_rows: int | None = None,
         limit_eval_rows: int | None = None,
@@ -170,9 +171,12 @@ class TextDataModule(pl.LightningDataModule):
             )
         if not is_int_at_least(max_length, 2):
             raise DataError(f"max_length must be an int >= 2, got {max_length!r}")
-        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size or 1)):
-            if not is_int_at_least(value):
-                raise DataError(f"{name} must be a positive int, got {value!r}")
+        if not is_int_at_least(batch_size):
+            raise DataError(f"batch_size must be a positive int, got {batch_size!r}")
+        if eval_batch_size is not None and not is_int_at_least(eval_batch_size):
+            raise DataError(
+                f"eval_batch_size must be a positive int, or null for batch_size, got {eval_batch_size!r}"
+            )
         for name, value in (("limit_train_rows", limit_train_rows), ("limit_eval_rows", limit_eval_rows)):
             if value is not None and not is_int_at_least(value):
                 raise DataError(f"{name} must be a positive int or null, got {value!r}")
@@ -208,7 +212,7 @@ class TextDataModule(pl.LightningDataModule):
         self.limit_train_rows = limit_train_rows
         self.limit_eval_rows = limit_eval_rows
         self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
+        self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
         self.seed = seed
         self.append_eos = append_eos
@@ -406,11 +410,9 @@ class TextDataModule(pl.LightningDataModule):
         """The only place the training loader is built: shuffled by ``seed`` + epoch, and resumable.
 
         Lightning saves its position in every checkpoint and resumes it mid-epoch (see
-        ``layermoe.checkpointing.resumable_train_loader``); iterating it draws nothing from the global RNG.
+        ``layermoe.data.resumable_loader``); iterating it draws nothing from the global RNG.
         With ``group_by_length`` the shuffled order is grouped by token length (less padding per batch).
         """
-        from layermoe.checkpointing import resumable_train_loader
-
         train = self.datasets["train"]
         return resumable_train_loader(
             train,

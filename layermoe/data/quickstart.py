@@ -17,7 +17,7 @@ from pathlib import Path
 
 from layermoe.data.io import DataError
 from layermoe.data.split import stratified_indices
-from layermoe.models.paths import quickstart_data_dir
+from layermoe.paths import quickstart_data_dir
 
 REQUIREMENT = "evals==3.0.1.post1"
 MEMBER = "evals/registry/data/sarcasm/samples.jsonl"

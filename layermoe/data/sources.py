@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from layermoe.data.io import DataError, _read_records
-from layermoe.models.paths import resolve_path
+from layermoe.paths import resolve_path
 
 # suffix -> (datasets builder, builder options)
 DATASETS_BUILDERS: dict[str, tuple[str, dict[str, Any]]] = {

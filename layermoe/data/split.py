@@ -8,11 +8,21 @@ from collections.abc import Sequence
 
 
 def _count(size: float | int, total: int, field: str) -> int:
+    """Rows to take: an int is a row count, a float a fraction of ``total`` (so 1.0 is every row, not one)."""
     if isinstance(size, bool) or not isinstance(size, (int, float)):
         raise ValueError(f"{field} must be a row count (int) or a fraction in (0, 1), got {size!r}")
-    if isinstance(size, float) and not size.is_integer():
+    if isinstance(size, float):
+        if size == 0.0:
+            return 0
         if not 0.0 < size < 1.0:
-            raise ValueError(f"{field} as a fraction must be in (0, 1), got {size}")
+            everything = " (all rows: nothing would be left to train on)" if size == 1.0 else ""
+            rows = (
+                f"; for {int(size)} rows give the int {int(size)}" if size >= 1 and size.is_integer() else ""
+            )
+            raise ValueError(
+                f"{field}={size} is a float, so a fraction of the {total} rows{everything}; a fraction must be"
+                f" in (0, 1), e.g. 0.1{rows}"
+            )
         return max(1, round(size * total))
     count = int(size)
     if count < 0 or count >= total:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from layermoe.models.paths import cache_dir
+from layermoe.paths import cache_dir
 
 RULES: dict[str, Callable[[str], str]] = {
     "zorp": lambda w: " ".join([w] * 3),

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from layermoe.models.paths import resolve_path
+from layermoe.paths import resolve_path
 
 TINY = "tiny"
 TINY_SPECIALS = ("<pad>", "<eos>", "<unk>")

@@ -28,7 +28,7 @@ from layermoe.checkpointing import exact_resume_callbacks, validate_checkpoint_l
 from layermoe.checkpointing.base_identity import BASE_KEY, base_identity
 from layermoe.checkpointing.integrity import check_finite_state, read_verified_checkpoint, verify_checksum
 from layermoe.layout import LAYOUT_KEY, is_adapter_key, is_int_at_least, normalize_layout
-from layermoe.lightning_compat import forget_logged_position
+from layermoe.lightning_compat import attached_trainer, forget_logged_position
 from layermoe.lightning_modules.losses import (
     LOSS_AGGREGATIONS,
     aggregate_losses,
@@ -199,7 +199,7 @@ class MoELoRAFineTuner(pl.LightningModule):
     def setup(self, stage: str) -> None:
         """Check that the data module serves this task and its tokenizer fits the model's vocabulary; take
         num_classes from the data module when it was not given (classification only)."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None) if attached_trainer(self) is not None else None
         data_task = getattr(datamodule, "task", None)
         if isinstance(data_task, str) and data_task != self.task:
             raise ValueError(
@@ -423,8 +423,13 @@ class MoELoRAFineTuner(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         params = [p for _, p in self.trainable_parameters()]
         if not params:
+            current = layout(self.model)
             raise ValueError(
-                "no trainable parameters: MoELoRAConfig.target_modules matched nothing trainable"
+                f"no trainable parameters: every one of the {len(current)} adapted blocks has 0 experts"
+                " (model.adapter.experts), so there is no adapter to train; give blocks experts >= 1"
+                " (e.g. model.adapter.experts: 2) or list a task head in model.adapter.modules_to_save"
+                if current
+                else "no trainable parameters: MoELoRAConfig.target_modules matched nothing trainable"
             )
         hp = self.hparams
         optimizer = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay, betas=tuple(hp.betas))

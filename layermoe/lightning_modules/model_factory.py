@@ -6,14 +6,17 @@ and a checkpoint can rebuild the exact same base model before its adapter weight
 
 from __future__ import annotations
 
+import difflib
+import re
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
-from layermoe.models.paths import resolve_path
 from layermoe.models.smollm2 import smollm2_dir
+from layermoe.paths import resolve_path
 
 ALIASES = {"smollm2": smollm2_dir}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -39,14 +42,44 @@ def build_tiny_model(spec: dict[str, Any], seed: int = 0, dtype: str = "float32"
             "a model dict needs a 'type' (a transformers model_type such as 'llama', 'qwen2', 'gpt2'), "
             f"got keys {sorted(spec)}"
         )
+    if model_type not in CONFIG_MAPPING:
+        close = difflib.get_close_matches(model_type, list(CONFIG_MAPPING), n=3)
+        raise ValueError(
+            f"model type {model_type!r} is not a transformers model_type"
+            f"{f' (did you mean {close}?)' if close else ''}; set model.model.type to one such as 'llama'"
+        )
+    torch_dtype = _check_dtype(dtype)
     try:
         config = AutoConfig.for_model(model_type, **config_kwargs)
-    except ValueError as err:
-        raise ValueError(f"model type {model_type!r} is not a transformers model_type: {err}") from None
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=_check_dtype(dtype))
-    return model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(_spec_error(model_type, config_kwargs, err)) from err
+
+
+def _spec_error(model_type: str, spec: dict[str, Any], err: Exception) -> str:
+    """transformers' refusal of a model dict, as one line naming the field(s) to fix."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    cause = (lines[-1] if lines else repr(err)).rstrip(".")
+    field = re.search(r"field '([^']+)'", lines[0]) if lines else None
+    if field:
+        what, fix = f"its field {field.group(1)!r}", f"model.model.{field.group(1)}"
+    elif isinstance(err, KeyError):
+        unknown = err.args[0] if err.args else None
+        holders = [
+            f"model.model.{k}"
+            for k, v in spec.items()
+            if v == unknown or (isinstance(v, dict) and unknown in v.values())
+        ]
+        what = f"a value it does not know ({unknown!r})"
+        fix = " / ".join(holders) if holders else "the field holding that value in model.model"
+    else:
+        what, fix = "its fields", "the fields this names in model.model"
+    return (
+        f"the model dict (type {model_type!r}) is not a valid transformers {model_type} config: transformers"
+        f" refused {what}: {cause}. Fix {fix}."
+    )
 
 
 def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:

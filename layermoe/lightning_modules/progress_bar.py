@@ -23,6 +23,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
+from layermoe.lightning_compat import built_progress_bars, progress_bar_update_due
 from layermoe.progress import LINE_INTERVAL_S, LineTqdm, is_terminal
 
 
@@ -78,8 +79,7 @@ class FitProgressBar(TQDMProgressBar):
     def print(self, *args: Any, sep: str = " ", **kwargs: Any) -> None:
         """``LightningModule.print``: above the bars; Lightning's drops the text while no bar exists yet
         (e.g. the layout table printed at fit start)."""
-        bars = (self._train_progress_bar, self._val_progress_bar, self._test_progress_bar)
-        if any(bar is not None and not bar.disable for bar in bars):
+        if any(bar is not None and not bar.disable for bar in built_progress_bars(self)):
             super().print(*args, sep=sep, **kwargs)
         else:
             print(*args, sep=sep, **kwargs)
@@ -113,7 +113,7 @@ class FitProgressBar(TQDMProgressBar):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
             return
         bar = self.train_progress_bar
-        if self._should_update(batch_idx + 1, self.total_train_batches) and not bar.disable:
+        if progress_bar_update_due(self, batch_idx + 1, self.total_train_batches) and not bar.disable:
             bar.n = trainer.global_step
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
 

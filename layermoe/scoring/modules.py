@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from layermoe.adapters import moe_layers
+
 
 def scored_layers(
     model: nn.Module, modules: Sequence[str] | None = None, blocks: Sequence[int] | None = None
@@ -17,8 +19,6 @@ def scored_layers(
     `modules=["self_attn"]` selects the attention projections (what the LayerIF code scores at base
     scope). Blocks left without a selected module are dropped; selecting nothing at all is an error.
     """
-    from layermoe.adapters import moe_layers
-
     grouped = moe_layers(model)
     if not grouped:
         raise ValueError(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import ScoringError
+from .errors import NonFiniteGradientError, ScoringError
 
 _SLAB = 1 << 16  # columns per float64 slab when forming Grams from float32 rows (bounds the temporaries)
 
@@ -78,10 +78,10 @@ class BlockStatistics:
         return int(self.K_vt.shape[0])
 
     def check_finite(self, block: int) -> None:
-        """Raise ScoringError naming `block` if any statistic is NaN or inf."""
+        """Raise NonFiniteGradientError naming `block` if any statistic is NaN or inf."""
         for name in ("K_tt", "K_vt", "train_sq_norms", "val_sq_norms", "val_mean_grad_sq", "K_gt"):
             if not bool(torch.isfinite(getattr(self, name)).all()):
-                raise ScoringError(
+                raise NonFiniteGradientError(
                     f"block {block}: gradient statistic {name} contains NaN or inf (the loss or the "
                     "model produced non-finite gradients); check the loss on the scoring batches, lower "
                     "the learning rate, or score in float32"

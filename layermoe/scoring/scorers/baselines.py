@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..modules import scored_layers
 from ..statistics import BlockStatistics, finite_float
 from .base import Scorer, register_scorer
 
@@ -31,6 +32,4 @@ class UniformScorer(Scorer):
     needs_statistics = False
 
     def score(self, model: nn.Module) -> dict[int, float]:  # type: ignore[override]
-        from ..modules import scored_layers
-
         return {block: 1.0 for block in scored_layers(model)}

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..modules import scored_layers
 from ..uncertainty import DEFAULT_GROUPS
 from .base import Scorer, get_scorer, register_scorer
 
@@ -35,8 +36,6 @@ def _blocks_of(source: Any) -> list[int]:
     """Block indices of statistics (a dict) or of a model (its adapted blocks)."""
     if isinstance(source, Mapping):
         return sorted(int(b) for b in source)
-    from ..modules import scored_layers
-
     return sorted(scored_layers(source))
 
 

@@ -13,7 +13,7 @@ CACHE_ENV = "LAYERMOE_CACHE"
 SHARED_DATA_ENV = "LAYERMOE_SHARED_DATA"
 QUICKSTART_DATA_ENV = "LAYERMOE_QUICKSTART_DATA"
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
+_REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def cache_dir() -> Path:

@@ -8,19 +8,27 @@ printing the choice; every other Trainer argument passes through unchanged.
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
+import sys
 from typing import Any
 
 import lightning.pytorch as pl
+import yaml
+from jsonargparse import Namespace
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
 from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.checkpointing.integrity import read_verified_checkpoint
 from layermoe.checkpointing.run_lock import run_folder_lock
 from layermoe.data import TextDataModule
+from layermoe.lightning_compat import (
+    CheckpointPathWithoutOverlay,
+    is_lightning_checkpoint_keyword,
+    overwrite_last_checkpoint,
+)
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
 from layermoe.lightning_modules.progress_bar import FitProgressBar
 from layermoe.precision import AUTO, describe_choice, resolve_precision
@@ -72,7 +80,7 @@ class Trainer(pl.Trainer):
         super().__init__(precision=resolved, **kwargs)
         for callback in self.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and writes_last(callback):
-                callback._enable_version_counter = False  # no public setter; the init argument sets it
+                overwrite_last_checkpoint(callback)
 
     def fit(self, *args: Any, **kwargs: Any) -> None:
         if not self.is_global_zero:  # DDP's other ranks write nothing of their own here
@@ -92,8 +100,6 @@ def check_single_influence_callback(callbacks: Any) -> None:
     """Raise ``CallbackConfigError`` naming the entries when ``trainer.callbacks`` has more than one
     ``LayerInfluenceCallback`` (Lightning's own error for that, raised in ``Trainer.__init__``, only says
     that a callback's ``state_key`` must be unique)."""
-    from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
-
     entries = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
     indices = [i for i, cb in enumerate(entries) if isinstance(cb, LayerInfluenceCallback)]
     if len(indices) > 1:
@@ -109,13 +115,32 @@ def writes_last(callback: ModelCheckpoint) -> bool:
     return bool(callback.save_last) or callback.filename == ModelCheckpoint.CHECKPOINT_NAME_LAST
 
 
+ADAPTER_OPTION = "--model.adapter"
+
+
+def split_adapter_overrides(args: list[str]) -> tuple[list[str], list[str]]:
+    """``args`` without its ``--model.adapter VALUE`` / ``--model.adapter=VALUE`` options, and those values
+    in order."""
+    rest: list[str] = []
+    overrides: list[str] = []
+    index = 0
+    while index < len(args):
+        arg = args[index]
+        if arg == ADAPTER_OPTION and index + 1 < len(args):
+            overrides.append(args[index + 1])
+            index += 2
+            continue
+        if arg.startswith(ADAPTER_OPTION + "="):
+            overrides.append(arg.partition("=")[2])
+        else:
+            rest.append(arg)
+        index += 1
+    return rest, overrides
+
+
 def check_influence_callback_entry(index: int, entry: Any) -> None:
     """Raise ``CallbackConfigError`` naming ``trainer.callbacks[index]`` when the entry is a
     ``LayerInfluenceCallback`` (or subclass) whose arguments it rejects."""
-    from jsonargparse import Namespace
-
-    from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
-
     class_path = getattr(entry, "class_path", None) if isinstance(entry, Namespace) else None
     if not isinstance(class_path, str) or "." not in class_path:
         return
@@ -134,7 +159,7 @@ def check_influence_callback_entry(index: int, entry: Any) -> None:
         raise CallbackConfigError(f"trainer.callbacks[{index}] ({name}): {exc}") from None
 
 
-class LayerMoECLI(LightningCLI):
+class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):
     """LightningCLI over :class:`MoELoRAFineTuner` and :class:`TextDataModule` with the auto-precision Trainer.
 
     The optimizer and LR schedule are the module's own (``configure_optimizers``: deterministic parameter
@@ -162,11 +187,40 @@ class LayerMoECLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         super().__init__(MoELoRAFineTuner, TextDataModule, *args, **kwargs)
 
-    def _parse_ckpt_path(self) -> None:
-        """Read and verify the checkpoint early (a clear error before the model is built), overlay nothing."""
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """LightningCLI's parsing, except that ``--model.adapter '{experts: 3, rank: 2}'`` merges into the
+        configured adapter (as jsonargparse does for a dataclass) instead of replacing it: a dict-typed
+        argument would otherwise reset every field the override leaves out (lora_alpha, lora_dropout,
+        target_modules) to its default. ``--model.adapter null`` still means the default adapter."""
+        if isinstance(args, (dict, Namespace)):
+            return super().parse_arguments(parser, args)
+        rest, overrides = split_adapter_overrides(list(sys.argv[1:] if args is None else args))
+        if not overrides:
+            return super().parse_arguments(parser, args)
+        self.config = parser.parse_args(rest)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and Path(ckpt_path).suffix == ".ckpt" and "://" not in str(ckpt_path):
+        key = f"{subcommand}.model.adapter" if subcommand else "model.adapter"
+        merged = self.config.get(key)
+        for text in overrides:
+            value = yaml.safe_load(text)
+            if isinstance(value, dict) and isinstance(merged, dict):
+                merged = {**merged, **value}
+            elif isinstance(value, dict) or value is None:
+                merged = value
+            else:
+                raise ValueError(
+                    f"--model.adapter takes a dict of adapter fields (e.g. '{{experts: 3, rank: 2}}') or null,"
+                    f" got {text!r}"
+                )
+        self.config[key] = merged
+        return None
+
+    def check_ckpt_path(self, ckpt_path: Any) -> None:
+        """Read and verify the checkpoint early (a clear error before the model is built), overlay nothing."""
+        # every local path, whatever its suffix (a folder, a .pt, a safetensors file fail here with their
+        # cause); Lightning's own keywords and URLs are left to Lightning
+        text = str(ckpt_path or "")
+        if text and not is_lightning_checkpoint_keyword(text) and "://" not in text:
             read_verified_checkpoint(ckpt_path)
 
 

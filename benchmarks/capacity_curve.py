@@ -1,0 +1,284 @@
+"""The capacity curve (issue 34): uniform MoE-LoRA's test loss against its budget on generative tasks.
+
+Driven by ``benchmarks/allocation_sweep.py --phase curve`` (its runner, queue and per-run JSON files);
+this file holds what is particular to the curve: the task files (with a validation file that is neither
+trained on nor the test), the learning-rate grid and its selection, and the table.
+
+Learning rate: every (task, budget) first runs its grid on the selection seed (the first seed); the lr
+with the lowest validation loss (per-sample mean over the answer tokens, final weights) is chosen, and
+the remaining seeds run at it. When the best lr is at an edge of the grid, the grid grows by one step
+(the grid's own spacing) on that side, at most ``max_extensions`` times per cell, so the chosen lr is an
+interior minimum or the table says it is not. Test loss never enters the choice.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tasks
+from sweep_report import _mean_sd  # one format for every sweep table
+
+GENERATIVE_TASKS = ("facts", "skills")
+VAL_ROWS = 96  # validation rows per task (lr selection, and the callback's scoring in the later sweep)
+QUICK_SIZES = {"facts": {"entities": 6}, "skills": {"train_rows": 24, "test_rows": 8}}
+QUICK_VAL_ROWS = 8
+TASK_DATA_SEED = 0  # the task's rows are the same for every training seed: seeds vary init and order
+
+Run = tuple[str, str, str, int]  # task, budget, arm, seed (as in allocation_sweep)
+
+
+# ---------------------------------------------------------------------------------------------- data
+def _write_jsonl(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    tmp.replace(path)
+
+
+def validation_rows(task: str, seed: int, rows: int, **sizes: Any) -> list[dict[str, str]]:
+    """Rows that measure what the test measures without being it or being trained on.
+
+    facts: the same facts asked in the training phrasing the task leaves unused (it trains on two of
+    three), so a validation row tests recall under a phrasing never trained on, like the test row, with
+    a different wording. skills: the skills on fresh inputs (a different generator seed) that are in
+    neither the training nor the test rows."""
+    picker = random.Random(seed + 1)
+    if task == "facts":
+        used = tasks.facts_rows(seed=seed, **sizes)
+        phrasings = sizes.get("phrasings", 2)
+        if phrasings >= 3:
+            raise ValueError("facts validation uses the unused training phrasing: phrasings must be <= 2")
+        every = tasks.facts_rows(seed=seed, **{**sizes, "phrasings": phrasings + 1})
+        trained = {r["prompt"]: r["response"] for r in used.train}
+        spare = [r for r in every.train if r["prompt"] not in trained]
+        return picker.sample(spare, min(rows, len(spare)))
+    if task == "skills":
+        used = tasks.skills_rows(seed=seed, **sizes)
+        taken = {r["prompt"] for r in used.train + used.test}
+        fresh = tasks.skills_rows(seed=seed + 1, train_rows=0, test_rows=2 * rows).test
+        return [r for r in fresh if r["prompt"] not in taken][:rows]
+    raise ValueError(f"task must be one of {list(GENERATIVE_TASKS)}, got {task!r}")
+
+
+def write_task_files(task: str, folder: Path, quick: bool) -> dict[str, str]:
+    """``folder/{train,validation,test}.jsonl`` of a generative task (benchmarks/tasks.py rows, seed
+    ``TASK_DATA_SEED``; --quick: a few rows); the same files every time."""
+    sizes = QUICK_SIZES[task] if quick else {}
+    rows = tasks.write_task(task, folder, seed=TASK_DATA_SEED, **sizes)
+    val = validation_rows(task, TASK_DATA_SEED, QUICK_VAL_ROWS if quick else VAL_ROWS, **sizes)
+    _write_jsonl(folder / "validation.jsonl", val)
+    (folder / "description.txt").write_text(rows.description + f"; {len(val)} validation rows\n")
+    return {split: str(folder / f"{split}.jsonl") for split in ("train", "validation", "test")}
+
+
+# ---------------------------------------------------------------------------------------------- lr grid
+def lr_arm(lr: float, arm: str = "uniform") -> str:
+    """The arm name of ``arm`` at learning rate ``lr`` (the run's file name carries it)."""
+    return f"{arm}+lr={lr:g}"
+
+
+def split_arm(name: str) -> tuple[str, float | None]:
+    """``"uniform+lr=0.004"`` -> ("uniform", 0.004); an arm without a learning rate -> (name, None)."""
+    base, sep, lr = name.partition("+lr=")
+    return (base, float(lr)) if sep else (name, None)
+
+
+@dataclass
+class CellPlan:
+    """One (task, budget): the grid as it stands, the runs it still needs, the chosen lr (when known)."""
+
+    task: str
+    budget: str
+    grid: list[float]
+    todo: list[Run] = field(default_factory=list)
+    chosen: float | None = None
+    at_edge: bool = False  # the chosen lr is the grid's edge and the grid may not grow further
+
+
+def _val_loss(result: dict[str, Any]) -> float:
+    return float(result["validation"]["loss_sample"])
+
+
+def plan_cell(
+    results: Sequence[dict[str, Any]],
+    task: str,
+    budget: str,
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    max_extensions: int,
+) -> CellPlan:
+    """What one (task, budget) needs next, from the finished runs: the grid on the selection seed, then
+    the other seeds at the lr with the lowest validation loss."""
+    selection_seed = seeds[0]
+    runs = {
+        f"{lr:g}": r
+        for r in results
+        if r["task"] == task
+        and r["budget"] == budget
+        and r["seed"] == selection_seed
+        and (lr := split_arm(r["arm"])[1]) is not None  # fmt: skip
+    }
+    grid = sorted(lrs)
+    step = grid[1] / grid[0] if len(grid) > 1 else 2.0
+    plan = CellPlan(task, budget, grid)
+    extensions = 0
+    while True:
+        missing = [lr for lr in plan.grid if f"{lr:g}" not in runs]
+        if missing:
+            plan.todo = [(task, budget, lr_arm(lr), selection_seed) for lr in missing]
+            return plan
+        best = min(plan.grid, key=lambda lr: _val_loss(runs[f"{lr:g}"]))
+        edge = best == plan.grid[0] or best == plan.grid[-1]
+        if edge and len(plan.grid) > 1 and extensions < max_extensions:
+            extensions += 1
+            plan.grid = [best / step, *plan.grid] if best == plan.grid[0] else [*plan.grid, best * step]
+            continue
+        plan.chosen, plan.at_edge = best, edge and len(plan.grid) > 1
+        have = {
+            r["seed"] for r in results if (r["task"], r["budget"], r["arm"]) == (task, budget, lr_arm(best))
+        }
+        plan.todo = [(task, budget, lr_arm(best), s) for s in seeds if s not in have]
+        return plan
+
+
+def plan_curve(
+    results: Sequence[dict[str, Any]],
+    tasks_: Sequence[str],
+    budgets: Sequence[str],
+    lrs: Sequence[float],
+    seeds: Sequence[int],
+    max_extensions: int,
+) -> list[CellPlan]:
+    return [plan_cell(results, t, b, lrs, seeds, max_extensions) for t in tasks_ for b in budgets]
+
+
+def expected_runs(plans: Sequence[CellPlan], seeds: Sequence[int]) -> int:
+    """Runs the curve needs as far as known now: each cell's grid, plus its other seeds."""
+    return sum(len(p.grid) + len(seeds) - 1 for p in plans)
+
+
+def finished_runs(results: Sequence[dict[str, Any]], plans: Sequence[CellPlan], seeds: Sequence[int]) -> int:
+    """Finished runs that the plans count: each grid lr on the selection seed, the chosen lr's other seeds
+    (a run at an lr outside the grid, e.g. from an earlier --lrs, is not counted)."""
+    needed = set()
+    for p in plans:
+        needed |= {(p.task, p.budget, lr_arm(lr), seeds[0]) for lr in p.grid}
+        if p.chosen is not None:
+            needed |= {(p.task, p.budget, lr_arm(p.chosen), s) for s in seeds}
+    return sum(1 for r in results if (r["task"], r["budget"], r["arm"], r["seed"]) in needed)
+
+
+# ---------------------------------------------------------------------------------------------- table
+def _cell_runs(results: Sequence[dict[str, Any]], plan: CellPlan) -> list[dict[str, Any]]:
+    if plan.chosen is None:
+        return []
+    arm = lr_arm(plan.chosen)
+    runs = [r for r in results if (r["task"], r["budget"], r["arm"]) == (plan.task, plan.budget, arm)]
+    return sorted(runs, key=lambda r: r["seed"])
+
+
+def loss_ratio(
+    results: Sequence[dict[str, Any]], plans: Sequence[CellPlan], task: str, tight: str, generous: str
+) -> str:
+    """The issue's criterion: uniform's test loss at ``tight`` over its loss at ``generous``, each at its
+    chosen lr: the ratio of the seed means, and per seed (paired by seed)."""
+    by_budget = {p.budget: _cell_runs(results, p) for p in plans if p.task == task}
+    low, high = by_budget.get(tight, []), by_budget.get(generous, [])
+    if not low or not high:
+        return f"{task}: {tight}/{generous} needs both budgets' chosen-lr runs"
+    loss = {
+        b: {r["seed"]: r["final"]["loss_sample"] for r in runs}
+        for b, runs in ((tight, low), (generous, high))
+    }
+    seeds = sorted(set(loss[tight]) & set(loss[generous]))
+    per_seed = [loss[tight][s] / loss[generous][s] for s in seeds]
+    ratio = statistics.fmean(loss[tight].values()) / statistics.fmean(loss[generous].values())
+    verdict = "meets" if len(per_seed) >= 3 and min(per_seed) >= 1.3 else "does not meet (yet)"
+    return (
+        f"{task}: test loss at {tight} / at {generous} = {ratio:.2f} (means over seeds); per seed "
+        + ", ".join(f"{s}: {v:.2f}" for s, v in zip(seeds, per_seed, strict=True))
+        + f" -> {verdict} the issue's criterion (>= 1.3 on each of 3 seeds)"
+    )
+
+
+def build_curve_table(
+    results: Sequence[dict[str, Any]],
+    plans: Sequence[CellPlan],
+    seeds: Sequence[int],
+    ratio_budgets: tuple[str, str],
+) -> str:
+    done = finished_runs(results, plans, seeds)
+    total = expected_runs(plans, seeds)
+    unresolved = sum(1 for p in plans if p.chosen is None)
+    lines = [
+        f"{done} of {total} runs"
+        + (f" ({unresolved} cells still choosing their lr: the total may grow)" if unresolved else "")
+        + ("" if done >= total and not unresolved else " (incomplete: rerun the command to add the rest)"),
+        "",
+        "| task | budget | adapter params | adapter / base | lr grid: val loss, seed "
+        f"{seeds[0]} | chosen lr | seeds | test loss (per sample) | test loss (per token) | exact match |"
+        " wall time (min) |",
+        "|" + " --- |" * 11,
+    ]
+    for plan in plans:
+        mine = [r for r in results if (r["task"], r["budget"]) == (plan.task, plan.budget)]
+        grid_runs = {
+            f"{split_arm(r['arm'])[1]:g}": r for r in mine if r["seed"] == seeds[0] and split_arm(r["arm"])[1]
+        }
+        grid = "; ".join(
+            f"{lr:g}: {_val_loss(grid_runs[f'{lr:g}']):.4f}" if f"{lr:g}" in grid_runs else f"{lr:g}: -"
+            for lr in plan.grid
+        )
+        chosen = "-" if plan.chosen is None else f"{plan.chosen:g}" + (" (grid edge)" if plan.at_edge else "")
+        runs = _cell_runs(results, plan)
+        params = mine[0]["trainable_params"] if mine else None
+        base = mine[0]["base_params"] if mine else None
+        cells = [
+            plan.task,
+            plan.budget,
+            "-" if params is None else f"{params:,}",
+            "-" if params is None else f"{100 * params / base:.4f}%",
+            grid,
+            chosen,
+            ",".join(str(r["seed"]) for r in runs) or "-",
+            _mean_sd([r["final"]["loss_sample"] for r in runs]),
+            _mean_sd([r["final"]["loss_token"] for r in runs]),
+            _mean_sd([r["final"]["exact_match"] for r in runs], digits=3),
+            f"{statistics.fmean(r['wall_time_s'] for r in mine) / 60:.1f}" if mine else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    tight, generous = ratio_budgets
+    lines += ["", "Capacity binds (issue 34's criterion):", ""]
+    lines += [
+        f"- {loss_ratio(results, plans, t, tight, generous)}" for t in dict.fromkeys(p.task for p in plans)
+    ]
+    lines += [
+        "",
+        "Cells: mean ± standard deviation over seeds at the chosen lr; the lr is chosen on the validation"
+        f" file (seed {seeds[0]}, lowest per-sample validation loss with the final weights), never on the"
+        " test file. Wall time: mean over every run of the cell (grid included).",
+    ]
+    if any(p.at_edge for p in plans):
+        lines += [
+            "",
+            "(grid edge): the best lr is at an edge of the grid after its extensions; --max-lr-extensions allows more.",
+        ]
+    return "\n".join(lines)
+
+
+def write_curve_report(
+    results: Sequence[dict[str, Any]],
+    folder: Path,
+    plans: Sequence[CellPlan],
+    seeds: Sequence[int],
+    ratio_budgets: tuple[str, str],
+) -> str:
+    table = build_curve_table(results, plans, seeds, ratio_budgets)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table.md").write_text(table + "\n")
+    return table
