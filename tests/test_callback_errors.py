@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
+from tests.fixtures import cpu_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, assert_fit_fails_before_first_step, loaders
 
 
@@ -127,17 +128,7 @@ def test_failed_rewire_restores_model_and_optimizer() -> None:
         num_val_samples=4,
         plot=False,
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = cpu_trainer([cb], max_steps=4, limit_val_batches=0)
     train, val = loaders()
     with pytest.raises(RewireError, match="configure_optimizers.*exploded.*restored") as info:
         trainer.fit(module, train, val)
@@ -156,17 +147,7 @@ def test_failed_rewire_restores_model_and_optimizer() -> None:
 
 
 def _fit_to_the_end(module: Any, cb: LayerInfluenceCallback, max_steps: int = 4) -> Trainer:
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = cpu_trainer([cb], max_steps=max_steps, limit_val_batches=0)
     train, val = loaders()
     trainer.fit(module, train, val)
     return trainer

@@ -17,25 +17,14 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from layermoe.adapters import moe_layers
 from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.scoring import causal_lm_per_sample_loss
+from tests.fixtures import cpu_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, scale_adapters
 
 N_SAMPLES = 8
 
 
 def _trainer(callbacks: list[Callback], tmp_path: Any, **kw: Any) -> Trainer:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=2,
-        default_root_dir=str(tmp_path),
-    )
-    opts.update(kw)
-    return Trainer(callbacks=callbacks, **opts)
+    return cpu_trainer(callbacks, **{"limit_val_batches": 2, "default_root_dir": str(tmp_path), **kw})
 
 
 def _adapter_params(module: torch.nn.Module) -> int:
