@@ -26,6 +26,12 @@ QUIET: dict[str, Any] = {
     "enable_model_summary": False,
     "num_sanity_val_steps": 0,
 }
+QUIET_INFLUENCE: dict[str, Any] = {
+    "num_train_samples": 8,
+    "num_val_samples": 8,
+    "plot": False,
+    "verbose": False,
+}
 
 
 def quiet_trainer(callbacks: Iterable[Callback] = (), **options: Any) -> L.Trainer:
@@ -56,5 +62,4 @@ def every_step_checkpoint(folder: Path | str, **options: Any) -> ModelCheckpoint
 def quiet_influence(scorer: str, **options: Any) -> LayerInfluenceCallback:
     """``LayerInfluenceCallback`` scoring on 8 train and 8 validation samples, with no plot and no console
     table; ``options`` add to or override these."""
-    defaults = {"num_train_samples": 8, "num_val_samples": 8, "plot": False, "verbose": False}
-    return LayerInfluenceCallback(scorer=scorer, **{**defaults, **options})
+    return LayerInfluenceCallback(scorer=scorer, **{**QUIET_INFLUENCE, **options})
