@@ -114,20 +114,24 @@ class RewireSpy(LayerInfluenceCallback):
         super()._apply_pending(trainer, pl_module)
 
 
+# a rewire after step 2 that moves capacity to block 1 (FailsOnRebuild makes it fail)
+FAILING_REWIRE: dict[str, Any] = {
+    "scorer": "test_fixed_scores",
+    "scorer_options": {"scores": {0: 0.1, 1: 4.0, 2: 0.1}},
+    "schedule": {"warmup": 2},
+    "num_train_samples": 4,
+    "num_val_samples": 4,
+    "plot": False,
+}
+
+
 def test_failed_rewire_restores_model_and_optimizer() -> None:
     from layermoe.adapters import layout
     from layermoe.callbacks import RewireError
 
     FailsOnRebuild.calls = 0
     module = FailsOnRebuild(experts=2, rank=4)
-    cb = RewireSpy(
-        scorer="test_fixed_scores",
-        scorer_options={"scores": {0: 0.1, 1: 4.0, 2: 0.1}},
-        schedule={"warmup": 2},
-        num_train_samples=4,
-        num_val_samples=4,
-        plot=False,
-    )
+    cb = RewireSpy(**FAILING_REWIRE)
     trainer = cpu_trainer([cb], max_steps=4, limit_val_batches=0)
     train, val = loaders()
     with pytest.raises(RewireError, match="configure_optimizers.*exploded.*restored") as info:
@@ -211,15 +215,7 @@ def test_on_error_skip_keeps_model_and_optimizer_and_trains_on() -> None:
     """Issue 24: on_error="skip" warns, records the failure, leaves everything as it was, trains on."""
     FailsOnRebuild.calls = 0
     module = FailsOnRebuild(experts=2, rank=4)
-    cb = SkipSpy(
-        scorer="test_fixed_scores",
-        scorer_options={"scores": {0: 0.1, 1: 4.0, 2: 0.1}},
-        schedule={"warmup": 2},
-        num_train_samples=4,
-        num_val_samples=4,
-        plot=False,
-        on_error="skip",
-    )
+    cb = SkipSpy(**FAILING_REWIRE, on_error="skip")
     with pytest.warns(UserWarning, match="rewire skipped at global step 2.*exploded"):
         trainer = _fit_to_the_end(module, cb, max_steps=5)
     assert trainer.global_step == 5  # trained on to the end

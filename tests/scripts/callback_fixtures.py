@@ -156,12 +156,16 @@ class FixedScorer(Scorer):
         return {b: self.scores[b] for b in stats}
 
 
-def scale_adapters(model: nn.Module, keep_block: int, factor: float) -> None:
-    """Multiply every adapter parameter outside ``keep_block`` by ``factor`` (planted grad_norm case)."""
+def plant_grad_norm_winner(module: TinyLlamaModule, keep_block: int, factor: float = 1e-3) -> None:
+    """The planted grad_norm case: B drawn with std 0.05 (so that A gets gradients too), then every
+    adapter parameter outside ``keep_block`` multiplied by ``factor``."""
     from layermoe.adapters import moe_layers
 
     with torch.no_grad():
-        for block, layers in moe_layers(model).items():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        for block, layers in moe_layers(module.model).items():
             if block == keep_block:
                 continue
             for layer in layers.values():

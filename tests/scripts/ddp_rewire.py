@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from layermoe.adapters import layout  # noqa: E402
 from layermoe.callbacks import LayerInfluenceCallback  # noqa: E402
 from tests.fixtures import cpu_trainer, quiet_influence  # noqa: E402
-from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, scale_adapters  # noqa: E402
+from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, plant_grad_norm_winner  # noqa: E402
 
 
 class WrapperCheck(Callback):
@@ -46,11 +46,7 @@ def main(out_dir: Path, mode: str = "planted") -> None:
     torch.set_num_threads(1)
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4, lr=0.05, optimizer="sgd")
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    scale_adapters(module.model, keep_block=1, factor=1e-3)
+    plant_grad_norm_winner(module, keep_block=1)
     start_layout = layout(module)
     train, val = loaders(batch_size=4)
     cb = quiet_influence("grad_norm", schedule={"warmup": 2})

@@ -27,7 +27,7 @@ from layermoe.checkpointing import exact_resume_callbacks, resumable_train_loade
 from layermoe.scoring.losses import per_sample_loss_from_logits
 from tests.fixtures import every_step_checkpoint, quiet_influence, quiet_trainer
 from tests.scripts.callback_fixtures import CountingDataset
-from tests.tiny_models import VOCAB, tiny_llama
+from tests.tiny_models import VOCAB, tiny_llama, tiny_sizes
 
 
 def counting_tensors(size: int, seed: int) -> TensorDataset:
@@ -73,15 +73,7 @@ SEQ = 10
 
 def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=NUM_LABELS,
-    )
+    config = BertConfig(**tiny_sizes(3, positions=64), num_labels=NUM_LABELS)
     return BertForSequenceClassification(config)
 
 
@@ -152,8 +144,8 @@ def fit_project(
     L.seed_everything(0)
     module = module_cls()
     influence = quiet_influence(
-        "grad_norm",
         **{
+            "scorer": "grad_norm",
             # these tests need a rewire that changes shapes; shrinking 8-sample scores by their standard
             # errors (the default) can leave a tiny model's layout as it is
             "allocator_options": {"error_shrinkage": 0},
