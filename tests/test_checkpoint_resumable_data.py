@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -17,7 +18,6 @@ from layermoe.checkpointing import (
     exact_resume_callbacks,
     resumable_train_loader,
 )
-from tests.fixtures import every_step_checkpoint, quiet_trainer
 
 N, BATCH, SEED = 10, 3, 5
 
@@ -134,12 +134,18 @@ def _fit(
 ) -> _DropoutRegressor:
     L.seed_everything(0)
     model = model_cls()
-    trainer = quiet_trainer(
-        [every_step_checkpoint(folder), *callbacks],
+    trainer = L.Trainer(
         max_steps=max_steps,
         max_epochs=max_epochs,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         limit_val_batches=0,
         plugins=[AtomicCheckpointIO()],
+        callbacks=[
+            ModelCheckpoint(folder, every_n_train_steps=1, save_top_k=-1, filename="{step}"),
+            *callbacks,
+        ],
     )
     trainer.fit(model, ckpt_path=ckpt_path)
     return model
