@@ -6,13 +6,9 @@ import json
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
-
-if TYPE_CHECKING:
-    import lightning as L
-    from lightning.pytorch.callbacks import Callback
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -62,31 +58,6 @@ def toy_rows(n: int, seed: int = 0, positive_fraction: float = 0.5) -> list[dict
         lead = "great" if label else "awful"
         rows.append({"text": " ".join([lead] + rng.choices(words, k=rng.randint(1, 6))), "label": label})
     return rows
-
-
-def quiet_trainer(max_steps: int, callbacks: list[Callback], plugins: list[Any] | None = None) -> L.Trainer:
-    """A quiet trainer without validation; tests pass their ModelCheckpoint in ``callbacks``."""
-    # imported here: this file stays light for the many tests that never build a Trainer
-    import lightning as L
-
-    return L.Trainer(
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-        plugins=plugins,
-        callbacks=callbacks,
-    )
-
-
-def atomic_checkpoint_trainer(max_steps: int, callbacks: list[Callback]) -> L.Trainer:
-    """:func:`quiet_trainer` writing checkpoints through AtomicCheckpointIO (with checksums), as the
-    checkpoint tests write them."""
-    from layermoe.checkpointing import AtomicCheckpointIO
-
-    return quiet_trainer(max_steps, callbacks, [AtomicCheckpointIO()])
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import lightning.pytorch as pl
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +17,7 @@ import peft_parity  # noqa: E402
 
 from layermoe.lightning_modules import MoELoRAFineTuner  # noqa: E402
 from layermoe.lightning_modules.schedule import lr_multiplier  # noqa: E402
+from tests.fixtures import cpu_trainer  # noqa: E402
 
 
 def test_quick_runs_every_system_resumes_and_tabulates(tmp_path, capsys):
@@ -54,9 +54,7 @@ def test_evaluator_matches_the_project_test_loop_and_a_naive_token_mean(tmp_path
         task="instruction",
         print_layout=False,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = cpu_trainer()
     project = trainer.test(module, datamodule=dm, verbose=False)[0]
     examples = peft_parity.project_examples(dm, "test")
     pad_id = dm.prepare_tokenizer().pad_token_id

@@ -11,6 +11,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
 from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
+from tests.fixtures import cpu_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, assert_fit_fails_before_first_step, loaders
 
 
@@ -113,31 +114,25 @@ class RewireSpy(LayerInfluenceCallback):
         super()._apply_pending(trainer, pl_module)
 
 
+# a rewire after step 2 that moves capacity to block 1 (FailsOnRebuild makes it fail)
+FAILING_REWIRE: dict[str, Any] = {
+    "scorer": "test_fixed_scores",
+    "scorer_options": {"scores": {0: 0.1, 1: 4.0, 2: 0.1}},
+    "schedule": {"warmup": 2},
+    "num_train_samples": 4,
+    "num_val_samples": 4,
+    "plot": False,
+}
+
+
 def test_failed_rewire_restores_model_and_optimizer() -> None:
     from layermoe.adapters import layout
     from layermoe.callbacks import RewireError
 
     FailsOnRebuild.calls = 0
     module = FailsOnRebuild(experts=2, rank=4)
-    cb = RewireSpy(
-        scorer="test_fixed_scores",
-        scorer_options={"scores": {0: 0.1, 1: 4.0, 2: 0.1}},
-        schedule={"warmup": 2},
-        num_train_samples=4,
-        num_val_samples=4,
-        plot=False,
-    )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=4,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    cb = RewireSpy(**FAILING_REWIRE)
+    trainer = cpu_trainer([cb], max_steps=4, limit_val_batches=0)
     train, val = loaders()
     with pytest.raises(RewireError, match="configure_optimizers.*exploded.*restored") as info:
         trainer.fit(module, train, val)
@@ -156,17 +151,7 @@ def test_failed_rewire_restores_model_and_optimizer() -> None:
 
 
 def _fit_to_the_end(module: Any, cb: LayerInfluenceCallback, max_steps: int = 4) -> Trainer:
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=max_steps,
-        callbacks=[cb],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = cpu_trainer([cb], max_steps=max_steps, limit_val_batches=0)
     train, val = loaders()
     trainer.fit(module, train, val)
     return trainer
@@ -230,15 +215,7 @@ def test_on_error_skip_keeps_model_and_optimizer_and_trains_on() -> None:
     """Issue 24: on_error="skip" warns, records the failure, leaves everything as it was, trains on."""
     FailsOnRebuild.calls = 0
     module = FailsOnRebuild(experts=2, rank=4)
-    cb = SkipSpy(
-        scorer="test_fixed_scores",
-        scorer_options={"scores": {0: 0.1, 1: 4.0, 2: 0.1}},
-        schedule={"warmup": 2},
-        num_train_samples=4,
-        num_val_samples=4,
-        plot=False,
-        on_error="skip",
-    )
+    cb = SkipSpy(**FAILING_REWIRE, on_error="skip")
     with pytest.warns(UserWarning, match="rewire skipped at global step 2.*exploded"):
         trainer = _fit_to_the_end(module, cb, max_steps=5)
     assert trainer.global_step == 5  # trained on to the end

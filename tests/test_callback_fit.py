@@ -17,25 +17,15 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from layermoe.adapters import moe_layers
 from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.scoring import causal_lm_per_sample_loss
-from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, scale_adapters
+from tests.fixtures import QUIET_INFLUENCE, cpu_trainer
+from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, plant_grad_norm_winner
 
 N_SAMPLES = 8
+QUIET_SAMPLES = {**QUIET_INFLUENCE, "num_train_samples": N_SAMPLES, "num_val_samples": N_SAMPLES}
 
 
 def _trainer(callbacks: list[Callback], tmp_path: Any, **kw: Any) -> Trainer:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=2,
-        default_root_dir=str(tmp_path),
-    )
-    opts.update(kw)
-    return Trainer(callbacks=callbacks, **opts)
+    return cpu_trainer(callbacks, **{"limit_val_batches": 2, "default_root_dir": str(tmp_path), **kw})
 
 
 def _adapter_params(module: torch.nn.Module) -> int:
@@ -129,10 +119,7 @@ def test_fixed_scores_favoured_block_gets_capacity_and_optimizer_is_rebuilt(tmp_
         scorer="test_fixed_scores",
         scorer_options={"scores": {0: 0.2, 1: 5.0, 2: 0.1}},
         schedule={"warmup": 4},
-        num_train_samples=N_SAMPLES,
-        num_val_samples=N_SAMPLES,
-        plot=False,
-        verbose=False,
+        **QUIET_SAMPLES,
     )
     recorder = StateRecorder()
     checker = RewireChecker(cb, recorder)
@@ -162,19 +149,12 @@ def test_grad_norm_planted_block_wins(tmp_path) -> None:
     """(a) adapters 1000x smaller in every block but one: grad_norm favours that block."""
     seed_everything(0)
     module = TinyLlamaModule(experts=3, rank=4, lr=0.05, optimizer="sgd")
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    scale_adapters(module.model, keep_block=2, factor=1e-3)
+    plant_grad_norm_winner(module, keep_block=2)
     train, val = loaders()
     cb = LayerInfluenceCallback(
         scorer="grad_norm",
         schedule={"warmup": 2},
-        num_train_samples=N_SAMPLES,
-        num_val_samples=N_SAMPLES,
-        plot=False,
-        verbose=False,
+        **QUIET_SAMPLES,
     )
     budget = _adapter_params(module)
     trainer = _trainer([cb], tmp_path, max_steps=8, limit_val_batches=0)
@@ -225,11 +205,8 @@ def test_accumulation_rewire_lands_on_a_step_boundary(tmp_path) -> None:
         scorer="test_fixed_scores",
         scorer_options={"scores": {0: 1.0, 1: 1.0, 2: 3.0}},
         schedule={"warmup": 0, "interval": "epoch"},
-        num_train_samples=N_SAMPLES,
-        num_val_samples=N_SAMPLES,
         allocator_options={"rank_policy": "scores"},
-        plot=False,
-        verbose=False,
+        **QUIET_SAMPLES,
     )
     probe = AccumulationProbe(cb)
     trainer = _trainer([cb, probe], tmp_path, max_steps=3, accumulate_grad_batches=4, val_check_interval=6)
@@ -259,10 +236,7 @@ def test_warmup_zero_allocates_before_the_first_optimizer_step(tmp_path) -> None
         scorer="test_fixed_scores",
         scorer_options={"scores": {0: 0.1, 1: 0.2, 2: 6.0}},
         schedule={"warmup": 0},
-        num_train_samples=N_SAMPLES,
-        num_val_samples=N_SAMPLES,
-        plot=False,
-        verbose=False,
+        **QUIET_SAMPLES,
     )
     trainer = _trainer([cb, FirstStepLayout()], tmp_path, max_steps=3, limit_val_batches=0)
     trainer.fit(module, train, val)
@@ -296,10 +270,7 @@ def _fit_probing_the_rewire(
     cb = Probed(
         scorer="grad_norm",
         schedule={"warmup": 3},
-        num_train_samples=N_SAMPLES,
-        num_val_samples=N_SAMPLES,
-        plot=False,
-        verbose=False,
+        **QUIET_SAMPLES,
     )
     _trainer([cb], tmp_path, max_steps=5, limit_val_batches=0).fit(module, train, val)
     return cb, probed, probes
@@ -340,11 +311,8 @@ def test_scoring_store_inside_training_is_a_tenth_of_the_peak_memory(tmp_path, m
         cb = LayerInfluenceCallback(
             scorer="grad_norm",
             schedule={"warmup": 1},
-            num_train_samples=N_SAMPLES,
-            num_val_samples=N_SAMPLES,
             capture_options=options,
-            plot=False,
-            verbose=False,
+            **QUIET_SAMPLES,
         )
         _trainer([cb], tmp_path, max_steps=2, limit_val_batches=0).fit(module, train, val)
         assert seen[-1] == expected

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from layermoe.adapters import MoELoRAConfig, inject, layout, moe_layers
 from layermoe.callbacks import LayerInfluenceCallback, load_adapted_checkpoint
+from tests.fixtures import cpu_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 
 TARGETS = {"target_modules": ["fc1", "fc2"], "experts": 2, "rank": 2, "lora_alpha": 4.0}
@@ -92,18 +93,7 @@ def _data() -> tuple[DataLoader, DataLoader]:
 
 
 def _trainer(tmp_path: Path, callbacks: list[Any], **kw: Any) -> Trainer:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )
-    opts.update(kw)
-    return Trainer(callbacks=callbacks, **opts)
+    return cpu_trainer(callbacks, **{"default_root_dir": str(tmp_path), **kw})
 
 
 def test_hand_written_module_over_plain_torch_model(tmp_path) -> None:

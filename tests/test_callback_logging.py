@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 
 import pytest
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from layermoe.callbacks import LayerInfluenceCallback
+from tests.fixtures import cpu_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 
 
@@ -26,17 +27,7 @@ def test_rewire_is_logged_plotted_and_printed(tmp_path, caplog) -> None:
     )
     tb = TensorBoardLogger(tmp_path, name="tb")
     csv = CSVLogger(tmp_path, name="csv")
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        callbacks=[cb],
-        logger=[tb, csv],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    trainer = cpu_trainer([cb], max_steps=3, logger=[tb, csv], limit_val_batches=0)
     with caplog.at_level(logging.INFO):
         trainer.fit(module, *loaders())
     entry = cb.history[0]

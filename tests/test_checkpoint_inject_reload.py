@@ -10,10 +10,10 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from layermoe.adapters import layout, moe_layers
-from layermoe.callbacks import LayerInfluenceCallback, load_adapted_checkpoint
+from layermoe.callbacks import load_adapted_checkpoint
 from layermoe.checkpointing import exact_resume_callbacks
 from layermoe.scoring import causal_lm_per_sample_loss
-from tests.conftest import atomic_checkpoint_trainer
+from tests.fixtures import atomic_checkpoint_trainer, quiet_influence
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 
 
@@ -27,14 +27,10 @@ def test_load_adapted_checkpoint_reproduces_validation_loss(tmp_path: Path) -> N
     L.seed_everything(0)
     module = TinyLlamaModule(adapt=False)
     train, val = loaders()
-    influence = LayerInfluenceCallback(
-        scorer="grad_norm",
+    influence = quiet_influence(
+        "grad_norm",
         schedule={"warmup": 2},
-        num_train_samples=8,
-        num_val_samples=8,
         inject={"experts": 2, "rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1},
-        plot=False,
-        verbose=False,
     )
     trainer = atomic_checkpoint_trainer(
         4, [influence, *exact_resume_callbacks(), ModelCheckpoint(tmp_path, save_last=True)]

@@ -19,7 +19,7 @@ from layermoe.checkpointing.integrity import (
 )
 from layermoe.lightning_modules import MoELoRAFineTuner
 from layermoe.lightning_modules.finetuner import NonFiniteLossError
-from tests.conftest import atomic_checkpoint_trainer
+from tests.fixtures import atomic_checkpoint_trainer
 from tests.scripts.resume_run import ADAPTER, TINY_LLAMA, data_module
 from tests.test_resume_e2e import _write_data
 

@@ -22,7 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from layermoe.callbacks import LayerInfluenceCallback, load_adapted_checkpoint
 from layermoe.checkpointing.integrity import CHECKSUM_KEY, CheckpointIntegrityError
 from layermoe.lightning_modules import MoELoRAFineTuner
-from tests.conftest import atomic_checkpoint_trainer
+from tests.fixtures import atomic_checkpoint_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 from tests.scripts.resume_run import ADAPTER, TINY_LLAMA, data_module
 from tests.test_resume_e2e import _write_data

@@ -16,6 +16,7 @@ from layermoe.checkpointing import (
     check_optimizer_states,
     optimizer_manifest,
 )
+from tests.fixtures import quiet_trainer
 
 
 def _stepped_adam(module: nn.Module, params: list[nn.Parameter]) -> torch.optim.Adam:
@@ -102,14 +103,7 @@ class _Module(L.LightningModule):
 
 
 def _trainer(max_steps: int, callbacks: list) -> L.Trainer:
-    return L.Trainer(
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        callbacks=callbacks,
-    )
+    return quiet_trainer(callbacks, max_steps=max_steps, enable_checkpointing=False)
 
 
 def test_lightning_resume_with_reordered_optimizer_fails_before_training(tmp_path: Path) -> None:

@@ -11,21 +11,18 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.checkpointing import exact_resume_callbacks
 from layermoe.checkpointing.integrity import CHECKSUM_KEY, CheckpointIntegrityError
-from tests.conftest import quiet_trainer
+from tests.fixtures import quiet_influence, quiet_trainer
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders
 from tests.test_checkpoint_load_errors import _flip
 
 
 def _plugin_trainer(folder: Path, max_steps: int, extra: list[Callback] = ()) -> L.Trainer:
     """The README's plug-in Trainer: no plugins=, so Lightning's own TorchCheckpointIO."""
-    options = {"schedule": {"warmup": 2}, "num_train_samples": 4, "num_val_samples": 4}
-    influence = LayerInfluenceCallback(scorer="grad_norm", plot=False, verbose=False, **options)
-    return quiet_trainer(
-        max_steps, [influence, *exact_resume_callbacks(), *extra, ModelCheckpoint(folder, save_last=True)]
-    )
+    influence = quiet_influence("grad_norm", schedule={"warmup": 2}, num_train_samples=4, num_val_samples=4)
+    callbacks = [influence, *exact_resume_callbacks(), *extra, ModelCheckpoint(folder, save_last=True)]
+    return quiet_trainer(callbacks, max_steps=max_steps, limit_val_batches=0)
 
 
 def _fit(folder: Path, max_steps: int, ckpt_path: Path | None = None, extra: list[Callback] = ()):

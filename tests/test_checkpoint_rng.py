@@ -10,7 +10,6 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from layermoe.checkpointing import (
     RNGStateCallback,
@@ -18,6 +17,7 @@ from layermoe.checkpointing import (
     restore_rng_state,
     resumable_train_loader,
 )
+from tests.fixtures import every_step_checkpoint, quiet_trainer
 
 
 def _draw() -> tuple[torch.Tensor, np.ndarray, list[float], torch.Tensor]:
@@ -116,18 +116,9 @@ class _DropoutModule(L.LightningModule):
 def _fit(folder: Path, ckpt_path: Path | None, callbacks: list) -> _DropoutModule:
     L.seed_everything(0)
     module = _DropoutModule()
-    L.Trainer(
-        max_steps=7,
-        val_check_interval=3,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[
-            ModelCheckpoint(folder, every_n_train_steps=1, save_top_k=-1, filename="{step}"),
-            *callbacks,
-        ],
-    ).fit(module, ckpt_path=ckpt_path)
+    quiet_trainer([every_step_checkpoint(folder), *callbacks], max_steps=7, val_check_interval=3).fit(
+        module, ckpt_path=ckpt_path
+    )
     return module
 
 

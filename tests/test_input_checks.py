@@ -19,6 +19,7 @@ from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
 from layermoe.data import DataError, TextDataModule, read_rows
 from layermoe.lightning_modules import MoELoRAFineTuner
 from tests.conftest import tiny_llama_spec, toy_rows, write_jsonl
+from tests.fixtures import quiet_trainer
 
 
 def test_null_text_names_the_row(tmp_path: Path) -> None:
@@ -49,17 +50,8 @@ def _data(tmp_path: Path, **kwargs) -> TextDataModule:
 
 
 def _trainer(tmp_path: Path, callbacks: list | None = None, **kwargs) -> L.Trainer:
-    options = dict(
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        default_root_dir=str(tmp_path),
-    )
-    options.update(kwargs)
-    return L.Trainer(callbacks=callbacks or [], **options)
+    options = {"max_steps": 4, "enable_checkpointing": False, "default_root_dir": str(tmp_path), **kwargs}
+    return quiet_trainer(callbacks or [], **options)
 
 
 def _module(**kwargs) -> MoELoRAFineTuner:

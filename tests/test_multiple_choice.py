@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import math
 
-import lightning as L
 import pytest
 import torch
 
 from layermoe.data import DataError, TextDataModule
 from layermoe.lightning_modules import MoELoRAFineTuner
 from tests.conftest import tiny_llama_spec, write_jsonl
+from tests.fixtures import quiet_trainer
 
 TEMPLATE = "Q: {text}\nA:"
 QUESTIONS = [
@@ -76,7 +76,7 @@ def test_option_scores_and_accuracy_match_a_hand_computation(tmp_path, choice_sc
         assert (scores[row, k:] == float("-inf")).all()  # padded options never win
         hand_correct.append(max(range(k), key=hand.__getitem__) == expected_answers[row])
     # the module's val/acc over the same rows (its loader sorts rows by length; accuracy does not care)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     (result,) = trainer.validate(module, dm, verbose=False)
     assert result["val/acc"] == pytest.approx(sum(hand_correct) / len(QUESTIONS))
 
@@ -117,14 +117,14 @@ def test_answer_formats_and_errors(tmp_path):
 def test_model_and_data_tasks_must_agree(tmp_path):
     module, dm = _module_and_data(tmp_path)
     other = MoELoRAFineTuner(model=tiny_llama_spec(), task="instruction", print_layout=False)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, max_steps=1)
+    trainer = quiet_trainer(max_steps=1)
     with pytest.raises(ValueError, match="model.task='instruction' but data.task='multiple_choice'"):
         trainer.fit(other, dm)
 
 
 def test_validation_line_shows_the_chance_level_and_the_rows(tmp_path, capsys):
     module, dm = _module_and_data(tmp_path)
-    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = quiet_trainer()
     trainer.validate(module, dm, verbose=False)
     (line,) = [line for line in capsys.readouterr().out.splitlines() if "val/acc=" in line]
     # guessing among each row's options (3, 4, 2, 3 and 3 of them), averaged over the 5 rows

@@ -29,6 +29,7 @@ from layermoe.quiet import (
     LIGHTNING_TIP_PREFIX,
 )
 from tests.conftest import tiny_llama_spec
+from tests.fixtures import quiet_trainer
 from tests.test_cli_quickstart import toy_data_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -278,13 +279,7 @@ def test_the_readme_module_reloads_with_load_from_checkpoint_given_its_model(tmp
 
     ids = random_tokens()
     module = ReadmeModule(tiny_llama(), TensorDataset(ids, ids.clone()), lr=5e-2)
-    trainer = L.Trainer(
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_trainer(max_steps=3, default_root_dir=tmp_path)
     trainer.fit(module)
     path = tmp_path / "last.ckpt"
     trainer.save_checkpoint(path)

@@ -8,10 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch import seed_everything
 from torch import nn
-from torch.utils.data import DataLoader
 
 from layermoe.adapters import (
     MoELoRALinear,
@@ -20,10 +18,9 @@ from layermoe.adapters import (
     scale_trailing_slots,
     shrink_rank,
 )
-from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.callbacks.report import console_table
-from layermoe.checkpointing import exact_resume_callbacks, resumable_train_loader
-from tests.scripts.callback_fixtures import CountingDataset, TinyLlamaModule
+from tests.fixtures import quiet_influence
+from tests.scripts.callback_fixtures import TinyLlamaModule, fit_counting_task
 
 FADE = 3
 SCORES = {0: 4.0, 1: 0.5, 2: 4.0}  # reflected by `inverse` to 0.5, 4, 0.5
@@ -71,36 +68,14 @@ def test_faded_slots_are_removed_without_changing_the_output() -> None:
 def _fit(tmp_path: Path, run: str, fade: int, ckpt: Path | None = None):
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4, lr=1e-2)
-    cb = LayerInfluenceCallback(
-        scorer="inverse",  # a control around fixed scores: block 1 is reflected to the lowest score
+    cb = quiet_influence(
+        "inverse",  # a control around fixed scores: block 1 is reflected to the lowest score
         scorer_options={"scorer": "test_fixed_scores", "scorer_options": {"scores": SCORES}},
         allocator_options={"rank_policy": "scores"},
         schedule={"warmup": 2},
-        num_train_samples=8,
-        num_val_samples=8,
         rank_fade_steps=fade,
-        plot=False,
-        verbose=False,
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=8,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        deterministic=True,
-        default_root_dir=str(tmp_path),
-        callbacks=[
-            cb,
-            *exact_resume_callbacks(),
-            ModelCheckpoint(dirpath=tmp_path / run, filename="{step}", every_n_train_steps=1, save_top_k=-1),
-        ],
-    )
-    train = resumable_train_loader(CountingDataset(64, 0), 4, seed=0)
-    trainer.fit(module, train, DataLoader(CountingDataset(16, 1), batch_size=4), ckpt_path=ckpt)
+    fit_counting_task(module, cb, tmp_path, run, ckpt)
     return module, cb
 
 

@@ -16,12 +16,12 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
 from layermoe.checkpointing import PREEMPTED_EXIT_CODE, AtomicCheckpointIO
 from layermoe.checkpointing.run_lock import RunFolderBusyError
 from layermoe.lightning_modules import MoELoRAFineTuner
+from tests.fixtures import every_step_checkpoint, quiet_influence, quiet_trainer
 from tests.scripts.resume_run import ADAPTER, TINY_LLAMA, data_module
 from tests.test_resume_e2e import _max_difference, _script, _write_data
 from tests.test_resume_guarantees import _checkpoints, _fit
@@ -140,33 +140,18 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path: Path) -> None:
 
 
 def _influence(budget: str) -> LayerInfluenceCallback:
-    return LayerInfluenceCallback(
-        scorer="grad_norm",
-        budget=budget,
-        schedule={"warmup": 3, "interval": "step"},
-        num_train_samples=8,
-        num_val_samples=8,
-        plot=False,
-        verbose=False,
-    )
+    return quiet_influence("grad_norm", budget=budget, schedule={"warmup": 3, "interval": "step"})
 
 
 def _plugin_fit(folder: Path, data: Path, budget: str, max_steps: int, ckpt: Path | None = None) -> L.Trainer:
     L.seed_everything(0)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        [_influence(budget), every_step_checkpoint(folder)],
         max_steps=max_steps,
         limit_val_batches=2,
         val_check_interval=2,
         check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         plugins=[AtomicCheckpointIO()],
-        callbacks=[
-            _influence(budget),
-            ModelCheckpoint(folder, filename="{step}", every_n_train_steps=1, save_top_k=-1),
-        ],
     )
     module = MoELoRAFineTuner(model=TINY_LLAMA, adapter=ADAPTER, num_classes=2, print_layout=False)
     trainer.fit(module, datamodule=data_module(str(data)), ckpt_path=ckpt)

@@ -15,19 +15,11 @@ from layermoe.scoring import (
     masked_lm_per_sample_loss,
     sequence_classification_per_sample_loss,
 )
-from tests.tiny_models import VOCAB, random_tokens, tiny_bert, tiny_gpt2, tiny_llama
+from tests.tiny_models import random_tokens, tiny_bert, tiny_gpt2, tiny_llama, tiny_sizes
 
 
 def _bert_config(**kw) -> BertConfig:
-    return BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        **kw,
-    )
+    return BertConfig(**tiny_sizes(2, positions=64), **kw)
 
 
 def _padded(batch: int = 4, length: int = 8) -> dict[str, torch.Tensor]:

@@ -231,37 +231,20 @@ def test_callback_table_metrics_and_config_checks() -> None:
 def test_error_shrinkage_in_a_fit_from_a_layout_with_an_empty_block() -> None:
     """The fit-start checks (budget on equal scores, dry run through a block without adapter) accept
     error_shrinkage; the rewire's layout is the allocator's on the recorded scores and errors."""
-    from lightning.pytorch import Trainer, seed_everything
+    from lightning.pytorch import seed_everything
     from torch.utils.data import DataLoader
 
     from layermoe.adapters import layout
     from layermoe.layout import layout_params
+    from tests.fixtures import cpu_trainer, quiet_influence
     from tests.scripts.callback_fixtures import CountingDataset, TinyLlamaModule
 
     seed_everything(0)
     module = TinyLlamaModule(adapt=False)
     inject(module.model, MoELoRAConfig(experts={0: 0, 1: 2, 2: 2}, rank=4, lora_alpha=8.0))
     options = {"experts_bounds": [0, None], "error_shrinkage": 0.5}
-    cb = LayerInfluenceCallback(
-        scorer="layerif",
-        allocator_options=options,
-        schedule={"warmup": 2, "interval": "step"},
-        num_train_samples=8,
-        num_val_samples=8,
-        plot=False,
-        verbose=False,
-    )
-    trainer = Trainer(
-        accelerator="cpu",
-        max_steps=3,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        callbacks=[cb],
-    )
+    cb = quiet_influence("layerif", allocator_options=options, schedule={"warmup": 2, "interval": "step"})
+    trainer = cpu_trainer([cb], max_steps=3, limit_val_batches=1)
     trainer.fit(
         module,
         DataLoader(CountingDataset(32, 0), batch_size=4),

@@ -11,14 +11,13 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 
 from layermoe.adapters import layout
-from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.data import TextDataModule
 from layermoe.lightning_modules import MoELoRAFineTuner
 from tests.conftest import tiny_llama_spec, write_jsonl
+from tests.fixtures import every_step_checkpoint, quiet_influence, quiet_trainer
 
 WORDS = ["cat", "dog", "sun", "tree", "moon", "fish"]
 TASKS = {
@@ -67,30 +66,18 @@ def _fit(kind: str, data: Path, root: Path, ckpt: Path | None) -> dict[str, torc
         group_by_length=True,
         **TASKS[kind],
     )
-    influence = LayerInfluenceCallback(
-        scorer="grad_norm",
-        schedule={"warmup": 5, "interval": "step"},
-        num_train_samples=4,
-        num_val_samples=4,
-        plot=False,
-        verbose=False,
+    influence = quiet_influence(
+        "grad_norm", schedule={"warmup": 5, "interval": "step"}, num_train_samples=4, num_val_samples=4
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        [influence, every_step_checkpoint(root / "ckpt")],
         accelerator="cpu",
         max_steps=8,
         val_check_interval=4,
         check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
         deterministic=True,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=root,
         plugins=[AtomicCheckpointIO()],
-        callbacks=[
-            influence,
-            ModelCheckpoint(dirpath=root / "ckpt", filename="{step}", every_n_train_steps=1, save_top_k=-1),
-        ],
     )
     trainer.fit(module, dm, ckpt_path=ckpt)
     assert influence.state.rewires_done == 1

@@ -7,15 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from lightning.pytorch.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
+from lightning.pytorch import seed_everything
 
 from layermoe.adapters import layout, moe_layers
 from layermoe.callbacks import LayerInfluenceCallback, load_adapted_checkpoint
 from layermoe.callbacks.report import console_table
-from layermoe.checkpointing import exact_resume_callbacks, resumable_train_loader
-from tests.scripts.callback_fixtures import CountingDataset, TinyLlamaModule
+from tests.fixtures import quiet_influence
+from tests.scripts.callback_fixtures import TinyLlamaModule, fit_counting_task
 
 MAX_STEPS = 8
 
@@ -25,37 +23,13 @@ def _fit(
 ) -> tuple[TinyLlamaModule, LayerInfluenceCallback]:
     seed_everything(0)
     module = TinyLlamaModule(adapt=False, lr=1e-2)
-    cb = LayerInfluenceCallback(
-        scorer="test_empty_toggle",
+    cb = quiet_influence(
+        "test_empty_toggle",
         allocator_options={"experts_bounds": {0: (0, None)}},
         schedule={"warmup": 2, "every": 3, "max_rewires": 2},
-        num_train_samples=8,
-        num_val_samples=8,
         inject={"experts": 2, "rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1},
-        plot=False,
-        verbose=False,
     )
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=MAX_STEPS,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=1,
-        val_check_interval=4,
-        deterministic=True,
-        default_root_dir=str(tmp_path),
-        callbacks=[
-            cb,
-            *exact_resume_callbacks(),
-            ModelCheckpoint(dirpath=tmp_path / run, filename="{step}", every_n_train_steps=1, save_top_k=-1),
-        ],
-    )
-    train = resumable_train_loader(CountingDataset(64, 0), 4, seed=0)
-    val = DataLoader(CountingDataset(16, 1), batch_size=4)
-    trainer.fit(module, train, val, ckpt_path=ckpt)
+    fit_counting_task(module, cb, tmp_path, run, ckpt, max_steps=MAX_STEPS, val_check_interval=4)
     return module, cb
 
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the LayerInfluenceCallback tests and the DDP script: tiny data, modules, scorers.
+"""Shared pieces of the LayerInfluenceCallback tests and the DDP script: tiny data, modules, scorers, fits.
 
 Not a test module: importable from pytest (``tests.scripts.callback_fixtures``) and from the standalone
 DDP script (run with the repository root on ``sys.path``).
@@ -6,6 +6,7 @@ DDP script (run with the repository root on ``sys.path``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject
+from layermoe.checkpointing import exact_resume_callbacks, resumable_train_loader
 from layermoe.scoring import Scorer, causal_lm_per_sample_loss, register_scorer
+from tests.fixtures import cpu_trainer, every_step_checkpoint, quiet_trainer
 from tests.tiny_models import VOCAB, tiny_llama
 
 SEQ = 12
@@ -90,6 +93,31 @@ class TinyLlamaModule(LightningModule):
         return opt
 
 
+def fit_counting_task(
+    module: LightningModule,
+    influence: Any,
+    root: Path,
+    run: str,
+    ckpt_path: Path | None = None,
+    max_steps: int = 8,
+    **options: Any,
+) -> None:
+    """An exactly resumable, deterministic fit on the counting task (64 train, 16 validation sequences,
+    one validation batch), writing ``root/run/step=K.ckpt`` after every step."""
+    trainer = quiet_trainer(
+        [influence, *exact_resume_callbacks(), every_step_checkpoint(root / run)],
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        limit_val_batches=1,
+        deterministic=True,
+        default_root_dir=str(root),
+        **options,
+    )
+    train = resumable_train_loader(CountingDataset(64, 0), 4, seed=0)
+    trainer.fit(module, train, DataLoader(CountingDataset(16, 1), batch_size=4), ckpt_path=ckpt_path)
+
+
 def assert_fit_fails_before_first_step(
     module: LightningModule,
     callback: Any,
@@ -102,20 +130,9 @@ def assert_fit_fails_before_first_step(
     """``trainer.fit`` raises ``error`` matching ``pattern`` with no optimizer step taken and (unless the
     callback injects adapters) the weights unchanged."""
     import pytest
-    from lightning.pytorch import Trainer
 
     before = {k: v.clone() for k, v in module.state_dict().items()}
-    opts: dict[str, Any] = dict(
-        accelerator="cpu",
-        max_steps=4,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    opts.update(kw)
-    trainer = Trainer(callbacks=[callback], **opts)
+    trainer = cpu_trainer([callback], **{"max_steps": 4, **kw})
     with pytest.raises(error, match=pattern):
         trainer.fit(module, *loaders)
     assert trainer.global_step == 0
@@ -139,12 +156,16 @@ class FixedScorer(Scorer):
         return {b: self.scores[b] for b in stats}
 
 
-def scale_adapters(model: nn.Module, keep_block: int, factor: float) -> None:
-    """Multiply every adapter parameter outside ``keep_block`` by ``factor`` (planted grad_norm case)."""
+def plant_grad_norm_winner(module: TinyLlamaModule, keep_block: int, factor: float = 1e-3) -> None:
+    """The planted grad_norm case: B drawn with std 0.05 (so that A gets gradients too), then every
+    adapter parameter outside ``keep_block`` multiplied by ``factor``."""
     from layermoe.adapters import moe_layers
 
     with torch.no_grad():
-        for block, layers in moe_layers(model).items():
+        for name, p in module.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+        for block, layers in moe_layers(module.model).items():
             if block == keep_block:
                 continue
             for layer in layers.values():

@@ -17,12 +17,13 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from lightning.pytorch import Callback, Trainer, seed_everything  # noqa: E402
+from lightning.pytorch import Callback, seed_everything  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from layermoe.adapters import layout  # noqa: E402
 from layermoe.callbacks import LayerInfluenceCallback  # noqa: E402
-from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, scale_adapters  # noqa: E402
+from tests.fixtures import cpu_trainer, quiet_influence  # noqa: E402
+from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, plant_grad_norm_winner  # noqa: E402
 
 
 class WrapperCheck(Callback):
@@ -45,43 +46,22 @@ def main(out_dir: Path, mode: str = "planted") -> None:
     torch.set_num_threads(1)
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4, lr=0.05, optimizer="sgd")
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    scale_adapters(module.model, keep_block=1, factor=1e-3)
+    plant_grad_norm_winner(module, keep_block=1)
     start_layout = layout(module)
     train, val = loaders(batch_size=4)
-    cb = LayerInfluenceCallback(
-        scorer="grad_norm",
-        schedule={"warmup": 2},
-        num_train_samples=8,
-        num_val_samples=8,
-        plot=False,
-        verbose=False,
-    )
+    cb = quiet_influence("grad_norm", schedule={"warmup": 2})
     if mode == "zero":  # block 0 loses its adapters at step 2 and gets them back at step 4
-        cb = LayerInfluenceCallback(
-            scorer="test_empty_toggle",
+        cb = quiet_influence(
+            "test_empty_toggle",
             allocator_options={"experts_bounds": {0: (0, None)}},
             schedule={"warmup": 2, "every": 2, "max_rewires": 2},
-            num_train_samples=8,
-            num_val_samples=8,
-            plot=False,
-            verbose=False,
         )
     check = WrapperCheck(cb)
-    trainer = Trainer(
-        accelerator="cpu",
+    trainer = cpu_trainer(
+        [cb, check],
         devices=2,
         strategy="ddp",
         max_steps=6,
-        callbacks=[cb, check],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
         limit_val_batches=0,
         default_root_dir=str(out_dir),
     )

@@ -18,7 +18,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers import BertConfig, BertForSequenceClassification
 
@@ -26,8 +25,9 @@ from layermoe.adapters import MoELoRAConfig, collect_router_losses, inject
 from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.checkpointing import exact_resume_callbacks, resumable_train_loader
 from layermoe.scoring.losses import per_sample_loss_from_logits
+from tests.fixtures import every_step_checkpoint, quiet_influence, quiet_trainer
 from tests.scripts.callback_fixtures import CountingDataset
-from tests.tiny_models import VOCAB, tiny_llama
+from tests.tiny_models import VOCAB, tiny_llama, tiny_sizes
 
 
 def counting_tensors(size: int, seed: int) -> TensorDataset:
@@ -73,15 +73,7 @@ SEQ = 10
 
 def tiny_bert_classifier(seed: int = 0) -> BertForSequenceClassification:
     torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        num_labels=NUM_LABELS,
-    )
+    config = BertConfig(**tiny_sizes(3, positions=64), num_labels=NUM_LABELS)
     return BertForSequenceClassification(config)
 
 
@@ -151,39 +143,25 @@ def fit_project(
     """Fit with a rewire after ``rewire_step`` and a checkpoint after every step (``step=K.ckpt``)."""
     L.seed_everything(0)
     module = module_cls()
-    influence = LayerInfluenceCallback(
+    influence = quiet_influence(
         **{
             "scorer": "grad_norm",
             # these tests need a rewire that changes shapes; shrinking 8-sample scores by their standard
             # errors (the default) can leave a tiny model's layout as it is
             "allocator_options": {"error_shrinkage": 0},
             "schedule": {"warmup": rewire_step, "interval": "step"},
-            "num_train_samples": 8,
-            "num_val_samples": 8,
-            "plot": False,
-            "verbose": False,
             **(influence_options or {}),
-        }
+        },
     )
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        [influence, *exact_resume_callbacks(), every_step_checkpoint(run_dir / "checkpoints")],
         accelerator="cpu",
         devices=1,
         max_steps=max_steps,
         val_check_interval=3,
         check_val_every_n_epoch=None,
-        num_sanity_val_steps=0,
         deterministic=True,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=str(run_dir),
-        callbacks=[
-            influence,
-            *exact_resume_callbacks(),
-            ModelCheckpoint(
-                dirpath=run_dir / "checkpoints", filename="{step}", every_n_train_steps=1, save_top_k=-1
-            ),
-        ],
     )
     trainer.fit(module, ckpt_path=ckpt_path)
     return module, influence

@@ -37,6 +37,7 @@ from layermoe.adapters import layout
 from layermoe.callbacks import LayerInfluenceCallback
 from layermoe.checkpointing import AtomicCheckpointIO, exact_resume_callbacks
 from layermoe.lightning_modules import MoELoRAFineTuner, TextDataModule
+from tests.fixtures import QUIET, QUIET_INFLUENCE, every_step_checkpoint, quiet_influence, quiet_trainer
 
 KILL_AT = os.environ.get("LAYERMOE_TEST_KILL_AT", "")
 TINY_LLAMA = {
@@ -61,6 +62,8 @@ MODULE_ARGS: dict[str, Any] = {
     "warmup_steps": 2,
     "print_layout": False,
 }
+# a config's precision and devices: what the plug-in runs' Trainer gets from its defaults and "cpu"
+ONE_CPU_FLOAT32 = {"precision": "32-true", "accelerator": "cpu", "devices": 1}
 
 
 def die(point: str) -> None:
@@ -183,16 +186,12 @@ def build(
     module.kill_step = args.kill_step
     data = data_module(args.data)
     epochs = args.epochs is not None
-    influence = LayerInfluenceCallback(
-        scorer="grad_norm",
+    influence = quiet_influence(
+        "grad_norm",
         # resume must rebuild changed shapes: a rewire that moves something, even from 8-sample scores
         # (the default shrinks them by their standard errors, which can leave a tiny model as it is)
         allocator_options={"error_shrinkage": 0},
         schedule={"warmup": args.rewire_step, "interval": "epoch" if epochs else "step"},
-        num_train_samples=8,
-        num_val_samples=8,
-        plot=False,
-        verbose=False,
     )
     length: dict[str, Any] = (
         {"max_epochs": args.epochs, "check_val_every_n_epoch": 1}
@@ -212,31 +211,22 @@ def build(
             save_on_train_epoch_end=False,
         )
     ]
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        [
+            influence,
+            KillAfterRewire(influence),
+            *exact_resume_callbacks(),
+            every_step_checkpoint(Path(args.run_dir) / "checkpoints", save_last=True),
+            *(at_validation if epochs else []),
+        ],
         accelerator="cpu",
         devices=1,
         **length,
         limit_val_batches=2,
         num_sanity_val_steps=1,
         deterministic=True,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
         default_root_dir=args.run_dir,
         plugins=[KillingCheckpointIO(args.kill_step)],
-        callbacks=[
-            influence,
-            KillAfterRewire(influence),
-            *exact_resume_callbacks(),
-            ModelCheckpoint(
-                dirpath=Path(args.run_dir) / "checkpoints",
-                filename="{step}",
-                every_n_train_steps=1,
-                save_top_k=-1,
-                save_last=True,
-            ),
-            *(at_validation if epochs else []),
-        ],
     )
     return trainer, module, data, influence
 
@@ -248,9 +238,7 @@ def cli_config(
     return {
         "seed_everything": 0,
         "trainer": {
-            "precision": "32-true",
-            "accelerator": "cpu",
-            "devices": 1,
+            **ONE_CPU_FLOAT32,
             **step_trainer_args({"max_steps": max_steps}, val_every, run_dir),
             "plugins": [{"class_path": "layermoe.checkpointing.AtomicCheckpointIO"}],
             "callbacks": [
@@ -259,10 +247,7 @@ def cli_config(
                     "init_args": {
                         "scorer": "grad_norm",
                         "schedule": {"warmup": rewire_step, "interval": "step"},
-                        "num_train_samples": 8,
-                        "num_val_samples": 8,
-                        "plot": False,
-                        "verbose": False,
+                        **QUIET_INFLUENCE,
                     },
                 },
                 {"class_path": "layermoe.checkpointing.RNGStateCallback"},
@@ -332,11 +317,9 @@ def step_trainer_args(length: dict[str, int], val_every: int, run_dir: str) -> d
         "val_check_interval": val_every,
         "check_val_every_n_epoch": None,
         "limit_val_batches": 2,
+        **QUIET,
         "num_sanity_val_steps": 1,
         "deterministic": True,
-        "logger": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
         "default_root_dir": run_dir,
     }
 
@@ -346,10 +329,7 @@ def matrix_influence_args(interval: str) -> dict[str, Any]:
         "scorer": "grad_norm",
         "allocator_options": {"error_shrinkage": 0},  # a rewire that changes shapes (see build)
         "schedule": {"warmup": MATRIX_WARMUP[interval], "interval": interval},
-        "num_train_samples": 8,
-        "num_val_samples": 8,
-        "plot": False,
-        "verbose": False,
+        **QUIET_INFLUENCE,
     }
 
 
@@ -382,9 +362,7 @@ def matrix_cli_config(data: str, run_dir: str, length: str, interval: str) -> di
     return {
         "seed_everything": 0,
         "trainer": {
-            "precision": "32-true",
-            "accelerator": "cpu",
-            "devices": 1,
+            **ONE_CPU_FLOAT32,
             **matrix_trainer_args(length, run_dir),
             "callbacks": [
                 {
