@@ -238,21 +238,22 @@ def second_draw(callback: Any, offset: int = 1000) -> list[dict[int, float]]:
     """Make ``callback`` score a second, independent draw of training samples (seed + ``offset``) each time
     it scores, and return the list those scores land in. The allocation uses the first draw only.
 
-    Wraps the callback's private ``_score``: the stability measurement needs both draws at the very same
+    Wraps the callback's ``rewiring.score``: the stability measurement needs both draws at the very same
     weights and step, which no public hook offers (benchmark-only; the library never does this)."""
     draws: list[dict[int, float]] = []
-    original = callback._score
+    rewiring = callback.rewiring
+    original = rewiring.score
 
     def score_twice(trainer: Any, pl_module: Any) -> Any:
         result = original(trainer, pl_module)
-        callback.seed += offset
+        rewiring.seed += offset
         try:
             draws.append(dict(original(trainer, pl_module)[0]))
         finally:
-            callback.seed -= offset
+            rewiring.seed -= offset
         return result
 
-    callback._score = score_twice
+    rewiring.score = score_twice
     return draws
 
 

@@ -78,22 +78,25 @@ class TimedCallback(LayerInfluenceCallback):
                     self.hook_seconds += time.perf_counter() - start
 
             setattr(self, name, timed)
+        self._score_unwrapped = self.rewiring.score
+        self.rewiring.score = self._scored
 
-    def _score(self, trainer: Trainer, pl_module: Any) -> tuple[dict[int, float], dict[int, float] | None]:
+    def _scored(self, trainer: Trainer, pl_module: Any) -> tuple[dict[int, float], dict[int, float] | None]:
+        """``rewiring.score`` (installed in ``__init__``) with the memory phase marked."""
         self.memory.phase = "scoring"
         try:
-            scores = super()._score(trainer, pl_module)
+            scores = self._score_unwrapped(trainer, pl_module)
         finally:
             self.memory.phase = "after"
         # the samples just scored, kept for the floor measurement (benchmark work: excluded)
         start = time.perf_counter()
         train = data_utils.training_batches(
-            self._training_loader(trainer),
+            self.rewiring.training_loader(trainer),
             self.num_train_samples,
             self.seed + trainer.global_rank,
             self.scoring_batch_size,
         )
-        self.scored_batches = list(self._val_batches) + data_utils.to_device(trainer.strategy, train)
+        self.scored_batches = list(self.rewiring.val_batches) + data_utils.to_device(trainer.strategy, train)
         self.naive_seconds += time.perf_counter() - start
         return scores
 
@@ -114,7 +117,7 @@ class TimedCallback(LayerInfluenceCallback):
                 for name, layer in named_moe_layers(pl_module).items():
                     if (layer.experts, layer.rank) != before[name]:
                         layer.reset_lora_parameters(layer.experts, layer.rank)
-            loss = mean_loss(pl_module, per_sample, self._val_batches)
+            loss = mean_loss(pl_module, per_sample, self.rewiring.val_batches)
         finally:
             snapshot.restore()
         loss_before = self.history[-1]["val_loss_before"]

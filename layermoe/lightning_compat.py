@@ -43,6 +43,33 @@ def validation_due_after_this_batch(trainer: Any) -> bool:
     return fetcher is not None and bool(trainer.fit_loop.epoch_loop._should_check_val_fx(fetcher))
 
 
+def build_validation_loaders(trainer: Any) -> None:
+    """Have the fit's validation loop build ``trainer.val_dataloaders`` now (scoring may run before the
+    first validation, e.g. at a step-interval rewire).
+
+    ``setup_data()`` is public-named but sits on the loop objects (``fit_loop.epoch_loop.val_loop``), which
+    Lightning treats as internal; it is what the validation loop itself calls before running, and returns
+    at once when the loaders exist. Checked against lightning 2.6.6.
+    """
+    trainer.fit_loop.epoch_loop.val_loop.setup_data()
+
+
+def is_last_training_batch(trainer: Any) -> bool:
+    """Whether the batch the training epoch loop is on (or has just finished) is its epoch's last.
+
+    Read from the epoch loop's ``batch_progress.is_last_batch`` (a loop internal; no public trainer
+    property says it). Checked against lightning 2.6.6.
+    """
+    return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
+
+
+def callback_state_key(callback: Any, **kwargs: Any) -> str:
+    """``Callback._generate_state_key``: the protected helper Lightning's ``Callback.state_key`` docs point
+    subclasses to (class qualname plus the given fields), so the key stays what Lightning would generate.
+    Checked against lightning 2.6.6."""
+    return str(callback._generate_state_key(**kwargs))
+
+
 def training_source_loader(trainer: Any) -> Any:
     """The training dataloader(s) straight from their source (the module's or datamodule's
     ``train_dataloader`` hook, or the loader given to ``fit``), or None when none is defined. At

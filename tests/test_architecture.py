@@ -34,16 +34,10 @@ COMPAT = PACKAGE / "lightning_compat.py"
 LAYOUT = PACKAGE / "layout.py"
 LIGHTNING_MODULES = ("lightning", "pytorch_lightning", "lightning_fabric")
 
-# Uses the callback refactor (branch `callback`) is moving out of callbacks/ now. Each test below fails
-# when an entry is no longer needed, so it is deleted once that branch is merged.
-# TODO(callback branch): delete these entries after merging `callback` into main.
-ALLOWED_PRIVATE_LIGHTNING = {("layermoe/callbacks/layer_influence.py", "_generate_state_key")}
-ALLOWED_LAYOUT_REDEFINITIONS = {("layermoe/callbacks/rank_fade.py", "Layout")}
-ALLOWED_UNCOMMENTED_LOCAL_IMPORTS = {
-    ("layermoe/callbacks/loading.py", "layermoe.adapters"),
-    ("layermoe/callbacks/rank_fade.py", "layermoe.adapters"),
-    ("layermoe/callbacks/report.py", "layermoe.plotting"),
-}
+# Exceptions to the rules below (none now). Each test fails when an entry is no longer needed.
+ALLOWED_PRIVATE_LIGHTNING: set[tuple[str, str]] = set()
+ALLOWED_LAYOUT_REDEFINITIONS: set[tuple[str, str]] = set()
+ALLOWED_UNCOMMENTED_LOCAL_IMPORTS: set[tuple[str, str]] = set()
 
 
 def check_against_allow_list(found: set[tuple[str, str]], allowed: set[tuple[str, str]], what: str) -> None:

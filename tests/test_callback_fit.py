@@ -262,8 +262,8 @@ def _fit_probing_the_rewire(
         def _apply_pending(self, trainer: Trainer, pl_module: Any) -> None:
             probed.append(_val_loss(pl_module, val, N_SAMPLES))
             calls = []
-            original = self._probe
-            self._probe = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
+            original = self.rewiring.probe
+            self.rewiring.probe = lambda *a: calls.append(1) or original(*a)  # type: ignore[method-assign]
             super()._apply_pending(trainer, pl_module)
             probes.append(len(calls))
 
@@ -295,7 +295,7 @@ def test_scoring_store_inside_training_is_a_tenth_of_the_peak_memory(tmp_path, m
     monkeypatch.setattr(plan_module, "peak_memory_bytes", lambda device: 50_000_000)
     monkeypatch.setattr(plan_module, "available_memory_bytes", lambda device: 10**12)
     seen: list[int] = []
-    import layermoe.callbacks.layer_influence as callback_module
+    import layermoe.callbacks.rewiring as callback_module
 
     original = callback_module.capture_statistics
 
@@ -336,7 +336,9 @@ def test_loss_before_is_probed_when_the_probe_forward_differs_from_the_scoring_f
 def test_scored_loss_stands_in_only_for_layers_whose_forward_scoring_reproduces(monkeypatch) -> None:
     import layermoe.adapters.layer as layer_module
     from layermoe.adapters import MoELoRAConfig, inject
-    from layermoe.callbacks.layer_influence import _probe_forward_is_scoring_forward
+    from layermoe.callbacks.rewiring import (
+        probe_forward_is_scoring_forward as _probe_forward_is_scoring_forward,
+    )
     from tests.tiny_models import tiny_llama
 
     model = tiny_llama()

@@ -16,6 +16,7 @@ import yaml
 from layermoe.adapters import layout
 from layermoe.allocation import allocate
 from layermoe.callbacks import LayerInfluenceCallback
+from layermoe.callbacks.rewiring import block_dims
 from layermoe.cli import main
 from layermoe.lightning_modules import MoELoRAFineTuner
 
@@ -83,7 +84,7 @@ def test_quickstart_fit_writes_checkpoint_and_prints_layout_and_metrics(
         "power_law",
         callback.state.resolved_budget,
         entry["layout_before"],
-        callback._block_dims(cli.model),
+        block_dims(cli.model),
         score_errors=entry["score_errors"],
         error_shrinkage=1.0,
     )

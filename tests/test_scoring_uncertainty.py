@@ -15,6 +15,7 @@ from layermoe.allocation import AllocationError, allocate
 from layermoe.allocation.shrink import shrink_toward_mean
 from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
 from layermoe.callbacks.report import console_table, rewire_metrics
+from layermoe.callbacks.rewiring import block_dims
 from layermoe.scoring import capture_statistics, causal_lm_per_sample_loss, get_scorer, jackknife_errors
 from tests.tiny_models import random_tokens, tiny_llama
 
@@ -251,7 +252,7 @@ def test_error_shrinkage_in_a_fit_from_a_layout_with_an_empty_block() -> None:
     )
     (entry,) = cb.history
     assert sorted(entry["score_errors"]) == [0, 1, 2] and all(v > 0 for v in entry["score_errors"].values())
-    dims = cb._block_dims(module)
+    dims = block_dims(module)
     expected = allocate(
         entry["scores"],
         "power_law",

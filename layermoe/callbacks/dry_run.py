@@ -33,6 +33,30 @@ from layermoe.scoring.errors import NonFiniteGradientError
 from layermoe.scoring.losses import UnsupportedBatchError
 
 DRY_RUN_SAMPLES = 2
+
+
+def check_validation_data(trainer: Trainer, epoch_trigger: bool) -> None:
+    """Scoring reads validation data: a fit without any (or whose epoch trigger never comes) fails here."""
+    if not validation_defined(trainer):
+        raise CallbackConfigError(
+            "LayerInfluenceCallback scores on validation data: define val_dataloader() on the "
+            "LightningModule or its DataModule"
+        )
+    loader = data_utils.first_loader(validation_source_loader(trainer))
+    dataset = getattr(loader, "dataset", None)
+    if loader is None or (dataset is not None and hasattr(dataset, "__len__") and len(dataset) == 0):
+        raise CallbackConfigError(
+            "LayerInfluenceCallback scores on validation data, but the validation dataloader is empty"
+            " (e.g. TextDataModule(val_size=0) and no val_file): give validation rows (data.val_size > 0"
+            " or data.val_file)"
+        )
+    if epoch_trigger and trainer.limit_val_batches == 0:
+        raise CallbackConfigError(
+            "schedule.interval='epoch' triggers at validation end, but Trainer(limit_val_batches=0) disables "
+            "validation: use interval='step' or enable validation"
+        )
+
+
 _SKETCH_DIM = 8  # the gradient check needs reachability, not exact statistics
 # A weight this large overflows float32 once squared (gradient statistics are sums of squares): 3.4e38.
 _OVERFLOWING = 1e19

@@ -25,7 +25,8 @@ from typing import Any
 
 from torch import nn
 
-Layout = dict[int, dict[str, int]]
+from layermoe.adapters import moe_layers, rotate_to_singular_basis, scale_trailing_slots
+from layermoe.layout import Layout
 
 
 def shrinking_blocks(before: Layout, target: Layout) -> dict[int, dict[str, int]]:
@@ -53,8 +54,6 @@ def ranks_only(before: Layout, shrinking: dict[int, dict[str, int]]) -> Layout:
 
 def start_fade(pl_module: nn.Module, optimizers: list[Any], shrinking: dict[int, dict[str, int]]) -> None:
     """Rotate the shrinking blocks' experts into their singular basis; forget their factors' optimizer state."""
-    from layermoe.adapters import moe_layers, rotate_to_singular_basis
-
     layers = moe_layers(pl_module)
     for block in shrinking:
         for layer in layers[block].values():
@@ -66,8 +65,6 @@ def start_fade(pl_module: nn.Module, optimizers: list[Any], shrinking: dict[int,
 
 def fade_step(pl_module: nn.Module, fade: dict[str, Any]) -> bool:
     """Count one optimizer step and scale the fading slots; True when they reached zero."""
-    from layermoe.adapters import moe_layers, scale_trailing_slots
-
     fade["done"] += 1
     remaining = fade["steps"] - fade["done"]
     factor = remaining / (remaining + 1)
@@ -76,3 +73,10 @@ def fade_step(pl_module: nn.Module, fade: dict[str, Any]) -> bool:
         for layer in layers[block].values():
             scale_trailing_slots(layer, spec["to_rank"], factor)
     return remaining <= 0
+
+
+def new_fade(
+    shrinking: dict[int, dict[str, int]], steps: int, target: Layout, history_index: int
+) -> dict[str, Any]:
+    """The callback's ``fade`` state for a shrink that starts now (plain data: it is checkpointed)."""
+    return {"blocks": shrinking, "steps": steps, "done": 0, "target": target, "history_index": history_index}

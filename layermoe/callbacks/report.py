@@ -14,6 +14,7 @@ import numpy as np
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from layermoe.allocation.shrink import shrink_toward_mean
+from layermoe.plotting import save_rewire_figure
 
 
 def shrunk_scores(entry: dict[str, Any]) -> dict[int, float] | None:
@@ -82,10 +83,6 @@ def figure_dir(trainer: Any) -> Path:
 def save_and_log_figure(trainer: Any, prefix: str, entry: dict[str, Any]) -> Path | None:
     """Write ``rewire_<i>_step<s>.png``; add it to TensorBoard loggers; warn (not fail) without matplotlib."""
     if trainer.global_rank != 0:
-        return None
-    try:
-        from layermoe.plotting import save_rewire_figure
-    except ImportError:  # pragma: no cover
         return None
     path = figure_dir(trainer) / f"rewire_{entry['index']:02d}_step{entry['step']}.png"
     title = f"rewire {entry['index']} at step {entry['step']} (params {entry['params_before']} -> {entry['params_after']})"
@@ -203,6 +200,18 @@ def console_table(entry: dict[str, Any]) -> str:
 
 def print_table(entry: dict[str, Any]) -> None:
     rank_zero_info(console_table(entry))
+
+
+def publish(trainer: Any, prefix: str, entry: dict[str, Any], *, plot: bool, verbose: bool) -> None:
+    """Log one history entry, draw it (``plot``) and print its table (``verbose``)."""
+    log_rewire(trainer, prefix, entry)
+    if plot:
+        try:
+            save_and_log_figure(trainer, prefix, entry)
+        except Exception as exc:  # noqa: BLE001 - a figure must never break training
+            rank_zero_warn(f"LayerInfluenceCallback: could not save the rewire figure: {exc}")
+    if verbose:
+        print_table(entry)
 
 
 def _percent(value: float | None) -> str:

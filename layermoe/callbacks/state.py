@@ -14,6 +14,10 @@ from typing import Any
 from layermoe.allocation import Budget
 from layermoe.layout import Layout, normalize_layout
 
+#: where a checkpoint keeps the ``inject=`` config of a ``LayerInfluenceCallback`` (besides its state), so
+#: ``load_adapted_checkpoint`` finds it without knowing the callback's state key
+INJECT_KEY = "layermoe_inject"
+
 
 def plain_scores(scores: dict[Any, Any]) -> dict[int, float]:
     return {int(k): float(v) for k, v in sorted(scores.items(), key=lambda kv: int(kv[0]))}

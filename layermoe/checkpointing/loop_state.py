@@ -30,6 +30,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from layermoe.lightning_compat import load_pending_train_loader_state, settle_epoch_end_progress
 
@@ -38,6 +39,7 @@ class EpochEndResume(Callback):
     """Makes a checkpoint saved inside ``on_train_epoch_end`` resume at the next epoch's start (see the
     module docstring). Stateless; part of ``exact_resume_callbacks()``."""
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -49,5 +51,6 @@ class LoaderPositionResume(Callback):
     before Lightning restored the loops (see the module docstring). Stateless; part of
     ``exact_resume_callbacks()``."""
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         load_pending_train_loader_state(trainer)

@@ -19,6 +19,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 from .messages import listed_problems
 
@@ -137,14 +138,17 @@ class OptimizerStateGuard(Callback):
         self._original_load: Callable[[Mapping[str, Any]], None] | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return "layermoe.OptimizerStateGuard"
 
+    @override
     def on_save_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
         checkpoint[MANIFEST_KEY] = optimizer_manifest(pl_module, trainer.optimizers)
 
+    @override
     def on_load_checkpoint(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
     ) -> None:
@@ -173,8 +177,10 @@ class OptimizerStateGuard(Callback):
             self._original_load = None
         self._saved_manifest = None
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwrap(trainer)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._unwrap(trainer)

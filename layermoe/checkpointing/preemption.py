@@ -24,6 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from layermoe.lightning_compat import hpc_checkpoint_path
 
@@ -37,9 +38,11 @@ class PreemptionCheckpoint(Callback):
     def __init__(self) -> None:
         self.saved_path: str | None = None
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.saved_path = None
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -48,6 +51,7 @@ class PreemptionCheckpoint(Callback):
         if signalled and self.saved_path is None:
             self._save(trainer)
 
+    @override
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:

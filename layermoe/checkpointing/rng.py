@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
 RNG_STATE_VERSION = 1
 
@@ -114,12 +115,15 @@ class RNGStateCallback(Callback):
         self._trainer: pl.Trainer | None = None
 
     @property
+    @override
     def state_key(self) -> str:
         return "layermoe.RNGStateCallback"
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         trainer = self._trainer
         fitting = (
@@ -129,6 +133,7 @@ class RNGStateCallback(Callback):
             return {"rng": self._at_batch_end}
         return {"rng": capture_rng_state()}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "rng" not in state_dict:
             raise ValueError(
@@ -137,6 +142,7 @@ class RNGStateCallback(Callback):
             )
         self._pinned = state_dict["rng"]
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
@@ -144,6 +150,7 @@ class RNGStateCallback(Callback):
             state, self._pinned = self._pinned, None
             restore_rng_state(state)
 
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
