@@ -243,3 +243,20 @@ def test_on_error_skip_after_a_scoring_failure_uses_up_the_slot() -> None:
     assert [(f["step"], f["stage"]) for f in cb.state.failures] == [(2, "scoring"), (4, "scoring")]
     with pytest.raises(CallbackConfigError, match="on_error='ignore'"):
         LayerInfluenceCallback(on_error="ignore")
+
+
+def test_settings_that_feed_derived_state_are_read_only() -> None:
+    callback = LayerInfluenceCallback(scorer="uniform")
+    key = callback.state_key
+    with pytest.raises(AttributeError, match=r"pass scorer= to the LayerInfluenceCallback constructor"):
+        callback.scorer = "grad_norm"
+    assert callback.scorer == "uniform" and callback.state_key == key
+
+
+def test_sample_counts_stay_assignable_and_checked() -> None:
+    callback = LayerInfluenceCallback()
+    callback.rewiring.val_batches = ["loaded with the old count"]
+    callback.num_val_samples = 3
+    assert callback.num_val_samples == 3 and callback.rewiring.val_batches is None
+    with pytest.raises(CallbackConfigError, match=r"num_train_samples=0"):
+        callback.num_train_samples = 0

@@ -66,20 +66,33 @@ class Applied:
 
 
 class RewiringSetting:
-    """A callback argument that the rewiring object owns (and checks), read and set on the callback as
-    before (``callback.seed`` is ``callback.rewiring.seed``): one copy of each setting."""
+    """A callback argument that the rewiring object owns (and checks), read on the callback as before
+    (``callback.seed`` is ``callback.rewiring.seed``): one copy of each setting.
 
-    def __init__(self, attribute: str | None = None) -> None:
+    Read-only unless ``minimum`` is given: most settings feed derived state (the scorer object, the state
+    key, the default shrinkage), so they are passed to the constructor. A sample count (``minimum``) may
+    be reassigned (benchmarks shrink it on CPU): it is re-checked, and the scoring samples loaded with the
+    old count are dropped."""
+
+    def __init__(self, attribute: str | None = None, *, minimum: int | None = None) -> None:
         self.attribute = attribute
+        self.minimum = minimum
 
     def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
         self.attribute = self.attribute or name
 
     def __get__(self, callback: Any, owner: type | None = None) -> Any:
         return self if callback is None else getattr(callback.rewiring, self.attribute)
 
     def __set__(self, callback: Any, value: Any) -> None:
-        setattr(callback.rewiring, self.attribute, value)
+        if self.minimum is None:
+            raise AttributeError(
+                f"{self.name} cannot be changed after construction: pass {self.name}= to the "
+                "LayerInfluenceCallback constructor"
+            )
+        setattr(callback.rewiring, self.attribute, check_count(self.name, value, self.minimum))
+        callback.rewiring.start_fit()
 
 
 class Rewiring:
