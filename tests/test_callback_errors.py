@@ -316,3 +316,21 @@ def test_a_probe_failure_after_the_transaction_is_recorded_not_reapplied(
     record = state["history"][0]
     assert math.isnan(record["val_loss_after"]) and math.isnan(record["disturbance"])
     assert math.isfinite(record["val_loss_before"])
+
+
+def test_a_failed_fade_removal_is_not_counted_as_another_rewire(monkeypatch: pytest.MonkeyPatch) -> None:
+    from layermoe.callbacks import RewireError
+    from layermoe.callbacks.rewiring import Rewiring
+
+    def remove_faded(self: Rewiring, trainer: Any, pl_module: Any, target: Any) -> Any:
+        raise RewireError("removal exploded")
+
+    monkeypatch.setattr(Rewiring, "remove_faded", remove_faded)
+    cb = LayerInfluenceCallback(on_error="skip", schedule={"every": 2, "max_rewires": 3})
+    cb.state.rewires_done = 1
+    cb.state.fade = {"blocks": {}, "steps": 2, "done": 2, "target": {}, "history_index": 0}
+    trainer = SimpleNamespace(global_step=7, loggers=[])
+    with pytest.warns(UserWarning, match="removal exploded"):
+        cb._finish_fade(trainer, None)
+    assert [(f["step"], f["stage"]) for f in cb.state.failures] == [(7, "fade_removal")]
+    assert cb.state.fade is None and cb.state.plans_made == 1  # the rewire itself, once

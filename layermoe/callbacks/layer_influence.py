@@ -28,7 +28,7 @@ from layermoe.callbacks.rank_fade import fade_step, new_fade
 from layermoe.callbacks.report import publish
 from layermoe.callbacks.rewiring import Rewiring, RewiringSetting, block_dims
 from layermoe.callbacks.schedule import RewireSchedule
-from layermoe.callbacks.state import INJECT_KEY, CallbackState, resume_budget_conflict
+from layermoe.callbacks.state import FADE_REMOVAL, INJECT_KEY, CallbackState, resume_budget_conflict
 from layermoe.layout import LAYOUT_KEY, normalize_layout
 from layermoe.lightning_compat import (
     callback_state_key,
@@ -405,7 +405,7 @@ class LayerInfluenceCallback(Callback):
         try:
             removal = self.rewiring.remove_faded(trainer, pl_module, fade["target"])
         except RewireError as exc:
-            self._failed(trainer, "rewire", exc)
+            self._failed(trainer, FADE_REMOVAL, exc)
             # on_error="skip": the faded slots stay (zero, so harmless) and training goes on without them
             self.state.fade = None
             return

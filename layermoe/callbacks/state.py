@@ -18,6 +18,9 @@ from layermoe.layout import Layout, normalize_layout
 #: ``load_adapted_checkpoint`` finds it without knowing the callback's state key
 INJECT_KEY = "layermoe_inject"
 
+#: the ``stage`` of a failure to remove a finished fade's zero ranks (not a skipped rewire)
+FADE_REMOVAL = "fade_removal"
+
 
 def plain_scores(scores: dict[Any, Any]) -> dict[int, float]:
     return {int(k): float(v) for k, v in sorted(scores.items(), key=lambda kv: int(kv[0]))}
@@ -59,7 +62,8 @@ class CallbackState:
     ``budget_unit`` (``"params"`` or ``"total_experts"``), fixed at the first fit so a resumed run keeps
     the same one (``resolved_budget`` is it as a ``Budget``); ``inject`` is the MoE-LoRA config dict used
     by ``inject=`` (for reloading). ``failures`` has one ``{"step", "stage", "error"}`` dict per rewire
-    skipped under ``on_error="skip"`` (each uses up its slot of the schedule). ``validation_follows`` is
+    skipped under ``on_error="skip"`` (each uses up its slot of the schedule), and one with stage
+    ``"fade_removal"`` per failed removal of faded ranks (its rewire is applied and already counted). ``validation_follows`` is
     the number of completed epochs when the checkpoint was written at a training batch end right before
     a validation (else ``None``): Lightning does not re-run that validation when resuming from it, so the
     callback replays its validation-end trigger instead.
@@ -79,8 +83,10 @@ class CallbackState:
 
     @property
     def plans_made(self) -> int:
-        """Schedule slots used: applied rewires, the pending plan, and rewires skipped after a failure."""
-        return self.rewires_done + (1 if self.pending is not None else 0) + len(self.failures)
+        """Schedule slots used: applied rewires, the pending plan, and rewires skipped after a failure (a
+        failed removal of faded ranks belongs to a rewire already counted in ``rewires_done``)."""
+        skipped = sum(1 for failure in self.failures if failure.get("stage") != FADE_REMOVAL)
+        return self.rewires_done + (1 if self.pending is not None else 0) + skipped
 
     @property
     def plan(self) -> RewirePlan | None:
