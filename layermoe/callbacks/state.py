@@ -167,6 +167,18 @@ def resume_budget_conflict(kept: Budget, requested: Budget) -> str | None:
     )
 
 
+def resume_inject_conflict(kept: dict[str, Any] | None, requested: dict[str, Any] | None) -> str | None:
+    """Why ``requested`` (the callback's ``inject`` argument on resume) cannot continue a run whose adapters
+    were added with ``kept`` (None: the module brought its own), or None."""
+    if kept == requested:
+        return None
+    return (
+        f"inject={requested!r}: the checkpoint's run added its adapters with inject={kept!r}, and its weights"
+        " and reload config are those adapters (a changed inject= would be recorded but never used)."
+        f" Resume with inject={kept!r}, or start a new run without --ckpt_path."
+    )
+
+
 def _plain_fade(fade: dict[str, Any] | None) -> dict[str, Any] | None:
     if fade is None:
         return None
