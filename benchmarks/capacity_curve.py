@@ -121,6 +121,7 @@ def plan_cell(
         if r["task"] == task
         and r["budget"] == budget
         and r["seed"] == selection_seed
+        and split_arm(r["arm"])[0] == "uniform"  # the grid is the uniform arm's; other arms have lrs too
         and (lr := split_arm(r["arm"])[1]) is not None  # fmt: skip
     }
     grid = sorted(lrs)

@@ -32,6 +32,7 @@ LIGHTNING_RANK_ZERO_LOGGERS = (
 # The model summary sizes parameters by the precision's bits and knows no "bf16-mixed"/"16-mixed"; it then
 # assumes 32 bits, which is right: under mixed precision the parameters are float32.
 SUMMARY_PRECISION_MESSAGE = r"Precision (bf16|16)-mixed is not supported by the model summary"
+SUMMARY_PRECISION_MODULE = r"lightning\.pytorch\.utilities\.model_summary\.model_summary"
 
 
 class _DropMessage(logging.Filter):
@@ -63,4 +64,6 @@ def silence_trainer_noise() -> None:
     """Lightning's cloud tips and its model-summary warning about mixed precision."""
     for name in LIGHTNING_RANK_ZERO_LOGGERS:
         _drop_log_message(name, LIGHTNING_TIP_PREFIX)
-    warnings.filterwarnings("ignore", message=SUMMARY_PRECISION_MESSAGE, category=UserWarning)
+    warnings.filterwarnings(
+        "ignore", message=SUMMARY_PRECISION_MESSAGE, category=UserWarning, module=SUMMARY_PRECISION_MODULE
+    )

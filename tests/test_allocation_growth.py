@@ -272,3 +272,19 @@ def test_growth_refuses_what_it_cannot_do():
         grow_layout(start, [1.0, 1.0], dims, 10, 10**6, error_shrinkage=1.0)
     with pytest.raises(AllocationError, match="allowance"):
         grow_layout(start, [1.0, 1.0], dims, -1, 10**6)
+
+
+def test_exact_ties_follow_the_rounding_tie_rule():
+    """One tie rule for rewiring and growth: equal blocks with equal scores grow in the order of
+    rounding.tie_positions (raw scores, the round's total, the round's seed)."""
+    from layermoe.allocation.rounding import tie_positions
+
+    dims = {b: [(8, 8)] for b in range(10)}
+    start = {b: {"experts": 2, "rank": 4} for b in range(10)}
+    spent = layout_params(start, dims)
+    allowance = 4 * 16 + 9  # one expert of one block
+    for seed in range(5):
+        out = grow_layout(start, dict.fromkeys(range(10), 1.0), dims, allowance, 10**6, seed=seed)
+        grown = {b for b in out if out[b] != start[b]}
+        in_tie_order = list(np.argsort(tie_positions(np.ones(10), spent + allowance, seed)))
+        assert grown and grown == set(in_tie_order[: len(grown)])

@@ -98,6 +98,10 @@ def test_cell_plan_grid_then_seeds_at_the_lowest_validation_loss() -> None:
     ]
     chosen = plan(grid)
     assert chosen.chosen == 4e-3 and not chosen.at_edge
+    # another arm's run at a grid lr is not the uniform grid's: it neither fills nor picks a point
+    other = {**_result("mid", 8e-3, 0, 0.1), "arm": capacity_curve.lr_arm(8e-3, "scored")}
+    assert plan([*grid[:2], other]).todo == [("facts", "mid", "uniform+lr=0.008", 0)]
+    assert plan([*grid, other]).chosen == 4e-3
     assert chosen.todo == [("facts", "mid", "uniform+lr=0.004", s) for s in (1, 2)]
     assert plan([*grid, _result("mid", 4e-3, 2, 0.5)]).todo == [("facts", "mid", "uniform+lr=0.004", 1)]
     # best at the low edge: one step of the grid's spacing below, then choose (interior or edge)

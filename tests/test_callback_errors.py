@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
@@ -243,3 +245,92 @@ def test_on_error_skip_after_a_scoring_failure_uses_up_the_slot() -> None:
     assert [(f["step"], f["stage"]) for f in cb.state.failures] == [(2, "scoring"), (4, "scoring")]
     with pytest.raises(CallbackConfigError, match="on_error='ignore'"):
         LayerInfluenceCallback(on_error="ignore")
+
+
+def test_settings_that_feed_derived_state_are_read_only() -> None:
+    callback = LayerInfluenceCallback(scorer="uniform")
+    key = callback.state_key
+    with pytest.raises(AttributeError, match=r"pass scorer= to the LayerInfluenceCallback constructor"):
+        callback.scorer = "grad_norm"
+    assert callback.scorer == "uniform" and callback.state_key == key
+
+
+def test_sample_counts_stay_assignable_and_checked() -> None:
+    callback = LayerInfluenceCallback()
+    callback.rewiring.val_batches = ["loaded with the old count"]
+    callback.num_val_samples = 3
+    assert callback.num_val_samples == 3 and callback.rewiring.val_batches is None
+    with pytest.raises(CallbackConfigError, match=r"num_train_samples=0"):
+        callback.num_train_samples = 0
+
+
+def _probe_raising(when: Callable[[], bool]) -> Callable[..., float]:
+    from layermoe.callbacks.rewiring import Rewiring
+
+    real = Rewiring.probe
+
+    def probe(self: Rewiring, trainer: Trainer, pl_module: Any) -> float:
+        if when():
+            raise RuntimeError("probe exploded")
+        return real(self, trainer, pl_module)
+
+    return probe
+
+
+def test_on_error_skip_covers_a_probe_failure_before_the_transaction(monkeypatch: pytest.MonkeyPatch) -> None:
+    from layermoe.callbacks import rewiring
+
+    monkeypatch.setattr(rewiring.Rewiring, "probe", _probe_raising(lambda: True))
+    # the loss before is then probed, not reused from the scoring forward
+    monkeypatch.setattr(rewiring, "probe_forward_is_scoring_forward", lambda model: False)
+    module = TinyLlamaModule(experts=2, rank=4)
+    cb = SkipSpy(**FAILING_REWIRE, on_error="skip")
+    with pytest.warns(UserWarning, match="rewire skipped at global step 2.*probe exploded"):
+        trainer = _fit_to_the_end(module, cb, max_steps=5)
+    assert trainer.global_step == 5 and cb.unchanged
+    state = cb.state_dict()
+    assert state["rewires_done"] == 0 and state["pending"] is None
+    assert [(f["step"], f["stage"]) for f in state["failures"]] == [(2, "rewire")]
+
+
+def test_a_probe_failure_after_the_transaction_is_recorded_not_reapplied(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from layermoe.callbacks import rewiring
+
+    applied: list[bool] = []
+    real_rewire = rewiring.rewire
+
+    def rewire(*args: Any, **kwargs: Any) -> Any:
+        result = real_rewire(*args, **kwargs)
+        applied.append(True)
+        return result
+
+    monkeypatch.setattr(rewiring, "rewire", rewire)
+    monkeypatch.setattr(rewiring.Rewiring, "probe", _probe_raising(lambda: bool(applied)))
+    cb = LayerInfluenceCallback(**FAILING_REWIRE)  # on_error="raise": the fit must not stop
+    with pytest.warns(UserWarning, match="rewire at global step 2 is applied.*probe exploded.*NaN"):
+        _fit_to_the_end(TinyLlamaModule(experts=2, rank=4), cb, max_steps=5)
+    state = cb.state_dict()
+    assert len(applied) == 1 and state["rewires_done"] == 1 and state["pending"] is None
+    record = state["history"][0]
+    assert math.isnan(record["val_loss_after"]) and math.isnan(record["disturbance"])
+    assert math.isfinite(record["val_loss_before"])
+
+
+def test_a_failed_fade_removal_is_not_counted_as_another_rewire(monkeypatch: pytest.MonkeyPatch) -> None:
+    from layermoe.callbacks import RewireError
+    from layermoe.callbacks.rewiring import Rewiring
+
+    def remove_faded(self: Rewiring, trainer: Any, pl_module: Any, target: Any) -> Any:
+        raise RewireError("removal exploded")
+
+    monkeypatch.setattr(Rewiring, "remove_faded", remove_faded)
+    cb = LayerInfluenceCallback(on_error="skip", schedule={"every": 2, "max_rewires": 3})
+    cb.state.rewires_done = 1
+    cb.state.fade = {"blocks": {}, "steps": 2, "done": 2, "target": {}, "history_index": 0}
+    trainer = SimpleNamespace(global_step=7, loggers=[])
+    with pytest.warns(UserWarning, match="removal exploded"):
+        cb._finish_fade(trainer, None)
+    assert [(f["step"], f["stage"]) for f in cb.state.failures] == [(7, "fade_removal")]
+    assert cb.state.fade is None and cb.state.plans_made == 1  # the rewire itself, once

@@ -138,3 +138,16 @@ def test_val_size_from_the_cli_keeps_ints_as_row_counts(run_dir, tiny_spec, toy_
         args = ["--config", str(QUICKSTART), "--config", str(override), "--data.val_size", given]
         value = LayerMoECLI(args=args, run=False).datamodule.val_size
         assert value == expected and type(value) is type(expected), given
+
+
+def test_a_failure_building_a_valid_config_is_not_called_a_bad_config(tiny_spec, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from layermoe.lightning_modules.model_factory import build_tiny_model
+
+    def from_config(*args, **kwargs):
+        raise ValueError("allocator exploded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_config", from_config)
+    with pytest.raises(ValueError, match=r"^allocator exploded$"):
+        build_tiny_model(tiny_spec)

@@ -27,7 +27,8 @@ allocation of the new total (equal scores even the blocks out). Each block's sha
 size is its desired increment. Blocks first take whole units inside their share, then
 one rounded-up unit in order of the largest uncovered fraction, then further units greedily by
 priority while any fits the increment. Priority: uncovered fraction (round-up pass only), shrunk score,
-raw score, then the block with fewer parameters (an even spread), then a seeded random order: never the
+raw score, then the block with fewer parameters (an even spread), then the rounding's tie order
+(``rounding.tie_positions`` of the raw scores and the round's total, rotated by the round's seed): never the
 block index. The result never exceeds the increment nor the total budget, and when it ends no block can
 take one more unit within the increment (its preferred unit; either unit in the round that reaches the
 budget), so the last round spends the budget up to less than one unit of any block.
@@ -51,6 +52,7 @@ from layermoe.layout import block_cost, block_key, is_int_at_least
 from .aliases import BlockDims, Bounds, Layout, Scores
 from .errors import AllocationError
 from .programs import continuous_share, method_options, power_law_weights
+from .rounding import priority_order, tie_key, tie_positions
 from .shrink import shrink_toward_mean
 from .validation import bounds_arrays, normalize_block_dims, normalize_layout, score_array
 
@@ -240,12 +242,6 @@ def _targets(
     return np.maximum(before, (total - fixed) / slope * reach)
 
 
-def _order(keys_desc: list[np.ndarray], tiebreak: np.ndarray) -> list[int]:
-    """Positions sorted by several descending keys, then by the seeded `tiebreak` (never the index)."""
-    n = len(tiebreak)
-    return sorted(range(n), key=lambda i: tuple(-float(key[i]) for key in keys_desc) + (float(tiebreak[i]),))
-
-
 def grow_layout(
     current_layout: Mapping,
     scores: Scores,
@@ -317,12 +313,13 @@ def grow_layout(
         )
     desired = np.maximum(desired, 0.0)
 
-    tiebreak = np.random.default_rng(seed).permutation(len(blocks)).astype(np.float64)
+    # the rounding's tie rule (rounding.tie_positions) on this round's total; the seed rotates it over rounds
+    tie_position = tie_positions(raw, spent_before + room, seed)
     added = np.zeros(len(blocks))
 
     def priority(extra: list[np.ndarray]) -> list[int]:
         sizes = -np.array([state.params(i) for i in range(len(blocks))], dtype=np.float64)
-        return _order([*extra, shrunk, raw, sizes], tiebreak)
+        return list(priority_order([*extra, shrunk, raw, sizes], tie_position))
 
     # 1. whole units inside each block's share
     for i in priority([]):
@@ -338,7 +335,8 @@ def grow_layout(
     for i in range(len(blocks)):
         kind = state.next_unit(i, math.inf, fallback=False)
         if kind is not None and desired[i] > added[i]:
-            fraction[i] = round((desired[i] - added[i]) / state.unit_cost(i, kind), 9)
+            fraction[i] = (desired[i] - added[i]) / state.unit_cost(i, kind)
+    fraction = tie_key(fraction)
     for i in priority([fraction]):
         if fraction[i] > 0:
             kind = state.next_unit(i, room, fallback=last)

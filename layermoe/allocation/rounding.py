@@ -29,13 +29,15 @@ def tie_key(frac: np.ndarray) -> np.ndarray:
     return np.round(frac, 9)
 
 
-def tie_positions(raw_scores: np.ndarray, budget: float) -> np.ndarray:
+def tie_positions(raw_scores: np.ndarray, budget: float, seed: int = 0) -> np.ndarray:
     """Each block's place (0 = first) in a permutation seeded from ``budget`` and the dense ranks of
-    ``raw_scores``. Dense ranks, not the values, so a layout stays invariant to whatever the programs are
+    ``raw_scores`` (and ``seed``, when not 0: growth passes its round's seed so that ties rotate over
+    rounds). Dense ranks, not the values, so a layout stays invariant to whatever the programs are
     invariant to (positive rescaling; adding a constant under shift) and to float noise in the scores."""
     raw = np.asarray(raw_scores, dtype=np.float64)
     dense = np.unique(raw, return_inverse=True)[1].astype(np.int64)
-    digest = hashlib.sha256(dense.tobytes() + repr(float(budget)).encode()).digest()
+    salt = repr(float(budget)) + (f"/seed={int(seed)}" if seed else "")
+    digest = hashlib.sha256(dense.tobytes() + salt.encode()).digest()
     order = np.random.default_rng(int.from_bytes(digest[:8], "little")).permutation(len(raw))
     positions = np.empty(len(raw), dtype=np.int64)
     positions[order] = np.arange(len(raw))

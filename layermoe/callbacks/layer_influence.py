@@ -28,7 +28,13 @@ from layermoe.callbacks.rank_fade import fade_step, new_fade
 from layermoe.callbacks.report import publish
 from layermoe.callbacks.rewiring import Rewiring, RewiringSetting, block_dims
 from layermoe.callbacks.schedule import RewireSchedule
-from layermoe.callbacks.state import INJECT_KEY, CallbackState, resume_budget_conflict
+from layermoe.callbacks.state import (
+    FADE_REMOVAL,
+    INJECT_KEY,
+    CallbackState,
+    resume_budget_conflict,
+    resume_inject_conflict,
+)
 from layermoe.layout import LAYOUT_KEY, normalize_layout
 from layermoe.lightning_compat import (
     callback_state_key,
@@ -162,8 +168,8 @@ class LayerInfluenceCallback(Callback):
     _scorer = RewiringSetting("scoring")
     allocator = RewiringSetting()
     allocator_options = RewiringSetting()
-    num_train_samples = RewiringSetting()
-    num_val_samples = RewiringSetting()
+    num_train_samples = RewiringSetting(minimum=1)
+    num_val_samples = RewiringSetting(minimum=1)
     scoring_batch_size = RewiringSetting()
     seed = RewiringSetting()
     loss_fn = RewiringSetting()
@@ -208,9 +214,7 @@ class LayerInfluenceCallback(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Store only; the pending plan is applied at the next optimizer step, the budget is reused."""
-        self.state = CallbackState.from_dict(state_dict)
-        if self.state.inject is None:
-            self.state.inject = self.inject
+        self.state = CallbackState.from_dict(state_dict)  # its inject is checked in on_fit_start
 
     @override
     def on_save_checkpoint(
@@ -219,8 +223,8 @@ class LayerInfluenceCallback(Callback):
         """Every checkpoint carries the layout as plain data, whatever the module (inspection, reloading),
         and the ``inject=`` config under a fixed key (``load_adapted_checkpoint`` reads it)."""
         checkpoint[LAYOUT_KEY] = normalize_layout(layout(pl_module))
-        if self.state.inject is not None:
-            checkpoint[INJECT_KEY] = dict(self.state.inject)
+        if self.inject is not None:
+            checkpoint[INJECT_KEY] = dict(self.inject)
 
     @override
     def on_load_checkpoint(
@@ -269,6 +273,9 @@ class LayerInfluenceCallback(Callback):
         kept = self.state.resolved_budget
         if kept is not None and (conflict := resume_budget_conflict(kept, self.budget)):
             raise CallbackConfigError(conflict)
+        if conflict := resume_inject_conflict(self.state.inject, self.inject):
+            raise CallbackConfigError(conflict)
+        self.state.inject = self.inject
         if kept is None:
             self.state.keep_budget(self.budget.resolve(layout(pl_module), block_dims(pl_module)))
         if self.state.plans_made < self.schedule.limit:
@@ -405,7 +412,7 @@ class LayerInfluenceCallback(Callback):
         try:
             removal = self.rewiring.remove_faded(trainer, pl_module, fade["target"])
         except RewireError as exc:
-            self._failed(trainer, "rewire", exc)
+            self._failed(trainer, FADE_REMOVAL, exc)
             # on_error="skip": the faded slots stay (zero, so harmless) and training goes on without them
             self.state.fade = None
             return

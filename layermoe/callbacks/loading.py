@@ -20,7 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from layermoe.adapters import MoELoRAConfig, inject, moe_layers
 from layermoe.callbacks.errors import CallbackConfigError
 from layermoe.callbacks.state import INJECT_KEY
-from layermoe.checkpointing.integrity import read_verified_checkpoint
+from layermoe.checkpointing.integrity import CheckpointIntegrityError, read_verified_checkpoint
 
 M = TypeVar("M", bound=LightningModule)
 
@@ -59,16 +59,33 @@ def inject_adapters(pl_module: LightningModule, config: dict[str, Any]) -> None:
     )
 
 
-def injected_config(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-    """The ``inject=`` config stored by a ``LayerInfluenceCallback`` in a loaded checkpoint dict, if any."""
-    if checkpoint.get(INJECT_KEY):
-        return dict(checkpoint[INJECT_KEY])
+def injected_config(checkpoint: dict[str, Any], source: str | Path = "checkpoint") -> MoELoRAConfig | None:
+    """The ``inject=`` config stored by a ``LayerInfluenceCallback`` in a loaded checkpoint dict, if any.
+
+    Raises:
+        CheckpointIntegrityError: the stored value is not a ``MoELoRAConfig`` dict (names the key and
+            ``source``, the file).
+    """
+    if checkpoint.get(INJECT_KEY) is not None:
+        return _stored_inject(checkpoint[INJECT_KEY], INJECT_KEY, source)
     # checkpoints written before INJECT_KEY existed keep it only in the callback's state, whose key is
     # Lightning's state_key (class name plus scorer and allocator)
     for key, state in (checkpoint.get("callbacks") or {}).items():
         if str(key).startswith("LayerInfluenceCallback") and isinstance(state, dict) and state.get("inject"):
-            return dict(state["inject"])
+            return _stored_inject(state["inject"], f"callbacks[{key!r}]['inject']", source)
     return None
+
+
+def _stored_inject(value: Any, where: str, source: str | Path) -> MoELoRAConfig:
+    try:
+        if not isinstance(value, Mapping):
+            raise TypeError(f"a {type(value).__name__}, not a dict")
+        return MoELoRAConfig.from_dict(dict(value))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointIntegrityError(
+            f"{source}: {where} is not a MoELoRAConfig dict ({exc}); the file was edited or damaged. "
+            "Restore it from another copy, or load the weights without the adapters config."
+        ) from exc
 
 
 def load_adapted_checkpoint(module_cls: type[M], checkpoint_path: str | Path, **kwargs: Any) -> M:
@@ -84,10 +101,9 @@ def load_adapted_checkpoint(module_cls: type[M], checkpoint_path: str | Path, **
     ``CheckpointIntegrityError`` naming the file (the checks ``--ckpt_path`` runs), before any module is built.
     """
     checkpoint = read_verified_checkpoint(checkpoint_path)
-    config = injected_config(checkpoint)
-    if config is None:
+    moe_config = injected_config(checkpoint, checkpoint_path)
+    if moe_config is None:
         return module_cls.load_from_checkpoint(checkpoint_path, **kwargs)
-    moe_config = MoELoRAConfig.from_dict(config)
 
     class _Injecting(module_cls):  # type: ignore[valid-type, misc]
         def configure_model(self) -> None:

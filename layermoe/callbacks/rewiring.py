@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
@@ -66,20 +68,33 @@ class Applied:
 
 
 class RewiringSetting:
-    """A callback argument that the rewiring object owns (and checks), read and set on the callback as
-    before (``callback.seed`` is ``callback.rewiring.seed``): one copy of each setting."""
+    """A callback argument that the rewiring object owns (and checks), read on the callback as before
+    (``callback.seed`` is ``callback.rewiring.seed``): one copy of each setting.
 
-    def __init__(self, attribute: str | None = None) -> None:
+    Read-only unless ``minimum`` is given: most settings feed derived state (the scorer object, the state
+    key, the default shrinkage), so they are passed to the constructor. A sample count (``minimum``) may
+    be reassigned (benchmarks shrink it on CPU): it is re-checked, and the scoring samples loaded with the
+    old count are dropped."""
+
+    def __init__(self, attribute: str | None = None, *, minimum: int | None = None) -> None:
         self.attribute = attribute
+        self.minimum = minimum
 
     def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
         self.attribute = self.attribute or name
 
     def __get__(self, callback: Any, owner: type | None = None) -> Any:
         return self if callback is None else getattr(callback.rewiring, self.attribute)
 
     def __set__(self, callback: Any, value: Any) -> None:
-        setattr(callback.rewiring, self.attribute, value)
+        if self.minimum is None:
+            raise AttributeError(
+                f"{self.name} cannot be changed after construction: pass {self.name}= to the "
+                "LayerInfluenceCallback constructor"
+            )
+        setattr(callback.rewiring, self.attribute, check_count(self.name, value, self.minimum))
+        callback.rewiring.start_fit()
 
 
 class Rewiring:
@@ -295,25 +310,33 @@ class Rewiring:
         the shrinking ranks are kept and start to fade instead (removed later by :meth:`remove_faded`).
 
         Raises:
-            RewireError: the transaction failed (model, optimizers and schedulers restored).
+            RewireError: a measurement before the transaction, or the transaction, failed (nothing
+                changed: model, optimizers and schedulers as before). After the transaction a failed
+                measurement is recorded as NaN with a warning (the model already changed: not an error).
         """
-        self.scoring_val_batches(trainer)  # loaded before anything changes (a loader error changes nothing)
         before = layout(pl_module)
         dims = block_dims(pl_module)
         shrinking = shrinking_blocks(before, plan.layout)
         fading = shrinking if self.rank_fade_steps > 0 else {}
-        loss_before = self._loss_before(trainer, pl_module, plan)
-        # compared with loss_before: both the probe's forward (the reused one is the same forward)
-        cut = (
-            self._rank_cut_disturbance(trainer, pl_module, before, shrinking, loss_before)
-            if shrinking
-            else None
-        )
+        with _changes_nothing(trainer, "the probe loss before the rewire"):
+            self.scoring_val_batches(trainer)  # loaded before anything changes
+            loss_before = self._loss_before(trainer, pl_module, plan)
+            # compared with loss_before: both the probe's forward (the reused one is the same forward)
+            cut = (
+                self._rank_cut_disturbance(trainer, pl_module, before, shrinking, loss_before)
+                if shrinking
+                else None
+            )
         first = ranks_kept(plan.layout, fading) if fading else plan.layout
         result = rewire(trainer, pl_module, first, seed=self.seed + int(trainer.global_step))
         if fading:
-            start_fade(pl_module, trainer.optimizers, fading)
-        loss_after = self.probe(trainer, pl_module)
+            try:
+                start_fade(pl_module, trainer.optimizers, fading)
+            except Exception as exc:  # the rewire is applied: fading the unrotated slots is still exact
+                _warn_after_rewire(
+                    trainer, "rotating the fading ranks", exc, "they fade in their current basis"
+                )
+        loss_after = self._probe_after_rewire(trainer, pl_module)
         after = layout(pl_module)
         step = int(trainer.global_step)
         moves = None
@@ -355,11 +378,12 @@ class Rewiring:
         """The faded slots are zero: apply the planned ranks and measure the loss change of that step.
 
         Raises:
-            RewireError: the transaction failed (model, optimizers and schedulers restored).
+            RewireError: the probe before the transaction, or the transaction, failed (nothing changed).
         """
-        loss_before = self.probe(trainer, pl_module)
+        with _changes_nothing(trainer, "the probe loss before removing the faded ranks"):
+            loss_before = self.probe(trainer, pl_module)
         result = rewire(trainer, pl_module, target, seed=self.seed + int(trainer.global_step))
-        loss_after = self.probe(trainer, pl_module)
+        loss_after = self._probe_after_rewire(trainer, pl_module)
         after = layout(pl_module)
         return Removal(
             step=int(trainer.global_step),
@@ -398,6 +422,15 @@ class Rewiring:
         finally:
             snapshot.restore()
         return relative_change(loss_before, loss_cut)
+
+    def _probe_after_rewire(self, trainer: Any, pl_module: nn.Module) -> float:
+        """The probe loss on the changed model, NaN (with a warning) when the probe fails: the rewire is
+        applied, so raising would leave the plan pending and apply it again."""
+        try:
+            return self.probe(trainer, pl_module)
+        except Exception as exc:
+            _warn_after_rewire(trainer, "the probe loss after the rewire", exc, "it is recorded as NaN")
+            return math.nan
 
     def probe(self, trainer: Any, pl_module: nn.Module) -> float:
         """Mean loss on the scoring validation samples, averaged over ranks."""
@@ -439,6 +472,27 @@ class Rewiring:
                 )
                 self.val_batches = data_utils.to_device(trainer.strategy, batches)
         return self.val_batches
+
+
+@contextmanager
+def _changes_nothing(trainer: Any, what: str) -> Iterator[None]:
+    """A step before the transaction: its failure is a :class:`RewireError` (so ``on_error`` applies)."""
+    try:
+        yield
+    except RewireError:
+        raise
+    except Exception as exc:
+        raise RewireError(
+            f"rewire at global step {trainer.global_step} failed measuring {what}: "
+            f"{type(exc).__name__}: {exc}. Nothing was changed."
+        ) from exc
+
+
+def _warn_after_rewire(trainer: Any, what: str, error: BaseException, consequence: str) -> None:
+    rank_zero_warn(
+        f"LayerInfluenceCallback: the rewire at global step {trainer.global_step} is applied, but "
+        f"{what} failed ({type(error).__name__}: {error}); {consequence}."
+    )
 
 
 def _carried(result: RewireResult) -> dict[str, int]:

@@ -18,6 +18,9 @@ from layermoe.layout import Layout, normalize_layout
 #: ``load_adapted_checkpoint`` finds it without knowing the callback's state key
 INJECT_KEY = "layermoe_inject"
 
+#: the ``stage`` of a failure to remove a finished fade's zero ranks (not a skipped rewire)
+FADE_REMOVAL = "fade_removal"
+
 
 def plain_scores(scores: dict[Any, Any]) -> dict[int, float]:
     return {int(k): float(v) for k, v in sorted(scores.items(), key=lambda kv: int(kv[0]))}
@@ -59,7 +62,8 @@ class CallbackState:
     ``budget_unit`` (``"params"`` or ``"total_experts"``), fixed at the first fit so a resumed run keeps
     the same one (``resolved_budget`` is it as a ``Budget``); ``inject`` is the MoE-LoRA config dict used
     by ``inject=`` (for reloading). ``failures`` has one ``{"step", "stage", "error"}`` dict per rewire
-    skipped under ``on_error="skip"`` (each uses up its slot of the schedule). ``validation_follows`` is
+    skipped under ``on_error="skip"`` (each uses up its slot of the schedule), and one with stage
+    ``"fade_removal"`` per failed removal of faded ranks (its rewire is applied and already counted). ``validation_follows`` is
     the number of completed epochs when the checkpoint was written at a training batch end right before
     a validation (else ``None``): Lightning does not re-run that validation when resuming from it, so the
     callback replays its validation-end trigger instead.
@@ -79,8 +83,10 @@ class CallbackState:
 
     @property
     def plans_made(self) -> int:
-        """Schedule slots used: applied rewires, the pending plan, and rewires skipped after a failure."""
-        return self.rewires_done + (1 if self.pending is not None else 0) + len(self.failures)
+        """Schedule slots used: applied rewires, the pending plan, and rewires skipped after a failure (a
+        failed removal of faded ranks belongs to a rewire already counted in ``rewires_done``)."""
+        skipped = sum(1 for failure in self.failures if failure.get("stage") != FADE_REMOVAL)
+        return self.rewires_done + (1 if self.pending is not None else 0) + skipped
 
     @property
     def plan(self) -> RewirePlan | None:
@@ -158,6 +164,18 @@ def resume_budget_conflict(kept: Budget, requested: Budget) -> str | None:
         f" were allocated under). Resume with budget='{kept}' (or a budget without a number in"
         f" {kept.unit}, such as '{'current' if kept.unit == 'params' else kept.unit}'), or start a new run"
         " without --ckpt_path."
+    )
+
+
+def resume_inject_conflict(kept: dict[str, Any] | None, requested: dict[str, Any] | None) -> str | None:
+    """Why ``requested`` (the callback's ``inject`` argument on resume) cannot continue a run whose adapters
+    were added with ``kept`` (None: the module brought its own), or None."""
+    if kept == requested:
+        return None
+    return (
+        f"inject={requested!r}: the checkpoint's run added its adapters with inject={kept!r}, and its weights"
+        " and reload config are those adapters (a changed inject= would be recorded but never used)."
+        f" Resume with inject={kept!r}, or start a new run without --ckpt_path."
     )
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 
 from layermoe.data.chat import check_chat_template
@@ -323,8 +324,6 @@ class TextDataModule(pl.LightningDataModule):
 
     def _announce_rows(self, stage: str, available: int, field: str) -> None:
         """Say how many rows ``stage`` uses out of those available, and which setting limits them."""
-        from lightning.pytorch.utilities import rank_zero_info
-
         used = len(self.datasets[stage])
         shown = f"all {used:,}" if used == available else f"{used:,} of {available:,}"
         line = f"data: {STAGE_NAMES[stage]} on {shown} rows"
@@ -346,8 +345,6 @@ class TextDataModule(pl.LightningDataModule):
         return self._subset(rows, strata, kept), self._subset(rows, strata, taken)
 
     def _announce_carve_out(self, taken: int, total: int) -> None:
-        from lightning.pytorch.utilities import rank_zero_info
-
         given = "data.val_split" if self.dataset is not None else "data.val_file"
         if self.val_from_train == "overlap":
             what = f"{taken} of the {total} training rows also serve as validation (val_from_train: overlap;"

@@ -39,6 +39,7 @@ from layermoe.lightning_modules.losses import (
     supervised_log_likelihood,
 )
 from layermoe.lightning_modules.model_factory import QUANTIZATIONS, build_model, check_vocabulary
+from layermoe.lightning_modules.progress_bar import ROUTER_BAR_METRICS
 from layermoe.lightning_modules.reporting import format_layout_table
 from layermoe.lightning_modules.resume_settings import (
     OPTIMIZER_SETTINGS,
@@ -318,9 +319,11 @@ class MoELoRAFineTuner(pl.LightningModule):
             batch_size=size,
         )
         if stage == "train":
+            # logger only: a prog_bar tensor is copied to the host at every step; FitProgressBar shows
+            # these beside the loss when it redraws (ROUTER_BAR_METRICS)
             self.log_dict(
-                {"train/router_aux": router.aux_loss, "train/router_z": router.z_loss},
-                prog_bar=True,
+                dict(zip(ROUTER_BAR_METRICS, (router.aux_loss, router.z_loss), strict=True)),
+                prog_bar=False,
                 on_step=True,
                 on_epoch=False,
                 batch_size=size,

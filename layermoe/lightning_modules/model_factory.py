@@ -51,11 +51,17 @@ def build_tiny_model(spec: dict[str, Any], seed: int = 0, dtype: str = "float32"
     torch_dtype = _check_dtype(dtype)
     try:
         config = AutoConfig.for_model(model_type, **config_kwargs)
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
+        raise ValueError(_spec_error(model_type, config_kwargs, err)) from err
+    try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
-        raise ValueError(_spec_error(model_type, config_kwargs, err)) from err
+    except KeyError as err:
+        # a value the config accepts unchecked (hidden_act) is looked up only when the model is built
+        if _spec_holders(config_kwargs, err):
+            raise ValueError(_spec_error(model_type, config_kwargs, err)) from err
+        raise
 
 
 def _spec_error(model_type: str, spec: dict[str, Any], err: Exception) -> str:
@@ -67,11 +73,7 @@ def _spec_error(model_type: str, spec: dict[str, Any], err: Exception) -> str:
         what, fix = f"its field {field.group(1)!r}", f"model.model.{field.group(1)}"
     elif isinstance(err, KeyError):
         unknown = err.args[0] if err.args else None
-        holders = [
-            f"model.model.{k}"
-            for k, v in spec.items()
-            if v == unknown or (isinstance(v, dict) and unknown in v.values())
-        ]
+        holders = _spec_holders(spec, err)
         what = f"a value it does not know ({unknown!r})"
         fix = " / ".join(holders) if holders else "the field holding that value in model.model"
     else:
@@ -80,6 +82,16 @@ def _spec_error(model_type: str, spec: dict[str, Any], err: Exception) -> str:
         f"the model dict (type {model_type!r}) is not a valid transformers {model_type} config: transformers"
         f" refused {what}: {cause}. Fix {fix}."
     )
+
+
+def _spec_holders(spec: dict[str, Any], err: KeyError) -> list[str]:
+    """The model-dict fields holding the value a KeyError did not know."""
+    unknown = err.args[0] if err.args else None
+    return [
+        f"model.model.{k}"
+        for k, v in spec.items()
+        if v == unknown or (isinstance(v, dict) and unknown in v.values())
+    ]
 
 
 def quantization_config(quantization: str, compute_dtype: torch.dtype) -> Any:

@@ -8,6 +8,8 @@ What it changes in ``TQDMProgressBar``:
   batches and starts over at each epoch. With an unknown length it falls back to Lightning's.
 - The description is ``Epoch e`` (``Epoch e/last`` when ``max_epochs`` is set), never Lightning's
   ``Epoch 0/-2`` for a run bounded by ``max_steps`` only.
+- The router terms (``ROUTER_BAR_METRICS``) stand beside the loss. The module logs them without
+  ``prog_bar``, which would copy each to the host at every step; the bar reads them when it redraws.
 - Where stdout is not a terminal (a log file, a pipe, CI), every bar writes whole lines, one per 20 s
   (:class:`layermoe.progress.LineTqdm`), instead of carriage-return redraws that show nothing until the
   run ends. (Lightning's default with ``rich`` installed, ``RichProgressBar``, prints nothing there.)
@@ -25,6 +27,9 @@ from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from layermoe.lightning_compat import built_progress_bars, progress_bar_update_due
 from layermoe.progress import LINE_INTERVAL_S, LineTqdm, is_terminal
+
+#: logged by ``MoELoRAFineTuner`` for the logger only, shown by :class:`FitProgressBar` at each redraw
+ROUTER_BAR_METRICS = ("train/router_aux", "train/router_z")
 
 
 class _LineBar(LineTqdm):
@@ -75,6 +80,14 @@ class FitProgressBar(TQDMProgressBar):
         return self._bar(
             desc=self.predict_description, position=2 * self.process_position, leave=True, smoothing=0
         )
+
+    def get_metrics(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        metrics = super().get_metrics(trainer, pl_module)
+        for name in ROUTER_BAR_METRICS:
+            value = trainer.callback_metrics.get(name)
+            if value is not None:
+                metrics[name] = float(value)  # one host copy per redraw, not per step
+        return metrics
 
     def print(self, *args: Any, sep: str = " ", **kwargs: Any) -> None:
         """``LightningModule.print``: above the bars; Lightning's drops the text while no bar exists yet
