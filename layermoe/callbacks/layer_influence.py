@@ -23,6 +23,7 @@ from layermoe.allocation import AllocationError, Budget
 from layermoe.callbacks.distributed import check_strategy
 from layermoe.callbacks.dry_run import check_validation_data
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
+from layermoe.callbacks.growth_options import GrowthOptions, check_growth_settings, growth_schedule
 from layermoe.callbacks.loading import checked_inject_config, inject_adapters
 from layermoe.callbacks.rank_fade import fade_step, new_fade
 from layermoe.callbacks.report import publish
@@ -96,6 +97,14 @@ class LayerInfluenceCallback(Callback):
             ``<log_prefix>/rewire_failures``, records the failure in the callback's state, and trains on
             without that rewire (its schedule slot is used up). Either way the model, optimizer and LR
             schedulers are exactly as before the attempt.
+        growth: ``None`` (default): rewire mode, capacity moves between blocks under the budget. A
+            :class:`GrowthOptions` or dict (``{rounds, initial_fraction, init, control, router_ratio,
+            keep_scaling}``): growth mode, capacity is only added. The fit starts from an even layout at
+            ``initial_fraction`` of the resolved parameter budget (the model is resized before the
+            optimizer is built, at the first fit only) and each of the ``rounds`` schedule slots adds the
+            round's share of the rest where the scores (and their errors) favour, function-preservingly
+            (``callbacks/growing.py``). ``rounds`` is the schedule's count: ``schedule.every`` is needed for
+            more than one round and ``schedule.max_rewires``, if given, must equal ``rounds``.
 
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
@@ -127,6 +136,7 @@ class LayerInfluenceCallback(Callback):
         error_groups: int = 10,
         rank_fade_steps: int = 0,
         on_error: str = "raise",
+        growth: GrowthOptions | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.rewiring = Rewiring(
@@ -147,6 +157,10 @@ class LayerInfluenceCallback(Callback):
         )
         self.budget = _parsed_budget(budget)
         self.schedule = RewireSchedule.coerce(schedule)
+        self.growth = GrowthOptions.coerce(growth)
+        if self.growth is not None:
+            check_growth_settings(self.budget, rank_fade_steps)
+            self.schedule = growth_schedule(self.growth, self.schedule)
         self.inject = checked_inject_config(inject)
         self.plot, self.log_prefix = bool(plot), str(log_prefix)
         if on_error not in _ON_ERROR:
@@ -268,6 +282,8 @@ class LayerInfluenceCallback(Callback):
                 f"{type(pl_module).__name__} has no MoE-LoRA layers: adapt the model with "
                 "layermoe.adapters.inject(model, MoELoRAConfig(...)) or pass LayerInfluenceCallback(inject={...})"
             )
+        if self.growth is not None:  # interim: the argument is fixed, the rounds land in the next commit
+            raise CallbackConfigError("growth= is accepted and checked, but growth mode is not wired yet")
         check_validation_data(trainer, epoch_trigger=self.schedule.interval == "epoch")
         self._warmup_units = self._checked_warmup(trainer)
         kept = self.state.resolved_budget
