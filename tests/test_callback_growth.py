@@ -342,7 +342,9 @@ def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
-def test_growth_from_yaml_through_train_py(run_dir: Path, tiny_spec: dict, toy_files: dict) -> None:
+def test_growth_from_yaml_through_train_py(
+    run_dir: Path, tiny_spec: dict, toy_files: dict, caplog: pytest.LogCaptureFixture
+) -> None:
     growth = {"rounds": 2, "initial_fraction": 0.3, "init": "gradient", "control": "uniform"}
     override = _with_influence(
         _override(run_dir, tiny_spec, toy_files),
@@ -351,9 +353,15 @@ def test_growth_from_yaml_through_train_py(run_dir: Path, tiny_spec: dict, toy_f
         schedule={"warmup": 2, "every": 2},
         num_train_samples=8,
         num_val_samples=8,
-        plot=False,
     )
     cli = main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    out = caplog.text
+    # the table and the figure of each round (the quickstart's CSV logger gives the figure folder)
+    assert "growth round 1 of 2 (control uniform, init gradient) at step 2" in out
+    assert "growth round 2 of 2 (control uniform, init gradient) at step 4" in out
+    assert "layermoe/growth_round" in next(run_dir.glob("runs/quickstart/logs/*/metrics.csv")).read_text()
+    figures = sorted(p.name for p in run_dir.glob("runs/quickstart/logs/*/layermoe/*.png"))
+    assert figures == ["rewire_00_step2.png", "rewire_01_step4.png"]
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, LayerInfluenceCallback)]
     assert cb.growth == GrowthOptions(**growth)
     assert [e["growth_round"] for e in cb.history] == [0, 1]
