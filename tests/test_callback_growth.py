@@ -19,8 +19,10 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 
 from layermoe.adapters import layout, moe_layers, named_moe_layers
 from layermoe.adapters.grow import gradient_directions
+from layermoe.allocation import plan_growth
 from layermoe.callbacks import CallbackConfigError, GrowthOptions, LayerInfluenceCallback
 from layermoe.callbacks import growing as growing_module
+from layermoe.callbacks.state import CallbackState, RewirePlan
 from layermoe.cli import main
 from layermoe.scoring import causal_lm_per_sample_loss
 from tests.fixtures import cpu_trainer, quiet_influence
@@ -432,3 +434,19 @@ def test_growth_rounds_are_the_schedule_slots() -> None:
         "router_ratio": 1.0,
         "keep_scaling": False,
     }
+
+
+def test_growth_state_survives_a_weights_only_checkpoint(tmp_path: Path) -> None:
+    plan = plan_growth({b: [(32, 32), (32, 64)] for b in range(3)}, 20_000, rounds=2)
+    pending = RewirePlan(
+        layout=plan.initial, scores={0: 1.0, 1: 2.0, 2: 3.0}, step=4, epoch=1, growth_round=1
+    )
+    state = CallbackState(
+        rewires_done=1,
+        pending=pending.to_dict(),
+        growth={"plan": plan.to_dict(), "options": GrowthOptions(rounds=2).to_dict(), "rounds_done": 1},
+    )
+    torch.save({"state": state.to_dict()}, tmp_path / "state.pt")
+    loaded = CallbackState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True)["state"])
+    assert loaded == state and loaded.plan == pending and loaded.plan.growth_round == 1
+    assert loaded.plans_made == 2
