@@ -27,6 +27,7 @@ from layermoe.cli import main
 from layermoe.scoring import causal_lm_per_sample_loss
 from tests.fixtures import cpu_trainer, quiet_influence
 from tests.scripts.callback_fixtures import TinyLlamaModule, fit_counting_task, loaders
+from tests.test_callback_ddp import _run_job
 from tests.test_cli_errors import _with_influence
 from tests.test_cli_quickstart import QUICKSTART, _override
 
@@ -450,3 +451,16 @@ def test_growth_state_survives_a_weights_only_checkpoint(tmp_path: Path) -> None
     loaded = CallbackState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True)["state"])
     assert loaded == state and loaded.plan == pending and loaded.plan.growth_round == 1
     assert loaded.plans_made == 2
+
+
+def test_ddp_ranks_agree_after_growth_rounds(tmp_path: Path) -> None:
+    r0, r1, output = _run_job(tmp_path, "grow")
+    assert [h["growth_round"] for h in r0["history"]] == [0, 1], output
+    assert [h["layout_after"] for h in r0["history"]] == [h["layout_after"] for h in r1["history"]]
+    assert r0["layout"] == r1["layout"] == r0["history"][-1]["layout_after"]
+    assert all(abs(h["disturbance"]) < 1e-6 for h in r0["history"])
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for key, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][key]), key
+    for r in (r0, r1):
+        assert r["optimizer_matches_trainable"] and r["wrapped_module_is_resized"]
