@@ -9,6 +9,7 @@ run's checkpoint for resume.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from layermoe.adapters.grow import gradient_directions
 from layermoe.allocation import plan_growth
 from layermoe.callbacks import CallbackConfigError, GrowthOptions, LayerInfluenceCallback
 from layermoe.callbacks import growing as growing_module
+from layermoe.callbacks.rewiring import block_dims
 from layermoe.callbacks.state import CallbackState, RewirePlan
 from layermoe.cli import main
 from layermoe.scoring import causal_lm_per_sample_loss
@@ -464,3 +466,21 @@ def test_ddp_ranks_agree_after_growth_rounds(tmp_path: Path) -> None:
         assert torch.equal(value, r1["weights"][key]), key
     for r in (r0, r1):
         assert r["optimizer_matches_trainable"] and r["wrapped_module_is_resized"]
+
+
+def test_the_start_warns_when_adapters_already_learned() -> None:
+    seed_everything(0)
+    fresh = TinyLlamaModule(experts=2, rank=4)
+    cb = LayerInfluenceCallback(scorer="grad_norm", growth={"rounds": 1}, verbose=False, plot=False)
+    budget = cb.budget.resolve(layout(fresh), block_dims(fresh))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = cb.growing.start(fresh, budget)
+    assert layout(fresh) == state["plan"]["initial"]
+    trained = TinyLlamaModule(experts=2, rank=4)
+    with torch.no_grad():
+        named_moe_layers(trained)["model.model.layers.0.mlp.up_proj"].lora_B.fill_(0.1)
+    with pytest.warns(
+        UserWarning, match=r"1 adapter\(s\) already hold learned deltas .*layers.0.mlp.up_proj"
+    ):
+        cb.growing.start(trained, budget)
