@@ -425,6 +425,8 @@ def test_growth_rounds_are_the_schedule_slots() -> None:
         scorer="grad_norm", growth=GrowthOptions(rounds=4), schedule={"warmup": 3, "every": 5}
     )
     assert cb.schedule.limit == 4 and cb.schedule.due_at(3, 3) == 18
+    with pytest.raises(AttributeError):  # fixed at construction: the schedule was shaped by it
+        cb.growth = None  # type: ignore[misc]
     one = LayerInfluenceCallback(scorer="grad_norm", growth={"rounds": 1})  # the default schedule: one slot
     assert one.schedule.limit == 1
     rewire = LayerInfluenceCallback(scorer="grad_norm")
