@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from layermoe.adapters import MoELoRAConfig, apply_layout, inject, layout, named_moe_layers
 from layermoe.checkpointing import AdapterArtifactError, load_adapters, save_adapters
-from layermoe.checkpointing.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from layermoe.checkpointing.adapter_io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
 from tests.tiny_models import random_tokens, tiny_llama
 
 RESIZED = {0: {"experts": 3, "rank": 2}, 1: {"experts": 1, "rank": 6}, 2: {"experts": 2, "rank": 4}}
@@ -232,7 +232,7 @@ def test_artifacts_written_before_checksums_still_load(tmp_path: Path) -> None:
     save_adapters(trained, tmp_path)
     config = tmp_path / CONFIG_NAME
     data = json.loads(config.read_text())
-    assert data["version"] == 2 and "checksums" in data
+    assert data["version"] == FORMAT_VERSION == 3 and "checksums" in data
     del data["checksums"]
     data["version"] = 1  # what the previous release wrote
     config.write_text(json.dumps(data))
