@@ -48,7 +48,7 @@ from .surgery import (
     LayerState,
     ParamMap,
     adapter_output,
-    join_blocks,
+    grow_rank,
     layer_generator,
     rank_alpha,
 )
@@ -165,32 +165,6 @@ def _lane_map(dim: int, index: torch.Tensor, scale: torch.Tensor | None = None) 
     return ParamMap(dim, index, torch.ones(index.shape) if scale is None else scale.cpu()[None])
 
 
-def _grow_rank(
-    stack: LayerStack, new_rank: int, keep_scaling: bool, rows: Callable[[int, torch.Tensor], torch.Tensor]
-) -> None:
-    """New rank slots of a one-layer stack: A rows from `rows`, B zero; old B x r'/r unless the scaling
-    is kept (then lora_alpha x r'/r)."""
-    E, r = stack.experts, stack.rank
-    A, B = stack.blocks()  # (1, E, r, d_in), (1, E, d_out, r)
-    extra = new_rank - r
-    fresh = torch.stack([rows(extra, A[0, e]).to(A) for e in range(E)])[None]
-    factor = 1.0 if keep_scaling else new_rank / r
-    A, B = join_blocks(
-        torch.cat([A, fresh], dim=2), torch.cat([B * factor, B.new_zeros(1, E, B.shape[2], extra)], dim=3)
-    )
-    index = torch.full((E, new_rank), -1, dtype=torch.long)
-    index[:, :r] = torch.arange(E * r).reshape(E, r)
-    index = index.reshape(-1)
-    scale_B = torch.where(index >= 0, torch.full(index.shape, factor), torch.ones(index.shape))
-    stack.update(
-        {"lora_A": _lane_map(0, index), "lora_B": _lane_map(1, index, scale_B)},
-        rank=new_rank,
-        alpha=rank_alpha(stack.alpha, r, new_rank, keep_scaling),
-        A=A,
-        B=B,
-    )
-
-
 def _add_experts(
     stack: LayerStack, new_experts: int, rows: Callable[[int, torch.Tensor], torch.Tensor]
 ) -> None:
@@ -292,7 +266,13 @@ def plan_grow(
             stack.update({}, rank=rank, alpha=rank_alpha(stack.alpha, stack.rank, rank, keep_scaling))
         if rank > stack.rank:
             report.operations.append(f"grow_rank {stack.rank}->{rank} (B = 0, A {init})")
-            _grow_rank(stack, rank, keep_scaling, rows)
+            # per expert: gradient directions exclude that expert's own A rows
+            grow_rank(
+                stack,
+                rank,
+                keep_scaling,
+                lambda _, A, count: torch.stack([rows(count, A[e]) for e in range(stack.experts)]),
+            )
         if stack.alpha != old.alpha:
             report.operations.append(f"lora_alpha {old.alpha:g}->{stack.alpha:g} (scaling kept)")
         if experts > stack.experts:

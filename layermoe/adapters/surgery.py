@@ -31,7 +31,7 @@ own generator (`layer_generator`); tests/test_adapter_batched_resize.py checks i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -341,16 +341,25 @@ def _revive_dead_rows(
                 A[layer, k * r : (k + 1) * r][mask] = _init_rows(stack, layer, int(mask.sum()), A)
 
 
-def grow_rank(stack: LayerStack, new_rank: int, keep_scaling: bool = False) -> None:
-    """New rank slots: A from LoRA init, B zero; old B scaled by r'/r so scaling changes cancel, or the
-    scaling kept (alpha x r'/r, old B as it was). Exact."""
+#: new A rows of one layer of a stack: (layer index, its (E, r, d_in) A blocks, rows per expert) ->
+#: (E, rows, d_in)
+NewRows = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+def grow_rank(
+    stack: LayerStack, new_rank: int, keep_scaling: bool = False, new_rows: NewRows | None = None
+) -> None:
+    """New rank slots: A from LoRA init (or ``new_rows``: growth's gradient directions), B zero; old B
+    scaled by r'/r so scaling changes cancel, or the scaling kept (alpha x r'/r, old B as it was). Exact."""
     L, E, r = stack.size, stack.experts, stack.rank
     A, B = stack.blocks()
     extra = new_rank - r
-    new_rows = torch.stack(
-        [_init_rows(stack, layer, E * extra, A).reshape(E, extra, -1) for layer in range(L)]
-    )
-    A = torch.cat([A, new_rows], dim=2)
+    if new_rows is None:
+
+        def new_rows(layer: int, _: torch.Tensor, count: int) -> torch.Tensor:
+            return _init_rows(stack, layer, E * count, A).reshape(E, count, -1)
+
+    A = torch.cat([A, torch.stack([new_rows(layer, A[layer], extra).to(A) for layer in range(L)])], dim=2)
     ratio = 1.0 if keep_scaling else new_rank / r
     B = torch.cat([B * ratio, B.new_zeros(L, E, B.shape[2], extra)], dim=3)
     A, B = join_blocks(A, B)
