@@ -224,3 +224,19 @@ def test_forward_uses_the_layers_own_alpha():
     torch.testing.assert_close(
         outputs(layer, x) - layer.base_layer(x), reference.float(), atol=1e-5, rtol=1e-5
     )
+
+
+def test_a_rewire_rollback_restores_the_alphas():
+    """The rewire transaction's undo record rebinds buffers: the alpha buffer is rebound on change (never
+    filled in place), so a rolled-back keep_scaling resize leaves alpha, buffer and scaling as before."""
+    from layermoe.callbacks.transaction import ModuleSnapshot  # reading the callback's own undo record
+
+    torch.manual_seed(0)
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0))
+    snapshot = ModuleSnapshot(model)
+    apply_layout(model, {0: {"experts": 2, "rank": 8}}, keep_scaling=True)
+    assert {layer.lora_alpha for layer in named_moe_layers(model).values()} == {8.0, 16.0}
+    snapshot.restore()
+    for layer in named_moe_layers(model).values():
+        assert (layer.rank, layer.lora_alpha, float(layer.lora_layer_alpha)) == (4, 8.0, 8.0)
