@@ -21,7 +21,9 @@ from layermoe.adapters import (
     rotate_to_singular_basis,
 )
 from layermoe.adapters.grow import grow_layer
+from layermoe.adapters.probe import probe_empty_layers
 from layermoe.adapters.resize import grow_rank, shrink_rank
+from layermoe.callbacks.transaction import ModuleSnapshot  # the rewire's undo record (read, not changed)
 
 from .test_adapter_helpers import layer_reference, naive_adapter_output
 from .test_adapter_resize import make_layer, outputs
@@ -229,8 +231,6 @@ def test_forward_uses_the_layers_own_alpha():
 def test_a_rewire_rollback_restores_the_alphas():
     """The rewire transaction's undo record rebinds buffers: the alpha buffer is rebound on change (never
     filled in place), so a rolled-back keep_scaling resize leaves alpha, buffer and scaling as before."""
-    from layermoe.callbacks.transaction import ModuleSnapshot  # reading the callback's own undo record
-
     torch.manual_seed(0)
     model = tiny_llama()
     inject(model, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0))
@@ -240,3 +240,21 @@ def test_a_rewire_rollback_restores_the_alphas():
     snapshot.restore()
     for layer in named_moe_layers(model).values():
         assert (layer.rank, layer.lora_alpha, float(layer.lora_layer_alpha)) == (4, 8.0, 8.0)
+
+
+def test_an_empty_blocks_remembered_rank_moves_its_alpha_and_the_probe_keeps_it():
+    """A block with 0 experts keeps a rank for when experts return; keep_scaling moves its alpha with that
+    rank too (one rule), and the scoring probe's temporary expert leaves it as it was."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0))
+    apply_layout(model, {0: {"experts": 0, "rank": 4}})
+    apply_layout(model, {0: {"experts": 0, "rank": 2}}, keep_scaling=True)
+    empty = [layer for name, layer in named_moe_layers(model).items() if ".layers.0." in name]
+    assert {(layer.experts, layer.rank, layer.lora_alpha) for layer in empty} == {(0, 2, 4.0)}
+    with probe_empty_layers(model):
+        assert {(layer.experts, layer.scaling) for layer in empty} == {(1, 2.0)}
+    assert {(layer.experts, layer.lora_alpha) for layer in empty} == {(0, 4.0)}
+    reports = apply_layout(model, {0: {"experts": 2, "rank": 6}}, keep_scaling=True)
+    assert {(layer.experts, layer.rank, layer.lora_alpha) for layer in empty} == {(2, 6, 12.0)}
+    assert all(r.operations[-1] == "lora_alpha 4->12 (scaling kept)" for r in reports)
