@@ -158,3 +158,18 @@ def test_layers_with_their_own_alpha_export_to_alpha_pattern_match_peft_and_impo
         assert layer.lora_alpha == layers[name].lora_alpha and layer.config_lora_alpha == 8.0
         assert torch.equal(layer.lora_B, layers[name].lora_B)
     torch.testing.assert_close(logits(back, ids), ours, atol=1e-6, rtol=1e-6)
+
+
+def test_import_refuses_a_non_positive_alpha_before_changing_the_model(tmp_path):
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["alpha_pattern"] = {"v_proj": 0}
+    config_path.write_text(json.dumps(config))
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=2, target_modules=["q_proj", "v_proj"]))
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"v_proj has lora_alpha 0\.0 .* must be a finite number > 0"):
+        load_peft(model, tmp_path)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())

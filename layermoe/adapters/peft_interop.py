@@ -6,9 +6,9 @@ keys `base_model.model.<module>.lora_A.weight`), with per-module ranks in `rank_
 the config's (a rank change that kept its scaling) is written to `alpha_pattern`. Import copies a LoRA's
 (A, B) into every expert of the matching layer, whose own alpha becomes what gives it the LoRA's scaling
 (``lora_alpha`` / r, or / sqrt(r) under rsLoRA, with ``alpha_pattern`` and ``rank_pattern`` read per
-module), so B is copied unchanged and an export -> import round trip keeps every alpha; it resets the router to uniform
-gates and breaks the symmetry between the identical experts with a zero-sum perturbation of their A rows,
-which leaves the output unchanged under dense routing.
+module), so B is copied unchanged and an export -> import round trip keeps every alpha. Import resets
+the router to uniform gates and breaks the symmetry between the identical experts with a zero-sum
+perturbation of their A rows, which leaves the output unchanged under dense routing.
 """
 
 from __future__ import annotations
@@ -172,8 +172,8 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
     gates, and a zero-sum perturbation of the experts' A rows breaks their symmetry (exact under dense
     routing). Each covered layer's own alpha becomes what gives it the LoRA's scaling (its
     ``alpha_pattern`` entry included), so B is copied as it is. Blocks with 0 experts that it covers get
-    one. Layers the adapter does not cover keep their parameters. The adapter's ``modules_to_save`` are copied into the model's modules of those
-    names, which stay trainable. Returns the resize reports.
+    one. Layers the adapter does not cover keep their parameters. The adapter's ``modules_to_save`` are
+    copied into the model's modules of those names, which stay trainable. Returns the resize reports.
 
     A model without MoE-LoRA layers (a bare base, as ``peft.PeftModel.from_pretrained`` takes it) is first
     injected with one expert on exactly the adapter's modules, with its ``lora_alpha`` and ``lora_dropout``;
@@ -212,6 +212,11 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
         if expected_rank != rank:
             raise ValueError(f"load_peft: {module} has rank {rank} but the config says {expected_rank}")
         module_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))
+        if not (math.isfinite(module_alpha) and module_alpha > 0):
+            raise ValueError(
+                f"load_peft: {module} has lora_alpha {module_alpha!r} (lora_alpha / alpha_pattern of the "
+                "adapter config); it must be a finite number > 0"
+            )
         # the LoRA's scaling is module_alpha / denominator
         plan[module] = (A, B, module_alpha, math.sqrt(rank) if rslora else rank)
         block = split_block_name(module)[1]
