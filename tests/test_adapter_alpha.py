@@ -24,6 +24,7 @@ from layermoe.adapters.grow import grow_layer
 from layermoe.adapters.probe import probe_empty_layers
 from layermoe.adapters.resize import grow_rank, shrink_rank
 from layermoe.callbacks.transaction import ModuleSnapshot  # the rewire's undo record (read, not changed)
+from layermoe.lightning_modules import format_layout_table
 
 from .test_adapter_helpers import layer_reference, naive_adapter_output
 from .test_adapter_resize import make_layer, outputs
@@ -258,3 +259,14 @@ def test_an_empty_blocks_remembered_rank_moves_its_alpha_and_the_probe_keeps_it(
     reports = apply_layout(model, {0: {"experts": 2, "rank": 6}}, keep_scaling=True)
     assert {(layer.experts, layer.rank, layer.lora_alpha) for layer in empty} == {(2, 6, 12.0)}
     assert all(r.operations[-1] == "lora_alpha 4->12 (scaling kept)" for r in reports)
+
+
+def test_the_layout_table_shows_each_blocks_alpha_last():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0))
+    apply_layout(model, {0: {"experts": 2, "rank": 6}}, keep_scaling=True)
+    named_moe_layers(model)["model.layers.1.self_attn.q_proj"].lora_alpha = 2.5  # one module of block 1
+    rows = {line.split()[0]: line.split() for line in format_layout_table(model).splitlines()[2:5]}
+    assert [rows[b][2] for b in "012"] == ["6", "4", "4"]
+    assert [rows[b][-1] for b in "012"] == ["12", "2.5/8", "8"]

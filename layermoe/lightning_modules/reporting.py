@@ -39,16 +39,17 @@ def format_layout_table(model: nn.Module, title: str | None = None) -> str:
     printed above it."""
     rows = layout_rows(model)
     alphas = block_alphas(model)
+    # alpha last: the first columns keep their places for readers of earlier tables
     header = (
-        f"{'block':>5}  {'experts':>7}  {'rank':>4}  {'alpha':>7}  {'modules':>7}  {'trainable params':>16}"
+        f"{'block':>5}  {'experts':>7}  {'rank':>4}  {'modules':>7}  {'trainable params':>16}  {'alpha':>7}"
     )
     lines = [title] if title else []
     lines += [header, "-" * len(header)]
     for row in rows:
         lines.append(
-            f"{row['block']:>5}  {row['experts']:>7}  {row['rank']:>4}  {alphas[row['block']]:>7}  "
-            f"{row['modules']:>7}  {row['trainable']:>16,}"
+            f"{row['block']:>5}  {row['experts']:>7}  {row['rank']:>4}  {row['modules']:>7}  "
+            f"{row['trainable']:>16,}  {alphas[row['block']]:>7}"
         )
     total = sum(row["trainable"] for row in rows)
-    lines += ["-" * len(header), f"{'total':>5}  {'':>7}  {'':>4}  {'':>7}  {'':>7}  {total:>16,}"]
+    lines += ["-" * len(header), f"{'total':>5}  {'':>7}  {'':>4}  {'':>7}  {total:>16,}"]
     return "\n".join(lines)
