@@ -130,10 +130,18 @@ def _targets(initial: int, budget: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("control", "init"), [("none", "lora"), ("none", "gradient"), ("uniform", "lora"), ("placebo", "lora")]
+    ("control", "init", "keep_scaling"),
+    [
+        ("none", "lora", False),
+        ("none", "gradient", True),
+        ("uniform", "lora", False),
+        ("placebo", "lora", True),
+    ],
 )
-def test_every_round_keeps_the_function_and_the_budget(tmp_path: Path, control: str, init: str) -> None:
-    module, cb, seen, budget = _grow_fit(tmp_path, control=control, init=init)
+def test_every_round_keeps_the_function_and_the_budget(
+    tmp_path: Path, control: str, init: str, keep_scaling: bool
+) -> None:
+    module, cb, seen, budget = _grow_fit(tmp_path, control=control, init=init, keep_scaling=keep_scaling)
     plan = cb.state.growth["plan"]
     # the fit started from one expert per block at an even rank, at most a quarter of the budget
     assert {spec["experts"] for spec in plan["initial"].values()} == {1}
@@ -170,6 +178,10 @@ def test_every_round_keeps_the_function_and_the_budget(tmp_path: Path, control: 
         assert max(sizes.values()) - min(sizes.values()) <= max(max(u) for u in final["units"].values())
     if control == "none":  # the planted block takes the most
         assert sizes[1] > max(sizes[0], sizes[2])
+    # the scaling alpha / rank: kept at the configured 8 / 4 through every rank change, or alpha 8 / rank
+    scalings = {layer.lora_alpha / layer.rank for layer in named_moe_layers(module).values()}
+    ranks = {spec["rank"] for spec in final["layout"].values()}
+    assert scalings == ({8.0 / 4} if keep_scaling else {8.0 / r for r in ranks})
 
 
 def _block_params(module: torch.nn.Module, block: int) -> int:
@@ -309,10 +321,11 @@ def _resume_fit(tmp_path: Path, run: str, ckpt: Path | None = None, **growth: An
     return cb
 
 
-def test_resume_between_rounds_equals_the_unbroken_run(tmp_path: Path) -> None:
-    unbroken = _resume_fit(tmp_path, "a")
+@pytest.mark.parametrize("keep_scaling", [False, True])
+def test_resume_between_rounds_equals_the_unbroken_run(tmp_path: Path, keep_scaling: bool) -> None:
+    unbroken = _resume_fit(tmp_path, "a", keep_scaling=keep_scaling)
     assert [e["step"] for e in unbroken.history] == [2, 5]
-    resumed = _resume_fit(tmp_path, "b", tmp_path / "a" / "step=3.ckpt")
+    resumed = _resume_fit(tmp_path, "b", tmp_path / "a" / "step=3.ckpt", keep_scaling=keep_scaling)
     assert [e["layout_after"] for e in resumed.history] == [e["layout_after"] for e in unbroken.history]
     assert resumed.state.growth == unbroken.state.growth
     for step in (6, 8):
@@ -328,7 +341,7 @@ def test_resume_between_rounds_equals_the_unbroken_run(tmp_path: Path) -> None:
                 assert torch.equal(got["state"][index][key], value), (step, index, key)
     # a growth checkpoint resumed with another plan, or in rewire mode, is refused before training
     with pytest.raises(CallbackConfigError, match=r"growth: the checkpoint's run was planned with rounds=2"):
-        _resume_fit(tmp_path, "c", tmp_path / "a" / "step=3.ckpt", rounds=3)
+        _resume_fit(tmp_path, "c", tmp_path / "a" / "step=3.ckpt", rounds=3, keep_scaling=keep_scaling)
     seed_everything(0)
     with pytest.raises(CallbackConfigError, match=r"growth=None: the checkpoint's run is a growth run"):
         fit_counting_task(
@@ -394,8 +407,8 @@ def test_growth_from_yaml_through_train_py(
             r"growth.router_ratio=-1: must be a finite number >= 0",
         ),
         (
-            {"growth": {"rounds": 1, "keep_scaling": True}},
-            r"growth.keep_scaling=true: .* not kept in checkpoints",
+            {"growth": {"rounds": 1, "keep_scaling": "yes"}},
+            r"growth.keep_scaling='yes': must be true or false",
         ),
         ({"growth": {"rounds": 1, "round": 2}}, r"growth has unknown keys \['round'\]"),
         ({"growth": "grow"}, r"growth='grow': give a GrowthOptions, a dict"),

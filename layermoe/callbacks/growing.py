@@ -87,7 +87,7 @@ class Growing:
         try:
             with torch.no_grad(), isolate_rng():
                 torch.manual_seed(self.rewiring.seed)
-                apply_layout(pl_module, plan.initial)
+                apply_layout(pl_module, plan.initial, keep_scaling=self.options.keep_scaling)
         except Exception as exc:
             raise CallbackConfigError(
                 f"growth: resizing the model to the starting layout {plan.initial} failed (the model is"
