@@ -125,11 +125,12 @@ def test_a_full_disk_or_read_only_folder_names_the_folder_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
 
 
+@pytest.mark.parametrize("failing", ["staging", "rename"])
 def test_save_adapters_replaces_both_files_or_neither(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     from layermoe.adapters import MoELoRAConfig, inject
-    from layermoe.checkpointing import atomic_io, save_adapters
+    from layermoe.checkpointing import atomic_io, load_adapters, save_adapters
     from tests.tiny_models import tiny_llama
 
     model = tiny_llama()
@@ -138,11 +139,18 @@ def test_save_adapters_replaces_both_files_or_neither(
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
-    # the manifest, staged second, hits the full disk after the tensors were staged
-    monkeypatch.setattr(atomic_io, "open", _failing_open(28, on_call=2), raising=False)
-    with pytest.raises(atomic_io.CheckpointWriteError, match="is full"):
+    if failing == "staging":
+        # the manifest, staged second, hits the full disk after the tensors were staged
+        monkeypatch.setattr(atomic_io, "open", _failing_open(28, on_call=2), raising=False)
+    else:
+        # both staged; the manifest's rename fails after the tensors' file was already replaced
+        _replace_failing_on_call(monkeypatch, 2, 28)
+    with pytest.raises(atomic_io.CheckpointWriteError, match="is full") as info:
         save_adapters(model, tmp_path)
+    assert "the previous file is unchanged" in str(info.value)
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    load_adapters(tiny_llama(), tmp_path)  # the kept pair still loads (its tensors match its manifest)
 
 
 def _replace_failing_on_call(monkeypatch: pytest.MonkeyPatch, failing_call: int, code: int) -> list:
@@ -185,30 +193,6 @@ def test_a_failed_second_replace_puts_the_first_file_back(
     atomic_save_all([(b"new weights", first, write), (b"new manifest", second, write)])
     assert (first.read_bytes(), second.read_bytes()) == (b"new weights", b"new manifest")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "weights.bin"]
-
-
-def test_save_adapters_whose_manifest_rename_fails_keeps_the_old_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import errno
-
-    from layermoe.adapters import MoELoRAConfig, inject
-    from layermoe.checkpointing import atomic_io, load_adapters, save_adapters
-    from tests.tiny_models import tiny_llama
-
-    model = tiny_llama()
-    inject(model, MoELoRAConfig(experts=2, rank=4))
-    save_adapters(model, tmp_path)
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    with torch.no_grad():
-        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
-    _replace_failing_on_call(monkeypatch, 2, errno.ENOSPC)
-    with pytest.raises(atomic_io.CheckpointWriteError, match="is full") as info:
-        save_adapters(model, tmp_path)
-    assert "the previous file is unchanged" in str(info.value)
-    monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
-    load_adapters(tiny_llama(), tmp_path)  # the kept pair still loads (tensors match the manifest)
 
 
 def _temp_name(target: Path, pid: int, host: str | None) -> Path:
