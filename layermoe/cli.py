@@ -238,13 +238,17 @@ class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):
         key = f"{subcommand}.model.adapter" if subcommand else "model.adapter"
         merged = self.config.get(key)
         for text in overrides:
-            value = yaml.safe_load(text)
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                cause = " ".join(str(err).split())  # one line: YAML's message points at the column below it
+                parser.error(f"--model.adapter {text!r} is not valid YAML ({cause})")
             if isinstance(value, dict) and isinstance(merged, dict):
                 merged = {**merged, **value}
             elif isinstance(value, dict) or value is None:
                 merged = value
             else:
-                raise ValueError(
+                parser.error(
                     f"--model.adapter takes a dict of adapter fields (e.g. '{{experts: 3, rank: 2}}') or null,"
                     f" got {text!r}"
                 )

@@ -199,6 +199,20 @@ def test_a_misspelled_adapter_field_is_one_message_naming_the_field(run_dir, tin
 
 
 @pytest.mark.parametrize(
+    ("option", "expected"),
+    [("3", "error: --model.adapter takes a dict of adapter fields"), ("{rank: 2", "is not valid YAML")],
+)
+def test_an_adapter_override_that_is_not_a_dict_is_one_message(
+    run_dir, tiny_spec, toy_files, capsys, option, expected
+):
+    override = _override(run_dir, tiny_spec, toy_files)
+    last = _config_error(
+        capsys, ["fit", "--config", str(QUICKSTART), "--config", str(override), "--model.adapter", option]
+    )
+    assert expected in last
+
+
+@pytest.mark.parametrize(
     ("adapter", "expected"),
     [
         ({"rank": 0}, "error: model.adapter: MoELoRAConfig.rank"),

@@ -266,14 +266,14 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
     called damaged: the file may be intact."""
     path = Path(path)
     try:
-        mode = path.stat().st_mode
+        info = path.stat()
     except OSError as err:
         raise _read_failure(path, err) from err
-    if stat.S_ISDIR(mode):
+    if stat.S_ISDIR(info.st_mode):
         raise NotACheckpointError(_folder_message(path))
-    if not stat.S_ISREG(mode):
+    if not stat.S_ISREG(info.st_mode):
         raise NotACheckpointError(f"{path} is not a regular file (a device, pipe or socket). {_PASS_A_CKPT}")
-    size = path.stat().st_size
+    size = info.st_size
     if size == 0:
         raise CheckpointIntegrityError(
             f"checkpoint {path} is empty (0 bytes): the write that produced it never completed (a crash or a"
