@@ -23,6 +23,8 @@ from layermoe.allocation import AllocationError, Budget
 from layermoe.callbacks.distributed import check_strategy
 from layermoe.callbacks.dry_run import check_validation_data
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
+from layermoe.callbacks.growing import Growing, resume_growth_conflict
+from layermoe.callbacks.growth_options import GrowthOptions, check_growth_settings, growth_schedule
 from layermoe.callbacks.loading import checked_inject_config, inject_adapters
 from layermoe.callbacks.rank_fade import fade_step, new_fade
 from layermoe.callbacks.report import publish
@@ -96,6 +98,14 @@ class LayerInfluenceCallback(Callback):
             ``<log_prefix>/rewire_failures``, records the failure in the callback's state, and trains on
             without that rewire (its schedule slot is used up). Either way the model, optimizer and LR
             schedulers are exactly as before the attempt.
+        growth: ``None`` (default): rewire mode, capacity moves between blocks under the budget. A
+            :class:`GrowthOptions` or dict (``{rounds, initial_fraction, init, control, router_ratio,
+            keep_scaling}``): growth mode, capacity is only added. The fit starts from an even layout at
+            ``initial_fraction`` of the resolved parameter budget (the model is resized before the
+            optimizer is built, at the first fit only) and each of the ``rounds`` schedule slots adds the
+            round's share of the rest where the scores (and their errors) favour, function-preservingly
+            (``callbacks/growing.py``). ``rounds`` is the schedule's count: ``schedule.every`` is needed for
+            more than one round and ``schedule.max_rewires``, if given, must equal ``rounds``.
 
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
@@ -127,6 +137,7 @@ class LayerInfluenceCallback(Callback):
         error_groups: int = 10,
         rank_fade_steps: int = 0,
         on_error: str = "raise",
+        growth: GrowthOptions | dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.rewiring = Rewiring(
@@ -147,6 +158,13 @@ class LayerInfluenceCallback(Callback):
         )
         self.budget = _parsed_budget(budget)
         self.schedule = RewireSchedule.coerce(schedule)
+        options = GrowthOptions.coerce(growth)
+        #: growth mode's steps (None: rewire mode); ``growth`` reads its options
+        self.growing: Growing | None = None
+        if options is not None:
+            check_growth_settings(self.budget, rank_fade_steps)
+            self.schedule = growth_schedule(options, self.schedule)
+            self.growing = Growing(options, self.rewiring)
         self.inject = checked_inject_config(inject)
         self.plot, self.log_prefix = bool(plot), str(log_prefix)
         if on_error not in _ON_ERROR:
@@ -178,6 +196,11 @@ class LayerInfluenceCallback(Callback):
     error_groups = RewiringSetting()
     rank_fade_steps = RewiringSetting()
     verbose = RewiringSetting()
+
+    @property
+    def growth(self) -> GrowthOptions | None:
+        """The growth options (None: rewire mode); fixed at construction, like the schedule they shape."""
+        return None if self.growing is None else self.growing.options
 
     # ------------------------------------------------------------------ Lightning state
     @property
@@ -259,6 +282,12 @@ class LayerInfluenceCallback(Callback):
             check_strategy(trainer.strategy)
         if self.inject is not None and not moe_layers(pl_module):
             inject_adapters(pl_module, self.inject)
+        if stage == TrainerFn.FITTING and self.growing is not None and self.state.growth is None:
+            # before the optimizer is built; on resume the checkpoint's layout then replaces this one
+            # (the module resizes before its weights load) and its state brings the growth plan
+            budget = self._resolved_budget(pl_module)
+            self.state.growth = self.growing.start(pl_module, budget)
+            self.state.keep_budget(budget)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -275,9 +304,11 @@ class LayerInfluenceCallback(Callback):
             raise CallbackConfigError(conflict)
         if conflict := resume_inject_conflict(self.state.inject, self.inject):
             raise CallbackConfigError(conflict)
+        if conflict := resume_growth_conflict(self.state.growth, self.growing):
+            raise CallbackConfigError(conflict)
         self.state.inject = self.inject
         if kept is None:
-            self.state.keep_budget(self.budget.resolve(layout(pl_module), block_dims(pl_module)))
+            self.state.keep_budget(self._resolved_budget(pl_module))
         if self.state.plans_made < self.schedule.limit:
             self._check_budget_fits(pl_module)
         self.rewiring.start_fit()
@@ -296,8 +327,14 @@ class LayerInfluenceCallback(Callback):
             )
         return units
 
+    def _resolved_budget(self, pl_module: LightningModule) -> Budget:
+        return self.budget.resolve(layout(pl_module), block_dims(pl_module))
+
     def _check_budget_fits(self, pl_module: LightningModule) -> None:
         """Allocate once on equal scores: an impossible budget or bounds fail here, not at the rewire."""
+        if self.growing is not None:
+            self.growing.check_fits(pl_module, self.state.growth, self.state.plans_made)
+            return
         current = layout(pl_module)
         try:
             # zero errors: error_shrinkage (an allocator option) is checked but leaves equal scores be
@@ -377,19 +414,23 @@ class LayerInfluenceCallback(Callback):
     # ------------------------------------------------------------------ plan, apply, record
     def _score_and_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score (reduced over ranks), allocate on rank 0, broadcast, store as the pending plan."""
+        growing, slot = self.growing, self.state.plans_made
+        allocate = None if growing is None else growing.allocator(self.state.growth, slot)
         try:
-            plan = self.rewiring.plan(trainer, pl_module, self.state.resolved_budget)
+            plan = self.rewiring.plan(trainer, pl_module, self.state.resolved_budget, allocate)
         except RewireError as exc:
             self._failed(trainer, "scoring", exc)
             return
+        plan.growth_round = None if growing is None else slot
         self.state.pending = plan.to_dict()
 
     def _apply_pending(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Apply the pending plan right after an optimizer step; record, log, draw and print it."""
         plan = self.state.plan
         assert plan is not None
+        step = self.rewiring if self.growing is None else self.growing
         try:
-            applied = self.rewiring.apply(
+            applied = step.apply(
                 trainer, pl_module, plan, self.state.resolved_budget, index=self.state.rewires_done
             )
         except RewireError as exc:
@@ -397,6 +438,8 @@ class LayerInfluenceCallback(Callback):
             return
         self.last_reports = applied.reports
         entry = applied.record.to_dict()
+        if self.growing is not None:
+            self.growing.record(self.state.growth, entry, plan, pl_module)
         self.state.history.append(entry)
         self.state.rewires_done += 1
         self.state.pending = None
