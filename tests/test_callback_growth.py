@@ -103,7 +103,9 @@ class Around(Callback):
         )
 
 
-def _grow_fit(tmp_path: Path, **growth: Any) -> tuple[TinyLlamaModule, LayerInfluenceCallback, Around, int]:
+def _grow_fit(
+    tmp_path: Path, keep_scaling: bool = False, **growth: Any
+) -> tuple[TinyLlamaModule, LayerInfluenceCallback, Around, int]:
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4)
     budget = _adapter_params(module)  # budget "current": the injected layout's parameters
@@ -115,6 +117,7 @@ def _grow_fit(tmp_path: Path, **growth: Any) -> tuple[TinyLlamaModule, LayerInfl
         "test_fixed_scores",
         **FIXED,
         growth={"rounds": ROUNDS, **growth},
+        keep_scaling=keep_scaling,
         schedule={"warmup": WARMUP, "every": EVERY},
     )
     trainer = cpu_trainer(
@@ -308,13 +311,16 @@ def test_gradient_init_places_new_rows_along_the_block_gradient(
     assert checked > 0
 
 
-def _resume_fit(tmp_path: Path, run: str, ckpt: Path | None = None, **growth: Any) -> LayerInfluenceCallback:
+def _resume_fit(
+    tmp_path: Path, run: str, ckpt: Path | None = None, keep_scaling: bool = False, **growth: Any
+) -> LayerInfluenceCallback:
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4)
     cb = quiet_influence(
         "test_fixed_scores",
         **FIXED,
         growth={"rounds": 2, "init": "gradient", **growth},
+        keep_scaling=keep_scaling,
         schedule={"warmup": 2, "every": 3},  # rounds after steps 2 and 5
     )
     fit_counting_task(module, cb, tmp_path, run, ckpt)
@@ -407,8 +413,8 @@ def test_growth_from_yaml_through_train_py(
             r"growth.router_ratio=-1: must be a finite number >= 0",
         ),
         (
-            {"growth": {"rounds": 1, "keep_scaling": "yes"}},
-            r"growth.keep_scaling='yes': must be true or false",
+            {"growth": {"rounds": 1}, "keep_scaling": "yes"},
+            r"keep_scaling='yes': must be true or false",
         ),
         ({"growth": {"rounds": 1, "round": 2}}, r"growth has unknown keys \['round'\]"),
         ({"growth": "grow"}, r"growth='grow': give a GrowthOptions, a dict"),
@@ -450,7 +456,6 @@ def test_growth_rounds_are_the_schedule_slots() -> None:
         "init": "lora",
         "control": "none",
         "router_ratio": 1.0,
-        "keep_scaling": False,
     }
 
 

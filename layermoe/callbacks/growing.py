@@ -87,7 +87,7 @@ class Growing:
         try:
             with torch.no_grad(), isolate_rng():
                 torch.manual_seed(self.rewiring.seed)
-                apply_layout(pl_module, plan.initial, keep_scaling=self.options.keep_scaling)
+                apply_layout(pl_module, plan.initial, keep_scaling=self.rewiring.keep_scaling)
         except Exception as exc:
             raise CallbackConfigError(
                 f"growth: resizing the model to the starting layout {plan.initial} failed (the model is"
@@ -196,7 +196,11 @@ class Growing:
                     mass = layer.lora_routing_mass
                     layer.lora_routing_mass = routing_mass[name].reshape(mass.shape).to(mass)
             return grow_model(
-                module, target, init=options.init, gradients=gradients, keep_scaling=options.keep_scaling
+                module,
+                target,
+                init=options.init,
+                gradients=gradients,
+                keep_scaling=self.rewiring.keep_scaling,
             )
 
         return grow

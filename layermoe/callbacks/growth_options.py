@@ -37,11 +37,9 @@ class GrowthOptions:
             round, ``placebo_grow``).
         router_ratio: a block grows by a new expert when the expert's own parameters are at least this
             many times the router parameters it brings, else by one rank unit (``grow_layout``).
-        keep_scaling: every rank change, the starting resize included, moves the layer's own
-            ``lora_alpha`` with the rank (x r'/r), so each block keeps the configured scaling
-            ``lora_alpha / rank`` and its old directions' Adam step size; the layers' alphas are kept in
-            checkpoints. ``False``: the alpha stays, the old B columns are rescaled by r'/r (exact in
-            function) and the scaling becomes ``lora_alpha / r'``.
+
+    How a rank change scales (``lora_alpha / rank`` kept or not) is the callback's ``keep_scaling``,
+    shared with rewire mode.
     """
 
     rounds: int = 3
@@ -49,7 +47,6 @@ class GrowthOptions:
     init: str = "lora"
     control: str = "none"
     router_ratio: float = 1.0
-    keep_scaling: bool = False
 
     def __post_init__(self) -> None:
         if not is_int_at_least(self.rounds, 1):
@@ -76,8 +73,6 @@ class GrowthOptions:
             raise CallbackConfigError(
                 f"growth.router_ratio={ratio!r}: must be a finite number >= 0 (default 1)"
             )
-        if not isinstance(self.keep_scaling, bool):
-            raise CallbackConfigError(f"growth.keep_scaling={self.keep_scaling!r}: must be true or false")
 
     @classmethod
     def coerce(cls, value: GrowthOptions | dict[str, Any] | None) -> GrowthOptions | None:

@@ -99,13 +99,19 @@ class LayerInfluenceCallback(Callback):
             without that rewire (its schedule slot is used up). Either way the model, optimizer and LR
             schedulers are exactly as before the attempt.
         growth: ``None`` (default): rewire mode, capacity moves between blocks under the budget. A
-            :class:`GrowthOptions` or dict (``{rounds, initial_fraction, init, control, router_ratio,
-            keep_scaling}``): growth mode, capacity is only added. The fit starts from an even layout at
+            :class:`GrowthOptions` or dict (``{rounds, initial_fraction, init, control,
+            router_ratio}``): growth mode, capacity is only added. The fit starts from an even layout at
             ``initial_fraction`` of the resolved parameter budget (the model is resized before the
             optimizer is built, at the first fit only) and each of the ``rounds`` schedule slots adds the
             round's share of the rest where the scores (and their errors) favour, function-preservingly
             (``callbacks/growing.py``). ``rounds`` is the schedule's count: ``schedule.every`` is needed for
             more than one round and ``schedule.max_rewires``, if given, must equal ``rounds``.
+        keep_scaling: how every rank change (rewires, rank-cut probes, growth and its starting resize)
+            scales. ``False`` (default): the layer's ``lora_alpha`` stays and the old B columns are rescaled
+            by r'/r (exact in function), so the scaling becomes ``lora_alpha / r'`` and under Adam the old
+            directions' step changes by r/r'. ``True``: the layer's own ``lora_alpha`` moves by r'/r (kept in
+            checkpoints), so each block keeps the configured scaling and its old directions' step size: a
+            rank change alone does not change how fast a block learns.
 
     Raises:
         CallbackConfigError: bad arguments (here) or unusable trainer/module (in ``setup``/``on_fit_start``,
@@ -138,6 +144,7 @@ class LayerInfluenceCallback(Callback):
         rank_fade_steps: int = 0,
         on_error: str = "raise",
         growth: GrowthOptions | dict[str, Any] | None = None,
+        keep_scaling: bool = False,
     ) -> None:
         super().__init__()
         self.rewiring = Rewiring(
@@ -155,6 +162,7 @@ class LayerInfluenceCallback(Callback):
             error_groups=error_groups,
             rank_fade_steps=rank_fade_steps,
             verbose=verbose,
+            keep_scaling=keep_scaling,
         )
         self.budget = _parsed_budget(budget)
         self.schedule = RewireSchedule.coerce(schedule)
@@ -196,6 +204,7 @@ class LayerInfluenceCallback(Callback):
     error_groups = RewiringSetting()
     rank_fade_steps = RewiringSetting()
     verbose = RewiringSetting()
+    keep_scaling = RewiringSetting()
 
     @property
     def growth(self) -> GrowthOptions | None:

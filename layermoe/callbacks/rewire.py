@@ -69,8 +69,15 @@ def shared_routing_mass(strategy: Any, pl_module: nn.Module) -> dict[str, torch.
 Surgery = Callable[[nn.Module, dict[int, dict[str, int]], Any], list[Any]]
 
 
-def _apply_layout(module: nn.Module, new_layout: dict[int, dict[str, int]], routing_mass: Any) -> list[Any]:
-    return list(apply_layout(module, new_layout, routing_mass=routing_mass) or [])
+def layout_surgery(keep_scaling: bool = False) -> Surgery:
+    """``apply_layout`` as a :data:`Surgery` (``keep_scaling``: rank changes keep ``lora_alpha / rank``)."""
+
+    def resize(module: nn.Module, new_layout: dict[int, dict[str, int]], routing_mass: Any) -> list[Any]:
+        return list(
+            apply_layout(module, new_layout, routing_mass=routing_mass, keep_scaling=keep_scaling) or []
+        )
+
+    return resize
 
 
 def rewire(
@@ -103,7 +110,7 @@ def rewire(
     try:
         with torch.no_grad(), isolate_rng():
             torch.manual_seed(seed)
-            reports = (surgery or _apply_layout)(pl_module, new_layout, routing_mass)
+            reports = (surgery or layout_surgery())(pl_module, new_layout, routing_mass)
     except Exception as exc:  # noqa: BLE001 - re-raised below with context, after rollback on all ranks
         error = exc
     surgery = time.perf_counter() - start

@@ -41,7 +41,7 @@ from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
 from layermoe.callbacks.history import RankMoves, Removal, RewireRecord, relative_change
 from layermoe.callbacks.rank_fade import ranks_kept, ranks_only, shrinking_blocks, start_fade
-from layermoe.callbacks.rewire import RewireResult, Surgery, rewire
+from layermoe.callbacks.rewire import RewireResult, Surgery, layout_surgery, rewire
 from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss, scoring_context
 from layermoe.callbacks.state import RewirePlan, plain_scores
 from layermoe.callbacks.transaction import ModuleSnapshot
@@ -120,6 +120,7 @@ class Rewiring:
         error_groups: int,
         rank_fade_steps: int,
         verbose: bool,
+        keep_scaling: bool = False,
     ) -> None:
         self.scorer_options = check_options("scorer_options", scorer_options)
         self.scorer, self.scoring = scorer, checked_scorer(scorer, self.scorer_options)
@@ -150,6 +151,9 @@ class Rewiring:
         has_errors = self.needs_statistics and self.error_groups >= 2
         self.allocator_options = with_default_shrinkage(self.allocator_options, scorer, has_errors)
         self.verbose = bool(verbose)
+        if not isinstance(keep_scaling, bool):
+            raise CallbackConfigError(f"keep_scaling={keep_scaling!r}: must be true or false")
+        self.keep_scaling = keep_scaling
         self.start_fit()
 
     @property
@@ -336,6 +340,7 @@ class Rewiring:
                 else None
             )
         first = ranks_kept(plan.layout, fading) if fading else plan.layout
+        surgery = surgery or layout_surgery(self.keep_scaling)
         result = rewire(trainer, pl_module, first, seed=self.seed + int(trainer.global_step), surgery=surgery)
         if fading:
             try:
@@ -390,7 +395,13 @@ class Rewiring:
         """
         with _changes_nothing(trainer, "the probe loss before removing the faded ranks"):
             loss_before = self.probe(trainer, pl_module)
-        result = rewire(trainer, pl_module, target, seed=self.seed + int(trainer.global_step))
+        result = rewire(
+            trainer,
+            pl_module,
+            target,
+            seed=self.seed + int(trainer.global_step),
+            surgery=layout_surgery(self.keep_scaling),
+        )
         loss_after = self._probe_after_rewire(trainer, pl_module)
         after = layout(pl_module)
         return Removal(
@@ -425,7 +436,7 @@ class Rewiring:
         snapshot = ModuleSnapshot(pl_module)
         try:
             with torch.no_grad(), isolate_rng():
-                apply_layout(pl_module, ranks_only(before, shrinking))
+                apply_layout(pl_module, ranks_only(before, shrinking), keep_scaling=self.keep_scaling)
             loss_cut = self.probe(trainer, pl_module)
         finally:
             snapshot.restore()
