@@ -23,6 +23,7 @@ from layermoe.allocation import AllocationError, Budget
 from layermoe.callbacks.distributed import check_strategy
 from layermoe.callbacks.dry_run import check_validation_data
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
+from layermoe.callbacks.growing import Growing, resume_growth_conflict
 from layermoe.callbacks.growth_options import GrowthOptions, check_growth_settings, growth_schedule
 from layermoe.callbacks.loading import checked_inject_config, inject_adapters
 from layermoe.callbacks.rank_fade import fade_step, new_fade
@@ -158,9 +159,11 @@ class LayerInfluenceCallback(Callback):
         self.budget = _parsed_budget(budget)
         self.schedule = RewireSchedule.coerce(schedule)
         self.growth = GrowthOptions.coerce(growth)
+        self.growing: Growing | None = None
         if self.growth is not None:
             check_growth_settings(self.budget, rank_fade_steps)
             self.schedule = growth_schedule(self.growth, self.schedule)
+            self.growing = Growing(self.growth, self.rewiring)
         self.inject = checked_inject_config(inject)
         self.plot, self.log_prefix = bool(plot), str(log_prefix)
         if on_error not in _ON_ERROR:
@@ -273,6 +276,12 @@ class LayerInfluenceCallback(Callback):
             check_strategy(trainer.strategy)
         if self.inject is not None and not moe_layers(pl_module):
             inject_adapters(pl_module, self.inject)
+        if stage == TrainerFn.FITTING and self.growing is not None and self.state.growth is None:
+            # before the optimizer is built; on resume the checkpoint's layout then replaces this one
+            # (the module resizes before its weights load) and its state brings the growth plan
+            budget = self._resolved_budget(pl_module)
+            self.state.growth = self.growing.start(pl_module, budget)
+            self.state.keep_budget(budget)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -282,8 +291,6 @@ class LayerInfluenceCallback(Callback):
                 f"{type(pl_module).__name__} has no MoE-LoRA layers: adapt the model with "
                 "layermoe.adapters.inject(model, MoELoRAConfig(...)) or pass LayerInfluenceCallback(inject={...})"
             )
-        if self.growth is not None:  # interim: the argument is fixed, the rounds land in the next commit
-            raise CallbackConfigError("growth= is accepted and checked, but growth mode is not wired yet")
         check_validation_data(trainer, epoch_trigger=self.schedule.interval == "epoch")
         self._warmup_units = self._checked_warmup(trainer)
         kept = self.state.resolved_budget
@@ -291,9 +298,11 @@ class LayerInfluenceCallback(Callback):
             raise CallbackConfigError(conflict)
         if conflict := resume_inject_conflict(self.state.inject, self.inject):
             raise CallbackConfigError(conflict)
+        if conflict := resume_growth_conflict(self.state.growth, self.growing):
+            raise CallbackConfigError(conflict)
         self.state.inject = self.inject
         if kept is None:
-            self.state.keep_budget(self.budget.resolve(layout(pl_module), block_dims(pl_module)))
+            self.state.keep_budget(self._resolved_budget(pl_module))
         if self.state.plans_made < self.schedule.limit:
             self._check_budget_fits(pl_module)
         self.rewiring.start_fit()
@@ -312,8 +321,14 @@ class LayerInfluenceCallback(Callback):
             )
         return units
 
+    def _resolved_budget(self, pl_module: LightningModule) -> Budget:
+        return self.budget.resolve(layout(pl_module), block_dims(pl_module))
+
     def _check_budget_fits(self, pl_module: LightningModule) -> None:
         """Allocate once on equal scores: an impossible budget or bounds fail here, not at the rewire."""
+        if self.growing is not None:
+            self.growing.check_fits(pl_module, self.state.growth, self.state.plans_made)
+            return
         current = layout(pl_module)
         try:
             # zero errors: error_shrinkage (an allocator option) is checked but leaves equal scores be
@@ -393,19 +408,23 @@ class LayerInfluenceCallback(Callback):
     # ------------------------------------------------------------------ plan, apply, record
     def _score_and_plan(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Score (reduced over ranks), allocate on rank 0, broadcast, store as the pending plan."""
+        growing, slot = self.growing, self.state.plans_made
+        allocate = None if growing is None else growing.allocator(self.state.growth, slot)
         try:
-            plan = self.rewiring.plan(trainer, pl_module, self.state.resolved_budget)
+            plan = self.rewiring.plan(trainer, pl_module, self.state.resolved_budget, allocate)
         except RewireError as exc:
             self._failed(trainer, "scoring", exc)
             return
+        plan.growth_round = None if growing is None else slot
         self.state.pending = plan.to_dict()
 
     def _apply_pending(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Apply the pending plan right after an optimizer step; record, log, draw and print it."""
         plan = self.state.plan
         assert plan is not None
+        step = self.rewiring if self.growing is None else self.growing
         try:
-            applied = self.rewiring.apply(
+            applied = step.apply(
                 trainer, pl_module, plan, self.state.resolved_budget, index=self.state.rewires_done
             )
         except RewireError as exc:
@@ -413,6 +432,8 @@ class LayerInfluenceCallback(Callback):
             return
         self.last_reports = applied.reports
         entry = applied.record.to_dict()
+        if self.growing is not None:
+            self.growing.record(self.state.growth, entry, plan, pl_module)
         self.state.history.append(entry)
         self.state.rewires_done += 1
         self.state.pending = None

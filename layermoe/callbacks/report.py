@@ -54,6 +54,8 @@ def rewire_metrics(prefix: str, entry: dict[str, Any]) -> dict[str, float]:
         "val_loss_before",
         "val_loss_after",
         "disturbance",
+        "growth_round",
+        "trainable_adapter_params",
     ):
         if entry.get(key) is not None:
             out[f"{prefix}/{key}"] = float(entry[key])
@@ -85,7 +87,9 @@ def save_and_log_figure(trainer: Any, prefix: str, entry: dict[str, Any]) -> Pat
     if trainer.global_rank != 0:
         return None
     path = figure_dir(trainer) / f"rewire_{entry['index']:02d}_step{entry['step']}.png"
-    title = f"rewire {entry['index']} at step {entry['step']} (params {entry['params_before']} -> {entry['params_after']})"
+    title = (
+        f"{_what(entry)} at step {entry['step']} (params {entry['params_before']} -> {entry['params_after']})"
+    )
     try:
         fig = save_rewire_figure(
             path,
@@ -164,7 +168,7 @@ def console_table(entry: dict[str, Any]) -> str:
         for i, b in enumerate(blocks)
     ]
     lines = [
-        f"LayerInfluenceCallback: rewire {entry['index']} at step {entry['step']} (epoch {entry['epoch']})",
+        f"LayerInfluenceCallback: {_what(entry)} at step {entry['step']} (epoch {entry['epoch']})",
         *_table_rows(header, rows),
     ]
     if shrunk:
@@ -183,7 +187,11 @@ def console_table(entry: dict[str, Any]) -> str:
             f"(relative change {entry['disturbance']:+.3%})"
         )
     lines.extend(_rank_moves_lines(entry.get("rank_moves")))
-    if before == after:
+    if before == after and entry.get("mode") == "grow":
+        lines.append(
+            "nothing added: no block's next unit fits this round's allowance (it carries to the next)"
+        )
+    elif before == after:
         # the default error_shrinkage often leaves the layout as it is: say so, or it looks like a failure
         lines.append(
             "layout unchanged"
@@ -196,6 +204,16 @@ def console_table(entry: dict[str, Any]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+def _what(entry: dict[str, Any]) -> str:
+    """``rewire i`` or, in growth mode, ``growth round k of N (control, init)``."""
+    if entry.get("mode") != "grow":
+        return f"rewire {entry['index']}"
+    return (
+        f"growth round {entry['growth_round'] + 1} of {entry['growth_rounds']} (control {entry['growth_control']},"
+        f" init {entry['growth_init']})"
+    )
 
 
 def print_table(entry: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ collective before anyone re-wraps or continues, so no rank is left waiting in a 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,10 +65,25 @@ def shared_routing_mass(strategy: Any, pl_module: nn.Module) -> dict[str, torch.
     return out
 
 
+#: ``surgery(module, layout, routing_mass) -> reports``: what resizes the module (``apply_layout`` by default)
+Surgery = Callable[[nn.Module, dict[int, dict[str, int]], Any], list[Any]]
+
+
+def _apply_layout(module: nn.Module, new_layout: dict[int, dict[str, int]], routing_mass: Any) -> list[Any]:
+    return list(apply_layout(module, new_layout, routing_mass=routing_mass) or [])
+
+
 def rewire(
-    trainer: Any, pl_module: nn.Module, new_layout: dict[int, dict[str, int]], seed: int = 0
+    trainer: Any,
+    pl_module: nn.Module,
+    new_layout: dict[int, dict[str, int]],
+    seed: int = 0,
+    surgery: Surgery | None = None,
 ) -> RewireResult:
     """Apply ``new_layout`` to ``pl_module`` mid-fit and leave training ready to continue.
+
+    ``surgery`` resizes the module (growth passes ``grow_model``); its reports' ``state_map`` carries the
+    optimizer state either way.
 
     The surgery draws its random numbers (new LoRA A rows, symmetry-breaking noise) from ``seed`` under
     ``isolate_rng``: the training RNG stream is untouched, and a run resumed from a checkpoint with the
@@ -87,7 +103,7 @@ def rewire(
     try:
         with torch.no_grad(), isolate_rng():
             torch.manual_seed(seed)
-            reports = list(apply_layout(pl_module, new_layout, routing_mass=routing_mass) or [])
+            reports = (surgery or _apply_layout)(pl_module, new_layout, routing_mass)
     except Exception as exc:  # noqa: BLE001 - re-raised below with context, after rollback on all ranks
         error = exc
     surgery = time.perf_counter() - start

@@ -6,9 +6,9 @@ under a budget, applies it as one transaction (``callbacks/rewire.py``) and meas
 around it. It raises :class:`RewireError` when scoring, allocation or the transaction fails (the model and
 optimizer then as before), returns what happened, and never reads or writes the callback's state.
 
-Each step is its own method so that another kind of step can sit beside the rewire: growth (see
-docs/architecture.md, "Growth mode") would reuse ``score``, ``probe`` and the plan/apply shape, with
-``grow_layout`` in place of ``allocate`` and ``adapters.grow_model`` in place of ``rewire``.
+Each step is its own method so that another kind of step can sit beside the rewire: growth
+(``callbacks/growing.py``) reuses ``plan`` with its own ``allocate`` (``grow_layout``) and ``apply`` with
+its own ``surgery`` (``adapters.grow_model``).
 """
 
 from __future__ import annotations
@@ -41,13 +41,16 @@ from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
 from layermoe.callbacks.history import RankMoves, Removal, RewireRecord, relative_change
 from layermoe.callbacks.rank_fade import ranks_kept, ranks_only, shrinking_blocks, start_fade
-from layermoe.callbacks.rewire import RewireResult, rewire
+from layermoe.callbacks.rewire import RewireResult, Surgery, rewire
 from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss, scoring_context
 from layermoe.callbacks.state import RewirePlan, plain_scores
 from layermoe.callbacks.transaction import ModuleSnapshot
 from layermoe.layout import BlockDims, Layout, layout_params
 from layermoe.lightning_compat import build_validation_loaders, validation_defined, validation_source_loader
 from layermoe.scoring import capture_statistics, torch_distributed_gather, training_store_bytes
+
+#: ``allocate(pl_module, scores, errors, budget) -> Layout``: the allocation step of a plan
+Allocator = Callable[[nn.Module, dict[int, float], "dict[int, float] | None", "Budget | None"], Layout]
 
 
 def block_dims(module: nn.Module) -> BlockDims:
@@ -176,8 +179,12 @@ class Rewiring:
         )
 
     # ------------------------------------------------------------------ score -> allocate (a plan)
-    def plan(self, trainer: Any, pl_module: nn.Module, budget: Budget | None) -> RewirePlan:
+    def plan(
+        self, trainer: Any, pl_module: nn.Module, budget: Budget | None, allocate: Allocator | None = None
+    ) -> RewirePlan:
         """Score (averaged over ranks), allocate on rank 0, broadcast: the same plan on every rank.
+
+        ``allocate(pl_module, scores, errors, budget) -> Layout`` replaces :meth:`allocate` (growth).
 
         Raises:
             RewireError: scoring or allocation failed on some rank (nothing was changed).
@@ -190,7 +197,8 @@ class Rewiring:
             scores = mean_scores(trainer.strategy, scores, pl_module.device)
             if trainer.global_rank == 0:
                 # errors come from the gathered statistics, identical on every rank: rank 0's are shared
-                planned = (self.allocate(pl_module, scores, errors, budget), scores, errors)
+                new_layout = (allocate or self.allocate)(pl_module, scores, errors, budget)
+                planned = (new_layout, scores, errors)
         except Exception as exc:  # noqa: BLE001 - re-raised with context below
             error = exc
         if any_rank(trainer.strategy, error is not None):
@@ -248,13 +256,7 @@ class Rewiring:
     def _statistics(self, trainer: Any, pl_module: nn.Module) -> Any:
         """``capture_statistics`` on the scoring samples; keeps the scoring forward's validation loss."""
         val_batches = self.scoring_val_batches(trainer)
-        train = data_utils.training_batches(
-            self.training_loader(trainer),
-            self.num_train_samples,
-            self.seed + trainer.global_rank,
-            self.scoring_batch_size,
-        )
-        train = data_utils.to_device(trainer.strategy, train)
+        train = self.scoring_train_batches(trainer)
         # the memory plan (passes, bytes, projection) is printed where the per-rewire table is
         shown = self.verbose and trainer.is_global_zero
         options = {"progress": shown, "show_plan": shown}
@@ -304,7 +306,13 @@ class Rewiring:
 
     # ------------------------------------------------------------------ apply -> measure
     def apply(
-        self, trainer: Any, pl_module: nn.Module, plan: RewirePlan, budget: Budget | None, index: int
+        self,
+        trainer: Any,
+        pl_module: nn.Module,
+        plan: RewirePlan,
+        budget: Budget | None,
+        index: int,
+        surgery: Surgery | None = None,
     ) -> Applied:
         """Resize to ``plan.layout`` mid-fit and measure the probe loss around it; with ``rank_fade_steps``
         the shrinking ranks are kept and start to fade instead (removed later by :meth:`remove_faded`).
@@ -328,7 +336,7 @@ class Rewiring:
                 else None
             )
         first = ranks_kept(plan.layout, fading) if fading else plan.layout
-        result = rewire(trainer, pl_module, first, seed=self.seed + int(trainer.global_step))
+        result = rewire(trainer, pl_module, first, seed=self.seed + int(trainer.global_step), surgery=surgery)
         if fading:
             try:
                 start_fade(pl_module, trainer.optimizers, fading)
@@ -461,6 +469,17 @@ class Rewiring:
             if loader is None and validation_defined(trainer):
                 loader = data_utils.first_loader(validation_source_loader(trainer))
         return loader
+
+    def scoring_train_batches(self, trainer: Any) -> list[Any]:
+        """The seeded sample of ``num_train_samples`` training samples on the device (drawn afresh each
+        time: the same samples while the loader's dataset is unchanged)."""
+        train = data_utils.training_batches(
+            self.training_loader(trainer),
+            self.num_train_samples,
+            self.seed + trainer.global_rank,
+            self.scoring_batch_size,
+        )
+        return data_utils.to_device(trainer.strategy, train)
 
     def scoring_val_batches(self, trainer: Any) -> list[Any]:
         """The first ``num_val_samples`` validation samples on the device, loaded once per fit; built

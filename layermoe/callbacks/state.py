@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from layermoe.allocation import Budget
+from layermoe.allocation.growth import GrowthPlan
 from layermoe.layout import Layout, normalize_layout
 
 #: where a checkpoint keeps the ``inject=`` config of a ``LayerInfluenceCallback`` (besides its state), so
@@ -37,6 +38,8 @@ class RewirePlan:
     time_scoring_s: float = 0.0
     #: per-block standard errors of the scores (None: the scorer has none, or error_groups=0)
     score_errors: dict[int, float] | None = None
+    #: growth mode: the round (0-based schedule slot) this plan grows by; None in rewire mode
+    growth_round: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
@@ -50,6 +53,7 @@ class RewirePlan:
             epoch=int(data["epoch"]),
             time_scoring_s=float(data.get("time_scoring_s", 0.0)),
             score_errors=None if data.get("score_errors") is None else plain_scores(data["score_errors"]),
+            growth_round=None if data.get("growth_round") is None else int(data["growth_round"]),
         )
 
 
@@ -80,6 +84,9 @@ class CallbackState:
     fade: dict[str, Any] | None = None
     validation_follows: int | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    #: growth mode: ``{"plan": GrowthPlan.to_dict(), "options": GrowthOptions.to_dict(), "rounds_done": int}``
+    #: (``callbacks/growing.py``); None in rewire mode
+    growth: dict[str, Any] | None = None
 
     @property
     def plans_made(self) -> int:
@@ -114,6 +121,7 @@ class CallbackState:
                 "fade": self.fade,
                 "validation_follows": self.validation_follows,
                 "failures": self.failures,
+                "growth": self.growth,
             }
         )
 
@@ -145,6 +153,7 @@ class CallbackState:
             inject=state.get("inject"),
             fade=_plain_fade(state.get("fade")),
             failures=[dict(f) for f in state.get("failures", [])],
+            growth=_plain_growth(state.get("growth")),
             validation_follows=(
                 None if state.get("validation_follows") is None else int(state["validation_follows"])
             ),
@@ -186,3 +195,13 @@ def _plain_fade(fade: dict[str, Any] | None) -> dict[str, Any] | None:
     fade["blocks"] = {int(b): {k: int(v) for k, v in spec.items()} for b, spec in fade["blocks"].items()}
     fade["target"] = normalize_layout(fade["target"])
     return fade
+
+
+def _plain_growth(growth: dict[str, Any] | None) -> dict[str, Any] | None:
+    if growth is None:
+        return None
+    return {
+        "plan": GrowthPlan.from_dict(growth["plan"]).to_dict(),
+        "options": dict(growth["options"]),
+        "rounds_done": int(growth["rounds_done"]),
+    }
