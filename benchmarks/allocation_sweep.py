@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import capacity_curve  # noqa: E402
 import growth_sweep  # noqa: E402
 from allocation_quality import machine_description, tiny_task_files  # noqa: E402
+from capacity_curve import run_name  # noqa: E402
 from quality_results import load_results, write_result  # noqa: E402
 from run_queue import QueuedRun, run_queue  # noqa: E402
 from sweep_report import write_report  # noqa: E402
@@ -176,11 +177,6 @@ CURVE_QUICK: dict[str, Any] = {
 }
 
 Run = tuple[str, str, str, int]  # task, budget, arm, seed
-
-
-def run_name(run: Run) -> str:
-    task, budget, arm, seed = run
-    return f"{task}__{budget}__{arm}__seed{seed}"
 
 
 def callback_config(arm: str, seed: int) -> dict[str, Any] | None:

@@ -128,7 +128,6 @@ ARMS: dict[str, dict[str, Any] | None] = {
         "allocator_options": _RANK_MOVES,
     },
 }
-GROWTH_ARMS = [arm for arm, spec in ARMS.items() if spec and "growth" in spec]
 #: each scored arm's control with the same increments or moves at random blocks
 PLACEBO_OF = {"layerif-grow": "placebo-grow", "rewire-rank": "placebo-rewire-rank"}
 
@@ -196,7 +195,7 @@ def check_budgets(budgets: Sequence[str]) -> None:
     flat = [b for b in budgets if int(budget_adapter(b).get("rank", 1)) < 2]
     if flat:
         raise GrowPlanError(
-            f"--phase grow: budget(s) {flat} are one rank-1 expert per block: growth's smallest even start"
+            f"--phase grow: budget(s) {flat} are rank-1 experts in every block: growth's smallest even start"
             " (rank 1 in every block) is the whole budget and rank moves with experts fixed cannot lower any"
             " rank, so every arm would equal uniform; choose budgets of rank >= 2 (mid, large) or add one"
         )
@@ -218,7 +217,7 @@ def chosen_lrs(
     missing = [p for p in plans if p.chosen is None]
     if missing:
         needs = "; ".join(
-            f"{p.task}/{p.budget}: " + ", ".join(capacity_curve_run_name(r) for r in p.todo) for p in missing
+            f"{p.task}/{p.budget}: " + ", ".join(capacity_curve.run_name(r) for r in p.todo) for p in missing
         )
         raise GrowPlanError(
             f"--phase grow: uniform's learning rate is not chosen yet for {len(missing)} cell(s); the capacity"
@@ -226,11 +225,6 @@ def chosen_lrs(
             " --phase curve` (same --quick) first, or narrow --tasks/--budgets to cells whose lr is chosen."
         )
     return {(p.task, p.budget): float(p.chosen) for p in plans}  # type: ignore[arg-type]
-
-
-def capacity_curve_run_name(run: Run) -> str:
-    task, budget, arm, seed = run
-    return f"{task}__{budget}__{arm}__seed{seed}"
 
 
 def seed_plan(
@@ -263,9 +257,8 @@ def seed_plan(
             if arm != "uniform" and len(diffs) >= 2:
                 needs.append((seeds_for_power(statistics.stdev(diffs)), f"{task}/{budget}/{arm}"))
     if not needs:
-        return list(
-            range(min_seeds)
-        ), f"{min_seeds} seeds (the minimum; the power rule needs two paired seeds)"
+        why = f"{min_seeds} seeds (the minimum; the power rule needs two paired seeds)"
+        return list(range(min_seeds)), why
     need, where = max(needs)
     n = min(max(min_seeds, need), cap)
     why = f"{n} seeds: the power rule asks for {need} ({where}, 1% at 80% power)"
@@ -312,7 +305,7 @@ def reuse_uniform_runs(
     """Copy the curve's matching uniform runs into ``folder`` (``reused_from`` added); the runs left to do."""
     left = []
     for run in todo:
-        source = curve_folder / f"{capacity_curve_run_name(run)}.json"
+        source = curve_folder / f"{capacity_curve.run_name(run)}.json"
         if capacity_curve.split_arm(run[2])[0] == "uniform" and source.exists():
             result = json.loads(source.read_text())
             if reusable(result, steps, quick, max_steps):
@@ -479,6 +472,7 @@ def grow_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
                         marker=".",
                         label=arm,
                         color=colors[arm],
+                        drawstyle="default" if row == 0 else "steps-post",  # parameters jump at rounds
                     )
         axes[0][column].set(
             title=f"{task} / {budget}", xlabel="step", ylabel="validation loss (mean over seeds)"

@@ -205,7 +205,7 @@ def test_arm_callbacks_are_valid_and_configure_what_their_names_say(budget: str)
 
 def test_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
     for flat in ("tiny", "tight", "small"):
-        with pytest.raises(growth_sweep.GrowPlanError, match=rf"\['{flat}'\].*rank-1 expert"):
+        with pytest.raises(growth_sweep.GrowPlanError, match=rf"\[.{flat}.\].*rank-1 experts"):
             growth_sweep.check_budgets(["mid", flat])
     growth_sweep.check_budgets(growth_sweep.GROW["budgets"])
     grow = growth_sweep.GROW
