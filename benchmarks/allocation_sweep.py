@@ -538,6 +538,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.phase == "grow" and args.arms and set(args.arms) - set(growth_sweep.ARMS):
         parser.error(f"--phase grow arms are {list(growth_sweep.ARMS)}, got {args.arms}")
+    if args.phase == "grow" and args.arms and "uniform" not in args.arms:
+        parser.error(
+            "--phase grow --arms must include uniform: every arm is compared with it, paired by seed"
+        )
     if args.phase != "grow" and args.arms and set(args.arms) - set(ARMS):
         parser.error(f"--phase {args.phase}: arms {sorted(set(args.arms) - set(ARMS))} are --phase grow's")
     return args

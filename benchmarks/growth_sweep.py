@@ -35,7 +35,8 @@ Run names carry the lr (``layerif-grow+lr=0.004``).
   only added, B = 0) with the increments spread evenly (control ``uniform``), placed on permuted scores
   (control ``placebo``, LayerIF's scores), or placed by LayerIF + ``power_law`` or curvature gain + ``mdl``
   (as in the issue-27 sweep). Scores are shrunk by one standard error (``error_shrinkage: 1``, the
-  callback's default: "the scores and their errors"). LoRA init for new A rows.
+  callback's default: "the scores and their errors"). LoRA init for new A rows. The controls score too
+  (their scores unused), so every growth arm pays the same scoring passes in its wall time.
 - ``rewire-rank`` / ``placebo-rewire-rank``: today's rewire once at 30% of the steps, LayerIF +
   ``power_law`` without shrinkage (``error_shrinkage: 0``), experts fixed at the budget's count and ranks
   free (``rank_policy: scores``, ``experts_bounds`` = the budget's experts, ``rank_bounds: [1, null]``: no

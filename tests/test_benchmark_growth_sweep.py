@@ -216,6 +216,10 @@ def test_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
     runs = growth_sweep.plan_runs(grow["tasks"], grow["budgets"], grow["arms"], seeds, lrs)
     assert len(runs) == len(set(runs)) == 2 * 2 * 7 * 3 <= 100
     assert runs[0] == ("facts", "mid", "uniform+lr=0.004", 0)  # seed by seed: whole paired seeds first
+    with pytest.raises(SystemExit):  # argparse's error: every arm is paired with uniform
+        allocation_sweep.parse(["--phase", "grow", "--arms", "layerif-grow"])
+    with pytest.raises(SystemExit):  # grow arms are not the other phases'
+        allocation_sweep.parse(["--phase", "primary", "--arms", "layerif-grow"])
     with pytest.raises(growth_sweep.GrowPlanError, match="over the cap of 100"):
         growth_sweep.seed_plan([], cells * 2, grow["arms"], lrs, 3, 100)
 
