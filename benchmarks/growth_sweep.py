@@ -82,6 +82,7 @@ from sweep_report import (
     _interval,
     _mean_sd,
     mean_interval,
+    power_note,
     primary_loss,
     relative_differences,
     seeds_for_power,
@@ -333,10 +334,12 @@ def steps_to_reach(run: dict[str, Any], uniform: dict[str, Any] | None) -> int |
     return next((int(step) for step, loss in run["val_history"] if float(loss) <= target), None)
 
 
+def _arm_order(arm: str) -> tuple[int, str]:
+    return list(ARMS).index(capacity_curve.split_arm(arm)[0]), arm
+
+
 def _cell_arms(results: Sequence[dict[str, Any]], task: str, budget: str) -> list[str]:
-    order = list(ARMS)
-    arms = {r["arm"] for r in results if (r["task"], r["budget"]) == (task, budget)}
-    return sorted(arms, key=lambda a: (order.index(capacity_curve.split_arm(a)[0]), a))
+    return sorted({r["arm"] for r in results if (r["task"], r["budget"]) == (task, budget)}, key=_arm_order)
 
 
 def _steps_cell(runs: Sequence[dict[str, Any]], uniform: dict[int, dict[str, Any]]) -> str:
@@ -414,7 +417,7 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
         " mean step of the first validation check at or below the paired uniform run's final validation"
         " loss, over the runs that reach it (k of n).",
         "",
-        power_lines(named, cells),
+        power_note(named, cells, _arm_order),
     ]
     return "\n".join(lines)
 
@@ -422,25 +425,6 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
 def _budget_order(budget: str) -> int:
     order = ["tiny", "tight", "small", "mid", "large", "generous"]
     return order.index(budget) if budget in order else len(order)
-
-
-def power_lines(results: Sequence[dict[str, Any]], cells: Sequence[tuple[str, str]]) -> str:
-    rows = []
-    for task, budget in cells:
-        for arm in _cell_arms(results, task, budget):
-            diffs = relative_differences(results, arm, "uniform", task, budget)
-            if arm == "uniform" or len(diffs) < 2:
-                continue
-            sd = statistics.stdev(diffs)
-            rows.append(
-                f"- {task}/{budget}/{arm}: sd {100 * sd:.2f}% over {len(diffs)} seeds -> n = {seeds_for_power(sd)} for 1%"
-            )
-    if not rows:
-        return "Power: needs two paired seeds."
-    return (
-        "Power (paired relative difference in test loss to uniform; n = ((1.96 + 0.84) * sd / 0.01)^2):\n\n"
-        + "\n".join(rows)
-    )
 
 
 def grow_figure(results: Sequence[dict[str, Any]], path: Path) -> None:

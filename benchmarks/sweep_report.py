@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -187,14 +187,19 @@ def _arm_order(arm: str) -> tuple[int, str]:
     return (order.index(arm) if arm in order else len(order), arm)
 
 
-def power_note(results: Sequence[dict[str, Any]]) -> str:
+def power_note(
+    results: Sequence[dict[str, Any]],
+    groups: Sequence[tuple[str, str]] | None = None,
+    arm_order: Callable[[str], Any] | None = None,
+) -> str:
     """Per arm, the paired spread against uniform, the seeds a 1% difference would need, and the
-    difference the seeds run so far would detect (both at 80% power, 5% two-sided)."""
+    difference the seeds run so far would detect (both at 80% power, 5% two-sided); over the (task, budget)
+    ``groups`` (default: every one with results), arms sorted by ``arm_order`` (default: this sweep's)."""
     rows = []
-    groups = _groups(results)
-    for task, budget in groups:
+    for task, budget in _groups(results) if groups is None else groups:
         arms = sorted(
-            {r["arm"] for r in results if r["task"] == task and r["budget"] == budget}, key=_arm_order
+            {r["arm"] for r in results if r["task"] == task and r["budget"] == budget},
+            key=arm_order or _arm_order,
         )
         for arm in arms:
             diffs = relative_differences(results, arm, "uniform", task, budget)
@@ -208,7 +213,7 @@ def power_note(results: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "Power: needs two paired seeds."
     return (
-        "Power (paired relative difference in test label loss to uniform; seeds for 1% at 80% power,"
+        "Power (paired relative difference in test loss to uniform; seeds for 1% at 80% power,"
         " n = ((1.96 + 0.84) * sd / 0.01)^2; detectable with the seeds run: (t_0.975 + t_0.8) * sd / sqrt(n)):\n\n"
         + "\n".join(f"- {row}" for row in rows)
     )

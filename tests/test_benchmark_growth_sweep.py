@@ -22,20 +22,7 @@ import capacity_curve  # noqa: E402
 import growth_sweep  # noqa: E402
 import sweep_report  # noqa: E402
 
-
-def _in_process(started: list[list]) -> object:
-    """run_pending without subprocesses (the queue itself is covered by the sweep's test)."""
-
-    def run_pending(args, folder, todo):
-        started.append(list(todo))
-        for run in todo:
-            name = allocation_sweep.run_name(run)
-            workdir = Path(args.workdir) / name
-            allocation_sweep.run_one(
-                run, folder / f"{name}.json", workdir, args.quick, args.max_steps, args.phase
-            )
-
-    return run_pending
+from tests.test_benchmark_capacity_curve import in_process  # noqa: E402
 
 
 def _paired(arm_runs: dict[int, dict], base_runs: dict[int, dict]) -> str:
@@ -53,7 +40,7 @@ def _paired(arm_runs: dict[int, dict], base_runs: dict[int, dict]) -> str:
 
 def test_quick_grow_sweep_reuses_the_curve_records_runs_tabulates_and_resumes(tmp_path, monkeypatch, capsys):
     started: list[list] = []
-    monkeypatch.setattr(allocation_sweep, "run_pending", _in_process(started))
+    monkeypatch.setattr(allocation_sweep, "run_pending", in_process(started))
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     curve, results, workdir = tmp_path / "curve", tmp_path / "grow", tmp_path / "work"
     common = ["--quick", "--workdir", str(workdir)]
