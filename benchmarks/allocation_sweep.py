@@ -323,10 +323,8 @@ def run_one(
     draws = second_draw(influence[0]) if influence and arm in SCORER_ARMS else None
     val_history = ValidationHistory()
     trainer.callbacks.append(val_history)
-    params_history = AdapterParamsHistory()
-    trainer.callbacks.append(
-        params_history
-    )  # after the influence callback: sees a round's change in its step
+    params_history = AdapterParamsHistory()  # after the influence callback: sees a round in its own step
+    trainer.callbacks.append(params_history)
     selection = None
     if not generative:  # generative runs are judged by their final weights only (no accuracy to select on)
         selection = ModelCheckpoint(
