@@ -7,8 +7,10 @@ printing the choice; every other Trainer argument passes through unchanged.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,6 +21,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
+from layermoe.adapters import MoELoRAConfig
 from layermoe.callbacks import CallbackConfigError, LayerInfluenceCallback
 from layermoe.checkpointing import AtomicCheckpointIO
 from layermoe.checkpointing.integrity import read_verified_checkpoint
@@ -26,10 +29,12 @@ from layermoe.checkpointing.run_lock import run_folder_lock
 from layermoe.data import TextDataModule
 from layermoe.lightning_compat import (
     CheckpointPathWithoutOverlay,
+    cli_parser,
     is_lightning_checkpoint_keyword,
     overwrite_last_checkpoint,
 )
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
+from layermoe.lightning_modules.model_factory import model_dict_problem, unknown_fields_message
 from layermoe.lightning_modules.progress_bar import FitProgressBar
 from layermoe.precision import AUTO, describe_choice, resolve_precision
 from layermoe.quiet import silence_trainer_noise
@@ -159,6 +164,32 @@ def check_influence_callback_entry(index: int, entry: Any) -> None:
         raise CallbackConfigError(f"trainer.callbacks[{index}] ({name}): {exc}") from None
 
 
+def adapter_problem(adapter: Any) -> str | None:
+    """What is wrong with a configured ``model.adapter``, naming ``model.adapter.<field>`` (and the closest
+    field name for a misspelling), or None when ``MoELoRAConfig`` accepts it."""
+    if adapter is None:
+        return None
+    if not isinstance(adapter, Mapping):
+        return f"model.adapter must be a dict of adapter fields or null, got {adapter!r}"
+    known = sorted(f.name for f in dataclasses.fields(MoELoRAConfig))
+    unknown = sorted(str(name) for name in adapter if name not in known)
+    if unknown:
+        return unknown_fields_message("model.adapter", unknown, known)
+    try:
+        MoELoRAConfig.from_dict(adapter)
+    except ValueError as err:
+        return f"model.adapter: {err}"
+    return None
+
+
+def model_config_problem(model_config: Any) -> str | None:
+    """The first problem of the model's nested dicts (``model.adapter``, a ``model.model`` dict) that can be
+    named before anything is built, or None."""
+    if not isinstance(model_config, (Mapping, Namespace)):
+        return None
+    return adapter_problem(model_config.get("adapter")) or model_dict_problem(model_config.get("model"))
+
+
 class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):
     """LightningCLI over :class:`MoELoRAFineTuner` and :class:`TextDataModule` with the auto-precision Trainer.
 
@@ -174,12 +205,17 @@ class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):
     def before_instantiate_classes(self) -> None:
         """Build each ``LayerInfluenceCallback`` entry once before jsonargparse does, so a bad argument (an
         unknown scorer or allocator name, say) fails with the callback's own short message instead of
-        inside jsonargparse's many-line union error."""
+        inside jsonargparse's many-line union error; check the model's nested dicts (a misspelled
+        ``model.adapter`` or ``model.model`` field) before any model is built."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         callbacks = config.get("trainer.callbacks") if config is not None else None
         entries = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks is not None else []
         for index, entry in enumerate(entries):
             check_influence_callback_entry(index, entry)
+        # reported as jsonargparse reports a misspelled top-level option: one message, no traceback
+        problem = model_config_problem(config.get("model") if config is not None else None)
+        if problem:
+            cli_parser(self, self.subcommand).error(problem)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_class", Trainer)
@@ -202,13 +238,17 @@ class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):
         key = f"{subcommand}.model.adapter" if subcommand else "model.adapter"
         merged = self.config.get(key)
         for text in overrides:
-            value = yaml.safe_load(text)
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError as err:
+                cause = " ".join(str(err).split())  # one line: YAML's message points at the column below it
+                parser.error(f"--model.adapter {text!r} is not valid YAML ({cause})")
             if isinstance(value, dict) and isinstance(merged, dict):
                 merged = {**merged, **value}
             elif isinstance(value, dict) or value is None:
                 merged = value
             else:
-                raise ValueError(
+                parser.error(
                     f"--model.adapter takes a dict of adapter fields (e.g. '{{experts: 3, rank: 2}}') or null,"
                     f" got {text!r}"
                 )

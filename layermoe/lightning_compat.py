@@ -252,6 +252,13 @@ class CheckpointPathWithoutOverlay:
         """What ``--ckpt_path`` is checked with before the model is built (nothing by default)."""
 
 
+def cli_parser(cli: Any, subcommand: str | None) -> Any:
+    """The parser that read ``subcommand``'s options (the top-level one without a subcommand): its
+    ``error(message)`` reports a bad setting as jsonargparse reports its own (usage, ``error: ...``, exit
+    status 2, no traceback). ``LightningCLI._parser`` is the private accessor Lightning itself uses."""
+    return cli._parser(subcommand)
+
+
 def attached_trainer(module: Any) -> Any:
     """The module's trainer, or None when it is not attached to one: ``LightningModule.trainer`` raises
     then, and the private ``_trainer`` is the attribute it reads."""

@@ -3,6 +3,9 @@ experts reproduces peft's outputs."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -125,3 +128,48 @@ def test_import_into_a_bare_base_refuses_a_module_it_lacks_and_leaves_the_model_
         load_peft(model, tmp_path)
     assert not named_moe_layers(model)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_layers_with_their_own_alpha_export_to_alpha_pattern_match_peft_and_import_back(tmp_path):
+    """Blocks resized with keep_scaling carry alphas other than the config's: peft's own forward with the
+    exported alpha_pattern equals ours, and load_peft gives every layer its alpha back (B unchanged)."""
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=1, rank=4, lora_alpha=8.0))
+    for i, layer in enumerate(named_moe_layers(model).values()):
+        randomize(layer, seed=i)
+    apply_layout(model, {0: {"experts": 1, "rank": 6}, 1: {"experts": 1, "rank": 2}}, keep_scaling=True)
+    layers = named_moe_layers(model)
+    expected_alpha = {0: 12.0, 1: 4.0, 2: 8.0}
+    assert all(layer.lora_alpha == expected_alpha[int(n.split(".")[2])] for n, layer in layers.items())
+    ids = random_tokens()
+    ours = logits(model, ids)
+    export_peft(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 8.0
+    assert {re.sub(r"\\", "", k): v for k, v in config["alpha_pattern"].items()} == {
+        n: layer.lora_alpha for n, layer in layers.items() if layer.lora_alpha != 8.0
+    }
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path)).eval()
+    torch.testing.assert_close(logits(loaded, ids), ours, atol=1e-5, rtol=1e-5)
+    back = tiny_llama()
+    inject(back, MoELoRAConfig(experts=1, rank=4, lora_alpha=8.0))
+    load_peft(back, tmp_path)
+    for name, layer in named_moe_layers(back).items():
+        assert layer.lora_alpha == layers[name].lora_alpha and layer.config_lora_alpha == 8.0
+        assert torch.equal(layer.lora_B, layers[name].lora_B)
+    torch.testing.assert_close(logits(back, ids), ours, atol=1e-6, rtol=1e-6)
+
+
+def test_import_refuses_a_non_positive_alpha_before_changing_the_model(tmp_path):
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    peft_model.save_pretrained(str(tmp_path))
+    config_path = tmp_path / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["alpha_pattern"] = {"v_proj": 0}
+    config_path.write_text(json.dumps(config))
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=2, target_modules=["q_proj", "v_proj"]))
+    before = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"v_proj has lora_alpha 0\.0 .* must be a finite number > 0"):
+        load_peft(model, tmp_path)
+    assert all(torch.equal(t, before[n]) for n, t in model.state_dict().items())

@@ -9,6 +9,7 @@ run's checkpoint for resume.
 from __future__ import annotations
 
 import copy
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ from layermoe.adapters.grow import gradient_directions
 from layermoe.allocation import plan_growth
 from layermoe.callbacks import CallbackConfigError, GrowthOptions, LayerInfluenceCallback
 from layermoe.callbacks import growing as growing_module
+from layermoe.callbacks.rewiring import block_dims
 from layermoe.callbacks.state import CallbackState, RewirePlan
 from layermoe.cli import main
 from layermoe.scoring import causal_lm_per_sample_loss
 from tests.fixtures import cpu_trainer, quiet_influence
 from tests.scripts.callback_fixtures import TinyLlamaModule, fit_counting_task, loaders
+from tests.test_callback_ddp import _run_job
 from tests.test_cli_errors import _with_influence
 from tests.test_cli_quickstart import QUICKSTART, _override
 
@@ -127,10 +130,18 @@ def _targets(initial: int, budget: int) -> list[int]:
 
 
 @pytest.mark.parametrize(
-    ("control", "init"), [("none", "lora"), ("none", "gradient"), ("uniform", "lora"), ("placebo", "lora")]
+    ("control", "init", "keep_scaling"),
+    [
+        ("none", "lora", False),
+        ("none", "gradient", True),
+        ("uniform", "lora", False),
+        ("placebo", "lora", True),
+    ],
 )
-def test_every_round_keeps_the_function_and_the_budget(tmp_path: Path, control: str, init: str) -> None:
-    module, cb, seen, budget = _grow_fit(tmp_path, control=control, init=init)
+def test_every_round_keeps_the_function_and_the_budget(
+    tmp_path: Path, control: str, init: str, keep_scaling: bool
+) -> None:
+    module, cb, seen, budget = _grow_fit(tmp_path, control=control, init=init, keep_scaling=keep_scaling)
     plan = cb.state.growth["plan"]
     # the fit started from one expert per block at an even rank, at most a quarter of the budget
     assert {spec["experts"] for spec in plan["initial"].values()} == {1}
@@ -167,6 +178,10 @@ def test_every_round_keeps_the_function_and_the_budget(tmp_path: Path, control: 
         assert max(sizes.values()) - min(sizes.values()) <= max(max(u) for u in final["units"].values())
     if control == "none":  # the planted block takes the most
         assert sizes[1] > max(sizes[0], sizes[2])
+    # the scaling alpha / rank: kept at the configured 8 / 4 through every rank change, or alpha 8 / rank
+    scalings = {layer.lora_alpha / layer.rank for layer in named_moe_layers(module).values()}
+    ranks = {spec["rank"] for spec in final["layout"].values()}
+    assert scalings == ({8.0 / 4} if keep_scaling else {8.0 / r for r in ranks})
 
 
 def _block_params(module: torch.nn.Module, block: int) -> int:
@@ -306,10 +321,11 @@ def _resume_fit(tmp_path: Path, run: str, ckpt: Path | None = None, **growth: An
     return cb
 
 
-def test_resume_between_rounds_equals_the_unbroken_run(tmp_path: Path) -> None:
-    unbroken = _resume_fit(tmp_path, "a")
+@pytest.mark.parametrize("keep_scaling", [False, True])
+def test_resume_between_rounds_equals_the_unbroken_run(tmp_path: Path, keep_scaling: bool) -> None:
+    unbroken = _resume_fit(tmp_path, "a", keep_scaling=keep_scaling)
     assert [e["step"] for e in unbroken.history] == [2, 5]
-    resumed = _resume_fit(tmp_path, "b", tmp_path / "a" / "step=3.ckpt")
+    resumed = _resume_fit(tmp_path, "b", tmp_path / "a" / "step=3.ckpt", keep_scaling=keep_scaling)
     assert [e["layout_after"] for e in resumed.history] == [e["layout_after"] for e in unbroken.history]
     assert resumed.state.growth == unbroken.state.growth
     for step in (6, 8):
@@ -325,7 +341,7 @@ def test_resume_between_rounds_equals_the_unbroken_run(tmp_path: Path) -> None:
                 assert torch.equal(got["state"][index][key], value), (step, index, key)
     # a growth checkpoint resumed with another plan, or in rewire mode, is refused before training
     with pytest.raises(CallbackConfigError, match=r"growth: the checkpoint's run was planned with rounds=2"):
-        _resume_fit(tmp_path, "c", tmp_path / "a" / "step=3.ckpt", rounds=3)
+        _resume_fit(tmp_path, "c", tmp_path / "a" / "step=3.ckpt", rounds=3, keep_scaling=keep_scaling)
     seed_everything(0)
     with pytest.raises(CallbackConfigError, match=r"growth=None: the checkpoint's run is a growth run"):
         fit_counting_task(
@@ -391,8 +407,8 @@ def test_growth_from_yaml_through_train_py(
             r"growth.router_ratio=-1: must be a finite number >= 0",
         ),
         (
-            {"growth": {"rounds": 1, "keep_scaling": True}},
-            r"growth.keep_scaling=true: .* not kept in checkpoints",
+            {"growth": {"rounds": 1, "keep_scaling": "yes"}},
+            r"growth.keep_scaling='yes': must be true or false",
         ),
         ({"growth": {"rounds": 1, "round": 2}}, r"growth has unknown keys \['round'\]"),
         ({"growth": "grow"}, r"growth='grow': give a GrowthOptions, a dict"),
@@ -422,6 +438,8 @@ def test_growth_rounds_are_the_schedule_slots() -> None:
         scorer="grad_norm", growth=GrowthOptions(rounds=4), schedule={"warmup": 3, "every": 5}
     )
     assert cb.schedule.limit == 4 and cb.schedule.due_at(3, 3) == 18
+    with pytest.raises(AttributeError):  # fixed at construction: the schedule was shaped by it
+        cb.growth = None  # type: ignore[misc]
     one = LayerInfluenceCallback(scorer="grad_norm", growth={"rounds": 1})  # the default schedule: one slot
     assert one.schedule.limit == 1
     rewire = LayerInfluenceCallback(scorer="grad_norm")
@@ -450,3 +468,34 @@ def test_growth_state_survives_a_weights_only_checkpoint(tmp_path: Path) -> None
     loaded = CallbackState.from_dict(torch.load(tmp_path / "state.pt", weights_only=True)["state"])
     assert loaded == state and loaded.plan == pending and loaded.plan.growth_round == 1
     assert loaded.plans_made == 2
+
+
+def test_ddp_ranks_agree_after_growth_rounds(tmp_path: Path) -> None:
+    r0, r1, output = _run_job(tmp_path, "grow")
+    assert [h["growth_round"] for h in r0["history"]] == [0, 1], output
+    assert [h["layout_after"] for h in r0["history"]] == [h["layout_after"] for h in r1["history"]]
+    assert r0["layout"] == r1["layout"] == r0["history"][-1]["layout_after"]
+    assert all(abs(h["disturbance"]) < 1e-6 for h in r0["history"])
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for key, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][key]), key
+    for r in (r0, r1):
+        assert r["optimizer_matches_trainable"] and r["wrapped_module_is_resized"]
+
+
+def test_the_start_warns_when_adapters_already_learned() -> None:
+    seed_everything(0)
+    fresh = TinyLlamaModule(experts=2, rank=4)
+    cb = LayerInfluenceCallback(scorer="grad_norm", growth={"rounds": 1}, verbose=False, plot=False)
+    budget = cb.budget.resolve(layout(fresh), block_dims(fresh))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        state = cb.growing.start(fresh, budget)
+    assert layout(fresh) == state["plan"]["initial"]
+    trained = TinyLlamaModule(experts=2, rank=4)
+    with torch.no_grad():
+        named_moe_layers(trained)["model.model.layers.0.mlp.up_proj"].lora_B.fill_(0.1)
+    with pytest.warns(
+        UserWarning, match=r"1 adapter\(s\) already hold learned deltas .*layers.0.mlp.up_proj"
+    ):
+        cb.growing.start(trained, budget)

@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 from layermoe.adapters import MoELoRAConfig, apply_layout, inject, layout, named_moe_layers
 from layermoe.checkpointing import AdapterArtifactError, load_adapters, save_adapters
-from layermoe.checkpointing.adapter_io import CONFIG_NAME, WEIGHTS_NAME
+from layermoe.checkpointing.adapter_io import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME
+from layermoe.checkpointing.integrity import content_digest
 from tests.tiny_models import random_tokens, tiny_llama
 
 RESIZED = {0: {"experts": 3, "rank": 2}, 1: {"experts": 1, "rank": 6}, 2: {"experts": 2, "rank": 4}}
@@ -232,7 +233,7 @@ def test_artifacts_written_before_checksums_still_load(tmp_path: Path) -> None:
     save_adapters(trained, tmp_path)
     config = tmp_path / CONFIG_NAME
     data = json.loads(config.read_text())
-    assert data["version"] == 2 and "checksums" in data
+    assert data["version"] == FORMAT_VERSION == 3 and "checksums" in data
     del data["checksums"]
     data["version"] = 1  # what the previous release wrote
     config.write_text(json.dumps(data))
@@ -241,3 +242,67 @@ def test_artifacts_written_before_checksums_still_load(tmp_path: Path) -> None:
     tokens = random_tokens(2, 8)
     with torch.no_grad():
         assert torch.equal(model(tokens).logits, trained(tokens).logits)
+
+
+KEPT = {0: {"experts": 3, "rank": 5}, 1: {"experts": 1, "rank": 3}}  # rank changes that keep the scaling
+
+
+def _layer_alphas(model: torch.nn.Module) -> dict[str, float]:
+    return {name: layer.lora_alpha for name, layer in named_moe_layers(model).items()}
+
+
+def test_layers_own_alphas_round_trip_through_an_artifact(tmp_path: Path) -> None:
+    source = _trained_adapted_model()
+    apply_layout(source, KEPT, keep_scaling=True)
+    alphas = _layer_alphas(source)
+    assert {alphas[f"model.layers.{b}.self_attn.q_proj"] for b in range(3)} == {8.0 * 5 / 2, 8.0 * 3 / 6, 8.0}
+    tokens = random_tokens()
+    with torch.no_grad():
+        expected = source(tokens).logits
+    save_adapters(source, tmp_path)
+    manifest = json.loads((tmp_path / CONFIG_NAME).read_text())
+    assert manifest["version"] == 3 and manifest["config"]["lora_alpha"] == 8.0  # the config's alpha
+    assert float(load_file(tmp_path / WEIGHTS_NAME)["model.layers.0.mlp.up_proj.lora_layer_alpha"]) == 20.0
+    for adapted in (False, True):  # onto the bare base, and onto a model built from the config
+        target = tiny_llama()
+        if adapted:
+            inject(target, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0, lora_dropout=0.1))
+        load_adapters(target, tmp_path)
+        assert _layer_alphas(target) == alphas
+        with torch.no_grad():
+            assert torch.equal(target.eval()(tokens).logits, expected)
+
+
+def test_a_version_2_artifact_loads_its_layers_with_the_config_alpha(tmp_path: Path) -> None:
+    """What the previous release wrote: checksummed, without lora_layer_alpha tensors."""
+    trained = _trained_adapted_model()
+    save_adapters(trained, tmp_path)
+    weights, config = tmp_path / WEIGHTS_NAME, tmp_path / CONFIG_NAME
+    tensors = {k: v for k, v in load_file(weights).items() if not k.endswith(".lora_layer_alpha")}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    data = json.loads(config.read_text())
+    data["version"] = 2
+    data["checksums"]["tensors"] = {k: v for k, v in data["checksums"]["tensors"].items() if k in tensors}
+    data["checksums"]["manifest"] = content_digest({k: v for k, v in data.items() if k != "checksums"})
+    config.write_text(json.dumps(data))
+    model = tiny_llama()
+    inject(model, MoELoRAConfig(experts=2, rank=4, lora_alpha=8.0, lora_dropout=0.1))
+    apply_layout(model, KEPT, keep_scaling=True)  # alphas moved: the artifact's layers trained with 8
+    load_adapters(model, tmp_path)
+    assert set(_layer_alphas(model).values()) == {8.0}
+    tokens = random_tokens(2, 8)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(tokens).logits, trained(tokens).logits)
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), 0.0])
+def test_a_corrupt_layer_alpha_is_refused_naming_it(tmp_path: Path, bad: float) -> None:
+    save_adapters(_trained_adapted_model(), tmp_path)
+    tensors = load_file(tmp_path / WEIGHTS_NAME)
+    tensors["model.layers.2.self_attn.v_proj.lora_layer_alpha"] = torch.tensor(bad, dtype=torch.float64)
+    save_file(tensors, tmp_path / WEIGHTS_NAME)
+    model = tiny_llama()
+    before = _snapshot(model)
+    with pytest.raises(AdapterArtifactError, match=r"v_proj\.lora_layer_alpha is .* not a finite number > 0"):
+        load_adapters(model, tmp_path)
+    _assert_untouched(model, before, adapted=False)

@@ -125,11 +125,12 @@ def test_a_full_disk_or_read_only_folder_names_the_folder_and_writes_nothing(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left
 
 
+@pytest.mark.parametrize("failing", ["staging", "rename"])
 def test_save_adapters_replaces_both_files_or_neither(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing: str
 ) -> None:
     from layermoe.adapters import MoELoRAConfig, inject
-    from layermoe.checkpointing import atomic_io, save_adapters
+    from layermoe.checkpointing import atomic_io, load_adapters, save_adapters
     from tests.tiny_models import tiny_llama
 
     model = tiny_llama()
@@ -138,8 +139,92 @@ def test_save_adapters_replaces_both_files_or_neither(
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with torch.no_grad():
         next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
-    # the manifest, staged second, hits the full disk after the tensors were staged
-    monkeypatch.setattr(atomic_io, "open", _failing_open(28, on_call=2), raising=False)
-    with pytest.raises(atomic_io.CheckpointWriteError, match="is full"):
+    if failing == "staging":
+        # the manifest, staged second, hits the full disk after the tensors were staged
+        monkeypatch.setattr(atomic_io, "open", _failing_open(28, on_call=2), raising=False)
+    else:
+        # both staged; the manifest's rename fails after the tensors' file was already replaced
+        _replace_failing_on_call(monkeypatch, 2, 28)
+    with pytest.raises(atomic_io.CheckpointWriteError, match="is full") as info:
         save_adapters(model, tmp_path)
+    assert "the previous file is unchanged" in str(info.value)
+    monkeypatch.undo()
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    load_adapters(tiny_llama(), tmp_path)  # the kept pair still loads (its tensors match its manifest)
+
+
+def _replace_failing_on_call(monkeypatch: pytest.MonkeyPatch, failing_call: int, code: int) -> list:
+    """``os.replace`` that raises ``OSError(code)`` on its ``failing_call``-th call (counted from now)."""
+    import os
+
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):
+        calls.append((src, dst))
+        if len(calls) == failing_call:
+            raise OSError(code, os.strerror(code))
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+@pytest.mark.parametrize("second_existed", [True, False])
+def test_a_failed_second_replace_puts_the_first_file_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, second_existed: bool
+) -> None:
+    import errno
+
+    from layermoe.checkpointing.atomic_io import atomic_save_all
+
+    first, second = tmp_path / "weights.bin", tmp_path / "manifest.json"
+    first.write_bytes(b"old weights")
+    if second_existed:
+        second.write_bytes(b"old manifest")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    write = lambda obj, handle: handle.write(obj)  # noqa: E731
+    calls = _replace_failing_on_call(monkeypatch, 2, errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        atomic_save_all([(b"new weights", first, write), (b"new manifest", second, write)])
+    monkeypatch.undo()
+    assert [Path(dst) for _, dst in calls[:2]] == [first, second]  # the first rename did happen
+    # both files as they were, and no temporary file (staged or kept previous) left
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    atomic_save_all([(b"new weights", first, write), (b"new manifest", second, write)])
+    assert (first.read_bytes(), second.read_bytes()) == (b"new weights", b"new manifest")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "weights.bin"]
+
+
+def _temp_name(target: Path, pid: int, host: str | None) -> Path:
+    writer = f"{host}-{pid}" if host is not None else str(pid)  # None: the name format without a host
+    return target.with_name(f".{target.name}.tmp-{writer}-0123abcd")
+
+
+def test_a_save_sweeps_only_temporary_files_of_writers_that_are_gone(tmp_path: Path) -> None:
+    from layermoe.checkpointing.atomic_io import _this_host
+
+    ended = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    dead_pid = int(ended.stdout)
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        path = tmp_path / "last.ckpt"
+        host = _this_host()
+        kept = [
+            _temp_name(path, live.pid, host),  # another process on this host, still writing
+            _temp_name(path, live.pid, None),
+            _temp_name(path, dead_pid, "another-host"),  # a writer elsewhere on a shared folder: unknown
+        ]
+        swept = [_temp_name(path, dead_pid, host), _temp_name(path, dead_pid, None)]
+        for temp in kept + swept:
+            temp.write_bytes(b"half a checkpoint")
+        assert stale_temp_files(path) == sorted(swept)
+        AtomicCheckpointIO().save_checkpoint(_ckpt(1.0), path)
+        assert sorted(p for p in tmp_path.iterdir() if p != path) == sorted(kept)
+        assert torch.load(path, weights_only=True)["step"] == 1
+    finally:
+        live.kill()
+        live.wait()
+    # once that writer has ended, its files are stale too (the other host's file stays)
+    assert stale_temp_files(path) == sorted(kept[:2])

@@ -210,3 +210,92 @@ def test_an_adapter_folder_points_at_load_adapters(tmp_path: Path) -> None:
     save_adapters(TinyLlamaModule().model, tmp_path / "adapters")
     with pytest.raises(NotACheckpointError, match=r"is an adapter folder .*load_adapters\(model, folder\)"):
         MoELoRAFineTuner.load_from_checkpoint(tmp_path / "adapters")
+
+
+def _open_failing_for(path: Path, error: OSError):
+    """``open`` for torch.serialization that raises ``error`` for ``path`` (what a file without read
+    permission, one deleted after the check, or a failing disk gives; the tests run as root, which
+    permissions do not stop)."""
+    import builtins
+
+    def fake(name, *args, **kwargs):
+        if Path(name) == path:
+            raise error
+        return builtins.open(name, *args, **kwargs)
+
+    return fake
+
+
+@pytest.mark.parametrize(
+    ("error", "kind", "pattern"),
+    [
+        (
+            PermissionError(13, "Permission denied"),
+            PermissionError,
+            r"cannot be opened: this process may not read",
+        ),
+        (
+            FileNotFoundError(2, "No such file or directory"),
+            FileNotFoundError,
+            r"does not exist; check the path",
+        ),
+        (OSError(5, "Input/output error"), OSError, r"failed: Input/output error\. .*may be intact"),
+    ],
+)
+def test_a_file_that_cannot_be_opened_is_not_called_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, error: OSError, kind: type, pattern: str
+) -> None:
+    from layermoe.checkpointing.integrity import read_verified_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {"w": torch.ones(2)}}, path)
+    monkeypatch.setattr(torch.serialization, "open", _open_failing_for(path, error), raising=False)
+    with pytest.raises(kind, match=pattern) as info:
+        read_verified_checkpoint(path)
+    assert not isinstance(info.value, CheckpointIntegrityError)
+    message = str(info.value)
+    assert str(path) in message and "damaged" not in message.replace("not known to be damaged", "")
+    monkeypatch.undo()
+    assert torch.equal(read_verified_checkpoint(path)["state_dict"]["w"], torch.ones(2))
+
+
+def test_a_folder_that_cannot_be_searched_names_the_permission(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from layermoe.checkpointing.integrity import read_checkpoint
+
+    path = tmp_path / "locked" / "last.ckpt"
+    real_stat = Path.stat
+
+    def stat(self, *args, **kwargs):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", stat)
+    with pytest.raises(PermissionError, match=rf"checkpoint {path} cannot be opened: .*chmod"):
+        read_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Attempting to deserialize object on a CUDA device but torch.cuda.is_available() is False.",
+        "[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried to allocate 8",
+    ],
+)
+def test_a_load_that_fails_for_want_of_a_device_or_memory_is_not_called_damaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str
+) -> None:
+    from layermoe.checkpointing.integrity import read_checkpoint
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"w": torch.ones(2)}, path)
+
+    def load(*args, **kwargs):
+        raise RuntimeError(text)
+
+    monkeypatch.setattr(torch, "load", load)
+    with pytest.raises(RuntimeError, match="was not loaded \\(the file is not damaged\\)") as info:
+        read_checkpoint(path)
+    assert not isinstance(info.value, CheckpointIntegrityError) and text in str(info.value)

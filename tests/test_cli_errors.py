@@ -151,3 +151,102 @@ def test_a_failure_building_a_valid_config_is_not_called_a_bad_config(tiny_spec,
     monkeypatch.setattr(AutoModelForCausalLM, "from_config", from_config)
     with pytest.raises(ValueError, match=r"^allocator exploded$"):
         build_tiny_model(tiny_spec)
+
+
+def _with_model_settings(path: Path, **settings: object) -> Path:
+    config = yaml.safe_load(path.read_text())
+    config["model"].update(settings)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _config_error(capsys: pytest.CaptureFixture, args: list[str]) -> str:
+    """The last stderr line of a train.py run that must stop as jsonargparse stops on a bad option: exit
+    status 2, no traceback, nothing written."""
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err
+    assert not Path("runs").exists()
+    return err.strip().splitlines()[-1]
+
+
+ADAPTER_FIELDS = (
+    "experts, extra, lora_alpha, lora_dropout, modules_to_save, rank, router_aux_loss_coef, router_init_std,"
+    " router_z_loss_coef, routing_mass_decay, target_modules, top_k"
+)
+
+
+def test_a_misspelled_adapter_field_is_one_message_naming_the_field(run_dir, tiny_spec, toy_files, capsys):
+    override = _with_model_settings(
+        _override(run_dir, tiny_spec, toy_files), adapter={"experts": 3, "rnak": 2}
+    )
+    last = _config_error(capsys, ["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    assert last == (
+        "error: model.adapter.rnak (did you mean model.adapter.rank?) is not a known field of model.adapter;"
+        f" known fields: {ADAPTER_FIELDS}."
+    )
+    # the same from the command line's partial override, and with nothing close to suggest
+    plain = _override(run_dir, tiny_spec, toy_files)
+    last = _config_error(
+        capsys,
+        ["fit", "--config", str(QUICKSTART), "--config", str(plain), "--model.adapter", "{rnak: 2, zzz: 1}"],
+    )
+    assert last.startswith(
+        "error: model.adapter.rnak (did you mean model.adapter.rank?) and model.adapter.zzz are not known"
+        " fields of model.adapter; known fields: experts,"
+    )
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [("3", "error: --model.adapter takes a dict of adapter fields"), ("{rank: 2", "is not valid YAML")],
+)
+def test_an_adapter_override_that_is_not_a_dict_is_one_message(
+    run_dir, tiny_spec, toy_files, capsys, option, expected
+):
+    override = _override(run_dir, tiny_spec, toy_files)
+    last = _config_error(
+        capsys, ["fit", "--config", str(QUICKSTART), "--config", str(override), "--model.adapter", option]
+    )
+    assert expected in last
+
+
+@pytest.mark.parametrize(
+    ("adapter", "expected"),
+    [
+        ({"rank": 0}, "error: model.adapter: MoELoRAConfig.rank"),
+        ("oops", 'error: Parser key "model.adapter":'),  # jsonargparse's own type error, no traceback either
+    ],
+)
+def test_a_bad_adapter_value_or_type_is_one_message(run_dir, tiny_spec, toy_files, capsys, adapter, expected):
+    override = _with_model_settings(_override(run_dir, tiny_spec, toy_files), adapter=adapter)
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "Traceback" not in err and expected in err
+    assert not Path("runs").exists()
+
+
+def test_a_misspelled_model_dict_field_is_one_message_not_a_silent_default(
+    run_dir, tiny_spec, toy_files, capsys
+):
+    from layermoe.lightning_modules.model_factory import build_tiny_model
+
+    override = _override(run_dir, {**tiny_spec, "hiden_size": 64}, toy_files)
+    last = _config_error(capsys, ["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    assert last.startswith(
+        "error: model.model.hiden_size (did you mean model.model.hidden_size?) is not a known field of"
+        " model.model; known fields: "
+    )
+    assert " type," in last and " vocab_size." in last
+    # the Python API refuses it too, instead of building the default hidden size
+    with pytest.raises(
+        ValueError, match=r"^model\.model\.hiden_size \(did you mean model\.model\.hidden_size\?\)"
+    ):
+        build_tiny_model({**tiny_spec, "hiden_size": 64})
+    # keywords transformers converts (legacy rope_theta) or maps (GPT-2's hidden_size) are not refused
+    llama = build_tiny_model({**tiny_spec, "rope_theta": 5000.0})
+    assert llama.config.rope_parameters["rope_theta"] == 5000.0
+    gpt2 = {"type": "gpt2", "vocab_size": 320, "hidden_size": 32, "n_layer": 1, "n_head": 2}
+    assert build_tiny_model(gpt2).config.n_embd == 32

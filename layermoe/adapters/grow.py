@@ -15,11 +15,9 @@ Under Adam only the second keeps the old directions' step size: Adam moves each 
 learning rate whatever its scale, so after B -> B r'/r with scaling alpha/r' the B-side change of the
 delta per step is r/r' of what it was (tests/test_adapter_grow.py measures it); with rsLoRA's
 alpha / sqrt(r) it would still be sqrt(r/r'). Exact function *and* unchanged Adam steps of A and B need
-an unchanged scaling, whatever rule it starts from. But a per-layer ``lora_alpha`` is not in the state
-dict (the layer gets it from the config), so a checkpoint of a layer grown with ``keep_scaling`` loads
-with the config's alpha and the wrong scaling: use it only where the caller saves the grown layers'
-alphas and sets them again on every load (``ResizeReport.operations`` names the change), until the
-layer persists its alpha.
+an unchanged scaling, whatever rule it starts from. The layer persists its own alpha (the
+``lora_layer_alpha`` buffer), so checkpoints, resumes, adapter artifacts and peft exports (``alpha_pattern``)
+keep a grown layer's scaling; ``ResizeReport.operations`` names the change.
 
 **Experts** (dense softmax exact). A new expert with B = 0 changes the output only through the gates:
 a new router row would take probability from every expert. Instead each new expert shares the gate of
@@ -50,8 +48,9 @@ from .surgery import (
     LayerState,
     ParamMap,
     adapter_output,
-    join_blocks,
+    grow_rank,
     layer_generator,
+    rank_alpha,
 )
 
 GROW_INITS = ("lora", "gradient")
@@ -166,28 +165,6 @@ def _lane_map(dim: int, index: torch.Tensor, scale: torch.Tensor | None = None) 
     return ParamMap(dim, index, torch.ones(index.shape) if scale is None else scale.cpu()[None])
 
 
-def _grow_rank(
-    stack: LayerStack, new_rank: int, keep_scaling: bool, rows: Callable[[int, torch.Tensor], torch.Tensor]
-) -> None:
-    """New rank slots of a one-layer stack: A rows from `rows`, B zero; old B x r'/r unless the scaling
-    is kept (then the caller raises lora_alpha by r'/r)."""
-    E, r = stack.experts, stack.rank
-    A, B = stack.blocks()  # (1, E, r, d_in), (1, E, d_out, r)
-    extra = new_rank - r
-    fresh = torch.stack([rows(extra, A[0, e]).to(A) for e in range(E)])[None]
-    factor = 1.0 if keep_scaling else new_rank / r
-    A, B = join_blocks(
-        torch.cat([A, fresh], dim=2), torch.cat([B * factor, B.new_zeros(1, E, B.shape[2], extra)], dim=3)
-    )
-    index = torch.full((E, new_rank), -1, dtype=torch.long)
-    index[:, :r] = torch.arange(E * r).reshape(E, r)
-    index = index.reshape(-1)
-    scale_B = torch.where(index >= 0, torch.full(index.shape, factor), torch.ones(index.shape))
-    stack.update(
-        {"lora_A": _lane_map(0, index), "lora_B": _lane_map(1, index, scale_B)}, rank=new_rank, A=A, B=B
-    )
-
-
 def _add_experts(
     stack: LayerStack, new_experts: int, rows: Callable[[int, torch.Tensor], torch.Tensor]
 ) -> None:
@@ -275,7 +252,6 @@ def plan_grow(
                 f"({layer.out_features}, {layer.in_features})"
             )
     report = ResizeReport(name, layer.experts, layer.rank, experts, rank)
-    old_alpha = alpha = layer.lora_alpha
     with torch.no_grad():
         device = layer.adapter_placement()[0]
         generator = layer_generator(device)
@@ -287,13 +263,18 @@ def plan_grow(
 
         if rank > stack.rank and stack.experts == 0:  # an empty layer only remembers its rank
             report.operations.append(f"set_rank {stack.rank}->{rank}")
-            stack.update({}, rank=rank)
+            stack.update({}, rank=rank, alpha=rank_alpha(stack.alpha, stack.rank, rank, keep_scaling))
         if rank > stack.rank:
             report.operations.append(f"grow_rank {stack.rank}->{rank} (B = 0, A {init})")
-            if keep_scaling:
-                alpha = old_alpha * rank / stack.rank
-                report.operations.append(f"lora_alpha {old_alpha:g}->{alpha:g} (scaling kept)")
-            _grow_rank(stack, rank, keep_scaling, rows)
+            # per expert: gradient directions exclude that expert's own A rows
+            grow_rank(
+                stack,
+                rank,
+                keep_scaling,
+                lambda _, A, count: torch.stack([rows(count, A[e]) for e in range(stack.experts)]),
+            )
+        if stack.alpha != old.alpha:
+            report.operations.append(f"lora_alpha {old.alpha:g}->{stack.alpha:g} (scaling kept)")
         if experts > stack.experts:
             report.operations.append(f"add_fresh_experts {stack.experts}->{experts} (B = 0, A {init})")
             _add_experts(stack, experts, rows)
@@ -302,17 +283,16 @@ def plan_grow(
         state = stack.unstack()[0]
         if probe is not None:
             x = probe.detach().to(device)
-            before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), old_alpha)
-            after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts), alpha)
+            before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts))
+            after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts))
             report.output_change = float((after - before).norm(dim=-1).max()) if x.numel() else 0.0
     report.state_map = state_map(state, name)
-    return state, report, alpha
+    return state, report, state.alpha
 
 
-def _install(layer: MoELoRALinear, state: LayerState, report: ResizeReport, alpha: float) -> None:
+def _install(layer: MoELoRALinear, state: LayerState, report: ResizeReport) -> None:
     if report.operations:
-        install_state(layer, state)
-        layer.lora_alpha = alpha
+        install_state(layer, state)  # with the planned alpha (``state.alpha``)
 
 
 def grow_layer(
@@ -326,8 +306,8 @@ def grow_layer(
     rescaled where a gate or the scaling changed). All-or-nothing: the layer changes only once every
     tensor is built and checked."""
     with single_thread():
-        state, report, alpha = plan_grow(layer, experts, rank, **options)
-    _install(layer, state, report, alpha)
+        state, report, _ = plan_grow(layer, experts, rank, **options)
+    _install(layer, state, report)
     return report
 
 
@@ -371,6 +351,6 @@ def grow_model(
                         name=name,
                     )
                 )
-    for layer, state, report, alpha in plans:
-        _install(layer, state, report, alpha)
+    for layer, state, report, _ in plans:
+        _install(layer, state, report)
     return [report for _, _, report, _ in plans]

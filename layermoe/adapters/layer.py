@@ -2,6 +2,9 @@
 
 output = base(x) + sum_e gate_e(x) * (lora_alpha / rank) * B_e A_e dropout(x)
 
+with the layer's own lora_alpha: it starts at the config's and a rank change that keeps the scaling
+(`keep_scaling`) moves it with the rank; the `lora_layer_alpha` buffer carries it through state dicts.
+
 All experts' A factors are stacked into one (E*r, d_in) matrix and all B factors into one (d_out, E*r)
 matrix, so the default forward is two matmuls with the gates applied to the r-blocks in between: no
 Python loop over experts, and the same cost as a plain LoRA of rank E*r plus a tiny router. The layout
@@ -66,6 +69,15 @@ def gate_expert_hidden(
     return hidden.view(*lead, experts * rank), probs
 
 
+def alpha_value(value: Any) -> float | None:
+    """The float of a saved `lora_layer_alpha` (one finite number > 0), or None when it is not one."""
+    tensor = torch.as_tensor(value)
+    if tensor.numel() != 1 or tensor.dtype == torch.bool or tensor.is_complex():
+        return None
+    number = float(tensor.reshape(()).item())
+    return number if math.isfinite(number) and number > 0 else None
+
+
 class MoELoRALinear(nn.Module):
     """Wraps a frozen `nn.Linear`, GPT-2 `Conv1D` or bitsandbytes 4/8-bit linear with MoE-LoRA experts.
 
@@ -74,8 +86,11 @@ class MoELoRALinear(nn.Module):
     capacity) all four are None: the layer is the frozen base, keeps its rank for when experts come back,
     and stays wrapped so a resize or a `load_state_dict` can give it experts again. Buffers: `lora_shape` = [E, r] (int64,
     persistent: a freshly built layer re-allocates itself to the incoming shape before loading a
-    state_dict, so resized checkpoints load with plain `load_state_dict`) and `lora_routing_mass` (E,),
-    a running average of the gate probabilities seen in training (which expert to split or drop).
+    state_dict, so resized checkpoints load with plain `load_state_dict`), `lora_routing_mass` (E,),
+    a running average of the gate probabilities seen in training (which expert to split or drop), and
+    `lora_layer_alpha` (float64 scalar, persistent): the layer's own `lora_alpha`, which may differ from
+    the config's (`config_lora_alpha`) after a rank change that kept the scaling. A state dict without
+    it (written before it existed) loads with the config's alpha.
     """
 
     def __init__(
@@ -105,7 +120,9 @@ class MoELoRALinear(nn.Module):
         self.in_features = self.info.in_features
         self.out_features = self.info.out_features
         self.top_k = top_k
-        self.lora_alpha = float(lora_alpha)
+        #: the config's alpha, what the layer was built with; `lora_alpha` is the layer's current one
+        self.config_lora_alpha = float(lora_alpha)
+        self._lora_alpha = self.config_lora_alpha
         self.lora_dropout_p = float(lora_dropout)
         self.lora_dropout = nn.Dropout(lora_dropout) if lora_dropout > 0 else nn.Identity()
         self.router_aux_loss_coef = float(router_aux_loss_coef)
@@ -120,6 +137,11 @@ class MoELoRALinear(nn.Module):
         self.register_buffer(
             "lora_shape", torch.tensor([experts, rank], dtype=torch.int64, device=self.info.device)
         )
+        # float64: exact for any alpha a rank ratio makes; forward reads the Python float, never this
+        self.register_buffer(
+            "lora_layer_alpha",
+            torch.tensor(self.config_lora_alpha, dtype=torch.float64, device=self.info.device),
+        )
         self.register_buffer(
             "lora_routing_mass",
             torch.full((experts,), 1.0 / max(experts, 1), dtype=torch.float32, device=self.info.device),
@@ -132,9 +154,25 @@ class MoELoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ shape and parameters
     @property
+    def lora_alpha(self) -> float:
+        """The layer's own alpha (the config's unless a rank change kept the scaling); persisted in the
+        `lora_layer_alpha` buffer, so checkpoints, adapter artifacts and peft exports keep it."""
+        return self._lora_alpha
+
+    @lora_alpha.setter
+    def lora_alpha(self, value: float) -> None:
+        value = float(value)
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"MoELoRALinear.lora_alpha must be a finite number > 0, got {value!r}")
+        self._lora_alpha = value
+        # a new tensor, not an in-place fill: snapshots that rebind buffers (rewire rollback) restore it
+        device = self.lora_layer_alpha.device
+        self.lora_layer_alpha = torch.tensor(value, dtype=torch.float64, device=device)
+
+    @property
     def scaling(self) -> float:
         """lora_alpha / rank: the factor every expert's B_e A_e is multiplied by."""
-        return self.lora_alpha / self.rank
+        return self._lora_alpha / self.rank
 
     @property
     def has_adapter(self) -> bool:
@@ -180,11 +218,13 @@ class MoELoRALinear(nn.Module):
         router_bias: torch.Tensor | None,
         routing_mass: torch.Tensor,
         keep: frozenset[str] = frozenset(),
+        lora_alpha: float | None = None,
     ) -> None:
         """Swap in new tensors (already built and checked); names in `keep` keep their Parameter object.
 
         Only called once every tensor exists, so a failing resize never leaves a half-changed layer.
-        With experts = 0, A and B are None (the layer has no adapter).
+        With experts = 0, A and B are None (the layer has no adapter). `lora_alpha`: the layer's new
+        alpha (None keeps it).
         """
         if experts == 0:
             if A is not None or B is not None or router_weight is not None or router_bias is not None:
@@ -202,6 +242,8 @@ class MoELoRALinear(nn.Module):
             router_weight.shape != (experts, self.in_features) or router_bias.shape != (experts,)
         ):
             raise ValueError("install: router weight/bias shapes do not match experts and d_in")
+        if lora_alpha is not None and not (math.isfinite(lora_alpha) and lora_alpha > 0):
+            raise ValueError(f"install: lora_alpha must be a finite number > 0, got {lora_alpha!r}")
         requires_grad = self.lora_A.requires_grad if self.lora_A is not None else True
         new = {"lora_A": A, "lora_B": B, "lora_router_weight": router_weight, "lora_router_bias": router_bias}
         for name, tensor in new.items():
@@ -213,6 +255,17 @@ class MoELoRALinear(nn.Module):
         self.lora_routing_mass = routing_mass.detach().to(torch.float32).clone()
         self.experts = experts
         self.rank = rank
+        if lora_alpha is not None:
+            self.lora_alpha = lora_alpha
+
+    def _apply(self, fn: Callable[..., Any], recurse: bool = True) -> MoELoRALinear:
+        # A cast of the model (`.half()`, bf16-true precision) would round the alpha in its buffer: it
+        # stays the exact float64 of the Python value on whatever device the cast moved it to.
+        super()._apply(fn, recurse)
+        buffer = self.lora_layer_alpha
+        if buffer.dtype != torch.float64:
+            self.lora_layer_alpha = torch.tensor(self._lora_alpha, dtype=torch.float64, device=buffer.device)
+        return self
 
     def _load_from_state_dict(
         self,
@@ -237,9 +290,24 @@ class MoELoRALinear(nn.Module):
             experts, rank = int(values[0]), int(values[1])
             if (experts, rank) != (self.experts, self.rank):
                 self.reset_lora_parameters(experts, rank)
+        alpha_key = prefix + "lora_layer_alpha"
+        incoming = state_dict.get(alpha_key)
+        alpha = None
+        if incoming is not None:
+            alpha = alpha_value(incoming)
+            if alpha is None:
+                error_msgs.append(f"{alpha_key} must be one finite number > 0, got {incoming!r}")
+                return
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
+        if alpha is not None:
+            self.lora_alpha = alpha
+        elif shape is not None:
+            # a whole layer's state written before layers kept their alpha: it trained with the config's
+            self.lora_alpha = self.config_lora_alpha
+            if alpha_key in missing_keys:
+                missing_keys.remove(alpha_key)
 
     # ------------------------------------------------------------------ forward
     def router_logits(self, x: torch.Tensor) -> torch.Tensor | None:

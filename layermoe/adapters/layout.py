@@ -45,6 +45,7 @@ def apply_layout(
     routing_mass: Mapping[Any, torch.Tensor] | None = None,
     probes: Mapping[str, torch.Tensor] | None = None,
     batched: bool = True,
+    keep_scaling: bool = False,
 ) -> list[ResizeReport]:
     """Resize every adapted block to `new_layout`; returns one report per changed layer.
 
@@ -53,13 +54,15 @@ def apply_layout(
     layer's output change. Blocks absent from the layout are left as they are; a layout naming a block
     without adapters is an error. All layers are planned before any is changed. batched: plan layers
     with the same shapes and resize as one stack (the same result as planning each layer alone, a
-    stack of one, which `batched=False` and any `probes` do).
+    stack of one, which `batched=False` and any `probes` do). keep_scaling: a layer whose rank changes
+    r -> r' gets lora_alpha x r'/r, so its scaling (and the kept directions' Adam steps) stay as they
+    were (`adapters.resize`); default False: the alpha stays and the scaling becomes alpha / r'.
     """
     target = normalize_layout(new_layout)
     layers, by_block = layers_by_block(model, target)
     plans = []
     with single_thread():
-        plans = _plan_all(target, by_block, layers, routing_mass, probes, batched)
+        plans = _plan_all(target, by_block, layers, routing_mass, probes, batched, keep_scaling)
     for layer, state, _ in plans:
         install_state(layer, state)
     return [report for _, _, report in plans]
@@ -89,6 +92,7 @@ def _plan_all(
     routing_mass: Mapping[Any, torch.Tensor] | None,
     probes: Mapping[str, torch.Tensor] | None,
     batched: bool,
+    keep_scaling: bool,
 ) -> list[tuple[Any, Any, ResizeReport]]:
     # Layers with the same shapes and the same resize are planned as one stack (one QR/SVD per stack and
     # step); each layer's generator is seeded in layer order whatever stack it joins, so a layer's
@@ -103,7 +107,9 @@ def _plan_all(
             mass = _mass_for(routing_mass, name, block)
             if probes is not None or not batched:
                 probe = None if probes is None else probes.get(name)
-                state, report = plan_resize(layer, spec["experts"], spec["rank"], mass, probe, name)
+                state, report = plan_resize(
+                    layer, spec["experts"], spec["rank"], mass, probe, name, keep_scaling
+                )
                 planned[name] = (layer, state, report)
                 continue
             device, dtype = layer.adapter_placement()
@@ -123,7 +129,7 @@ def _plan_all(
             stacks.setdefault(key, []).append((name, layer, mass, generator))
     for (_, _, experts, rank, *_), members in stacks.items():
         names, stacked, masses, generators = zip(*members, strict=True)
-        plans = plan_stack(stacked, masses, generators, experts, rank, names)
+        plans = plan_stack(stacked, masses, generators, experts, rank, names, keep_scaling)
         for name, layer, (state, report) in zip(names, stacked, plans, strict=True):
             planned[name] = (layer, state, report)
     order = [name for block in target for name in by_block[block]]

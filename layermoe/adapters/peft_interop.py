@@ -2,10 +2,13 @@
 
 Export writes what `PeftModel.save_pretrained` writes (adapter_config.json + adapter_model.safetensors,
 keys `base_model.model.<module>.lora_A.weight`), with per-module ranks in `rank_pattern`, so
-`PeftModel.from_pretrained(base, folder)` reproduces our outputs. Import copies a LoRA's (A, B) into
-every expert of the matching layer (rescaled to our lora_alpha / rank), resets the router to uniform
-gates and breaks the symmetry between the identical experts with a zero-sum perturbation of their A rows,
-which leaves the output unchanged under dense routing.
+`PeftModel.from_pretrained(base, folder)` reproduces our outputs; a layer whose own alpha differs from
+the config's (a rank change that kept its scaling) is written to `alpha_pattern`. Import copies a LoRA's
+(A, B) into every expert of the matching layer, whose own alpha becomes what gives it the LoRA's scaling
+(``lora_alpha`` / r, or / sqrt(r) under rsLoRA, with ``alpha_pattern`` and ``rank_pattern`` read per
+module), so B is copied unchanged and an export -> import round trip keeps every alpha. Import resets
+the router to uniform gates and breaks the symmetry between the identical experts with a zero-sum
+perturbation of their A rows, which leaves the output unchanged under dense routing.
 """
 
 from __future__ import annotations
@@ -64,8 +67,9 @@ def export_peft(model: nn.Module, folder: str | Path, base_model_name_or_path: s
     saved = modules_to_save(model)
     dropouts = {layer.lora_dropout_p for layer in layers.values()}
     ranks = Counter(layer.rank for layer in layers.values())
-    alphas = Counter(layer.lora_alpha for layer in layers.values())
-    default_rank, default_alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    # the config's alpha where the layers share one (those whose own alpha moved go to alpha_pattern)
+    configured = Counter(layer.config_lora_alpha for layer in layers.values())
+    default_rank, default_alpha = ranks.most_common(1)[0][0], configured.most_common(1)[0][0]
     config = LoraConfig(
         r=default_rank,
         lora_alpha=default_alpha,
@@ -166,9 +170,10 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
     Each block's rank becomes the largest LoRA rank among its modules (smaller LoRAs are zero-padded:
     the extra B columns are zero). All experts get the LoRA's delta, the router is reset to uniform
     gates, and a zero-sum perturbation of the experts' A rows breaks their symmetry (exact under dense
-    routing). Blocks with 0 experts that it covers get one. Layers the adapter does not cover keep
-    their parameters. The adapter's ``modules_to_save`` are copied into the model's modules of those
-    names, which stay trainable. Returns the resize reports.
+    routing). Each covered layer's own alpha becomes what gives it the LoRA's scaling (its
+    ``alpha_pattern`` entry included), so B is copied as it is. Blocks with 0 experts that it covers get
+    one. Layers the adapter does not cover keep their parameters. The adapter's ``modules_to_save`` are
+    copied into the model's modules of those names, which stay trainable. Returns the resize reports.
 
     A model without MoE-LoRA layers (a bare base, as ``peft.PeftModel.from_pretrained`` takes it) is first
     injected with one expert on exactly the adapter's modules, with its ``lora_alpha`` and ``lora_dropout``;
@@ -183,7 +188,7 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
         dims = _base_dims(model, factors)
     alpha, r_default = float(config.get("lora_alpha", 8)), int(config.get("r", 8))
     rslora = bool(config.get("use_rslora", False))
-    plan: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    plan: dict[str, tuple[torch.Tensor, torch.Tensor, float, float]] = {}
     block_rank: dict[int, int] = {}
     for module, pair in factors.items():
         if set(pair) != {"A", "B"}:
@@ -207,8 +212,13 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
         if expected_rank != rank:
             raise ValueError(f"load_peft: {module} has rank {rank} but the config says {expected_rank}")
         module_alpha = float(_pattern_value(config.get("alpha_pattern") or {}, module, alpha))
-        scale = module_alpha / (math.sqrt(rank) if rslora else rank)
-        plan[module] = (A, B, scale)
+        if not (math.isfinite(module_alpha) and module_alpha > 0):
+            raise ValueError(
+                f"load_peft: {module} has lora_alpha {module_alpha!r} (lora_alpha / alpha_pattern of the "
+                "adapter config); it must be a finite number > 0"
+            )
+        # the LoRA's scaling is module_alpha / denominator
+        plan[module] = (A, B, module_alpha, math.sqrt(rank) if rslora else rank)
         block = split_block_name(module)[1]
         block_rank[block] = max(block_rank.get(block, 1), rank)
     if bare and not plan:
@@ -231,8 +241,8 @@ def load_peft(model: nn.Module, source: str | Path, seed: int | None = 0) -> lis
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     reports = apply_layout(model, new_layout)
     with torch.no_grad():
-        for module, (A, B, scale) in plan.items():
-            _fill_experts(layers[module], A, B, scale, generator)
+        for module, (A, B, module_alpha, denominator) in plan.items():
+            _fill_experts(layers[module], A, B, module_alpha * (layers[module].rank / denominator), generator)
     for name, state in saved_states.items():
         saved = model.get_submodule(name)
         saved.load_state_dict(state)
@@ -254,10 +264,13 @@ def _base_dims(model: nn.Module, factors: dict[str, Any]) -> dict[str, tuple[int
 
 
 def _fill_experts(
-    layer: MoELoRALinear, A: torch.Tensor, B: torch.Tensor, scale: float, generator: torch.Generator | None
+    layer: MoELoRALinear, A: torch.Tensor, B: torch.Tensor, alpha: float, generator: torch.Generator | None
 ) -> None:
     E, r, rank = layer.experts, layer.rank, A.shape[0]
-    A32, B32 = A.to(torch.float32), B.to(torch.float32) * (scale / layer.scaling)
+    # the layer's own alpha gives it the LoRA's scaling (exactly the LoRA's alpha at equal ranks), so B
+    # is copied as it was trained
+    layer.lora_alpha = alpha
+    A32, B32 = A.to(torch.float32), B.to(torch.float32)
     d_in = layer.in_features
     new_A = lora_init_A(E * r, d_in, device=torch.device("cpu"), dtype=torch.float32).reshape(E, r, d_in)
     new_B = torch.zeros(layer.out_features, E, r)

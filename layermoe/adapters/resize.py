@@ -5,6 +5,11 @@ A resize is planned on float32 copies (`surgery.py`, on a stack of layers: one l
 then installed, so a failure at any point leaves the layer as it was. Order inside one resize: grow rank,
 remove experts (merging into the larger rank), shrink rank, add experts (copies are split after any
 truncation so the split stays exact).
+
+``keep_scaling`` (every entry point, default False): a rank change r -> r' multiplies the layer's
+lora_alpha by r'/r, so its scaling lora_alpha / rank, the kept directions' factors and their Adam steps
+stay what they were (without it the scaling becomes alpha / r' and growth rescales the old B by r'/r,
+which shrinks their B-side steps by r/r'). The layer persists its alpha (`lora_layer_alpha`).
 """
 
 from __future__ import annotations
@@ -81,19 +86,22 @@ def plan_resize(
     routing_mass: torch.Tensor | None = None,
     probe: torch.Tensor | None = None,
     name: str = "",
+    keep_scaling: bool = False,
 ) -> tuple[LayerState, ResizeReport]:
-    """Compute (without touching the layer) the state after resizing to (experts, rank) and its report."""
+    """Compute (without touching the layer) the state after resizing to (experts, rank) and its report;
+    ``keep_scaling``: see the module docstring."""
     experts = layer.experts if experts is None else _check_target("experts", experts, low=0)
     rank = layer.rank if rank is None else _check_target("rank", rank)
     generator = layer_generator(layer.adapter_placement()[0])
-    ((state, report),) = plan_stack([layer], [routing_mass], [generator], experts, rank, [name])
+    ((state, report),) = plan_stack(
+        [layer], [routing_mass], [generator], experts, rank, [name], keep_scaling=keep_scaling
+    )
     if probe is not None:
         old = LayerStack.of([layer], [routing_mass], [None]).unstack()[0]
         x = probe.detach().to(device=layer.adapter_placement()[0])
-        alpha = layer.lora_alpha
         with torch.no_grad():
-            before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts), alpha)
-            after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts), alpha)
+            before = adapter_output(old, x, effective_top_k(layer.top_k, old.experts))
+            after = adapter_output(state, x, effective_top_k(layer.top_k, state.experts))
         report.output_change = float((after - before).norm(dim=-1).max()) if x.numel() else 0.0
     return state, report
 
@@ -105,13 +113,15 @@ def plan_stack(
     experts: int,
     rank: int,
     names: Sequence[str],
+    keep_scaling: bool = False,
 ) -> list[tuple[LayerState, ResizeReport]]:
     """Plan (without touching them) the resize of layers of identical shapes, (experts, rank), top_k and
     lora_alpha to one new (experts, rank), as one stack: each layer's state and report, in order.
-    `masses`: optional routing masses; `generators`: one per layer (`surgery.layer_generator`)."""
+    `masses`: optional routing masses; `generators`: one per layer (`surgery.layer_generator`);
+    `keep_scaling`: a rank change moves lora_alpha with it (module docstring)."""
     first = layers[0]
-    alpha = first.lora_alpha
     stack = LayerStack.of(layers, masses, generators)
+    alpha = stack.alpha
     exact = torch.ones(stack.size, dtype=torch.bool)
     kept = torch.ones(stack.size, dtype=torch.float64)
     norm = torch.zeros(stack.size, dtype=torch.float64)
@@ -119,27 +129,27 @@ def plan_stack(
     if experts == 0 or stack.experts == 0:  # a block without adapter: no other step has work after this
         if stack.experts > 0:
             operations.append(f"remove_all_experts {stack.experts}->0")
-            share, norm = surgery.remove_all_experts(stack, alpha)
+            share, norm = surgery.remove_all_experts(stack)
             exact, kept = share == 0, 1.0 - share
         if stack.rank != rank:  # an empty layer only remembers its rank
             operations.append(f"set_rank {stack.rank}->{rank}")
-            stack.rank = rank
+            stack.update({}, rank=rank, alpha=surgery.rank_alpha(stack.alpha, stack.rank, rank, keep_scaling))
         if experts > 0:
             operations.append(f"add_fresh_experts 0->{experts}")
             surgery.add_fresh_experts(stack, experts, rank)
     if rank > stack.rank:
         operations.append(f"grow_rank {stack.rank}->{rank}")
-        surgery.grow_rank(stack, rank)
+        surgery.grow_rank(stack, rank, keep_scaling)
     if experts < stack.experts:
         operations.append(f"remove_experts {stack.experts}->{experts}")
         dense = effective_top_k(first.top_k, stack.experts) is None
-        share, extra, merged_exact = surgery.remove_experts(stack, experts, alpha)
+        share, extra, merged_exact = surgery.remove_experts(stack, experts)
         exact &= merged_exact & dense
         kept *= 1.0 - share
         norm += extra
     if rank < stack.rank:
         operations.append(f"shrink_rank {stack.rank}->{rank}")
-        share, extra = surgery.shrink_rank(stack, rank, alpha)
+        share, extra = surgery.shrink_rank(stack, rank, keep_scaling)
         exact &= share <= 1e-10
         kept *= 1.0 - share
         norm += extra
@@ -147,6 +157,8 @@ def plan_stack(
         operations.append(f"add_experts {stack.experts}->{experts}")
         surgery.add_experts(stack, experts)
         exact &= effective_top_k(first.top_k, experts) is None
+    if stack.alpha != alpha:
+        operations.append(f"lora_alpha {alpha:g}->{stack.alpha:g} (scaling kept)")
     stack.check(first.in_features, first.out_features)
     discarded = (1.0 - kept).clamp(min=0.0)
     plans = []
@@ -181,7 +193,7 @@ def install_state(layer: MoELoRALinear, state: LayerState) -> None:
     """Swap a planned state into the layer, cast to its dtype/device; unchanged parameters are kept."""
     device, dtype = layer.adapter_placement()
     if state.experts == 0:
-        layer.install(0, state.rank, None, None, None, None, state.mass.to(device))
+        layer.install(0, state.rank, None, None, None, None, state.mass.to(device), lora_alpha=state.alpha)
         return
 
     def cast(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -197,6 +209,7 @@ def install_state(layer: MoELoRALinear, state: LayerState) -> None:
         cast(state.router_bias),
         state.mass.to(device),
         keep=keep,
+        lora_alpha=state.alpha,
     )
 
 
@@ -207,27 +220,33 @@ def resize_layer(
     routing_mass: torch.Tensor | None = None,
     probe: torch.Tensor | None = None,
     name: str = "",
+    keep_scaling: bool = False,
 ) -> ResizeReport:
-    """Resize one layer to (experts, rank) in place (None keeps the current value)."""
+    """Resize one layer to (experts, rank) in place (None keeps the current value); ``keep_scaling``:
+    a rank change moves lora_alpha with it (module docstring)."""
     with single_thread():
-        state, report = plan_resize(layer, experts, rank, routing_mass, probe, name)
+        state, report = plan_resize(layer, experts, rank, routing_mass, probe, name, keep_scaling)
     if report.operations:
         install_state(layer, state)
     return report
 
 
-def grow_rank(layer: MoELoRALinear, new_rank: int, probe: torch.Tensor | None = None) -> ResizeReport:
+def grow_rank(
+    layer: MoELoRALinear, new_rank: int, probe: torch.Tensor | None = None, keep_scaling: bool = False
+) -> ResizeReport:
     """Raise every expert's rank (exact: new B columns zero, new A rows LoRA-initialized)."""
     if _check_target("new_rank", new_rank) <= layer.rank:
         raise ValueError(f"grow_rank: new_rank {new_rank} must exceed the current rank {layer.rank}")
-    return resize_layer(layer, rank=new_rank, probe=probe)
+    return resize_layer(layer, rank=new_rank, probe=probe, keep_scaling=keep_scaling)
 
 
-def shrink_rank(layer: MoELoRALinear, new_rank: int, probe: torch.Tensor | None = None) -> ResizeReport:
+def shrink_rank(
+    layer: MoELoRALinear, new_rank: int, probe: torch.Tensor | None = None, keep_scaling: bool = False
+) -> ResizeReport:
     """Lower every expert's rank by truncated SVD of its delta (reports the discarded energy)."""
     if _check_target("new_rank", new_rank) >= layer.rank:
         raise ValueError(f"shrink_rank: new_rank {new_rank} must be below the current rank {layer.rank}")
-    return resize_layer(layer, rank=new_rank, probe=probe)
+    return resize_layer(layer, rank=new_rank, probe=probe, keep_scaling=keep_scaling)
 
 
 def add_experts(

@@ -5,9 +5,12 @@ Each operation updates the stack and composes how each new parameter's entries c
 (`ParamMap`), so nothing touches a layer until `layermoe.adapters.resize` installs a finished plan.
 
 - grow rank: new A rows get LoRA's A init, new B columns zero, old B columns scaled by r'/r (the scaling
-  lora_alpha / rank shrinks): the delta is unchanged exactly.
+  lora_alpha / rank shrinks): the delta is unchanged exactly. With ``keep_scaling`` the layer's
+  lora_alpha moves with the rank instead (`rank_alpha`): the scaling, the old B and so the old
+  directions' Adam steps stay what they were.
 - shrink rank: per expert, truncated SVD of B_e A_e from the factors (QR of A_e^T and B_e, r x r SVD),
-  split sqrt(S) to each side so A and B stay balanced; the discarded energy is reported.
+  split sqrt(S) to each side so A and B stay balanced; the discarded energy is reported. ``keep_scaling``
+  as for growth.
 - add experts: split the expert with the largest routing mass per copy; copies share its router row
   with the bias shifted by log(share), shares slightly unequal (SPLIT_SKEW) and summing to 1, so dense
   softmax gates of the copies sum to the original gate while top-k never sees tied copies; their A rows
@@ -28,7 +31,7 @@ own generator (`layer_generator`); tests/test_adapter_batched_resize.py checks i
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -86,6 +89,8 @@ class LayerState:
     router_bias: torch.Tensor | None
     mass: torch.Tensor
     maps: dict[str, ParamMap | None]
+    #: the layer's lora_alpha after the plan (its scaling is alpha / rank)
+    alpha: float
     changed: set[str] = field(default_factory=set)
     #: the layer's source of random draws (see `LayerStack.generators`)
     generator: torch.Generator | None = None
@@ -107,6 +112,8 @@ class LayerStack:
     #: one per layer, seeded from the global RNG in layer order (`layer_generator`): a layer gets the
     #: same draws (new A rows, split noise, fresh experts) whatever stack it is planned in
     generators: list[torch.Generator | None]
+    #: the layers' common lora_alpha (stacked layers share it), moved with the rank by `keep_scaling`
+    alpha: float
     changed: set[str] = field(default_factory=set)
 
     @staticmethod
@@ -119,6 +126,9 @@ class LayerStack:
         running average) and one generator per layer."""
         first = layers[0]
         L, E, r = len(layers), first.experts, first.rank
+        alphas = {layer.lora_alpha for layer in layers}
+        if len(alphas) != 1:
+            raise ValueError(f"a stack's layers must share lora_alpha, got {sorted(alphas)}")
         device = first.adapter_placement()[0]
         mass = []
         for layer, given in zip(layers, masses, strict=True):
@@ -161,6 +171,7 @@ class LayerStack:
             stacked,
             maps,
             list(generators),
+            alphas.pop(),
         )
 
     @property
@@ -229,6 +240,7 @@ class LayerStack:
                     None if router_bias is None else router_bias[i].clone(),
                     self.mass[i].clone(),
                     maps,
+                    self.alpha,
                     set(self.changed),
                     self.generators[i],
                 )
@@ -265,6 +277,12 @@ def truncate_factors(
         new_A = torch.cat([new_A, new_A.new_zeros(*batch, rank - keep, A.shape[-1])], dim=-2)
     discarded = s[..., keep:].pow(2).sum(-1)
     return new_B, new_A, discarded
+
+
+def rank_alpha(alpha: float, rank: int, new_rank: int, keep_scaling: bool) -> float:
+    """A layer's lora_alpha after its rank goes rank -> new_rank: unchanged, or, keeping the scaling
+    alpha / rank, multiplied by new_rank / rank."""
+    return alpha * new_rank / rank if keep_scaling else alpha
 
 
 def layer_generator(device: torch.device) -> torch.Generator:
@@ -323,31 +341,48 @@ def _revive_dead_rows(
                 A[layer, k * r : (k + 1) * r][mask] = _init_rows(stack, layer, int(mask.sum()), A)
 
 
-def grow_rank(stack: LayerStack, new_rank: int) -> None:
-    """New rank slots: A from LoRA init, B zero; old B scaled by r'/r so scaling changes cancel. Exact."""
+#: new A rows of one layer of a stack: (layer index, its (E, r, d_in) A blocks, rows per expert) ->
+#: (E, rows, d_in)
+NewRows = Callable[[int, torch.Tensor, int], torch.Tensor]
+
+
+def grow_rank(
+    stack: LayerStack, new_rank: int, keep_scaling: bool = False, new_rows: NewRows | None = None
+) -> None:
+    """New rank slots: A from LoRA init (or ``new_rows``: growth's gradient directions), B zero; old B
+    scaled by r'/r so scaling changes cancel, or the scaling kept (alpha x r'/r, old B as it was). Exact."""
     L, E, r = stack.size, stack.experts, stack.rank
     A, B = stack.blocks()
     extra = new_rank - r
-    new_rows = torch.stack(
-        [_init_rows(stack, layer, E * extra, A).reshape(E, extra, -1) for layer in range(L)]
-    )
-    A = torch.cat([A, new_rows], dim=2)
-    ratio = new_rank / r
+    if new_rows is None:
+
+        def new_rows(layer: int, _: torch.Tensor, count: int) -> torch.Tensor:
+            return _init_rows(stack, layer, E * count, A).reshape(E, count, -1)
+
+    A = torch.cat([A, torch.stack([new_rows(layer, A[layer], extra).to(A) for layer in range(L)])], dim=2)
+    ratio = 1.0 if keep_scaling else new_rank / r
     B = torch.cat([B * ratio, B.new_zeros(L, E, B.shape[2], extra)], dim=3)
     A, B = join_blocks(A, B)
     index = _slot_index(torch.arange(E).expand(L, E), new_rank, r, r)
     scale_B = torch.where(index >= 0, torch.full(index.shape, ratio), torch.ones(index.shape))
     stack.update(
-        {"lora_A": _slot_map(0, index), "lora_B": _slot_map(1, index, scale_B)}, rank=new_rank, A=A, B=B
+        {"lora_A": _slot_map(0, index), "lora_B": _slot_map(1, index, scale_B)},
+        rank=new_rank,
+        alpha=rank_alpha(stack.alpha, r, new_rank, keep_scaling),
+        A=A,
+        B=B,
     )
 
 
-def shrink_rank(stack: LayerStack, new_rank: int, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def shrink_rank(
+    stack: LayerStack, new_rank: int, keep_scaling: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert truncated SVD to `new_rank` from the factors; returns each layer's discarded share of
-    the energy and its per-token bound (float64, (L,))."""
+    the energy and its per-token bound (float64, (L,)). ``keep_scaling``: alpha x r'/r, scaling kept."""
     L, E, r = stack.size, stack.experts, stack.rank
     A, B = stack.blocks()
-    old_scaling, new_scaling = alpha / r, alpha / new_rank
+    new_alpha = rank_alpha(stack.alpha, r, new_rank, keep_scaling)
+    old_scaling, new_scaling = stack.alpha / r, new_alpha / new_rank
     # scaling * B A must keep its best rank-r' part: rescale the product by old/new scaling.
     flat_B = (B * (old_scaling / new_scaling)).reshape(L * E, B.shape[2], r)
     new_B, new_A, discarded = truncate_factors(flat_B, A.reshape(L * E, r, -1), new_rank)
@@ -358,13 +393,11 @@ def shrink_rank(stack: LayerStack, new_rank: int, alpha: float) -> tuple[torch.T
     share = (discarded * new_scaling**2).sum(-1) / (total * old_scaling**2)
     share = torch.where(total > 0, share, torch.zeros_like(share))
     norm = (discarded.sqrt() * new_scaling).max(-1).values
-    stack.update({"lora_A": None, "lora_B": None}, rank=new_rank, A=A2, B=B2)
+    stack.update({"lora_A": None, "lora_B": None}, rank=new_rank, alpha=new_alpha, A=A2, B=B2)
     return share.double().cpu(), norm.double().cpu()
 
 
-def remove_experts(
-    stack: LayerStack, new_experts: int, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def remove_experts(stack: LayerStack, new_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Drop the least important experts one at a time, each folded into its most similar survivor.
 
     One at a time so that a survivor's mass grows before the next choice: of a just-split pair only one
@@ -422,7 +455,7 @@ def remove_experts(
         mass[lanes, s] += mass[lanes, e]
         discarded_total += discarded
         energy_total += merged
-        norm += discarded.sqrt() * alpha / r
+        norm += discarded.sqrt() * stack.alpha / r
         exact &= ~((merged > 0) & (discarded > 1e-10 * merged))
         changed[lanes, s] = True
         alive[lanes, e] = False
@@ -493,14 +526,14 @@ def add_experts(stack: LayerStack, new_experts: int) -> None:
     )
 
 
-def remove_all_experts(stack: LayerStack, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+def remove_all_experts(stack: LayerStack) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove every expert: the adapter's whole delta is the discarded part. Returns each layer's
     discarded share (1, or 0 if B was 0) and per-token bound."""
     A, B = stack.blocks()
     energy = _factor_energy(B, A)
     share = (energy.sum(-1) > 0).double()
     # gates sum to at most 1, so no token moves by more than the largest expert delta times ||x||
-    norm = energy.sqrt().max(-1).values.double() * (alpha / stack.rank)
+    norm = energy.sqrt().max(-1).values.double() * (stack.alpha / stack.rank)
     L = stack.size
     stack.update(
         dict.fromkeys(("lora_A", "lora_B")),
@@ -542,10 +575,10 @@ def add_fresh_experts(stack: LayerStack, experts: int, rank: int) -> None:
     )
 
 
-def adapter_output(state: LayerState, x: torch.Tensor, top_k: int | None, alpha: float) -> torch.Tensor:
-    """The adapter's contribution for input x under `state` (float32, no dropout), to measure changes;
-    gated by the layer's own `gate_expert_hidden`."""
+def adapter_output(state: LayerState, x: torch.Tensor, top_k: int | None) -> torch.Tensor:
+    """The adapter's contribution for input x under `state` (float32, no dropout, its own alpha), to
+    measure changes; gated by the layer's own `gate_expert_hidden`."""
     x = x.to(torch.float32)
     logits = None if state.router_weight is None else x @ state.router_weight.T + state.router_bias
-    hidden, _ = gate_expert_hidden(x @ state.A.T, logits, state.rank, alpha / state.rank, top_k)
+    hidden, _ = gate_expert_hidden(x @ state.A.T, logits, state.rank, state.alpha / state.rank, top_k)
     return hidden @ state.B.T

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import nn
 
@@ -73,10 +74,20 @@ class Growing:
             )
         except AllocationError as exc:
             raise CallbackConfigError(f"growth: budget={budget}: {exc}") from exc
+        learned = [
+            n for n, p in pl_module.named_parameters() if n.endswith("lora_B") and bool(p.detach().any())
+        ]
+        if learned:
+            # a fresh adapter has B = 0; shrinking one that learned (loaded weights) cuts its delta
+            rank_zero_warn(
+                f"LayerInfluenceCallback(growth=...): {len(learned)} adapter(s) already hold learned deltas"
+                f" (non-zero B, e.g. {learned[0]}); the starting resize to {plan.initial} cuts them. Growth"
+                " is meant to start from fresh adapters (on resume the checkpoint's weights replace these)."
+            )
         try:
             with torch.no_grad(), isolate_rng():
                 torch.manual_seed(self.rewiring.seed)
-                apply_layout(pl_module, plan.initial)
+                apply_layout(pl_module, plan.initial, keep_scaling=self.options.keep_scaling)
         except Exception as exc:
             raise CallbackConfigError(
                 f"growth: resizing the model to the starting layout {plan.initial} failed (the model is"

@@ -18,10 +18,6 @@ from layermoe.callbacks.errors import CallbackConfigError
 from layermoe.callbacks.schedule import RewireSchedule
 from layermoe.layout import is_int_at_least
 
-#: ``keep_scaling=True`` raises a grown layer's ``lora_alpha``, which checkpoints do not keep yet: a resumed
-#: or reloaded run would use the config's alpha (wrong scaling). Refused until per-layer alphas persist.
-KEEP_SCALING_PERSISTS = False
-
 
 @dataclass(frozen=True)
 class GrowthOptions:
@@ -41,9 +37,11 @@ class GrowthOptions:
             round, ``placebo_grow``).
         router_ratio: a block grows by a new expert when the expert's own parameters are at least this
             many times the router parameters it brings, else by one rank unit (``grow_layout``).
-        keep_scaling: raise ``lora_alpha`` with the rank so a rank change keeps each block's step size
-            (else the old B columns are rescaled by r'/r and the scaling is ``lora_alpha / r``). Refused
-            for now: per-layer alphas are not yet kept in checkpoints.
+        keep_scaling: every rank change, the starting resize included, moves the layer's own
+            ``lora_alpha`` with the rank (x r'/r), so each block keeps the configured scaling
+            ``lora_alpha / rank`` and its old directions' Adam step size; the layers' alphas are kept in
+            checkpoints. ``False``: the alpha stays, the old B columns are rescaled by r'/r (exact in
+            function) and the scaling becomes ``lora_alpha / r'``.
     """
 
     rounds: int = 3
@@ -80,12 +78,6 @@ class GrowthOptions:
             )
         if not isinstance(self.keep_scaling, bool):
             raise CallbackConfigError(f"growth.keep_scaling={self.keep_scaling!r}: must be true or false")
-        if self.keep_scaling and not KEEP_SCALING_PERSISTS:
-            raise CallbackConfigError(
-                "growth.keep_scaling=true: a grown layer's raised lora_alpha is not kept in checkpoints yet,"
-                " so a resumed or reloaded run would scale it wrongly; use keep_scaling=false (old B columns"
-                " rescaled by r'/r, exact function)"
-            )
 
     @classmethod
     def coerce(cls, value: GrowthOptions | dict[str, Any] | None) -> GrowthOptions | None:

@@ -158,12 +158,13 @@ class LayerInfluenceCallback(Callback):
         )
         self.budget = _parsed_budget(budget)
         self.schedule = RewireSchedule.coerce(schedule)
-        self.growth = GrowthOptions.coerce(growth)
+        options = GrowthOptions.coerce(growth)
+        #: growth mode's steps (None: rewire mode); ``growth`` reads its options
         self.growing: Growing | None = None
-        if self.growth is not None:
+        if options is not None:
             check_growth_settings(self.budget, rank_fade_steps)
-            self.schedule = growth_schedule(self.growth, self.schedule)
-            self.growing = Growing(self.growth, self.rewiring)
+            self.schedule = growth_schedule(options, self.schedule)
+            self.growing = Growing(options, self.rewiring)
         self.inject = checked_inject_config(inject)
         self.plot, self.log_prefix = bool(plot), str(log_prefix)
         if on_error not in _ON_ERROR:
@@ -195,6 +196,11 @@ class LayerInfluenceCallback(Callback):
     error_groups = RewiringSetting()
     rank_fade_steps = RewiringSetting()
     verbose = RewiringSetting()
+
+    @property
+    def growth(self) -> GrowthOptions | None:
+        """The growth options (None: rewire mode); fixed at construction, like the schedule they shape."""
+        return None if self.growing is None else self.growing.options
 
     # ------------------------------------------------------------------ Lightning state
     @property

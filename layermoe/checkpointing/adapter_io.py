@@ -11,7 +11,10 @@ to the saved module) and ``layermoe_adapters.json`` (format version, ``MoELoRACo
 per-block ``experts``/``rank`` equal to the layout, the layout, the list of adapted module names and of
 ``modules_to_save`` by full name, and, from format version 2 on, a SHA-256 of every tensor and of the
 manifest itself: flipped bytes in either file are named on load instead of loading as huge values).
-Version 1 artifacts (no checksums) still load; NaN/inf tensors are refused on save and on load.
+From version 3 on each layer also saves its own ``lora_layer_alpha`` (it differs from the config's
+``lora_alpha`` after a rank change that kept the scaling); the config keeps the layers' shared
+``config_lora_alpha``. Version 1 and 2 artifacts (no checksums / no per-layer alpha) still load, their
+layers with the config's alpha; NaN/inf tensors are refused on save and on load.
 
 A layout with one expert per block can also be exported to peft's format (``save_adapters(...,
 peft=True)``), through the adapter package's exporter ``layermoe.adapters.export_peft``: there is one peft
@@ -44,6 +47,7 @@ from layermoe.adapters import (
     split_block_name,
 )
 from layermoe.adapters.inject import SAVED_MODULE_FLAG
+from layermoe.adapters.layer import alpha_value
 from layermoe.layout import is_adapter_key
 
 from .atomic_io import atomic_save_all
@@ -53,17 +57,28 @@ from .integrity import content_digest, non_finite_tensors
 WEIGHTS_NAME = "layermoe_adapters.safetensors"
 CONFIG_NAME = "layermoe_adapters.json"
 FORMAT = "layermoe-adapters"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: before checksums
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # 1: before checksums; 2: before per-layer alphas
 CHECKSUMS = "checksums"
 _SAVE_AGAIN = (
     "Copy the artifact again from its source, or save it again (save_adapters) from the run's checkpoint."
 )
-_TENSORS = ("lora_A", "lora_B", "lora_router_weight", "lora_router_bias", "lora_shape", "lora_routing_mass")
-# Hyperparameters every layer must share with the saved config to receive its tensors.
+_TENSORS = (
+    "lora_A",
+    "lora_B",
+    "lora_router_weight",
+    "lora_router_bias",
+    "lora_shape",
+    "lora_routing_mass",
+    "lora_layer_alpha",
+)
+#: saved from version 3 on; a layer of an older artifact loads with the config's alpha
+_OPTIONAL_TENSORS = {"lora_layer_alpha": ()}
+# Hyperparameters every layer must share with the saved config to receive its tensors (the alpha each
+# layer was built with: its own current one travels as the lora_layer_alpha tensor).
 _LAYER_FIELDS = {
     "top_k": "top_k",
-    "lora_alpha": "lora_alpha",
+    "lora_alpha": "config_lora_alpha",
     "lora_dropout": "lora_dropout_p",
     "router_aux_loss_coef": "router_aux_loss_coef",
     "router_z_loss_coef": "router_z_loss_coef",
@@ -285,9 +300,12 @@ def _check_tensors(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], m
             )
         if experts > 1:
             shapes.update({"lora_router_weight": (experts, info.in_features), "lora_router_bias": (experts,)})
-        for attr, shape in shapes.items():
+        optional = {f"{name}.{attr}" for attr in _OPTIONAL_TENSORS} if manifest["version"] < 3 else set()
+        for attr, shape in {**shapes, **_OPTIONAL_TENSORS}.items():
             key = f"{name}.{attr}"
             expected_keys.add(key)
+            if key in optional and key not in tensors:
+                continue
             if key not in tensors:
                 raise AdapterArtifactError(f"{WEIGHTS_NAME} lacks {key}; the artifact is corrupt.")
             if tuple(tensors[key].shape) != shape:
@@ -295,6 +313,11 @@ def _check_tensors(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], m
                     f"{key} has shape {tuple(tensors[key].shape)} but the layout ({experts} experts, rank"
                     f" {rank}) and the base layer need {shape}; the artifact does not fit this model."
                 )
+        alpha_key = f"{name}.lora_layer_alpha"
+        if alpha_key in tensors and alpha_value(tensors[alpha_key]) is None:
+            raise AdapterArtifactError(
+                f"{alpha_key} is {tensors[alpha_key].tolist()!r}, not a finite number > 0; the artifact is corrupt."
+            )
         if tensors[f"{name}.lora_shape"].tolist() != [experts, rank]:
             raise AdapterArtifactError(
                 f"{name}.lora_shape is {tensors[f'{name}.lora_shape'].tolist()} but the saved layout says"

@@ -17,6 +17,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
+import shutil
+import socket
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -39,9 +42,14 @@ log = logging.getLogger(__name__)
 _TMP_MARK = ".tmp-"
 
 
+def _this_host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+
+
 def _temp_path_for(path: Path) -> Path:
-    # Hidden, and not ending in ".ckpt": ModelCheckpoint's "last"/top-k discovery never picks it up.
-    return path.with_name(f".{path.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    # Hidden, and not ending in ".ckpt": ModelCheckpoint's "last"/top-k discovery never picks it up. The
+    # host and pid name the writer, so a sweep can tell a dead writer's leftover from a live one's file.
+    return path.with_name(f".{path.name}{_TMP_MARK}{_this_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -59,12 +67,42 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def stale_temp_files(path: CheckpointPath) -> list[Path]:
-    """Temporary files left next to ``path`` by writers that were killed before their rename."""
+    """Temporary files next to ``path`` whose writer is gone (killed before its rename): written on this
+    host by a process id that no longer runs. Files of a live writer (another process saving into the same
+    folder, or this one) are never listed, nor files written on another host (a shared network folder:
+    whether that writer runs cannot be told from here). Names without a host (written by layermoe before it
+    recorded one) count as this host's. A dead writer whose pid was reused by a running process keeps its
+    file until that process ends."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
     prefix = f".{path.name}{_TMP_MARK}"
-    return sorted(p for p in path.parent.iterdir() if p.name.startswith(prefix))
+    return sorted(
+        p for p in path.parent.iterdir() if p.name.startswith(prefix) and _writer_gone(p.name[len(prefix) :])
+    )
+
+
+def _writer_gone(suffix: str) -> bool:
+    """Whether the writer named by a temporary file's ``[host-]pid-token`` suffix is known to have ended."""
+    parts = suffix.rsplit("-", 2)
+    host, pid = (parts[0], parts[1]) if len(parts) == 3 else (None, parts[0])
+    if (host is not None and host != _this_host()) or not pid.isdigit():
+        return False
+    return not _process_runs(int(pid))
+
+
+def _process_runs(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    if os.name == "nt":  # os.kill there terminates the process instead of probing it: assume it runs
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it runs under another user
+        return True
+    return True
 
 
 class CheckpointWriteError(OSError):
@@ -128,22 +166,27 @@ def _stage(obj: Any, path: Path, save_fn: Callable[[Any, Any], None]) -> Path:
 
 
 def atomic_save_all(items: list[tuple[Any, CheckpointPath, Callable[[Any, Any], None] | None]]) -> None:
-    """Write each ``(obj, path, save_fn)`` such that no ``path`` ever holds a partial file, and no file is
-    replaced unless every file could be staged (a full disk fails before anything changes).
+    """Write each ``(obj, path, save_fn)`` such that no ``path`` ever holds a partial file, and either every
+    ``path`` holds its new file or each holds what it held before: no file is replaced unless every file
+    could be staged (a full disk fails before anything changes), and when a rename fails after earlier
+    ones succeeded, those files are put back (:func:`_replace_all`).
 
     ``save_fn(obj, file_object)`` does the serialization (default ``torch.save``, looked up at call time).
     """
     staged: list[tuple[Path, Path]] = []
     path = Path(items[0][1])
+    renaming = False
     try:
         for obj, target, save_fn in items:
             path = Path(target)
             path.parent.mkdir(parents=True, exist_ok=True)
             staged.append((_stage(obj, path, torch.save if save_fn is None else save_fn), path))
-        for tmp, target in staged:
-            os.replace(tmp, target)
+        renaming = True
+        _replace_all(staged)
     except BaseException as err:
-        # Any failure (including KeyboardInterrupt) leaves the previous files untouched.
+        if renaming:  # the failed rename is the first whose temporary file is still there
+            path = next((target for tmp, target in staged if tmp.exists()), path)
+        # Any failure (including KeyboardInterrupt) leaves the previous files as they were.
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
         if isinstance(err, OSError):
@@ -151,11 +194,68 @@ def atomic_save_all(items: list[tuple[Any, CheckpointPath, Callable[[Any, Any], 
         raise
     for folder in sorted({target.parent for _, target in staged}):
         _fsync_dir(folder)
-    # Leftovers of writers that were SIGKILLed before their rename: only this process writes these
-    # names now (Lightning saves from global rank 0), so they are garbage.
+    # Leftovers of writers that were SIGKILLed before their rename (another live writer's files stay).
     for _, target in staged:
         for leftover in stale_temp_files(target):
             leftover.unlink(missing_ok=True)
+
+
+def _replace_all(staged: list[tuple[Path, Path]]) -> None:
+    """Rename each staged temporary file over its target. With several files, each target's previous file
+    is first kept under a temporary name (a hard link, or a copy where the filesystem has none), and a
+    failed rename puts back the targets already replaced (or removes them where there was none), so the
+    set stays all-or-nothing for a failure this process sees; a kill between two renames can still leave
+    the first new file beside the second old one (``load_adapters`` then refuses the pair by checksum)."""
+    if len(staged) == 1:
+        tmp, target = staged[0]
+        os.replace(tmp, target)
+        return
+    kept: dict[Path, Path | None] = {}
+    replaced: list[Path] = []
+    try:
+        for _, target in staged:
+            kept[target] = _keep_previous(target)
+        for tmp, target in staged:
+            os.replace(tmp, target)
+            replaced.append(target)
+    except BaseException:
+        for target in reversed(replaced):
+            _put_back(target, kept)
+        raise
+    finally:
+        for previous in kept.values():
+            if previous is not None:
+                previous.unlink(missing_ok=True)
+
+
+def _keep_previous(target: Path) -> Path | None:
+    """A temporary name holding ``target``'s current file, or None when there is no file there."""
+    if not target.is_file():
+        return None
+    previous = _temp_path_for(target)
+    try:
+        os.link(target, previous)
+    except OSError:
+        try:
+            shutil.copy2(target, previous)
+        except BaseException:
+            previous.unlink(missing_ok=True)
+            raise
+    return previous
+
+
+def _put_back(target: Path, kept: dict[Path, Path | None]) -> None:
+    """Restore ``target``'s previous file (or remove the new one where there was none)."""
+    previous = kept[target]
+    try:
+        if previous is None:
+            target.unlink(missing_ok=True)
+        else:
+            os.replace(previous, target)
+            kept[target] = None
+    except OSError as err:
+        kept[target] = None  # keep the only copy of the previous file where it is
+        log.error("could not restore %s from %s after a failed save: %s", target, previous, err)
 
 
 def atomic_torch_save(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import stat
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -35,6 +36,9 @@ _USE_ANOTHER = (
 # weights_only refusals whose torch message names the cause and its fix (a class that needs allowlisting,
 # a module to import); every other unpickling failure of a weights-only load means damaged bytes.
 _EXPLAINED_BY_TORCH = ("Unsupported global", "must be imported to load", "is blocked")
+# RuntimeErrors of torch.load that come from this machine, not the file: tensors saved on a device it
+# lacks (map_location not set), too little memory.
+_NOT_DAMAGE = ("Attempting to deserialize object on", "out of memory", "can't allocate memory")
 
 
 class CheckpointIntegrityError(ValueError):
@@ -253,17 +257,23 @@ def check_finite_state(checkpoint: Mapping[str, Any], source: str, action: str) 
 
 
 def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: bool | None = True) -> Any:
-    """``torch.load`` with errors that name the file and the fix: missing, empty, truncated, damaged bytes
-    (``CheckpointIntegrityError``), instead of torch's own errors (``EOFError``, a miniz error, or a
-    "Weights only load failed ... re-run with weights_only=False" that damaged pickle bytes also raise)."""
+    """``torch.load`` with errors that name the file and the fix: damaged bytes (empty, truncated, corrupt:
+    ``CheckpointIntegrityError``) instead of torch's own errors (``EOFError``, a miniz error, or a "Weights
+    only load failed ... re-run with weights_only=False" that damaged pickle bytes also raise), and a file
+    that could not be opened or read as what it is: ``FileNotFoundError`` for a missing one,
+    ``PermissionError`` for one this process may not read, another ``OSError`` for a failing disk. Neither
+    those nor a load that failed for want of memory or of the device the tensors were saved from are
+    called damaged: the file may be intact."""
     path = Path(path)
-    if path.is_dir():
+    try:
+        info = path.stat()
+    except OSError as err:
+        raise _read_failure(path, err) from err
+    if stat.S_ISDIR(info.st_mode):
         raise NotACheckpointError(_folder_message(path))
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist; check the path (--ckpt_path accepts 'last')."
-        )
-    size = path.stat().st_size
+    if not stat.S_ISREG(info.st_mode):
+        raise NotACheckpointError(f"{path} is not a regular file (a device, pipe or socket). {_PASS_A_CKPT}")
+    size = info.st_size
     if size == 0:
         raise CheckpointIntegrityError(
             f"checkpoint {path} is empty (0 bytes): the write that produced it never completed (a crash or a"
@@ -271,10 +281,16 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as err:
+    except OSError as err:
+        raise _read_failure(path, err) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
         text = str(err)
         if isinstance(err, pickle.UnpicklingError) and any(m in text for m in _EXPLAINED_BY_TORCH):
             raise  # a class the weights-only loader refuses: torch's message names it and the fix
+        if isinstance(err, RuntimeError) and (
+            isinstance(err, torch.OutOfMemoryError) or any(m in text for m in _NOT_DAMAGE)
+        ):
+            raise RuntimeError(f"checkpoint {path} was not loaded (the file is not damaged): {text}") from err
         first = next((line for line in text.splitlines() if line.strip()), "")
         detail = text.partition("WeightsUnpickler error:")[2].strip()
         if detail:  # torch's weights-only message: its cause line, not the "re-run unsafely" advice
@@ -283,6 +299,27 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
             f"checkpoint {path} ({size} bytes) cannot be read: it is truncated or damaged, or not a torch"
             f" checkpoint ({type(err).__name__}: {first}). {_USE_ANOTHER}"
         ) from err
+
+
+def _read_failure(path: Path, err: OSError) -> OSError:
+    """``err`` (from opening or reading ``path``) as the same kind of error, naming the file and the fix."""
+    if isinstance(err, (FileNotFoundError, NotADirectoryError)):
+        return FileNotFoundError(
+            f"checkpoint {path} does not exist; check the path (--ckpt_path accepts 'last')."
+        )
+    reason = err.strerror or str(err)
+    if isinstance(err, PermissionError):
+        return PermissionError(
+            err.errno,
+            f"checkpoint {path} cannot be opened: this process may not read it ({reason}). Fix: give it read"
+            " permission and its folders search permission (chmod u+r on the file, u+x on the folders), or"
+            " copy it somewhere this process can read. The file itself is not known to be damaged.",
+        )
+    return type(err)(
+        err.errno,
+        f"reading checkpoint {path} failed: {reason}. The disk or filesystem failed while reading; the file"
+        " itself may be intact: retry, and check the disk or the network mount it is on.",
+    )
 
 
 def verify_loaded_checkpoint(checkpoint: Mapping[str, Any], source: str) -> None:

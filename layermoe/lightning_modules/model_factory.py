@@ -6,6 +6,7 @@ and a checkpoint can rebuild the exact same base model before its adapter weight
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from typing import Any
@@ -53,6 +54,9 @@ def build_tiny_model(spec: dict[str, Any], seed: int = 0, dtype: str = "float32"
         config = AutoConfig.for_model(model_type, **config_kwargs)
     except (StrictDataclassError, ValueError, TypeError, KeyError) as err:
         raise ValueError(_spec_error(model_type, config_kwargs, err)) from err
+    problem = _unknown_spec_fields_problem(config, config_kwargs)
+    if problem:
+        raise ValueError(problem)
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -62,6 +66,54 @@ def build_tiny_model(spec: dict[str, Any], seed: int = 0, dtype: str = "float32"
         if _spec_holders(config_kwargs, err):
             raise ValueError(_spec_error(model_type, config_kwargs, err)) from err
         raise
+
+
+def known_spec_fields(config: Any) -> list[str]:
+    """The fields a transformers config class takes: its own and the standard names it maps onto them
+    (GPT-2's ``hidden_size`` for ``n_embd``)."""
+    fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    return sorted(fields | set(getattr(config, "attribute_map", {})))
+
+
+def unknown_spec_fields(config: Any, spec: dict[str, Any]) -> list[str]:
+    """The model-dict keys ``config`` neither knows nor consumed: transformers keeps any other keyword as a
+    plain attribute that nothing reads (a misspelled ``hiden_size`` would silently build the default size),
+    while the legacy keywords it converts (``rope_theta`` into ``rope_parameters``) are not stored as given."""
+    known = set(known_spec_fields(config))
+    return sorted(k for k in spec if k not in known and k in vars(config))
+
+
+def unknown_fields_message(section: str, unknown: list[str], known: list[str]) -> str:
+    """One line naming each unknown ``section.field``, the closest known field where difflib finds one,
+    and the known fields."""
+    named = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        named.append(f"{section}.{name}" + (f" (did you mean {section}.{close[0]}?)" if close else ""))
+    verb = "is not a known field" if len(unknown) == 1 else "are not known fields"
+    return f"{' and '.join(named)} {verb} of {section}; known fields: {', '.join(known)}."
+
+
+def model_dict_problem(spec: Any) -> str | None:
+    """What is wrong with the names in a model dict (unknown fields), or None; other problems (bad values)
+    are left to :func:`build_tiny_model`, which names them when it builds the model."""
+    if not isinstance(spec, dict):
+        return None
+    config_kwargs = dict(spec)
+    model_type = config_kwargs.pop("type", None)
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
+    try:
+        config = AutoConfig.for_model(model_type, **config_kwargs)
+    except (StrictDataclassError, ValueError, TypeError, KeyError):
+        return None
+    return _unknown_spec_fields_problem(config, config_kwargs)
+
+
+def _unknown_spec_fields_problem(config: Any, spec: dict[str, Any]) -> str | None:
+    unknown = unknown_spec_fields(config, spec)
+    known = sorted(["type", *known_spec_fields(config)])
+    return unknown_fields_message("model.model", unknown, known) if unknown else None
 
 
 def _spec_error(model_type: str, spec: dict[str, Any], err: Exception) -> str:

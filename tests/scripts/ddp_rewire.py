@@ -1,9 +1,9 @@
 """Standalone DDP rewire job (2 CPU processes, gloo), run by tests/test_callback_ddp.py in a subprocess.
 
-Usage: python tests/scripts/ddp_rewire.py OUT_DIR [zero]. Lightning's DDP launcher re-executes this script for
+Usage: python tests/scripts/ddp_rewire.py OUT_DIR [zero|grow]. Lightning's DDP launcher re-executes this script for
 rank 1; each rank writes OUT_DIR/rank{r}.pt with its layout, adapter weights, callback history and the
 optimizer coverage it saw, and prints "RANK r OK" at the end. ``zero``: two rewires that empty block 0
-and then give it adapters back (issue 22).
+and then give it adapters back (issue 22). ``grow``: growth mode, two rounds with gradient init (issue 34).
 """
 
 from __future__ import annotations
@@ -55,6 +55,10 @@ def main(out_dir: Path, mode: str = "planted") -> None:
             "test_empty_toggle",
             allocator_options={"experts_bounds": {0: (0, None)}},
             schedule={"warmup": 2, "every": 2, "max_rewires": 2},
+        )
+    if mode == "grow":  # rounds after steps 2 and 4; new experts split gates by the mass shared over ranks
+        cb = quiet_influence(
+            "grad_norm", growth={"rounds": 2, "init": "gradient"}, schedule={"warmup": 2, "every": 2}
         )
     check = WrapperCheck(cb)
     trainer = cpu_trainer(
