@@ -42,10 +42,13 @@ Run names carry the lr (``layerif-grow+lr=0.004``).
   free (``rank_policy: scores``, ``experts_bounds`` = the budget's experts, ``rank_bounds: [1, null]``: no
   block is emptied); the placebo permutes the scores across blocks with the run's seed.
 
-Rank changes and step size: ``KEEP_SCALING`` (False for now) is passed to growth; the library refuses
-True until per-layer ``lora_alpha`` persists in checkpoints, and the rewire path has no such option yet,
-so a rank change rescales a block's step size (lora_alpha / r) in these arms: the table's rank-move arms
-carry that effect with them (the issue's "an arm that shows what step size alone does" is still to add).
+Rank changes and step size: the growth arms keep each block's scaling (``growth.keep_scaling``,
+``KEEP_SCALING``): the layer's ``lora_alpha`` moves with its rank, so the even start (a lower rank than
+the budget's) and every rank unit added train at the scaling uniform trains at, and uniform's lr means
+the same step size there. The rewire arms cannot yet: the callback's rewire path does not pass
+``keep_scaling`` to the resize (the library's ``apply_layout`` has it), so a rank change there rescales
+the block's step size (``lora_alpha / r``); ``placebo-rewire-rank`` carries the same effect, so the pair
+separates placement from step size, not step size from no move.
 
 **Growth schedule**: ``ROUNDS_AT`` = rounds after 10%, 25% and 40% of the optimizer steps (150 steps:
 15, 37, 59; the schedule's ``warmup`` and ``every`` in steps). The first round comes after the lr
@@ -95,7 +98,9 @@ Run = tuple[str, str, str, int]  # task, budget, arm, seed (as in allocation_swe
 
 ROUNDS_AT = (0.10, 0.25, 0.40)  # growth rounds, as fractions of the optimizer steps (docstring)
 VALIDATIONS = 10  # validation checks per run: every tenth of the steps
-KEEP_SCALING = False  # growth.keep_scaling: refused by the library until per-layer alphas persist
+#: growth.keep_scaling: every rank change (the even start included) keeps the block's configured scaling,
+#: so growth arms train at uniform's step size per direction at uniform's lr (docstring)
+KEEP_SCALING = True
 _GROWTH = {
     "rounds": len(ROUNDS_AT),
     "initial_fraction": 0.25,

@@ -178,6 +178,7 @@ def test_arm_callbacks_are_valid_and_configure_what_their_names_say(budget: str)
         if name.endswith("-grow"):
             control = {"uniform-grow": "uniform", "placebo-grow": "placebo"}.get(name, "none")
             assert callback.growth.control == control and callback.growth.rounds == 3
+            assert callback.growth.keep_scaling is True  # uniform's step size at uniform's lr
             assert (callback.schedule.warmup, callback.schedule.every) == (15, 22)
             assert callback.allocator_options["error_shrinkage"] == 1.0
         else:
