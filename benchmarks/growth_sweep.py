@@ -355,13 +355,20 @@ def _steps_cell(runs: Sequence[dict[str, Any]], uniform: dict[int, dict[str, Any
     return (f"{statistics.fmean(hit):.0f}" if hit else "never") + f" ({len(hit)} of {len(reached)})"
 
 
-def _params_cell(runs: Sequence[dict[str, Any]]) -> str:
-    def at(r: dict[str, Any], index: int) -> int | None:
-        history = r.get("params_history") or []
-        return int(history[index][1]) if history else None
+def params_history(run: dict[str, Any]) -> list[list]:
+    """``[step, adapter params, event]`` over the run; a run without the record (the curve's uniform runs
+    from before it existed) had no callback, so its trainable parameters at its start and end."""
+    if run.get("params_history"):
+        return [list(entry) for entry in run["params_history"]]
+    if run.get("callback") is None:
+        return [[0, run["trainable_params"], "start"], [run["steps"], run["trainable_params"], "end"]]
+    return []
 
-    start = sorted({p for r in runs if (p := at(r, 0)) is not None})
-    end = sorted({p for r in runs if (p := at(r, -1)) is not None})
+
+def _params_cell(runs: Sequence[dict[str, Any]]) -> str:
+    histories = [h for r in runs if (h := params_history(r))]
+    start = sorted({int(h[0][1]) for h in histories})
+    end = sorted({int(h[-1][1]) for h in histories})
     if not start:
         return "-"
     text = "/".join(f"{p:,}" for p in start)
@@ -452,7 +459,7 @@ def grow_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
             for row, key in ((0, "val_history"), (1, "params_history")):
                 by_step: dict[int, list[float]] = {}
                 for r in runs:
-                    for entry in r.get(key) or []:
+                    for entry in (r.get(key) or []) if row == 0 else params_history(r):
                         by_step.setdefault(int(entry[0]), []).append(float(entry[1]))
                 if by_step:
                     steps = sorted(by_step)

@@ -250,3 +250,17 @@ def test_generative_runs_are_compared_on_their_answer_token_loss() -> None:
     results = [{**r, "arm": capacity_curve.split_arm(r["arm"])[0]} for r in results]
     assert sweep_report.relative_differences(results, "a", "uniform", "facts", "mid") == [-0.25]
     assert sweep_report.primary_loss({"final": {"label_loss": 0.3, "accuracy": 1.0}}) == 0.3
+
+
+def test_runs_without_a_parameter_record_are_static_runs() -> None:
+    """The curve's uniform runs made before params_history existed: their trainable parameters throughout;
+    a callback run without the record has none to show."""
+    static = {"callback": None, "trainable_params": 610560, "steps": 150}
+    assert growth_sweep.params_history(static) == [[0, 610560, "start"], [150, 610560, "end"]]
+    assert growth_sweep.params_history({**static, "callback": {"scorer": "layerif"}}) == []
+    grown = {"params_history": [[0, 100, "start"], [15, 150, "changed"], [150, 200, "validation"]]}
+    assert growth_sweep._params_cell([static]) == "610,560"
+    assert (
+        growth_sweep._params_cell([grown, {**grown, "params_history": [[0, 100, "start"]]}])
+        == "100 -> 100/200"
+    )
