@@ -48,7 +48,9 @@ the budget's) and every rank unit added train at the scaling uniform trains at, 
 the same step size there. The rewire arms cannot yet: the callback's rewire path does not pass
 ``keep_scaling`` to the resize (the library's ``apply_layout`` has it), so a rank change there rescales
 the block's step size (``lora_alpha / r``); ``placebo-rewire-rank`` carries the same effect, so the pair
-separates placement from step size, not step size from no move.
+separates placement from step size, not step size from no move. The optional arm
+``uniform-grow-rescaled`` (``--arms``; not in ``GROW``, whose 7 arms fill the run cap at 3 seeds) is
+``uniform-grow`` without kept scaling: beside it, what the step size alone does to growth.
 
 **Growth schedule**: ``ROUNDS_AT`` = rounds after 10%, 25% and 40% of the optimizer steps (150 steps:
 15, 37, 59; the schedule's ``warmup`` and ``every`` in steps). The first round comes after the lr
@@ -134,6 +136,9 @@ ARMS: dict[str, dict[str, Any] | None] = {
         "scorer_options": {"scorer": "layerif", "seed": "{seed}"},
         "allocator_options": _RANK_MOVES,
     },
+    # optional (--arms), not in GROW: uniform-grow whose rank changes rescale the step size (lora_alpha / r),
+    # beside uniform-grow it shows what the step size alone does
+    "uniform-grow-rescaled": {**_LAYERIF, "growth": {**_GROWTH, "control": "uniform", "keep_scaling": False}},
 }
 #: each scored arm's control with the same increments or moves at random blocks
 PLACEBO_OF = {"layerif-grow": "placebo-grow", "rewire-rank": "placebo-rewire-rank"}
@@ -145,7 +150,7 @@ GROW: dict[str, Any] = {
     # rank moves nothing to do (module docstring); mid (rank 2) and large (rank 6) are the curve's budgets
     # where both can act.
     "budgets": ["mid", "large"],
-    "arms": list(ARMS),
+    "arms": [arm for arm in ARMS if arm != "uniform-grow-rescaled"],
     "min_seeds": 3,
     "max_runs": 100,
 }

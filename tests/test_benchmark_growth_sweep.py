@@ -175,10 +175,11 @@ def test_arm_callbacks_are_valid_and_configure_what_their_names_say(budget: str)
             continue
         callback = LayerInfluenceCallback(**args)  # passes the callback's own checks
         assert callback.rewiring.seed == 7
-        if name.endswith("-grow"):
-            control = {"uniform-grow": "uniform", "placebo-grow": "placebo"}.get(name, "none")
+        if "-grow" in name:
+            control = {"placebo-grow": "placebo"}.get(name, "uniform" if "uniform" in name else "none")
             assert callback.growth.control == control and callback.growth.rounds == 3
-            assert callback.growth.keep_scaling is True  # uniform's step size at uniform's lr
+            # uniform's step size at uniform's lr; the optional control shows what the step size does
+            assert callback.growth.keep_scaling is (name != "uniform-grow-rescaled")
             assert (callback.schedule.warmup, callback.schedule.every) == (15, 22)
             assert callback.allocator_options["error_shrinkage"] == 1.0
         else:
@@ -203,6 +204,7 @@ def test_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
     lrs = dict.fromkeys(cells, 4e-3)
     runs = growth_sweep.plan_runs(grow["tasks"], grow["budgets"], grow["arms"], seeds, lrs)
     assert len(runs) == len(set(runs)) == 2 * 2 * 7 * 3 <= 100
+    assert "uniform-grow-rescaled" not in grow["arms"]  # optional: --arms
     assert runs[0] == ("facts", "mid", "uniform+lr=0.004", 0)  # seed by seed: whole paired seeds first
     with pytest.raises(SystemExit):  # argparse's error: every arm is paired with uniform
         allocation_sweep.parse(["--phase", "grow", "--arms", "layerif-grow"])
