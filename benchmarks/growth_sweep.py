@@ -49,20 +49,21 @@ the same step size there. The rewire arms cannot yet: the callback's rewire path
 ``keep_scaling`` to the resize (the library's ``apply_layout`` has it), so a rank change there rescales
 the block's step size (``lora_alpha / r``); ``placebo-rewire-rank`` carries the same effect, so the pair
 separates placement from step size, not step size from no move. The optional arm
-``uniform-grow-rescaled`` (``--arms``; not in ``GROW``, whose 7 arms fill the run cap at 3 seeds) is
-``uniform-grow`` without kept scaling: beside it, what the step size alone does to growth.
+``uniform-grow-rescaled`` (``--arms``; not in ``GROW``: with it, 8 arms at 3 seeds are 96 runs, still
+within the cap) is ``uniform-grow`` without kept scaling: beside it, what the step size alone does.
 
 **Growth schedule**: ``ROUNDS_AT`` = rounds after 10%, 25% and 40% of the optimizer steps (150 steps:
 15, 37, 59; the schedule's ``warmup`` and ``every`` in steps). The first round comes after the lr
 warm-up (10 steps), so the scores see a trained adapter rather than its initialisation; the last leaves
-60% of the run for the last increment to train, as long as the sweep's single rewire at 30% leaves its
-moved capacity; even spacing is what ``RewireSchedule`` (``warmup + i * every``) expresses.
+60% of the run to train the last increment (the issue-27 sweep's single rewire at 30% left 70%); even
+spacing is what ``RewireSchedule`` (``warmup + i * every``) expresses.
 
 **Seeds** (``seed_plan``): paired (every arm of a cell runs the same seeds), at least ``min_seeds``
 (3); more when the power rule of the issue-27 sweep (``sweep_report.seeds_for_power``: the seeds that find a
 1% paired difference at 80% power, from the measured spread of each arm's paired differences to
 uniform) asks for more and the cap of ``max_runs`` runs (100, reused runs counted) allows them. The
-driver plans again after each batch, so one command runs it all and resumes.
+default grid is 28 runs a seed, so the cap allows 3 seeds: the table's power note then says what 3 seeds
+detect. The driver plans again after each batch, so one command runs it all and resumes.
 
 **Metrics per run**: test loss over the answer tokens with the final weights (per-sample mean, the
 primary, and token mean) and exact match, by ``benchmarks/peft_parity.py``'s evaluator (the curve's);
