@@ -8,6 +8,8 @@
     python benchmarks/allocation_sweep.py --phase curve --jobs 2        # capacity curve (issue 34), see below
     python benchmarks/allocation_sweep.py --phase curve --table         # only rebuild the curve's table
     python benchmarks/allocation_sweep.py --phase curve --quick         # tiny random model, 6 runs (tested)
+    python benchmarks/allocation_sweep.py --phase grow --jobs 2         # growth sweep (issue 34): growth_sweep.py
+    python benchmarks/allocation_sweep.py --phase grow --table          # only rebuild the growth sweep's table
 
 The capacity curve (issue 34, ``--phase curve``, results under ``benchmarks/results/curve``): uniform
 MoE-LoRA (no callback) on the generative tasks ``facts`` and ``skills`` (benchmarks/tasks.py, written into
@@ -46,13 +48,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from lightning.pytorch.callbacks import Callback
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import capacity_curve  # noqa: E402
+import growth_sweep  # noqa: E402
 from allocation_quality import machine_description, tiny_task_files  # noqa: E402
+from capacity_curve import run_name  # noqa: E402
 from quality_results import load_results, write_result  # noqa: E402
 from run_queue import QueuedRun, run_queue  # noqa: E402
 from sweep_report import write_report  # noqa: E402
@@ -174,11 +179,6 @@ CURVE_QUICK: dict[str, Any] = {
 Run = tuple[str, str, str, int]  # task, budget, arm, seed
 
 
-def run_name(run: Run) -> str:
-    task, budget, arm, seed = run
-    return f"{task}__{budget}__{arm}__seed{seed}"
-
-
 def callback_config(arm: str, seed: int) -> dict[str, Any] | None:
     """The arm's ``LayerInfluenceCallback`` init_args (None: no callback)."""
     spec = ARMS[capacity_curve.split_arm(arm)[0]]
@@ -257,9 +257,20 @@ def second_draw(callback: Any, offset: int = 1000) -> list[dict[int, float]]:
     return draws
 
 
-def run_one(run: Run, out: Path, workdir: Path, quick: bool, max_steps: int | None = None) -> None:
+def configured_steps(quick: bool, max_steps: int | None) -> int:
+    """A generative run's optimizer steps: the override, else the quick or the task config's."""
+    if max_steps is not None:
+        return max_steps
+    config = QUICK_GENERATIVE_CONFIG if quick else TASK_CONFIGS[capacity_curve.GENERATIVE_TASKS[0]]
+    return int(yaml.safe_load(config.read_text())["trainer"]["max_steps"])
+
+
+def run_one(
+    run: Run, out: Path, workdir: Path, quick: bool, max_steps: int | None = None, phase: str | None = None
+) -> None:
+    """One run in this process, its result written to ``out`` (``phase="grow"``: the growth sweep's arms,
+    schedule and validation cadence, ``growth_sweep.py``)."""
     import torch
-    import yaml
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from layermoe.adapters import layout
@@ -273,7 +284,12 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool, max_steps: int | No
     workdir.mkdir(parents=True, exist_ok=True)
     args = ["--config", str(CONFIGS / "base.yaml"), "--config", str(TASK_CONFIGS[task])]
     args += ["--config", str(CONFIGS / "budgets" / f"{budget}.yaml")]
-    callback = callback_config(arm, seed)
+    grow = phase == "grow"
+    if grow:
+        steps = configured_steps(quick, max_steps)
+        callback = growth_sweep.arm_callback(arm, seed, budget, steps, _COMMON)
+    else:
+        callback = callback_config(arm, seed)
     if callback is not None:
         arm_file = workdir / "arm.yaml"
         entry = {"class_path": "layermoe.callbacks.LayerInfluenceCallback", "init_args": callback}
@@ -288,6 +304,8 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool, max_steps: int | No
         args += ["--config", str(QUICK_CONFIG)]
         files = tiny_task_files(workdir / "data", seed=0)
         args += ["--data.train_file", files["train"], "--data.test_file", files["test"]]
+    if grow:  # after every config file: the quick one sets its own cadence
+        args += ["--trainer.val_check_interval", str(growth_sweep.validation_interval(steps))]
     if lr is not None:
         args += ["--model.lr", repr(lr)]
     if max_steps is not None:  # a smoke run: the warm-up shrinks with it (the configs' is 10 steps)
@@ -305,6 +323,8 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool, max_steps: int | No
     draws = second_draw(influence[0]) if influence and arm in SCORER_ARMS else None
     val_history = ValidationHistory()
     trainer.callbacks.append(val_history)
+    params_history = AdapterParamsHistory()  # after the influence callback: sees a round in its own step
+    trainer.callbacks.append(params_history)
     selection = None
     if not generative:  # generative runs are judged by their final weights only (no accuracy to select on)
         selection = ModelCheckpoint(
@@ -338,6 +358,8 @@ def run_one(run: Run, out: Path, workdir: Path, quick: bool, max_steps: int | No
         "selected": selected,
         "lr": float(module.hparams.lr),
         "val_history": val_history.losses,
+        "params_history": params_history.counts,
+        "max_steps_override": max_steps,
         "trainable_params": int(sum(p.numel() for p in module.parameters() if p.requires_grad)),
         "base_params": int(sum(p.numel() for n, p in module.model.named_parameters() if "lora_" not in n)),
         "final_layout": {str(k): v for k, v in layout(module.model).items()},
@@ -388,6 +410,37 @@ def evaluate_generative(module: Any, datamodule: Any) -> tuple[dict[str, float],
     return out[0], out[1]
 
 
+def adapter_params(model: Any) -> int:
+    """Trainable parameters of the MoE-LoRA layers (experts and routers; the frozen base excluded)."""
+    from layermoe.adapters import named_moe_layers
+
+    layers = named_moe_layers(model).values()
+    return sum(p.numel() for layer in layers for p in layer.parameters() if p.requires_grad)
+
+
+class AdapterParamsHistory(Callback):
+    """Trainable adapter parameters over the fit: ``[step, params, event]`` at the start, after every
+    optimizer step that changed them (a growth round, a rewire) and at each validation check."""
+
+    def __init__(self) -> None:
+        self.counts: list[tuple[int, int, str]] = []
+
+    def _record(self, trainer: Any, pl_module: Any, event: str) -> None:
+        params = adapter_params(pl_module.model)
+        if event != "changed" or not self.counts or self.counts[-1][1] != params:
+            self.counts.append((int(trainer.global_step), params, event))
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        self._record(trainer, pl_module, "start")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
+        self._record(trainer, pl_module, "changed")
+
+    def on_validation_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if not trainer.sanity_checking:
+            self._record(trainer, pl_module, "validation")
+
+
 class ValidationHistory(Callback):
     """Lightning's validation loss (per-sample mean over the answer tokens) at each check, by step."""
 
@@ -421,16 +474,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--phase",
-        choices=[*PHASES, "curve", "all"],
+        choices=[*PHASES, "curve", "grow", "all"],
         default=None,
-        help="which part of the grid (default: primary; --table: all but the curve); curve: the capacity curve",
+        help="which part of the grid (default: primary; --table: all but curve and grow); curve: the"
+        " capacity curve; grow: the growth sweep (growth_sweep.py)",
     )
     parser.add_argument(
         "--quick", action="store_true", help="tiny random model, 1 budget x 2 arms x 2 seeds (~1 min)"
     )
     parser.add_argument("--tasks", nargs="+", choices=list(TASK_CONFIGS))
     parser.add_argument("--budgets", nargs="+", choices=ALL_BUDGETS)
-    parser.add_argument("--arms", nargs="+", choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", choices=list(dict.fromkeys([*ARMS, *growth_sweep.ARMS])))
     parser.add_argument("--seeds", nargs="+", type=int)
     parser.add_argument("--lrs", nargs="+", type=float, help="curve: the lr grid (default CURVE['lrs'])")
     parser.add_argument(
@@ -439,7 +493,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="curve: grid steps added when the best lr is at an edge",
     )
-    parser.add_argument("--results", help="results folder (default benchmarks/results/sweep[-quick])")
+    parser.add_argument("--results", help="results folder (default benchmarks/results/<phase>[-quick])")
+    parser.add_argument(
+        "--curve-results",
+        help="grow: the capacity curve's results, read for uniform's lr and its runs"
+        " (default benchmarks/results/curve[-quick])",
+    )
     parser.add_argument("--workdir", default=str(REPO / "runs" / "allocation_sweep"))
     parser.add_argument("--table", action="store_true", help="only rebuild the report from finished runs")
     parser.add_argument(
@@ -467,8 +526,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--phase curve runs the uniform arm only (at each lr of its grid); drop --arms")
     if args.lrs is not None and (len(set(args.lrs)) != len(args.lrs) or min(args.lrs) <= 0):
         parser.error(f"--lrs must be distinct positive learning rates, got {args.lrs}")
-    if args.phase == "curve" and args.tasks and set(args.tasks) - set(capacity_curve.GENERATIVE_TASKS):
-        parser.error(f"--phase curve runs generative tasks only: {list(capacity_curve.GENERATIVE_TASKS)}")
+    if (
+        args.phase in ("curve", "grow")
+        and args.tasks
+        and set(args.tasks) - set(capacity_curve.GENERATIVE_TASKS)
+    ):
+        parser.error(
+            f"--phase {args.phase} runs generative tasks only: {list(capacity_curve.GENERATIVE_TASKS)}"
+        )
+    if args.phase == "grow" and args.arms and set(args.arms) - set(growth_sweep.ARMS):
+        parser.error(f"--phase grow arms are {list(growth_sweep.ARMS)}, got {args.arms}")
+    if args.phase == "grow" and args.arms and "uniform" not in args.arms:
+        parser.error(
+            "--phase grow --arms must include uniform: every arm is compared with it, paired by seed"
+        )
+    if args.phase != "grow" and args.arms and set(args.arms) - set(ARMS):
+        parser.error(f"--phase {args.phase}: arms {sorted(set(args.arms) - set(ARMS))} are --phase grow's")
     return args
 
 
@@ -489,7 +562,7 @@ def planned_runs(args: argparse.Namespace) -> list[Run]:
 def results_dir(args: argparse.Namespace) -> Path:
     if args.results:
         return Path(args.results)
-    name = "curve" if args.phase == "curve" else "sweep"
+    name = args.phase if args.phase in ("curve", "grow") else "sweep"
     return REPO / "benchmarks" / "results" / (f"{name}-quick" if args.quick else name)
 
 
@@ -545,6 +618,59 @@ def run_curve(args: argparse.Namespace, folder: Path) -> str:
     )
 
 
+def curve_results_dir(args: argparse.Namespace) -> Path:
+    """Where the grow phase reads the capacity curve's runs (uniform's lr and the runs it reuses)."""
+    if args.curve_results:
+        return Path(args.curve_results)
+    return REPO / "benchmarks" / "results" / ("curve-quick" if args.quick else "curve")
+
+
+def grow_plan(args: argparse.Namespace, folder: Path) -> tuple[list[Run], str]:
+    """The grow phase's runs as far as known now (seeds by the power rule) and why that many seeds;
+    ``GrowPlanError`` before anything runs when a cell's lr is not chosen or a budget cannot grow."""
+    settings = dict(growth_sweep.GROW_QUICK if args.quick else growth_sweep.GROW)
+    for key in ("tasks", "budgets", "arms"):
+        settings[key] = list(getattr(args, key) or settings[key])
+    settings["budgets"] = sorted(settings["budgets"], key=ALL_BUDGETS.index)
+    growth_sweep.check_budgets(settings["budgets"])
+    curve_folder = curve_results_dir(args)
+    curve = CURVE_QUICK if args.quick else CURVE  # the curve's own grid and seeds, not this phase's
+    lrs = growth_sweep.chosen_lrs(
+        load_results_of(curve_folder), settings["tasks"], settings["budgets"], curve, curve_folder
+    )
+    cells = [(t, b) for b in settings["budgets"] for t in settings["tasks"]]
+    if args.seeds:
+        seeds, why = list(args.seeds), f"{len(args.seeds)} seeds (--seeds)"
+    else:
+        seeds, why = growth_sweep.seed_plan(
+            load_results_of(folder), cells, settings["arms"], lrs, settings["min_seeds"], settings["max_runs"]
+        )
+    planned = growth_sweep.plan_runs(settings["tasks"], settings["budgets"], settings["arms"], seeds, lrs)
+    return planned, why
+
+
+def run_grow(args: argparse.Namespace, folder: Path) -> str:
+    """Plan, reuse the curve's matching uniform runs, run the rest, plan again (the power rule may ask for
+    more seeds once paired runs exist) until nothing is left or --max-runs is spent; then the table."""
+    budget = args.max_runs
+    steps = configured_steps(args.quick, args.max_steps)
+    while not args.table:
+        planned, _ = grow_plan(args, folder)
+        todo = [r for r in planned if not (folder / f"{run_name(r)}.json").exists()]
+        todo = growth_sweep.reuse_uniform_runs(
+            todo, curve_results_dir(args), folder, steps, args.quick, args.max_steps
+        )
+        print(f"grow: {len(planned) - len(todo)} of {len(planned)} planned runs done or reused", flush=True)
+        if budget is not None:
+            todo = todo[: max(0, budget)]
+            budget -= len(todo)
+        if not todo:
+            break
+        run_pending(args, folder, todo)
+    planned, why = grow_plan(args, folder)
+    return growth_sweep.write_grow_report(load_results_of(folder), folder, planned, why)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     folder = results_dir(args)
@@ -552,12 +678,18 @@ def main(argv: list[str] | None = None) -> int:
         task, budget, arm, seed = args.run_one
         run = (task, budget, arm, int(seed))
         name = run_name(run)
-        run_one(
-            run, folder / f"{name}.json", Path(args.workdir) / folder.name / name, args.quick, args.max_steps
-        )
+        workdir = Path(args.workdir) / folder.name / name
+        run_one(run, folder / f"{name}.json", workdir, args.quick, args.max_steps, args.phase)
         return 0
     if args.phase == "curve":
         print(run_curve(args, folder))
+        return 0
+    if args.phase == "grow":
+        try:
+            print(run_grow(args, folder))
+        except growth_sweep.GrowPlanError as err:
+            print(err, file=sys.stderr)
+            return 2
         return 0
     planned = planned_runs(args)
     if not args.table:
@@ -583,6 +715,7 @@ def run_pending(args: argparse.Namespace, folder: Path, todo: list[Run]) -> None
         command = [sys.executable, __file__, "--run-one", run[0], run[1], run[2], str(run[3])]
         command += ["--results", str(folder), "--workdir", args.workdir] + (["--quick"] if args.quick else [])
         command += [] if args.max_steps is None else ["--max-steps", str(args.max_steps)]
+        command += ["--phase", args.phase] if args.phase == "grow" else []
         log = Path(args.workdir) / folder.name / f"{name}.log"
         runs.append(QueuedRun(name, command, folder / f"{name}.json", log))
     run_queue(runs, args.jobs, env)

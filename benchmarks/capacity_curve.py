@@ -30,7 +30,13 @@ QUICK_SIZES = {"facts": {"entities": 6}, "skills": {"train_rows": 24, "test_rows
 QUICK_VAL_ROWS = 8
 TASK_DATA_SEED = 0  # the task's rows are the same for every training seed: seeds vary init and order
 
-Run = tuple[str, str, str, int]  # task, budget, arm, seed (as in allocation_sweep)
+Run = tuple[str, str, str, int]  # task, budget, arm, seed (the sweep runner's runs)
+
+
+def run_name(run: Run) -> str:
+    """A run's file and folder name (every phase of benchmarks/allocation_sweep.py)."""
+    task, budget, arm, seed = run
+    return f"{task}__{budget}__{arm}__seed{seed}"
 
 
 # ---------------------------------------------------------------------------------------------- data

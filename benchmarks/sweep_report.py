@@ -1,7 +1,8 @@
 """Statistics, table and figure of the allocation sweep (issue 27), rebuilt from the per-run JSON files.
 
-Comparisons are paired by (task, budget, seed): an arm's relative difference in final test label loss to
-uniform (and to its placebo) is computed per seed, then summarized by its mean and a 95% t-interval. The
+Comparisons are paired by (task, budget, seed): an arm's relative difference in final test loss to
+uniform (``primary_loss``: the label token's for classification runs, the answer tokens' per-sample mean for
+generative ones) (and to its placebo) is computed per seed, then summarized by its mean and a 95% t-interval. The
 number of seeds that would detect a 1% relative difference at 80% power (two-sided 5% paired test) is
 ``n = ((z_0.975 + z_0.8) * sd / 0.01)^2`` with ``sd`` the measured spread of the paired differences.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +63,21 @@ def detectable_difference(sd: float, seeds: int) -> float:
     return float((t.ppf(0.975, df) + t.ppf(0.8, df)) * sd / math.sqrt(seeds))
 
 
+def primary_loss(result: dict[str, Any]) -> float:
+    """A run's primary metric, its final test loss: the label token's (classification runs) or the answer
+    tokens' averaged per sample (generative runs, which record ``loss_sample`` and no label loss)."""
+    final = result["final"]
+    return float(final["loss_sample"] if "loss_sample" in final else final["label_loss"])
+
+
 def relative_differences(
     results: Sequence[dict[str, Any]], arm: str, baseline: str, task: str, budget: str
 ) -> list[float]:
-    """(arm - baseline) / baseline final test label loss, one per seed both have."""
+    """(arm - baseline) / baseline final test loss (``primary_loss``), one per seed both have."""
 
     def by_seed(name: str) -> dict[int, float]:
         return {
-            r["seed"]: r["final"]["label_loss"]
+            r["seed"]: primary_loss(r)
             for r in results
             if r["arm"] == name and r["task"] == task and r["budget"] == budget
         }
@@ -136,7 +144,7 @@ def build_table(results: Sequence[dict[str, Any]], planned: Sequence[tuple[str, 
                 f"{budget} ({ratio})",
                 arm,
                 ",".join(str(r["seed"]) for r in mine),
-                _mean_sd([r["final"]["label_loss"] for r in mine]),
+                _mean_sd([primary_loss(r) for r in mine]),
                 ""
                 if arm == "uniform"
                 else _interval(relative_differences(results, arm, "uniform", task, budget)),
@@ -179,14 +187,19 @@ def _arm_order(arm: str) -> tuple[int, str]:
     return (order.index(arm) if arm in order else len(order), arm)
 
 
-def power_note(results: Sequence[dict[str, Any]]) -> str:
+def power_note(
+    results: Sequence[dict[str, Any]],
+    groups: Sequence[tuple[str, str]] | None = None,
+    arm_order: Callable[[str], Any] | None = None,
+) -> str:
     """Per arm, the paired spread against uniform, the seeds a 1% difference would need, and the
-    difference the seeds run so far would detect (both at 80% power, 5% two-sided)."""
+    difference the seeds run so far would detect (both at 80% power, 5% two-sided); over the (task, budget)
+    ``groups`` (default: every one with results), arms sorted by ``arm_order`` (default: this sweep's)."""
     rows = []
-    groups = _groups(results)
-    for task, budget in groups:
+    for task, budget in _groups(results) if groups is None else groups:
         arms = sorted(
-            {r["arm"] for r in results if r["task"] == task and r["budget"] == budget}, key=_arm_order
+            {r["arm"] for r in results if r["task"] == task and r["budget"] == budget},
+            key=arm_order or _arm_order,
         )
         for arm in arms:
             diffs = relative_differences(results, arm, "uniform", task, budget)
@@ -200,7 +213,7 @@ def power_note(results: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return "Power: needs two paired seeds."
     return (
-        "Power (paired relative difference in test label loss to uniform; seeds for 1% at 80% power,"
+        "Power (paired relative difference in test loss to uniform; seeds for 1% at 80% power,"
         " n = ((1.96 + 0.84) * sd / 0.01)^2; detectable with the seeds run: (t_0.975 + t_0.8) * sd / sqrt(n)):\n\n"
         + "\n".join(f"- {row}" for row in rows)
     )
@@ -229,11 +242,7 @@ def moving_cost(results: Sequence[dict[str, Any]]) -> str:
     import torch
     from torchmetrics.functional import spearman_corrcoef
 
-    uniform = {
-        (r["task"], r["budget"], r["seed"]): r["final"]["label_loss"]
-        for r in results
-        if r["arm"] == "uniform"
-    }
+    uniform = {(r["task"], r["budget"], r["seed"]): primary_loss(r) for r in results if r["arm"] == "uniform"}
     rows = []
     for r in results:
         base = uniform.get((r["task"], r["budget"], r["seed"]))
@@ -241,7 +250,7 @@ def moving_cost(results: Sequence[dict[str, Any]]) -> str:
         if r["arm"] == "uniform" or base is None or not first.get("val_loss_before"):
             continue
         jump = first["val_loss_after"] / first["val_loss_before"] - 1
-        rows.append(((r["final"]["label_loss"] - base) / base, blocks_emptied(r), jump, blocks_moved(r)))
+        rows.append(((primary_loss(r) - base) / base, blocks_emptied(r), jump, blocks_moved(r)))
     if len(rows) < 3:
         return "What moving costs: needs three rewired runs with their paired uniform run."
     diffs = torch.tensor([row[0] for row in rows], dtype=torch.float64)
@@ -367,6 +376,8 @@ def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
                         values = [
                             100 * d for d in relative_differences(results, arm, "uniform", task, budget)
                         ]
+                    elif key == "label_loss":
+                        values = [primary_loss(r) for r in mine]
                     else:
                         values = [r["final"][key] for r in mine]
                     if not values:

@@ -18,21 +18,25 @@ import capacity_curve  # noqa: E402
 import tasks  # noqa: E402
 
 
-def _in_process(started: list[list]) -> object:
-    """run_pending without subprocesses (the queue itself is covered by the sweep's test): seconds."""
+def in_process(started: list[list]) -> object:
+    """run_pending without subprocesses (the queue itself is covered by the sweep's test): seconds. Also
+    the growth sweep's test's."""
 
     def run_pending(args, folder, todo):
         started.append(list(todo))
         for run in todo:
             name = allocation_sweep.run_name(run)
-            allocation_sweep.run_one(run, folder / f"{name}.json", Path(args.workdir) / name, args.quick)
+            workdir = Path(args.workdir) / name
+            allocation_sweep.run_one(
+                run, folder / f"{name}.json", workdir, args.quick, args.max_steps, args.phase
+            )
 
     return run_pending
 
 
 def test_quick_curve_chooses_lr_on_validation_runs_seeds_resumes_and_tabulates(tmp_path, monkeypatch, capsys):
     started: list[list] = []
-    monkeypatch.setattr(allocation_sweep, "run_pending", _in_process(started))
+    monkeypatch.setattr(allocation_sweep, "run_pending", in_process(started))
     monkeypatch.setattr(sys, "argv", sys.argv[:1])
     results, workdir = tmp_path / "results", tmp_path / "work"
     argv = ["--phase", "curve", "--quick", "--results", str(results), "--workdir", str(workdir)]

@@ -1,0 +1,512 @@
+"""The growth sweep (issue 34, item 5): growth and rank moves against static uniform, where capacity binds.
+
+Driven by ``benchmarks/allocation_sweep.py --phase grow`` (its runner, queue and one JSON per finished run
+under ``benchmarks/results/grow``; reruns skip finished runs)::
+
+    python benchmarks/allocation_sweep.py --phase curve --jobs 2          # first: uniform's lr per cell
+    python benchmarks/allocation_sweep.py --phase grow --jobs 2           # the sweep, seed by seed
+    python benchmarks/allocation_sweep.py --phase grow --table            # only rebuild table + figure
+    python benchmarks/allocation_sweep.py --phase grow --budgets mid large --tasks facts   # narrow it
+    python benchmarks/allocation_sweep.py --phase curve --quick --budgets mid   # tiny random model...
+    python benchmarks/allocation_sweep.py --phase grow --quick                  # ...then its grow sweep (tested)
+
+This file holds what is particular to the grow phase: its arms, schedule, learning rates, seeds, the reuse
+of the curve's uniform runs, and the table and figure.
+
+**Tasks and budgets.** The generative tasks ``facts`` and ``skills`` (written per run as the curve phase
+writes them) at the budgets ``GROW["budgets"]`` (``--budgets`` overrides). A budget of one rank-1 expert
+per block (tiny, tight, small) is refused: growth's smallest even start (rank 1 in every block) is the
+whole budget there, and with experts fixed no rank can move, so every arm would be uniform.
+
+**Learning rate.** Every arm of a (task, budget) runs at uniform's learning rate chosen by the capacity
+curve (``capacity_curve.plan_cell`` on the curve's results: lowest validation loss on the selection seed);
+a cell whose lr is not chosen yet is refused before anything runs, naming the curve runs it still needs.
+Run names carry the lr (``layerif-grow+lr=0.004``).
+
+**Arms** (``ARMS``; every one with the callback's scoring sample seeded by the run's seed):
+
+- ``uniform``: no callback, the full budget from step 0. The curve's uniform runs at the chosen lr are
+  these runs when the configuration matches (``reusable``: same steps, lr, precision, quick flag, no step
+  override); they are copied here with ``reused_from`` set instead of run again. The grow phase validates
+  every tenth of the run (the curve at the half and the end); the validation cadence does not change
+  training (``tests/test_benchmark_growth_sweep.py`` checks the weights bit for bit).
+- ``uniform-grow`` / ``placebo-grow`` / ``layerif-grow`` / ``curvature-grow``: growth mode
+  (``LayerInfluenceCallback(growth=...)``: an even start at ``initial_fraction`` of the budget, capacity
+  only added, B = 0) with the increments spread evenly (control ``uniform``), placed on permuted scores
+  (control ``placebo``, LayerIF's scores), or placed by LayerIF + ``power_law`` or curvature gain + ``mdl``
+  (as in the issue-27 sweep). Scores are shrunk by one standard error (``error_shrinkage: 1``, the
+  callback's default: "the scores and their errors"). LoRA init for new A rows. The controls score too
+  (their scores unused), so every growth arm pays the same scoring passes in its wall time.
+- ``rewire-rank`` / ``placebo-rewire-rank``: today's rewire once at 30% of the steps, LayerIF +
+  ``power_law`` without shrinkage (``error_shrinkage: 0``), experts fixed at the budget's count and ranks
+  free (``rank_policy: scores``, ``experts_bounds`` = the budget's experts, ``rank_bounds: [1, null]``: no
+  block is emptied); the placebo permutes the scores across blocks with the run's seed.
+
+Rank changes and step size: the growth arms keep each block's scaling (``growth.keep_scaling``,
+``KEEP_SCALING``): the layer's ``lora_alpha`` moves with its rank, so the even start (a lower rank than
+the budget's) and every rank unit added train at the scaling uniform trains at, and uniform's lr means
+the same step size there. The rewire arms cannot yet: the callback's rewire path does not pass
+``keep_scaling`` to the resize (the library's ``apply_layout`` has it), so a rank change there rescales
+the block's step size (``lora_alpha / r``); ``placebo-rewire-rank`` carries the same effect, so the pair
+separates placement from step size, not step size from no move. The optional arm
+``uniform-grow-rescaled`` (``--arms``; not in ``GROW``: with it, 8 arms at 3 seeds are 96 runs, still
+within the cap) is ``uniform-grow`` without kept scaling: beside it, what the step size alone does.
+
+**Growth schedule**: ``ROUNDS_AT`` = rounds after 10%, 25% and 40% of the optimizer steps (150 steps:
+15, 37, 59; the schedule's ``warmup`` and ``every`` in steps). The first round comes after the lr
+warm-up (10 steps), so the scores see a trained adapter rather than its initialisation; the last leaves
+60% of the run to train the last increment (the issue-27 sweep's single rewire at 30% left 70%); even
+spacing is what ``RewireSchedule`` (``warmup + i * every``) expresses.
+
+**Seeds** (``seed_plan``): paired (every arm of a cell runs the same seeds), at least ``min_seeds``
+(3); more when the power rule of the issue-27 sweep (``sweep_report.seeds_for_power``: the seeds that find a
+1% paired difference at 80% power, from the measured spread of each arm's paired differences to
+uniform) asks for more and the cap of ``max_runs`` runs (100, reused runs counted) allows them. The
+default grid is 28 runs a seed, so the cap allows 3 seeds: the table's power note then says what 3 seeds
+detect. The driver plans again after each batch, so one command runs it all and resumes.
+
+**Metrics per run**: test loss over the answer tokens with the final weights (per-sample mean, the
+primary, and token mean) and exact match, by ``benchmarks/peft_parity.py``'s evaluator (the curve's);
+the same on the validation file; wall time; trainable adapter parameters at the start, after every
+change (each growth round or rewire) and at each validation check (``params_history``); Lightning's
+validation loss at each check (``val_history``). The table adds "steps to reach uniform's final loss":
+the first validation check whose loss is at most the paired uniform run's final validation loss.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import capacity_curve
+import yaml
+from sweep_report import (
+    _interval,
+    _mean_sd,
+    mean_interval,
+    power_note,
+    primary_loss,
+    relative_differences,
+    seeds_for_power,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET_CONFIGS = REPO / "configs" / "experiments" / "allocation_sweep" / "budgets"
+
+Run = tuple[str, str, str, int]  # task, budget, arm, seed (as in allocation_sweep)
+
+ROUNDS_AT = (0.10, 0.25, 0.40)  # growth rounds, as fractions of the optimizer steps (docstring)
+VALIDATIONS = 10  # validation checks per run: every tenth of the steps
+#: growth.keep_scaling: every rank change (the even start included) keeps the block's configured scaling,
+#: so growth arms train at uniform's step size per direction at uniform's lr (docstring)
+KEEP_SCALING = True
+_GROWTH = {
+    "rounds": len(ROUNDS_AT),
+    "initial_fraction": 0.25,
+    "init": "lora",
+    "router_ratio": 1.0,
+    "keep_scaling": KEEP_SCALING,
+}
+_LAYERIF = {"scorer": "layerif", "allocator": "power_law"}
+_RANK_MOVES = {
+    "rank_policy": "scores",
+    "experts_bounds": "{experts}",
+    "rank_bounds": [1, None],
+    "error_shrinkage": 0.0,
+}
+#: arm -> LayerInfluenceCallback arguments over allocation_sweep's common ones; "{seed}" is the run's
+#: seed, "{experts}" the budget's [experts, experts]; growth arms get their schedule from ``growth_schedule``.
+ARMS: dict[str, dict[str, Any] | None] = {
+    "uniform": None,
+    "uniform-grow": {**_LAYERIF, "growth": {**_GROWTH, "control": "uniform"}},
+    "placebo-grow": {**_LAYERIF, "growth": {**_GROWTH, "control": "placebo"}},
+    "layerif-grow": {**_LAYERIF, "growth": {**_GROWTH, "control": "none"}},
+    "curvature-grow": {
+        "scorer": "curvature_gain",
+        "allocator": "mdl",
+        "growth": {**_GROWTH, "control": "none"},
+    },
+    "rewire-rank": {**_LAYERIF, "allocator_options": _RANK_MOVES},
+    "placebo-rewire-rank": {
+        **_LAYERIF,
+        "scorer": "placebo",
+        "scorer_options": {"scorer": "layerif", "seed": "{seed}"},
+        "allocator_options": _RANK_MOVES,
+    },
+    # optional (--arms), not in GROW: uniform-grow whose rank changes rescale the step size (lora_alpha / r),
+    # beside uniform-grow it shows what the step size alone does
+    "uniform-grow-rescaled": {**_LAYERIF, "growth": {**_GROWTH, "control": "uniform", "keep_scaling": False}},
+}
+#: each scored arm's control with the same increments or moves at random blocks
+PLACEBO_OF = {"layerif-grow": "placebo-grow", "rewire-rank": "placebo-rewire-rank"}
+
+GROW: dict[str, Any] = {
+    "tasks": list(capacity_curve.GENERATIVE_TASKS),
+    # Two budgets that must sit on the steep part of the capacity curve (benchmarks/results/curve/table.md):
+    # the coordinator sets them from it. Not tight/small: one rank-1 expert per block leaves growth and
+    # rank moves nothing to do (module docstring); mid (rank 2) and large (rank 6) are the curve's budgets
+    # where both can act.
+    "budgets": ["mid", "large"],
+    "arms": [arm for arm in ARMS if arm != "uniform-grow-rescaled"],
+    "min_seeds": 3,
+    "max_runs": 100,
+}
+GROW_QUICK: dict[str, Any] = {
+    **GROW,
+    "tasks": ["facts"],
+    "budgets": ["mid"],
+    "arms": ["uniform", "uniform-grow", "layerif-grow", "rewire-rank"],
+    "min_seeds": 2,
+    "max_runs": 8,
+}
+
+
+class GrowPlanError(ValueError):
+    """The grow phase cannot be planned as asked (nothing has been run or written)."""
+
+
+# ---------------------------------------------------------------------------------------------- arms
+def budget_adapter(budget: str) -> dict[str, Any]:
+    """The budget's uniform layout (``model.adapter`` of its YAML): experts and rank per block."""
+    return yaml.safe_load((BUDGET_CONFIGS / f"{budget}.yaml").read_text())["model"]["adapter"]
+
+
+def growth_schedule(steps: int) -> dict[str, int]:
+    """``RewireSchedule`` arguments for rounds at ``ROUNDS_AT`` of ``steps`` optimizer steps (evenly spaced,
+    so a warm-up and a period; each at least one step)."""
+    warmup = max(1, round(ROUNDS_AT[0] * steps))
+    every = max(1, round((ROUNDS_AT[1] - ROUNDS_AT[0]) * steps))
+    return {"warmup": warmup, "every": every, "max_rewires": len(ROUNDS_AT)}
+
+
+def validation_interval(steps: int) -> int:
+    return max(1, steps // VALIDATIONS)
+
+
+def arm_callback(
+    arm: str, seed: int, budget: str, steps: int, common: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The grow-phase arm's ``LayerInfluenceCallback`` init_args (None: no callback)."""
+    spec = ARMS[capacity_curve.split_arm(arm)[0]]
+    if spec is None:
+        return None
+    experts = json.dumps([int(budget_adapter(budget).get("experts", 1))] * 2)
+    text = json.dumps({**common, "seed": "{seed}", **spec})
+    args: dict[str, Any] = json.loads(text.replace('"{seed}"', str(seed)).replace('"{experts}"', experts))
+    args["allocator_options"] = {"error_shrinkage": 1.0, **args.get("allocator_options", {})}
+    if "growth" in spec:
+        args["schedule"] = growth_schedule(steps)
+    return args
+
+
+def check_budgets(budgets: Sequence[str]) -> None:
+    """Refuse budgets where neither growth nor rank moves can act (module docstring)."""
+    flat = [b for b in budgets if int(budget_adapter(b).get("rank", 1)) < 2]
+    if flat:
+        raise GrowPlanError(
+            f"--phase grow: budget(s) {flat} are rank-1 experts in every block: growth's smallest even start"
+            " (rank 1 in every block) is the whole budget and rank moves with experts fixed cannot lower any"
+            " rank, so every arm would equal uniform; choose budgets of rank >= 2 (mid, large) or add one"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def chosen_lrs(
+    curve_results: Sequence[dict[str, Any]],
+    tasks: Sequence[str],
+    budgets: Sequence[str],
+    curve: dict[str, Any],
+    curve_folder: Path,
+) -> dict[tuple[str, str], float]:
+    """Uniform's lr per (task, budget), chosen by the capacity curve; GrowPlanError naming the curve runs
+    still missing for any cell without one."""
+    plans = capacity_curve.plan_curve(
+        curve_results, tasks, budgets, curve["lrs"], curve["seeds"], curve["max_extensions"]
+    )
+    missing = [p for p in plans if p.chosen is None]
+    if missing:
+        needs = "; ".join(
+            f"{p.task}/{p.budget}: " + ", ".join(capacity_curve.run_name(r) for r in p.todo) for p in missing
+        )
+        raise GrowPlanError(
+            f"--phase grow: uniform's learning rate is not chosen yet for {len(missing)} cell(s); the capacity"
+            f" curve in {curve_folder} still needs {needs}. Run `python benchmarks/allocation_sweep.py"
+            " --phase curve` (same --quick) first, or narrow --tasks/--budgets to cells whose lr is chosen."
+        )
+    return {(p.task, p.budget): float(p.chosen) for p in plans}  # type: ignore[arg-type]
+
+
+def seed_plan(
+    results: Sequence[dict[str, Any]],
+    cells: Sequence[tuple[str, str]],
+    arms: Sequence[str],
+    lrs: dict[tuple[str, str], float],
+    min_seeds: int,
+    max_runs: int,
+) -> tuple[list[int], str]:
+    """Seeds 0..n-1 for every cell and arm (paired), and why n: the power rule's largest need over the arms
+    with two paired seeds so far, at least ``min_seeds``, at most what ``max_runs`` allows."""
+    per_seed = len(cells) * len(arms)
+    cap = max_runs // per_seed if per_seed else 0
+    if cap < min_seeds:
+        raise GrowPlanError(
+            f"--phase grow: {len(cells)} cell(s) x {len(arms)} arms x {min_seeds} seeds = {per_seed * min_seeds}"
+            f" runs, over the cap of {max_runs}; narrow --tasks/--budgets/--arms"
+        )
+    named = [
+        {**r, "arm": capacity_curve.split_arm(r["arm"])[0]}
+        for r in results
+        if (r["task"], r["budget"]) in lrs
+        and capacity_curve.split_arm(r["arm"])[1] == lrs[r["task"], r["budget"]]
+    ]
+    needs = []
+    for task, budget in cells:
+        for arm in arms:
+            diffs = relative_differences(named, arm, "uniform", task, budget)
+            if arm != "uniform" and len(diffs) >= 2:
+                needs.append((seeds_for_power(statistics.stdev(diffs)), f"{task}/{budget}/{arm}"))
+    if not needs:
+        why = f"{min_seeds} seeds (the minimum; the power rule needs two paired seeds)"
+        return list(range(min_seeds)), why
+    need, where = max(needs)
+    n = min(max(min_seeds, need), cap)
+    why = f"{n} seeds: the power rule asks for {need} ({where}, 1% at 80% power)"
+    return list(range(n)), why + ("" if n >= need else f", the cap of {max_runs} runs allows {cap}")
+
+
+def plan_runs(
+    tasks: Sequence[str],
+    budgets: Sequence[str],
+    arms: Sequence[str],
+    seeds: Sequence[int],
+    lrs: dict[tuple[str, str], float],
+) -> list[Run]:
+    """Seed by seed, then budget, task, arm: an interrupted sweep has whole paired seeds to compare."""
+    return [
+        (t, b, capacity_curve.lr_arm(lrs[t, b], a), s)
+        for s in seeds
+        for b in budgets
+        for t in tasks
+        for a in arms
+    ]
+
+
+def reusable(curve_run: dict[str, Any], steps: int, quick: bool, max_steps: int | None) -> bool:
+    """The curve's uniform run is the grow phase's uniform run: same steps, no step override, same quick
+    flag, precision and no callback (the task files, budget and lr are in its name)."""
+    return (
+        curve_run.get("callback") is None
+        and curve_run.get("steps") == steps
+        and curve_run.get("quick") == quick
+        and curve_run.get("max_steps_override") == max_steps
+        and curve_run.get("precision") == "32-true"
+    )
+
+
+def reuse_uniform_runs(
+    todo: Sequence[Run],
+    curve_folder: Path,
+    folder: Path,
+    steps: int,
+    quick: bool,
+    max_steps: int | None,
+) -> list[Run]:
+    """Copy the curve's matching uniform runs into ``folder`` (``reused_from`` added); the runs left to do."""
+    left = []
+    for run in todo:
+        source = curve_folder / f"{capacity_curve.run_name(run)}.json"
+        if capacity_curve.split_arm(run[2])[0] == "uniform" and source.exists():
+            result = json.loads(source.read_text())
+            if reusable(result, steps, quick, max_steps):
+                result["reused_from"] = str(
+                    source.relative_to(REPO) if source.is_relative_to(REPO) else source
+                )
+                target = folder / source.name
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = target.with_suffix(".json.tmp")
+                tmp.write_text(json.dumps(result, indent=1))
+                shutil.move(tmp, target)
+                continue
+        left.append(run)
+    return left
+
+
+# ---------------------------------------------------------------------------------------------- table
+def steps_to_reach(run: dict[str, Any], uniform: dict[str, Any] | None) -> int | None:
+    """The step of ``run``'s first validation check whose loss is at most the paired uniform run's final
+    validation loss (Lightning's, at its last check); None if it never is or there is no uniform run."""
+    if uniform is None or not uniform.get("val_history") or not run.get("val_history"):
+        return None
+    target = float(uniform["val_history"][-1][1])
+    return next((int(step) for step, loss in run["val_history"] if float(loss) <= target), None)
+
+
+def _arm_order(arm: str) -> tuple[int, str]:
+    return list(ARMS).index(capacity_curve.split_arm(arm)[0]), arm
+
+
+def _cell_arms(results: Sequence[dict[str, Any]], task: str, budget: str) -> list[str]:
+    return sorted({r["arm"] for r in results if (r["task"], r["budget"]) == (task, budget)}, key=_arm_order)
+
+
+def _steps_cell(runs: Sequence[dict[str, Any]], uniform: dict[int, dict[str, Any]]) -> str:
+    reached = [steps_to_reach(r, uniform.get(r["seed"])) for r in runs if r["seed"] in uniform]
+    hit = [s for s in reached if s is not None]
+    if not reached:
+        return "-"
+    return (f"{statistics.fmean(hit):.0f}" if hit else "never") + f" ({len(hit)} of {len(reached)})"
+
+
+def params_history(run: dict[str, Any]) -> list[list]:
+    """``[step, adapter params, event]`` over the run; a run without the record (the curve's uniform runs
+    from before it existed) had no callback, so its trainable parameters at its start and end."""
+    if run.get("params_history"):
+        return [list(entry) for entry in run["params_history"]]
+    if run.get("callback") is None:
+        return [[0, run["trainable_params"], "start"], [run["steps"], run["trainable_params"], "end"]]
+    return []
+
+
+def _params_cell(runs: Sequence[dict[str, Any]]) -> str:
+    histories = [h for r in runs if (h := params_history(r))]
+    start = sorted({int(h[0][1]) for h in histories})
+    end = sorted({int(h[-1][1]) for h in histories})
+    if not start:
+        return "-"
+    text = "/".join(f"{p:,}" for p in start)
+    return text if start == end else text + " -> " + "/".join(f"{p:,}" for p in end)
+
+
+def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], seeds_why: str) -> str:
+    have = {(r["task"], r["budget"], r["arm"], r["seed"]) for r in results}
+    done = sum(1 for run in planned if run in have)
+    reused = sum(
+        1
+        for r in results
+        if r.get("reused_from") and (r["task"], r["budget"], r["arm"], r["seed"]) in set(planned)
+    )
+    lines = [
+        f"{done} of {len(planned)} planned runs ({reused} uniform runs reused from the capacity curve)"
+        + ("" if done == len(planned) else " (incomplete: rerun the command to add the rest)"),
+        f"Seeds: {seeds_why}.",
+        "",
+        "| task | budget (adapter/base) | arm | lr | seeds | test loss (per sample) | vs uniform (paired) |"
+        " vs placebo (paired) | test loss (per token) | exact match | steps to uniform's final val loss |"
+        " adapter params (start -> end) | wall time (min) | code |",
+        "|" + " --- |" * 14,
+    ]
+    named = [{**r, "arm": capacity_curve.split_arm(r["arm"])[0]} for r in results]
+    cells = sorted({(r["task"], r["budget"]) for r in results}, key=lambda c: (c[0], _budget_order(c[1])))
+    for task, budget in cells:
+        mine = [r for r in named if (r["task"], r["budget"]) == (task, budget)]
+        uniform = {r["seed"]: r for r in mine if r["arm"] == "uniform"}
+        any_run = next(iter(uniform.values()), mine[0])
+        ratio = f"{100 * any_run['trainable_params'] / any_run['base_params']:.3f}%"
+        for arm in _cell_arms(mine, task, budget):
+            runs = sorted((r for r in mine if r["arm"] == arm), key=lambda r: r["seed"])
+            placebo = PLACEBO_OF.get(arm)
+            cells_ = [
+                task,
+                f"{budget} ({ratio})",
+                arm,
+                "/".join(sorted({f"{r['lr']:g}" for r in runs})),
+                ",".join(str(r["seed"]) for r in runs),
+                _mean_sd([primary_loss(r) for r in runs]),
+                ""
+                if arm == "uniform"
+                else _interval(relative_differences(mine, arm, "uniform", task, budget)),
+                "" if placebo is None else _interval(relative_differences(mine, arm, placebo, task, budget)),
+                _mean_sd([r["final"]["loss_token"] for r in runs]),
+                _mean_sd([r["final"]["exact_match"] for r in runs], digits=3),
+                _steps_cell(runs, uniform),
+                _params_cell(runs),
+                f"{statistics.fmean(r['wall_time_s'] for r in runs) / 60:.1f}",
+                "/".join(sorted({str(r.get("code", "?")) for r in runs})),
+            ]
+            lines.append("| " + " | ".join(cells_) + " |")
+    lines += [
+        "",
+        "Cells: mean ± standard deviation over seeds; paired columns: mean ± half-width of the 95%"
+        " t-interval of the per-seed relative difference in test loss (per sample, final weights). Steps:"
+        " mean step of the first validation check at or below the paired uniform run's final validation"
+        " loss, over the runs that reach it (k of n).",
+        "",
+        power_note(named, cells, _arm_order),
+    ]
+    return "\n".join(lines)
+
+
+def _budget_order(budget: str) -> int:
+    order = ["tiny", "tight", "small", "mid", "large", "generous"]
+    return order.index(budget) if budget in order else len(order)
+
+
+def grow_figure(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Per (task, budget): validation loss and trainable adapter parameters against the step (mean over
+    seeds, per arm), and each arm's paired test-loss difference to uniform with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    named = [{**r, "arm": capacity_curve.split_arm(r["arm"])[0]} for r in results]
+    cells = sorted({(r["task"], r["budget"]) for r in named}, key=lambda c: (c[0], _budget_order(c[1])))
+    arms = [a for a in ARMS if any(r["arm"] == a for r in named)]
+    colors = {a: plt.cm.tab10(i % 10) for i, a in enumerate(ARMS)}
+    fig, axes = plt.subplots(3, len(cells), figsize=(5.5 * len(cells), 11), squeeze=False)
+    for column, (task, budget) in enumerate(cells):
+        mine = [r for r in named if (r["task"], r["budget"]) == (task, budget)]
+        for arm in arms:
+            runs = [r for r in mine if r["arm"] == arm]
+            for row, key in ((0, "val_history"), (1, "params_history")):
+                by_step: dict[int, list[float]] = {}
+                for r in runs:
+                    for entry in (r.get(key) or []) if row == 0 else params_history(r):
+                        by_step.setdefault(int(entry[0]), []).append(float(entry[1]))
+                if by_step:
+                    steps = sorted(by_step)
+                    axes[row][column].plot(
+                        steps,
+                        [statistics.fmean(by_step[s]) for s in steps],
+                        marker=".",
+                        label=arm,
+                        color=colors[arm],
+                        drawstyle="default" if row == 0 else "steps-post",  # parameters jump at rounds
+                    )
+        axes[0][column].set(
+            title=f"{task} / {budget}", xlabel="step", ylabel="validation loss (mean over seeds)"
+        )
+        axes[1][column].set(xlabel="step", ylabel="trainable adapter parameters (mean)")
+        bars = [(a, relative_differences(mine, a, "uniform", task, budget)) for a in arms if a != "uniform"]
+        bars = [(a, d) for a, d in bars if d]
+        for i, (arm, diffs) in enumerate(bars):
+            mean, half = mean_interval([100 * d for d in diffs])
+            axes[2][column].errorbar([i], [mean], yerr=[half or 0.0], fmt="o", capsize=4, color=colors[arm])
+        axes[2][column].set_xticks(
+            range(len(bars)), [a for a, _ in bars], rotation=30, ha="right", fontsize=8
+        )
+        axes[2][column].axhline(0.0, color="grey", linewidth=0.8)
+        axes[2][column].set_ylabel("test loss vs uniform (%, paired, 95% CI)")
+        axes[0][column].legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_grow_report(
+    results: Sequence[dict[str, Any]], folder: Path, planned: Sequence[Run], seeds_why: str
+) -> str:
+    cells = {(run[0], run[1]) for run in planned}
+    arms = {run[2] for run in planned}
+    mine = [r for r in results if (r["task"], r["budget"]) in cells and r["arm"] in arms]
+    table = build_grow_table(mine, planned, seeds_why)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "table.md").write_text(table + "\n")
+    if mine:
+        grow_figure(mine, folder / "figures" / "grow.png")
+    return table

@@ -1,0 +1,268 @@
+"""The growth sweep (issue 34 item 5, ``allocation_sweep.py --phase grow``): --quick end to end in process
+(its lr refusal, the curve's uniform runs reused, the runs' records, the table against a recomputation from
+the files, resuming), its plan (schedule, arms, budgets, seeds by the power rule) and the claim that lets it
+reuse the curve's uniform runs: the validation cadence does not change training."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+from scipy.stats import t as student_t
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import allocation_sweep  # noqa: E402
+import capacity_curve  # noqa: E402
+import growth_sweep  # noqa: E402
+import sweep_report  # noqa: E402
+
+from tests.test_benchmark_capacity_curve import in_process  # noqa: E402
+
+
+def _paired(arm_runs: dict[int, dict], base_runs: dict[int, dict]) -> str:
+    """Mean and 95% t half-width of the per-seed relative differences, computed here from the files."""
+    diffs = [
+        (arm_runs[s]["final"]["loss_sample"] - base_runs[s]["final"]["loss_sample"])
+        / base_runs[s]["final"]["loss_sample"]
+        for s in sorted(set(arm_runs) & set(base_runs))
+    ]
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    half = student_t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
+    return f"{100 * mean:+.2f}% ± {100 * half:.2f}"
+
+
+def test_quick_grow_sweep_reuses_the_curve_records_runs_tabulates_and_resumes(tmp_path, monkeypatch, capsys):
+    started: list[list] = []
+    monkeypatch.setattr(allocation_sweep, "run_pending", in_process(started))
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    curve, results, workdir = tmp_path / "curve", tmp_path / "grow", tmp_path / "work"
+    common = ["--quick", "--workdir", str(workdir)]
+    grow = ["--phase", "grow", "--results", str(results), "--curve-results", str(curve), *common]
+
+    # no curve yet: refused before anything runs, naming the curve runs it needs
+    assert allocation_sweep.main(grow) == 2
+    err = capsys.readouterr().err
+    assert "not chosen yet" in err and "facts__mid__uniform+lr=0.003__seed0" in err
+    assert started == [] and not results.exists()
+
+    assert (
+        allocation_sweep.main(["--phase", "curve", "--budgets", "mid", "--results", str(curve), *common]) == 0
+    )
+    curve_runs = allocation_sweep.load_results_of(curve)
+    chosen = min((r for r in curve_runs if r["seed"] == 0), key=lambda r: r["validation"]["loss_sample"])
+    started.clear()
+    capsys.readouterr()
+
+    assert allocation_sweep.main(grow) == 0
+    out = capsys.readouterr().out
+    quick = growth_sweep.GROW_QUICK
+    lr_arm = capacity_curve.lr_arm
+    planned = [("facts", "mid", lr_arm(chosen["lr"], arm), seed) for seed in (0, 1) for arm in quick["arms"]]
+    # the uniform runs are the curve's (same configuration): copied, not run
+    assert [run for batch in started for run in batch] == [
+        r for r in planned if not r[2].startswith("uniform+")
+    ]
+    loaded = {(r["arm"], r["seed"]): r for r in allocation_sweep.load_results_of(results)}
+    assert set(loaded) == {(run[2], run[3]) for run in planned}
+    for seed in (0, 1):
+        name = allocation_sweep.run_name(("facts", "mid", lr_arm(chosen["lr"]), seed))
+        source = json.loads((curve / f"{name}.json").read_text())
+        assert loaded[lr_arm(chosen["lr"]), seed] == {**source, "reused_from": str(curve / f"{name}.json")}
+
+    def arm(name: str, seed: int) -> dict:
+        return loaded[lr_arm(chosen["lr"], name), seed]
+
+    budget = arm("uniform", 0)["trainable_params"]
+    rounds = growth_sweep.growth_schedule(6)
+    round_steps = {rounds["warmup"] + i * rounds["every"] for i in range(rounds["max_rewires"])}
+    for (name, seed), r in loaded.items():
+        assert r["lr"] == chosen["lr"] and r["steps"] == 6 and r["final"]["rows"] == 18
+        assert math.isfinite(r["final"]["loss_sample"]) and math.isfinite(r["final"]["loss_token"])
+        assert 0.0 <= r["final"]["exact_match"] <= 1.0 and r["validation"]["rows"] == 8
+        if r.get("reused_from"):
+            continue
+        assert [step for step, _ in r["val_history"]] == [1, 2, 3, 4, 5, 6]  # every tenth of the run (>= 1)
+        checks = [(step, params) for step, params, event in r["params_history"] if event == "validation"]
+        assert [step for step, _ in checks] == [1, 2, 3, 4, 5, 6]
+        assert r["params_history"][0][:1] == [0] and r["params_history"][0][2] == "start"
+        assert r["wall_time_s"] > 0 and r["callback"]["seed"] == seed
+        if "-grow" in name:
+            start, end = r["params_history"][0][1], r["params_history"][-1][1]
+            assert start < budget and start < end <= budget  # grown, never above the budget
+            changes = [step for step, _, event in r["params_history"] if event == "changed"]
+            assert changes and set(changes) <= round_steps  # parameters change only at growth rounds
+            assert len(r["rewires"]) == len(round_steps)
+        else:  # rank moves: experts fixed, the budget's parameters throughout
+            assert {p for _, p, _ in r["params_history"]} <= {budget}
+            after = r["rewires"][0]["layout_after"]
+            assert {v["experts"] for v in after.values()} == {1}
+
+    # the table's numbers, recomputed from the files
+    assert "8 of 8 planned runs (2 uniform runs reused from the capacity curve)" in out
+    uniform = {s: arm("uniform", s) for s in (0, 1)}
+    for name in quick["arms"]:
+        runs = {s: arm(name, s) for s in (0, 1)}
+        losses = [runs[s]["final"]["loss_sample"] for s in (0, 1)]
+        row = next(line for line in out.splitlines() if f"| {name} |" in line)
+        assert f"{statistics.fmean(losses):.4f} ± {statistics.stdev(losses):.4f}" in row
+        if name != "uniform":
+            assert _paired(runs, uniform) in row
+        reached = []
+        for s in (0, 1):
+            target = uniform[s]["val_history"][-1][1]
+            reached.append(next((step for step, loss in runs[s]["val_history"] if loss <= target), None))
+        hit = [x for x in reached if x is not None]
+        expected = (f"{sum(hit) / len(hit):.0f}" if hit else "never") + f" ({len(hit)} of 2)"
+        assert f"| {expected} |" in row
+    assert (results / "table.md").read_text().strip() in out
+    assert (results / "figures" / "grow.png").stat().st_size > 0
+
+    started.clear()
+    assert allocation_sweep.main(grow) == 0 and started == []  # resumes: nothing left
+    assert allocation_sweep.main([*grow, "--table"]) == 0 and started == []
+
+
+def test_validation_cadence_leaves_training_unchanged(tmp_path, monkeypatch) -> None:
+    """Why the curve's uniform runs (validation at half and end) stand for the grow phase's (every tenth):
+    validating more often changes no trained weight, bit for bit."""
+    from layermoe.cli import LayerMoECLI
+
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
+    weights = []
+    for every in (3, 1):
+        work = tmp_path / str(every)
+        files = capacity_curve.write_task_files("facts", work / "data", quick=True)
+        args = ["--config", str(allocation_sweep.CONFIGS / "base.yaml")]
+        args += ["--config", str(allocation_sweep.TASK_CONFIGS["facts"])]
+        args += ["--config", str(allocation_sweep.CONFIGS / "budgets" / "mid.yaml")]
+        args += ["--config", str(allocation_sweep.QUICK_GENERATIVE_CONFIG)]
+        args += ["--data.train_file", files["train"], "--data.test_file", files["test"]]
+        args += ["--data.val_file", files["validation"], "--trainer.val_check_interval", str(every)]
+        args += ["--seed_everything", "1", "--data.seed", "1", "--trainer.default_root_dir", str(work)]
+        args += ["--trainer.logger.init_args.save_dir", str(work)]
+        cli = LayerMoECLI(args=args, run=False)
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+        weights.append({n: p.detach().clone() for n, p in cli.model.named_parameters() if p.requires_grad})
+    assert weights[0].keys() == weights[1].keys() and weights[0]
+    for name, tensor in weights[0].items():
+        assert weights[1][name].equal(tensor), name
+
+
+def test_growth_schedule_rounds_at_10_25_40_percent() -> None:
+    schedule = growth_sweep.growth_schedule(150)
+    steps = [schedule["warmup"] + i * schedule["every"] for i in range(schedule["max_rewires"])]
+    assert steps == [15, 37, 59]  # 10%, 24.7%, 39.3% of 150
+    assert growth_sweep.growth_schedule(6) == {"warmup": 1, "every": 1, "max_rewires": 3}
+    assert growth_sweep.validation_interval(150) == 15 and growth_sweep.validation_interval(6) == 1
+
+
+@pytest.mark.parametrize("budget", ["mid", "large", "generous"])
+def test_arm_callbacks_are_valid_and_configure_what_their_names_say(budget: str) -> None:
+    from layermoe.callbacks import LayerInfluenceCallback
+
+    experts = growth_sweep.budget_adapter(budget)["experts"]
+    for name in growth_sweep.ARMS:
+        args = growth_sweep.arm_callback(f"{name}+lr=0.004", 7, budget, 150, allocation_sweep._COMMON)
+        if name == "uniform":
+            assert args is None
+            continue
+        callback = LayerInfluenceCallback(**args)  # passes the callback's own checks
+        assert callback.rewiring.seed == 7
+        if "-grow" in name:
+            control = {"placebo-grow": "placebo"}.get(name, "uniform" if "uniform" in name else "none")
+            assert callback.growth.control == control and callback.growth.rounds == 3
+            # uniform's step size at uniform's lr; the optional control shows what the step size does
+            assert callback.growth.keep_scaling is (name != "uniform-grow-rescaled")
+            assert (callback.schedule.warmup, callback.schedule.every) == (15, 22)
+            assert callback.allocator_options["error_shrinkage"] == 1.0
+        else:
+            options = callback.allocator_options
+            assert callback.growth is None and callback.schedule.warmup == 0.3
+            assert options["rank_policy"] == "scores" and options["error_shrinkage"] == 0.0
+            assert options["experts_bounds"] == [experts, experts] and options["rank_bounds"] == [1, None]
+    placebo = growth_sweep.arm_callback("placebo-rewire-rank", 5, budget, 150, allocation_sweep._COMMON)
+    assert placebo["scorer"] == "placebo" and placebo["scorer_options"] == {"scorer": "layerif", "seed": 5}
+    assert growth_sweep.arm_callback("curvature-grow", 0, budget, 150, {})["allocator"] == "mdl"
+
+
+def test_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
+    for flat in ("tiny", "tight", "small"):
+        with pytest.raises(growth_sweep.GrowPlanError, match=rf"\[.{flat}.\].*rank-1 experts"):
+            growth_sweep.check_budgets(["mid", flat])
+    growth_sweep.check_budgets(growth_sweep.GROW["budgets"])
+    grow = growth_sweep.GROW
+    cells = [(t, b) for t in grow["tasks"] for b in grow["budgets"]]
+    seeds, why = growth_sweep.seed_plan([], cells, grow["arms"], {}, grow["min_seeds"], grow["max_runs"])
+    assert seeds == [0, 1, 2] and "minimum" in why
+    lrs = dict.fromkeys(cells, 4e-3)
+    runs = growth_sweep.plan_runs(grow["tasks"], grow["budgets"], grow["arms"], seeds, lrs)
+    assert len(runs) == len(set(runs)) == 2 * 2 * 7 * 3 <= 100
+    assert "uniform-grow-rescaled" not in grow["arms"]  # optional: --arms
+    assert runs[0] == ("facts", "mid", "uniform+lr=0.004", 0)  # seed by seed: whole paired seeds first
+    with pytest.raises(SystemExit):  # argparse's error: every arm is paired with uniform
+        allocation_sweep.parse(["--phase", "grow", "--arms", "layerif-grow"])
+    with pytest.raises(SystemExit):  # grow arms are not the other phases'
+        allocation_sweep.parse(["--phase", "primary", "--arms", "layerif-grow"])
+    with pytest.raises(growth_sweep.GrowPlanError, match="over the cap of 100"):
+        growth_sweep.seed_plan([], cells * 2, grow["arms"], lrs, 3, 100)
+
+
+def _result(arm: str, seed: int, loss: float, lr: float = 4e-3) -> dict:
+    return {
+        "task": "facts",
+        "budget": "mid",
+        "arm": capacity_curve.lr_arm(lr, arm),
+        "seed": seed,
+        "final": {"loss_sample": loss},
+    }
+
+
+def test_seeds_follow_the_power_rule_under_the_cap() -> None:
+    cells, lrs = [("facts", "mid")], {("facts", "mid"): 4e-3}
+    # paired differences +2% and +6%: sd = 2.828%, n = ((1.96 + 0.84) * 2.828)^2 = 62.8 -> 63
+    results = [_result("uniform", 0, 1.0), _result("uniform", 1, 2.0)]
+    results += [_result("a", 0, 1.02), _result("a", 1, 2.12)]
+    results += [_result("a", 2, 9.0, lr=1e-3)]  # another lr: not this cell's run
+    sd = statistics.stdev([0.02, 0.06])
+    need = math.ceil(((1.959964 + 0.841621) * sd / 0.01) ** 2)
+    assert need == 63
+    seeds, why = growth_sweep.seed_plan(results, cells, ["uniform", "a"], lrs, 3, 200)
+    assert seeds == list(range(need)) and f"asks for {need}" in why and "allows" not in why
+    seeds, why = growth_sweep.seed_plan(results, cells, ["uniform", "a"], lrs, 3, 20)
+    assert seeds == list(range(10)) and "allows 10" in why  # 20 runs / 2 arms
+
+
+def test_steps_to_reach_uniforms_final_validation_loss() -> None:
+    uniform = {"val_history": [[15, 3.0], [150, 1.0]]}
+    assert growth_sweep.steps_to_reach({"val_history": [[15, 2.0], [30, 1.0], [45, 0.5]]}, uniform) == 30
+    assert growth_sweep.steps_to_reach({"val_history": [[15, 2.0], [150, 1.01]]}, uniform) is None
+    assert growth_sweep.steps_to_reach({"val_history": [[15, 2.0]]}, None) is None
+
+
+def test_generative_runs_are_compared_on_their_answer_token_loss() -> None:
+    """sweep_report's paired differences read loss_sample for generative runs (no label loss there)."""
+    results = [_result("uniform", 0, 2.0), _result("a", 0, 1.5)]
+    results = [{**r, "arm": capacity_curve.split_arm(r["arm"])[0]} for r in results]
+    assert sweep_report.relative_differences(results, "a", "uniform", "facts", "mid") == [-0.25]
+    assert sweep_report.primary_loss({"final": {"label_loss": 0.3, "accuracy": 1.0}}) == 0.3
+
+
+def test_runs_without_a_parameter_record_are_static_runs() -> None:
+    """The curve's uniform runs made before params_history existed: their trainable parameters throughout;
+    a callback run without the record has none to show."""
+    static = {"callback": None, "trainable_params": 610560, "steps": 150}
+    assert growth_sweep.params_history(static) == [[0, 610560, "start"], [150, 610560, "end"]]
+    assert growth_sweep.params_history({**static, "callback": {"scorer": "layerif"}}) == []
+    grown = {"params_history": [[0, 100, "start"], [15, 150, "changed"], [150, 200, "validation"]]}
+    assert growth_sweep._params_cell([static]) == "610,560"
+    assert (
+        growth_sweep._params_cell([grown, {**grown, "params_history": [[0, 100, "start"]]}])
+        == "100 -> 100/200"
+    )
