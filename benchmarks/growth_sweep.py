@@ -42,13 +42,10 @@ Run names carry the lr (``layerif-grow+lr=0.004``).
   free (``rank_policy: scores``, ``experts_bounds`` = the budget's experts, ``rank_bounds: [1, null]``: no
   block is emptied); the placebo permutes the scores across blocks with the run's seed.
 
-Rank changes and step size: the growth arms keep each block's scaling (``growth.keep_scaling``,
-``KEEP_SCALING``): the layer's ``lora_alpha`` moves with its rank, so the even start (a lower rank than
-the budget's) and every rank unit added train at the scaling uniform trains at, and uniform's lr means
-the same step size there. The rewire arms cannot yet: the callback's rewire path does not pass
-``keep_scaling`` to the resize (the library's ``apply_layout`` has it), so a rank change there rescales
-the block's step size (``lora_alpha / r``); ``placebo-rewire-rank`` carries the same effect, so the pair
-separates placement from step size, not step size from no move. The optional arm
+Rank changes and step size: every non-uniform arm keeps each block's scaling (the callback's
+``keep_scaling``, ``KEEP_SCALING``): the layer's ``lora_alpha`` moves with its rank, so the even start (a
+lower rank than the budget's), every rank unit added and every rank moved by a rewire train at the
+scaling uniform trains at, and uniform's lr means the same step size there. The optional arm
 ``uniform-grow-rescaled`` (``--arms``; not in ``GROW``: with it, 8 arms at 3 seeds are 96 runs, still
 within the cap) is ``uniform-grow`` without kept scaling: beside it, what the step size alone does.
 
@@ -101,17 +98,16 @@ Run = tuple[str, str, str, int]  # task, budget, arm, seed (as in allocation_swe
 
 ROUNDS_AT = (0.10, 0.25, 0.40)  # growth rounds, as fractions of the optimizer steps (docstring)
 VALIDATIONS = 10  # validation checks per run: every tenth of the steps
-#: growth.keep_scaling: every rank change (the even start included) keeps the block's configured scaling,
-#: so growth arms train at uniform's step size per direction at uniform's lr (docstring)
+#: the callback's keep_scaling: every rank change (the growth start included) keeps the block's configured
+#: scaling, so every arm trains at uniform's step size per direction at uniform's lr (docstring)
 KEEP_SCALING = True
 _GROWTH = {
     "rounds": len(ROUNDS_AT),
     "initial_fraction": 0.25,
     "init": "lora",
     "router_ratio": 1.0,
-    "keep_scaling": KEEP_SCALING,
 }
-_LAYERIF = {"scorer": "layerif", "allocator": "power_law"}
+_LAYERIF = {"scorer": "layerif", "allocator": "power_law", "keep_scaling": KEEP_SCALING}
 _RANK_MOVES = {
     "rank_policy": "scores",
     "experts_bounds": "{experts}",
@@ -128,6 +124,7 @@ ARMS: dict[str, dict[str, Any] | None] = {
     "curvature-grow": {
         "scorer": "curvature_gain",
         "allocator": "mdl",
+        "keep_scaling": KEEP_SCALING,
         "growth": {**_GROWTH, "control": "none"},
     },
     "rewire-rank": {**_LAYERIF, "allocator_options": _RANK_MOVES},
@@ -139,7 +136,7 @@ ARMS: dict[str, dict[str, Any] | None] = {
     },
     # optional (--arms), not in GROW: uniform-grow whose rank changes rescale the step size (lora_alpha / r),
     # beside uniform-grow it shows what the step size alone does
-    "uniform-grow-rescaled": {**_LAYERIF, "growth": {**_GROWTH, "control": "uniform", "keep_scaling": False}},
+    "uniform-grow-rescaled": {**_LAYERIF, "keep_scaling": False, "growth": {**_GROWTH, "control": "uniform"}},
 }
 #: each scored arm's control with the same increments or moves at random blocks
 PLACEBO_OF = {"layerif-grow": "placebo-grow", "rewire-rank": "placebo-rewire-rank"}

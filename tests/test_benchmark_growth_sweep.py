@@ -179,12 +179,13 @@ def test_arm_callbacks_are_valid_and_configure_what_their_names_say(budget: str)
             control = {"placebo-grow": "placebo"}.get(name, "uniform" if "uniform" in name else "none")
             assert callback.growth.control == control and callback.growth.rounds == 3
             # uniform's step size at uniform's lr; the optional control shows what the step size does
-            assert callback.growth.keep_scaling is (name != "uniform-grow-rescaled")
+            assert callback.keep_scaling is (name != "uniform-grow-rescaled")
             assert (callback.schedule.warmup, callback.schedule.every) == (15, 22)
             assert callback.allocator_options["error_shrinkage"] == 1.0
         else:
             options = callback.allocator_options
             assert callback.growth is None and callback.schedule.warmup == 0.3
+            assert callback.keep_scaling is True  # rank moves at uniform's step size
             assert options["rank_policy"] == "scores" and options["error_shrinkage"] == 0.0
             assert options["experts_bounds"] == [experts, experts] and options["rank_bounds"] == [1, None]
     placebo = growth_sweep.arm_callback("placebo-rewire-rank", 5, budget, 150, allocation_sweep._COMMON)
