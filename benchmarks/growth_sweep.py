@@ -45,9 +45,11 @@ Run names carry the lr (``layerif-grow+lr=0.004``).
 Rank changes and step size: every non-uniform arm keeps each block's scaling (the callback's
 ``keep_scaling``, ``KEEP_SCALING``): the layer's ``lora_alpha`` moves with its rank, so the even start (a
 lower rank than the budget's), every rank unit added and every rank moved by a rewire train at the
-scaling uniform trains at, and uniform's lr means the same step size there. The optional arm
-``uniform-grow-rescaled`` (``--arms``; not in ``GROW``: with it, 8 arms at 3 seeds are 96 runs, still
-within the cap) is ``uniform-grow`` without kept scaling: beside it, what the step size alone does.
+scaling uniform trains at, and uniform's lr means the same step size there. Two optional arms
+(``OPTIONAL_ARMS``, run when named in ``--arms``; one of them beside the 7 makes 96 runs at 3 seeds, within
+the cap): ``uniform-grow-rescaled`` is ``uniform-grow`` without kept scaling (beside it, what the step size
+alone does); ``layerif-grow-gradient`` is ``layerif-grow`` with the new A rows from the growing modules'
+weight-gradient directions (``growth.init: gradient``) instead of LoRA's random init.
 
 **Growth schedule**: ``ROUNDS_AT`` = rounds after 10%, 25% and 40% of the optimizer steps (150 steps:
 15, 37, 59; the schedule's ``warmup`` and ``every`` in steps). The first round comes after the lr
@@ -137,7 +139,11 @@ ARMS: dict[str, dict[str, Any] | None] = {
     # optional (--arms), not in GROW: uniform-grow whose rank changes rescale the step size (lora_alpha / r),
     # beside uniform-grow it shows what the step size alone does
     "uniform-grow-rescaled": {**_LAYERIF, "keep_scaling": False, "growth": {**_GROWTH, "control": "uniform"}},
+    # optional (--arms), not in GROW: layerif-grow whose new A rows are the blocks' weight-gradient directions
+    "layerif-grow-gradient": {**_LAYERIF, "growth": {**_GROWTH, "control": "none", "init": "gradient"}},
 }
+#: arms run only when named in --arms (the 7 others x 2 tasks x 2 budgets x 3 seeds are 84 runs of the 100)
+OPTIONAL_ARMS = ("uniform-grow-rescaled", "layerif-grow-gradient")
 #: each scored arm's control with the same increments or moves at random blocks
 PLACEBO_OF = {"layerif-grow": "placebo-grow", "rewire-rank": "placebo-rewire-rank"}
 
@@ -148,7 +154,7 @@ GROW: dict[str, Any] = {
     # rank moves nothing to do (module docstring); mid (rank 2) and large (rank 6) are the curve's budgets
     # where both can act.
     "budgets": ["mid", "large"],
-    "arms": [arm for arm in ARMS if arm != "uniform-grow-rescaled"],
+    "arms": [arm for arm in ARMS if arm not in OPTIONAL_ARMS],
     "min_seeds": 3,
     "max_runs": 100,
 }

@@ -178,6 +178,7 @@ def test_arm_callbacks_are_valid_and_configure_what_their_names_say(budget: str)
         if "-grow" in name:
             control = {"placebo-grow": "placebo"}.get(name, "uniform" if "uniform" in name else "none")
             assert callback.growth.control == control and callback.growth.rounds == 3
+            assert callback.growth.init == ("gradient" if name == "layerif-grow-gradient" else "lora")
             # uniform's step size at uniform's lr; the optional control shows what the step size does
             assert callback.keep_scaling is (name != "uniform-grow-rescaled")
             assert (callback.schedule.warmup, callback.schedule.every) == (15, 22)
@@ -205,7 +206,7 @@ def test_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
     lrs = dict.fromkeys(cells, 4e-3)
     runs = growth_sweep.plan_runs(grow["tasks"], grow["budgets"], grow["arms"], seeds, lrs)
     assert len(runs) == len(set(runs)) == 2 * 2 * 7 * 3 <= 100
-    assert "uniform-grow-rescaled" not in grow["arms"]  # optional: --arms
+    assert not set(growth_sweep.OPTIONAL_ARMS) & set(grow["arms"])  # optional: --arms
     assert runs[0] == ("facts", "mid", "uniform+lr=0.004", 0)  # seed by seed: whole paired seeds first
     with pytest.raises(SystemExit):  # argparse's error: every arm is paired with uniform
         allocation_sweep.parse(["--phase", "grow", "--arms", "layerif-grow"])
