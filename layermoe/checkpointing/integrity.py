@@ -12,6 +12,7 @@ reading.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import pickle
 import stat
@@ -281,9 +282,10 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except OSError as err:
-        raise _read_failure(path, err) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError) as err:
+        if isinstance(err, OSError) and err.errno != errno.EINVAL:
+            raise _read_failure(path, err) from err
+        # EINVAL: torch's zip reader seeking before the start of a file cut short (a few KB to 64 KiB)
         text = str(err)
         if isinstance(err, pickle.UnpicklingError) and any(m in text for m in _EXPLAINED_BY_TORCH):
             raise  # a class the weights-only loader refuses: torch's message names it and the fix
