@@ -438,7 +438,10 @@ def test_growth_from_yaml_through_train_py(
             {"growth": {"rounds": 1}, "allocator_options": {"score_errors": {0: 0.1}}},
             r"allocator_options.score_errors: .*error_groups",
         ),
-        ({"allocator_options": {"score_errors": {0: 0.1}}}, r"allocator_options.score_errors: .*error_groups"),
+        (
+            {"allocator_options": {"score_errors": {0: 0.1}}},
+            r"allocator_options.score_errors: .*error_groups",
+        ),
     ],
 )
 def test_bad_growth_settings_name_the_field(arguments: dict[str, Any], pattern: str) -> None:
