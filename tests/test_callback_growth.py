@@ -104,7 +104,7 @@ class Around(Callback):
 
 
 def _grow_fit(
-    tmp_path: Path, keep_scaling: bool = False, **growth: Any
+    tmp_path: Path, keep_scaling: bool = False, on_error: str = "raise", **growth: Any
 ) -> tuple[TinyLlamaModule, LayerInfluenceCallback, Around, int]:
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4)
@@ -119,6 +119,7 @@ def _grow_fit(
         growth={"rounds": ROUNDS, **growth},
         keep_scaling=keep_scaling,
         schedule={"warmup": WARMUP, "every": EVERY},
+        on_error=on_error,
     )
     trainer = cpu_trainer(
         [first, cb, second], max_steps=MAX_STEPS, limit_val_batches=2, default_root_dir=str(tmp_path)
@@ -185,6 +186,41 @@ def test_every_round_keeps_the_function_and_the_budget(
     scalings = {layer.lora_alpha / layer.rank for layer in named_moe_layers(module).values()}
     ranks = {spec["rank"] for spec in final["layout"].values()}
     assert scalings == ({8.0 / 4} if keep_scaling else {8.0 / r for r in ranks})
+
+
+def test_a_failed_round_under_skip_changes_nothing_and_its_allowance_carries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 0's growth fails after the layers were resized (on_error="skip"): the failure names the growth
+    surgery, the model keeps its layout and alphas until round 1, which places the carried allowance, and
+    the last round still ends within one unit of the budget."""
+    real, calls = growing_module.grow_model, []
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        reports = real(*args, **kwargs)
+        calls.append(len(reports))
+        if len(calls) == 1:
+            raise RuntimeError("planted failure after the resize")
+        return reports
+
+    monkeypatch.setattr(growing_module, "grow_model", fails_once)
+    with pytest.warns(UserWarning, match="rewire skipped at global step 1"):
+        module, cb, seen, budget = _grow_fit(tmp_path, keep_scaling=True, on_error="skip")
+    assert calls[0] > 0  # the first call did resize layers before failing
+    ((failure,),) = [cb.state.failures]
+    assert failure["step"] == WARMUP and failure["stage"] == "rewire"
+    assert "failed during grow_model: RuntimeError: planted failure" in failure["error"]
+    plan = cb.state.growth["plan"]
+    assert [e["growth_round"] for e in cb.history] == [1, 2] and cb.state.growth["rounds_done"] == 2
+    # nothing changed at the failed round: the first change seen is round 1's, from the starting layout
+    assert cb.history[0]["layout_before"] == plan["initial"]
+    assert [r["step"] for r in seen.rounds] == [WARMUP + EVERY, WARMUP + 2 * EVERY]
+    targets = _targets(plan["initial_params"], budget)
+    assert targets[0] < seen.rounds[0]["params"] <= targets[1]  # round 0's share carried to round 1
+    final = seen.rounds[-1]
+    assert final["params"] <= budget
+    assert budget - final["params"] < min(min(units) for units in final["units"].values())
+    assert {layer.lora_alpha / layer.rank for layer in named_moe_layers(module).values()} == {8.0 / 4}
 
 
 def _block_params(module: torch.nn.Module, block: int) -> int:
