@@ -318,3 +318,27 @@ def test_a_checkpoint_cut_short_is_called_truncated_whatever_its_length(tmp_path
     with pytest.raises(CheckpointIntegrityError, match="cannot be read: it is truncated or damaged") as info:
         read_checkpoint(path)
     _check_message(info, path)
+
+
+def test_a_damaged_memo_reference_in_the_pickle_is_called_damaged(tmp_path: Path) -> None:
+    """A flipped byte in the pickled structure can make the weights-only unpickler fetch an object it never
+    stored (``KeyError: 250``) rather than fail to unpickle: still a damaged file, named as one."""
+    import pickletools
+
+    from layermoe.checkpointing.integrity import read_checkpoint
+
+    full = tmp_path / "full.ckpt"
+    torch.save(
+        {"pytorch-lightning_version": "2.6.0", "state_dict": {"a": torch.ones(2), "b": torch.ones(3)}}, full
+    )
+    raw = full.read_bytes()
+    name_length, extra_length = struct.unpack("<HH", raw[26:30])  # data.pkl's local header, as above
+    start = 30 + name_length + extra_length
+    memo_get = next(pos for op, _, pos in pickletools.genops(raw[start:]) if op.name == "BINGET")
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(raw[: start + memo_get + 1] + bytes([250]) + raw[start + memo_get + 2 :])
+    with pytest.raises(KeyError):  # what torch itself raises for these bytes
+        torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointIntegrityError, match=r"truncated or damaged.*\(KeyError: 250\)") as info:
+        read_checkpoint(path)
+    _check_message(info, path)
