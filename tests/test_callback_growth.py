@@ -28,7 +28,12 @@ from layermoe.callbacks.state import CallbackState, RewirePlan
 from layermoe.cli import main
 from layermoe.scoring import causal_lm_per_sample_loss
 from tests.fixtures import cpu_trainer, quiet_influence
-from tests.scripts.callback_fixtures import TinyLlamaModule, fit_counting_task, loaders
+from tests.scripts.callback_fixtures import (
+    TinyLlamaModule,
+    assert_fit_fails_before_first_step,
+    fit_counting_task,
+    loaders,
+)
 from tests.test_callback_ddp import _run_job
 from tests.test_cli_errors import _with_influence
 from tests.test_cli_quickstart import QUICKSTART, _override
@@ -483,6 +488,38 @@ def test_growth_from_yaml_through_train_py(
 def test_bad_growth_settings_name_the_field(arguments: dict[str, Any], pattern: str) -> None:
     with pytest.raises(CallbackConfigError, match=pattern):
         LayerInfluenceCallback(scorer="grad_norm", **arguments)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "run", "pattern"),
+    [
+        ({"warmup": 1, "every": 2}, {"max_steps": 4}, r"after 5 optimizer steps .* the run has only 4"),
+        (
+            {"warmup": 1, "every": 1, "interval": "epoch"},
+            {"max_epochs": 3, "limit_train_batches": 2},
+            r"after 3 epochs .* the run has only 3",
+        ),
+    ],
+)
+def test_a_run_too_short_for_every_round_is_refused_before_training(
+    schedule: dict[str, Any], run: dict[str, Any], pattern: str
+) -> None:
+    """Three rounds at warmup + k x every: a run that ends before the last would silently leave part of the
+    budget unplaced (a growth arm compared at equal budget would not be), so the fit stops first, naming
+    the settings to change."""
+    seed_everything(0)
+    cb = LayerInfluenceCallback(
+        scorer="grad_norm", growth={"rounds": 3}, schedule=schedule, verbose=False, plot=False
+    )
+    assert_fit_fails_before_first_step(
+        TinyLlamaModule(experts=2, rank=4),
+        cb,
+        CallbackConfigError,
+        r"growth.rounds=3: the last round would come " + pattern,
+        *loaders(),
+        weights_unchanged=False,  # the starting resize ran in setup
+        **{"max_steps": -1, **run},
+    )
 
 
 def test_growth_rounds_are_the_schedule_slots() -> None:

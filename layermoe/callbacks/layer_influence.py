@@ -328,11 +328,26 @@ class LayerInfluenceCallback(Callback):
         total = trainer.estimated_stepping_batches if self.schedule.interval == "step" else trainer.max_epochs
         total = None if total is None or total < 0 else float(total)
         units = self.schedule.warmup_units(total)
-        if self.state.plans_made == 0 and total is not None and math.isfinite(total) and units >= total:
-            unit = "optimizer steps" if self.schedule.interval == "step" else "epochs"
+        if total is None or not math.isfinite(total):
+            return units
+        unit = "optimizer steps" if self.schedule.interval == "step" else "epochs"
+        if self.state.plans_made == 0 and units >= total:
             raise CallbackConfigError(
                 f"schedule.warmup resolves to {units} {unit} but the run has only {int(total)}: no "
                 "rewire would happen; lower schedule.warmup or lengthen the run"
+            )
+        rounds = None if self.growth is None else self.growth.rounds
+        if (
+            rounds is not None
+            and self.state.plans_made < rounds
+            and self.schedule.due_at(rounds - 1, units) >= total
+        ):
+            # the growth plan's last targets would never be placed (or trained): no silent partial budget
+            raise CallbackConfigError(
+                f"growth.rounds={rounds}: the last round would come after {self.schedule.due_at(rounds - 1, units)}"
+                f" {unit} (schedule.warmup {units} + {rounds - 1} x schedule.every {self.schedule.every}) but the"
+                f" run has only {int(total)}, so part of the budget would never be placed and trained; lower"
+                " growth.rounds or schedule.every, or lengthen the run"
             )
         return units
 
