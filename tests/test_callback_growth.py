@@ -28,7 +28,12 @@ from layermoe.callbacks.state import CallbackState, RewirePlan
 from layermoe.cli import main
 from layermoe.scoring import causal_lm_per_sample_loss
 from tests.fixtures import cpu_trainer, quiet_influence
-from tests.scripts.callback_fixtures import TinyLlamaModule, fit_counting_task, loaders
+from tests.scripts.callback_fixtures import (
+    TinyLlamaModule,
+    assert_fit_fails_before_first_step,
+    fit_counting_task,
+    loaders,
+)
 from tests.test_callback_ddp import _run_job
 from tests.test_cli_errors import _with_influence
 from tests.test_cli_quickstart import QUICKSTART, _override
@@ -104,7 +109,7 @@ class Around(Callback):
 
 
 def _grow_fit(
-    tmp_path: Path, keep_scaling: bool = False, **growth: Any
+    tmp_path: Path, keep_scaling: bool = False, on_error: str = "raise", **growth: Any
 ) -> tuple[TinyLlamaModule, LayerInfluenceCallback, Around, int]:
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4)
@@ -119,6 +124,7 @@ def _grow_fit(
         growth={"rounds": ROUNDS, **growth},
         keep_scaling=keep_scaling,
         schedule={"warmup": WARMUP, "every": EVERY},
+        on_error=on_error,
     )
     trainer = cpu_trainer(
         [first, cb, second], max_steps=MAX_STEPS, limit_val_batches=2, default_root_dir=str(tmp_path)
@@ -185,6 +191,41 @@ def test_every_round_keeps_the_function_and_the_budget(
     scalings = {layer.lora_alpha / layer.rank for layer in named_moe_layers(module).values()}
     ranks = {spec["rank"] for spec in final["layout"].values()}
     assert scalings == ({8.0 / 4} if keep_scaling else {8.0 / r for r in ranks})
+
+
+def test_a_failed_round_under_skip_changes_nothing_and_its_allowance_carries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Round 0's growth fails after the layers were resized (on_error="skip"): the failure names the growth
+    surgery, the model keeps its layout and alphas until round 1, which places the carried allowance, and
+    the last round still ends within one unit of the budget."""
+    real, calls = growing_module.grow_model, []
+
+    def fails_once(*args: Any, **kwargs: Any) -> Any:
+        reports = real(*args, **kwargs)
+        calls.append(len(reports))
+        if len(calls) == 1:
+            raise RuntimeError("planted failure after the resize")
+        return reports
+
+    monkeypatch.setattr(growing_module, "grow_model", fails_once)
+    with pytest.warns(UserWarning, match="rewire skipped at global step 1"):
+        module, cb, seen, budget = _grow_fit(tmp_path, keep_scaling=True, on_error="skip")
+    assert calls[0] > 0  # the first call did resize layers before failing
+    ((failure,),) = [cb.state.failures]
+    assert failure["step"] == WARMUP and failure["stage"] == "rewire"
+    assert "failed during grow_model: RuntimeError: planted failure" in failure["error"]
+    plan = cb.state.growth["plan"]
+    assert [e["growth_round"] for e in cb.history] == [1, 2] and cb.state.growth["rounds_done"] == 2
+    # nothing changed at the failed round: the first change seen is round 1's, from the starting layout
+    assert cb.history[0]["layout_before"] == plan["initial"]
+    assert [r["step"] for r in seen.rounds] == [WARMUP + EVERY, WARMUP + 2 * EVERY]
+    targets = _targets(plan["initial_params"], budget)
+    assert targets[0] < seen.rounds[0]["params"] <= targets[1]  # round 0's share carried to round 1
+    final = seen.rounds[-1]
+    assert final["params"] <= budget
+    assert budget - final["params"] < min(min(units) for units in final["units"].values())
+    assert {layer.lora_alpha / layer.rank for layer in named_moe_layers(module).values()} == {8.0 / 4}
 
 
 def _block_params(module: torch.nn.Module, block: int) -> int:
@@ -432,11 +473,53 @@ def test_growth_from_yaml_through_train_py(
             {"growth": {"rounds": 1}, "allocator_options": {"max_moves": 1}},
             r"allocator_options \['max_moves'\] with growth",
         ),
+        # the callback passes the scores' own errors: a second score_errors crashed the first allocation
+        # with a TypeError (got multiple values for keyword argument), in either mode
+        (
+            {"growth": {"rounds": 1}, "allocator_options": {"score_errors": {0: 0.1}}},
+            r"allocator_options.score_errors: .*error_groups",
+        ),
+        (
+            {"allocator_options": {"score_errors": {0: 0.1}}},
+            r"allocator_options.score_errors: .*error_groups",
+        ),
     ],
 )
 def test_bad_growth_settings_name_the_field(arguments: dict[str, Any], pattern: str) -> None:
     with pytest.raises(CallbackConfigError, match=pattern):
         LayerInfluenceCallback(scorer="grad_norm", **arguments)
+
+
+@pytest.mark.parametrize(
+    ("schedule", "run", "pattern"),
+    [
+        ({"warmup": 1, "every": 2}, {"max_steps": 4}, r"after 5 optimizer steps .* the run has only 4"),
+        (
+            {"warmup": 1, "every": 1, "interval": "epoch"},
+            {"max_epochs": 3, "limit_train_batches": 2},
+            r"after 3 epochs .* the run has only 3",
+        ),
+    ],
+)
+def test_a_run_too_short_for_every_round_is_refused_before_training(
+    schedule: dict[str, Any], run: dict[str, Any], pattern: str
+) -> None:
+    """Three rounds at warmup + k x every: a run that ends before the last would silently leave part of the
+    budget unplaced (a growth arm compared at equal budget would not be), so the fit stops first, naming
+    the settings to change."""
+    seed_everything(0)
+    cb = LayerInfluenceCallback(
+        scorer="grad_norm", growth={"rounds": 3}, schedule=schedule, verbose=False, plot=False
+    )
+    assert_fit_fails_before_first_step(
+        TinyLlamaModule(experts=2, rank=4),
+        cb,
+        CallbackConfigError,
+        r"growth.rounds=3: the last round would come " + pattern,
+        *loaders(),
+        weights_unchanged=False,  # the starting resize ran in setup
+        **{"max_steps": -1, **run},
+    )
 
 
 def test_growth_rounds_are_the_schedule_slots() -> None:

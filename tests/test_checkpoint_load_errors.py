@@ -299,3 +299,46 @@ def test_a_load_that_fails_for_want_of_a_device_or_memory_is_not_called_damaged(
     with pytest.raises(RuntimeError, match="was not loaded \\(the file is not damaged\\)") as info:
         read_checkpoint(path)
     assert not isinstance(info.value, CheckpointIntegrityError) and text in str(info.value)
+
+
+@pytest.mark.parametrize("size", [2_000, 8_000, 30_000, 65_000, 100_000])
+def test_a_checkpoint_cut_short_is_called_truncated_whatever_its_length(tmp_path: Path, size: int) -> None:
+    """A write killed early leaves the first bytes of a checkpoint. Cut between about 4 and 66 KB, torch's
+    zip reader refuses it with ``OSError: [Errno 22] Invalid argument`` (it seeks before the start of the
+    file looking for the zip directory in the last 64 KiB), elsewhere with a RuntimeError: both are a
+    damaged file, never a disk that failed while reading."""
+    from layermoe.checkpointing.integrity import read_checkpoint
+
+    full = tmp_path / "full.ckpt"
+    torch.save({"pytorch-lightning_version": "2.6.0", "state_dict": {"w": torch.randn(128, 256)}}, full)
+    raw = full.read_bytes()
+    assert len(raw) > size
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(raw[:size])
+    with pytest.raises(CheckpointIntegrityError, match="cannot be read: it is truncated or damaged") as info:
+        read_checkpoint(path)
+    _check_message(info, path)
+
+
+def test_a_damaged_memo_reference_in_the_pickle_is_called_damaged(tmp_path: Path) -> None:
+    """A flipped byte in the pickled structure can make the weights-only unpickler fetch an object it never
+    stored (``KeyError: 250``) rather than fail to unpickle: still a damaged file, named as one."""
+    import pickletools
+
+    from layermoe.checkpointing.integrity import read_checkpoint
+
+    full = tmp_path / "full.ckpt"
+    torch.save(
+        {"pytorch-lightning_version": "2.6.0", "state_dict": {"a": torch.ones(2), "b": torch.ones(3)}}, full
+    )
+    raw = full.read_bytes()
+    name_length, extra_length = struct.unpack("<HH", raw[26:30])  # data.pkl's local header, as above
+    start = 30 + name_length + extra_length
+    memo_get = next(pos for op, _, pos in pickletools.genops(raw[start:]) if op.name == "BINGET")
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(raw[: start + memo_get + 1] + bytes([250]) + raw[start + memo_get + 2 :])
+    with pytest.raises(KeyError):  # what torch itself raises for these bytes
+        torch.load(path, weights_only=True)
+    with pytest.raises(CheckpointIntegrityError, match=r"truncated or damaged.*\(KeyError: 250\)") as info:
+        read_checkpoint(path)
+    _check_message(info, path)

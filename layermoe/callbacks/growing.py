@@ -188,7 +188,7 @@ class Growing:
     def surgery(self, gradients: Mapping[str, torch.Tensor] | None) -> Surgery:
         options = self.options
 
-        def grow(module: nn.Module, target: Layout, routing_mass: Any) -> list[Any]:
+        def grow_model_(module: nn.Module, target: Layout, routing_mass: Any) -> list[Any]:
             if routing_mass is not None:
                 # every rank must split the same experts: use the mass averaged over ranks (the rewire
                 # passes it to apply_layout); the snapshot of the transaction restores the buffers
@@ -203,7 +203,8 @@ class Growing:
                 keep_scaling=self.rewiring.keep_scaling,
             )
 
-        return grow
+        grow_model_.__name__ = "grow_model"  # the stage a failure names
+        return grow_model_
 
     def _gradients(self, trainer: Any, pl_module: nn.Module, target: Layout) -> dict[str, torch.Tensor]:
         """Weight gradients of the growing layers on the scoring training samples (``weight_gradients``)."""

@@ -315,6 +315,7 @@ class LayerInfluenceCallback(Callback):
             raise CallbackConfigError(conflict)
         if conflict := resume_growth_conflict(self.state.growth, self.growing):
             raise CallbackConfigError(conflict)
+        self._check_rounds_fit_the_run(trainer)
         self.state.inject = self.inject
         if kept is None:
             self.state.keep_budget(self._resolved_budget(pl_module))
@@ -323,10 +324,14 @@ class LayerInfluenceCallback(Callback):
         self.rewiring.start_fit()
         self.rewiring.dry_run(trainer, pl_module)
 
+    def _run_units(self, trainer: Trainer) -> float | None:
+        """The run's length in schedule units (optimizer steps or epochs), None when unknown."""
+        total = trainer.estimated_stepping_batches if self.schedule.interval == "step" else trainer.max_epochs
+        return None if total is None or total < 0 else float(total)
+
     def _checked_warmup(self, trainer: Trainer) -> int:
         """``schedule.warmup`` in optimizer steps or epochs; a warm-up as long as the run fails here."""
-        total = trainer.estimated_stepping_batches if self.schedule.interval == "step" else trainer.max_epochs
-        total = None if total is None or total < 0 else float(total)
+        total = self._run_units(trainer)
         units = self.schedule.warmup_units(total)
         if self.state.plans_made == 0 and total is not None and math.isfinite(total) and units >= total:
             unit = "optimizer steps" if self.schedule.interval == "step" else "epochs"
@@ -335,6 +340,27 @@ class LayerInfluenceCallback(Callback):
                 "rewire would happen; lower schedule.warmup or lengthen the run"
             )
         return units
+
+    def _check_rounds_fit_the_run(self, trainer: Trainer) -> None:
+        """Growth: the last round's slot must come before the run ends, or its share of the budget would
+        silently never be placed (nor trained)."""
+        total, growth = self._run_units(trainer), self.growth
+        if (
+            growth is None
+            or self.state.plans_made >= growth.rounds
+            or total is None
+            or not math.isfinite(total)
+        ):
+            return
+        last = self.schedule.due_at(growth.rounds - 1, self._warmup_units or 0)
+        if last >= total:
+            unit = "optimizer steps" if self.schedule.interval == "step" else "epochs"
+            raise CallbackConfigError(
+                f"growth.rounds={growth.rounds}: the last round would come after {last} {unit} (schedule.warmup"
+                f" {self._warmup_units} + {growth.rounds - 1} x schedule.every {self.schedule.every}) but the"
+                f" run has only {int(total)}, so part of the budget would never be placed and trained; lower"
+                " growth.rounds or schedule.every, or lengthen the run"
+            )
 
     def _resolved_budget(self, pl_module: LightningModule) -> Budget:
         return self.budget.resolve(layout(pl_module), block_dims(pl_module))

@@ -72,12 +72,15 @@ Surgery = Callable[[nn.Module, dict[int, dict[str, int]], Any], list[Any]]
 def layout_surgery(keep_scaling: bool = False) -> Surgery:
     """``apply_layout`` as a :data:`Surgery` (``keep_scaling``: rank changes keep ``lora_alpha / rank``)."""
 
-    def resize(module: nn.Module, new_layout: dict[int, dict[str, int]], routing_mass: Any) -> list[Any]:
+    def apply_layout_(
+        module: nn.Module, new_layout: dict[int, dict[str, int]], routing_mass: Any
+    ) -> list[Any]:
         return list(
             apply_layout(module, new_layout, routing_mass=routing_mass, keep_scaling=keep_scaling) or []
         )
 
-    return resize
+    apply_layout_.__name__ = "apply_layout"  # the stage a failure names
+    return apply_layout_
 
 
 def rewire(
@@ -103,17 +106,18 @@ def rewire(
     module_snap = ModuleSnapshot(pl_module)
     opt_snap = snapshot_optimizers(strategy, pl_module)
     old_wrapper = strategy.model
-    stage = "apply_layout"
+    surgery = surgery or layout_surgery()
+    stage = getattr(surgery, "__name__", "the resize")  # apply_layout, or growth's grow_model
     error: BaseException | None = None
     reports: list[Any] = []
     routing_mass = shared_routing_mass(strategy, pl_module)
     try:
         with torch.no_grad(), isolate_rng():
             torch.manual_seed(seed)
-            reports = (surgery or layout_surgery())(pl_module, new_layout, routing_mass)
+            reports = surgery(pl_module, new_layout, routing_mass)
     except Exception as exc:  # noqa: BLE001 - re-raised below with context, after rollback on all ranks
         error = exc
-    surgery = time.perf_counter() - start
+    surgery_s = time.perf_counter() - start
     if any_rank(strategy, error is not None):
         module_snap.restore()
         raise RewireError(_message(stage, trainer, error)) from error
@@ -142,7 +146,7 @@ def rewire(
 
     if is_compiled(pl_module):
         torch._dynamo.reset()
-    return RewireResult(reports, carry, surgery, time.perf_counter() - start)
+    return RewireResult(reports, carry, surgery_s, time.perf_counter() - start)
 
 
 def _message(stage: str, trainer: Any, error: BaseException | None) -> str:

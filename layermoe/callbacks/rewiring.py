@@ -127,6 +127,12 @@ class Rewiring:
         self.allocator = allocator
         self.allocator_options = check_options("allocator_options", allocator_options)
         check_allocator(allocator, self.allocator_options)
+        if "score_errors" in self.allocator_options:
+            raise CallbackConfigError(
+                "allocator_options.score_errors: the callback passes the scores' own standard errors (from"
+                " error_groups) at every allocation; drop allocator_options.score_errors (error_groups=0"
+                " allocates without errors)"
+            )
         self.num_train_samples = check_count("num_train_samples", num_train_samples, 1)
         self.num_val_samples = check_count("num_val_samples", num_val_samples, 1)
         if scoring_batch_size is not None:

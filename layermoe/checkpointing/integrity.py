@@ -12,6 +12,7 @@ reading.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import pickle
 import stat
@@ -39,6 +40,11 @@ _EXPLAINED_BY_TORCH = ("Unsupported global", "must be imported to load", "is blo
 # RuntimeErrors of torch.load that come from this machine, not the file: tensors saved on a device it
 # lacks (map_location not set), too little memory.
 _NOT_DAMAGE = ("Attempting to deserialize object on", "out of memory", "can't allocate memory")
+# what torch.load raises for bytes it cannot read as a checkpoint
+_DAMAGE_ERRORS = (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, OSError, ValueError)
+# what the weights-only unpickler raises on a malformed stream (a memo or stack entry that is not there, a
+# rebuild call with other arguments): damaged bytes too, since no code from the file ran
+_MALFORMED_PICKLE = (KeyError, IndexError, TypeError, AttributeError, AssertionError)
 
 
 class CheckpointIntegrityError(ValueError):
@@ -281,9 +287,12 @@ def read_checkpoint(path: str | Path, map_location: Any = "cpu", weights_only: b
         )
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except OSError as err:
-        raise _read_failure(path, err) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError) as err:
+    except (*_DAMAGE_ERRORS, *_MALFORMED_PICKLE) as err:
+        if isinstance(err, _MALFORMED_PICKLE) and weights_only is False:
+            raise  # a full unpickler runs the file's code: its errors are not the bytes' fault alone
+        if isinstance(err, OSError) and err.errno != errno.EINVAL:
+            raise _read_failure(path, err) from err
+        # EINVAL: torch's zip reader seeking before the start of a file cut short (a few KB to 64 KiB)
         text = str(err)
         if isinstance(err, pickle.UnpicklingError) and any(m in text for m in _EXPLAINED_BY_TORCH):
             raise  # a class the weights-only loader refuses: torch's message names it and the fix
