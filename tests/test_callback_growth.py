@@ -587,3 +587,18 @@ def test_the_start_warns_when_adapters_already_learned() -> None:
         UserWarning, match=r"1 adapter\(s\) already hold learned deltas .*layers.0.mlp.up_proj"
     ):
         cb.growing.start(trained, budget)
+
+
+def test_growth_refuses_top_k_routing_before_changing_the_model(tmp_path: Path) -> None:
+    """Growth is exact only under dense routing: a top-k adapter is refused at set-up, model untouched."""
+    seed_everything(0)
+    module = TinyLlamaModule(experts=2, rank=4)
+    for layer in named_moe_layers(module).values():
+        layer.top_k = 1
+    before = layout(module)
+    cb = quiet_influence("test_fixed_scores", **FIXED, growth={"rounds": 1})
+    train, val = loaders()
+    trainer = cpu_trainer([cb], max_steps=3, limit_val_batches=2, default_root_dir=str(tmp_path))
+    with pytest.raises(CallbackConfigError, match=r"growth with top_k routing .*model\.adapter\.top_k"):
+        trainer.fit(module, train, val)
+    assert layout(module) == before

@@ -74,6 +74,18 @@ class Growing:
             )
         except AllocationError as exc:
             raise CallbackConfigError(f"growth: budget={budget}: {exc}") from exc
+        routed = sorted(
+            name for name, layer in named_moe_layers(pl_module).items() if layer.top_k is not None
+        )
+        if routed:
+            # a new expert shares its source's gate: exact under dense softmax, but under top-k the copies tie
+            # and the source's rescaled B is selected alone (measured: logits move by ~0.5 at top_k=1)
+            raise CallbackConfigError(
+                f"growth with top_k routing ({len(routed)} layer(s), e.g. {routed[0]} top_k="
+                f"{named_moe_layers(pl_module)[routed[0]].top_k}): growth is function-preserving only under"
+                " dense routing; set the adapter's top_k to null (model.adapter.top_k) or use rewire mode"
+                " (growth=None)"
+            )
         learned = [
             n for n, p in pl_module.named_parameters() if n.endswith("lora_B") and bool(p.detach().any())
         ]
