@@ -290,3 +290,23 @@ def test_warmup_start_moves_the_weights(tmp_path):
         f"{gap['delta']:.3g} (project moved it by {moved['delta']:.3g}); final loss "
         f"{hf_losses[-1]:.4f} vs {our_losses[-1]:.4f}"
     )
+
+
+def test_by_default_the_plain_loop_also_supervises_the_separator(tmp_path):
+    """The other documented difference: the benchmark's plain encoding supervises a separator that is a
+    token of its own (here every row: the byte tokenizer), the project's never does; nothing else differs."""
+    dm = _data_module(tmp_path, seed=0)
+    separator = dm.prepare_tokenizer()(SEPARATOR, add_special_tokens=False)["input_ids"]
+    assert len(separator) == 1
+    plain = _plain_batches(dm, STEPS, separator_in_prompt=False)
+    aligned = _plain_batches(dm, STEPS)
+    extra = 0
+    for a, b in zip(plain, aligned, strict=True):
+        assert torch.equal(a["input_ids"], b["input_ids"])
+        differs = a["labels"] != b["labels"]
+        assert bool((a["labels"][differs] == separator[0]).all()) and bool(
+            (b["labels"][differs] == -100).all()
+        )
+        assert differs.sum(dim=1).tolist() == [1] * a["labels"].shape[0]  # one per row: its separator
+        extra += int(differs.sum())
+    assert extra == STEPS * BATCH
