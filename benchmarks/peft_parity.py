@@ -344,7 +344,9 @@ def plain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], aggregati
     """The plain loop's training loss: cross-entropy over the supervised (answer) tokens, one mean over
     every token of the batch (``token_mean``, as Hugging Face and peft reduce it) or per row first."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
+    # at least float32 (a bf16 model's logits are upcast; a float64 one, the tests' exact reference, stays)
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = batch["labels"][:, 1:]
     losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     counts = (targets != -100).sum(dim=1)
     if aggregation == "token_mean":
