@@ -7,7 +7,9 @@ to ``--min-lr-ratio``), seed and adapter function go through
   transformers' ``get_cosine_with_min_lr_schedule_with_warmup``), as a user would write it. Two known
   differences: its warm-up starts at LR 0 (the project's at lr / warmup), and it supervises the
   separator when the tokenizer gives it a token of its own (SmolLM2 before digits: a quarter of the
-  skills rows); ``train_encoding_same_as_project`` is the share of training rows encoded identically;
+  skills rows); ``train_encoding_same_as_project`` is the share of training rows encoded identically.
+  With both aligned, the two paths agree step for step to round-off (tests/test_training_parity.py);
+  benchmarks/warmup_start.py measures what the warm-up's first LR changes;
 - ``layermoe``: ``MoELoRAFineTuner`` + ``TextDataModule`` + a Lightning ``Trainer`` (what ``train.py fit``
   builds), MoE-LoRA with one expert (no router): the same function and parameter count as LoRA;
 - ``layermoe-router``: ``--router-experts`` experts of rank ``rank // experts`` each (the same total rank),
