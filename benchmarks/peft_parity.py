@@ -7,7 +7,9 @@ to ``--min-lr-ratio``), seed and adapter function go through
   transformers' ``get_cosine_with_min_lr_schedule_with_warmup``), as a user would write it. Two known
   differences: its warm-up starts at LR 0 (the project's at lr / warmup), and it supervises the
   separator when the tokenizer gives it a token of its own (SmolLM2 before digits: a quarter of the
-  skills rows); ``train_encoding_same_as_project`` is the share of training rows encoded identically;
+  skills rows); ``train_encoding_same_as_project`` is the share of training rows encoded identically.
+  With both aligned, the two paths agree step for step to round-off (tests/test_training_parity.py);
+  benchmarks/warmup_start.py measures what the warm-up's first LR changes;
 - ``layermoe``: ``MoELoRAFineTuner`` + ``TextDataModule`` + a Lightning ``Trainer`` (what ``train.py fit``
   builds), MoE-LoRA with one expert (no router): the same function and parameter count as LoRA;
 - ``layermoe-router``: ``--router-experts`` experts of rank ``rank // experts`` each (the same total rank),
@@ -38,7 +40,7 @@ import random
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,15 +198,25 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def plain_encode(tokenizer: Any, row: dict[str, Any], task: str, max_length: int) -> Example:
-    """The plain loop's own encoding: prompt ids, then the answer's ids (+ EOS), loss on the answer only."""
+def plain_encode(
+    tokenizer: Any, row: dict[str, Any], task: str, max_length: int, separator_in_prompt: bool = False
+) -> Example:
+    """The plain loop's own encoding: prompt ids, then the answer's ids (+ EOS), loss on the answer only.
+
+    The answer is tokenized with the separator before it, so a separator that is a token of its own is
+    supervised; ``separator_in_prompt`` tokenizes it with the prompt instead (unsupervised, as the
+    project encodes it when it is a token of its own: tests/test_training_parity.py).
+    """
     if task == "sst2":
         prompt = tokenizer(CLASSIFICATION["template"].replace("{text}", row["text"]))["input_ids"]
         answer = tokenizer(" " + CLASSIFICATION["words"][row["label"]], add_special_tokens=False)["input_ids"]
         prompt = prompt[: max_length - len(answer)]
     else:
-        prompt = tokenizer(PROMPT_TEMPLATE.replace("{text}", row["prompt"]))["input_ids"]
-        answer = tokenizer(SEPARATOR + row["response"], add_special_tokens=False)["input_ids"]
+        head, tail = PROMPT_TEMPLATE.replace("{text}", row["prompt"]), SEPARATOR + row["response"]
+        if separator_in_prompt:
+            head, tail = head + SEPARATOR, row["response"]
+        prompt = tokenizer(head)["input_ids"]
+        answer = tokenizer(tail, add_special_tokens=False)["input_ids"]
         answer = [*answer, tokenizer.eos_token_id]
     ids = (list(prompt) + list(answer))[:max_length]
     return {"input_ids": ids, "labels": ([-100] * len(prompt) + list(answer))[:max_length]}
@@ -322,43 +334,62 @@ def plain_batches(
             produced += 1
 
 
+def peft_lora(base: torch.nn.Module, rank: int, alpha: float, targets: Sequence[str]) -> torch.nn.Module:
+    """The plain loop's model: peft LoRA on ``targets`` (no dropout, no bias), in train mode."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0, bias="none")
+    return get_peft_model(base, config).train()
+
+
+def plain_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], aggregation: str) -> torch.Tensor:
+    """The plain loop's training loss: cross-entropy over the supervised (answer) tokens, one mean over
+    every token of the batch (``token_mean``, as Hugging Face and peft reduce it) or per row first."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    # at least float32 (a bf16 model's logits are upcast; a float64 one, the tests' exact reference, stays)
+    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
+    targets = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
+    counts = (targets != -100).sum(dim=1)
+    if aggregation == "token_mean":
+        return losses.sum() / counts.sum()
+    return (losses.sum(dim=1) / counts.clamp_min(1)).mean()
+
+
+def plain_loop(
+    model: torch.nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    aggregation: str,
+) -> list[float]:
+    """One optimizer step per batch, as a user writes it; returns the training loss of every step."""
+    losses = []
+    for batch in batches:
+        loss = plain_loss(model, batch, aggregation)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def train_peft(
     base: torch.nn.Module, train: Sequence[Example], args: argparse.Namespace, seed: int, pad_id: int
 ):
-    from peft import LoraConfig, get_peft_model
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=args.rank,
-        lora_alpha=args.alpha,
-        target_modules=args.targets.split(","),
-        lora_dropout=0.0,
-        bias="none",
-    )
-    model = get_peft_model(base, config)
-    model.train()
+    model = peft_lora(base, args.rank, args.alpha, args.targets.split(","))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, args.warmup, args.steps, min_lr_rate=args.min_lr_ratio
     )
-    last = math.nan
-    for batch in plain_batches(train, args.batch_size, args.steps, seed, pad_id):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logits, targets = logits[:, :-1].float(), batch["labels"][:, 1:]
-        losses = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
-        counts = (targets != -100).sum(dim=1)
-        if args.loss_aggregation == "token_mean":
-            loss = losses.sum() / counts.sum()
-        else:
-            loss = (losses.sum(dim=1) / counts.clamp_min(1)).mean()
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        last = float(loss.detach())
-    return model, sum(p.numel() for p in params), last
+    batches = plain_batches(train, args.batch_size, args.steps, seed, pad_id)
+    losses = plain_loop(model, batches, optimizer, scheduler, args.loss_aggregation)
+    return model, sum(p.numel() for p in params), losses[-1] if losses else math.nan
 
 
 def train_layermoe(task: str, dm: Any, args: argparse.Namespace, seed: int, router: bool):
