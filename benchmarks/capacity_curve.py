@@ -24,6 +24,9 @@ from typing import Any
 import tasks
 from sweep_report import _mean_sd  # one format for every sweep table
 
+#: every budget of configs/experiments/allocation_sweep/budgets, by adapter parameters (smallest first)
+BUDGET_ORDER = ["tiny", "tight", "qv2", "qv4", "small", "mid", "large", "generous"]
+
 GENERATIVE_TASKS = ("facts", "skills")
 VAL_ROWS = 96  # validation rows per task (lr selection, and the callback's scoring in the later sweep)
 QUICK_SIZES = {"facts": {"entities": 6}, "skills": {"train_rows": 24, "test_rows": 8}}
