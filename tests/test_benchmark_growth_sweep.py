@@ -207,7 +207,12 @@ def test_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
     runs = growth_sweep.plan_runs(grow["tasks"], grow["budgets"], grow["arms"], seeds, lrs)
     assert len(runs) == len(set(runs)) == 2 * 2 * 7 * 3 <= 100
     assert not set(growth_sweep.OPTIONAL_ARMS) & set(grow["arms"])  # optional: --arms
-    assert runs[0] == ("facts", grow["budgets"][0], "uniform+lr=0.004", 0)  # seed by seed: whole paired seeds first
+    assert runs[0] == (
+        "facts",
+        grow["budgets"][0],
+        "uniform+lr=0.004",
+        0,
+    )  # seed by seed: whole paired seeds first
     with pytest.raises(SystemExit):  # argparse's error: every arm is paired with uniform
         allocation_sweep.parse(["--phase", "grow", "--arms", "layerif-grow"])
     with pytest.raises(SystemExit):  # grow arms are not the other phases'
