@@ -135,6 +135,8 @@ class Lockstep:
         return {rank: text for rank, text in enumerate(texts) if text is not None}
 
     def _message(self, failures: dict[int, str]) -> str:
+        if self.strategy.world_size <= 1:
+            return f"{self.where} failed during {failures[self.rank]}"
         return f"{self.where} failed " + "; ".join(
             f"on rank {rank} during {text}" for rank, text in sorted(failures.items())
         )

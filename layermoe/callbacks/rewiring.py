@@ -275,9 +275,10 @@ class Rewiring:
         options.update(self.capture_options)
         val_losses: list[torch.Tensor] = []
         options["loss_sink"] = lambda split, losses: val_losses.append(losses) if split == "val" else None
-        if trainer.world_size > 1:
+        gather = options.get("reduce_fn", torch_distributed_gather)
+        if trainer.world_size > 1 and gather is not None:
             # a rank whose loss fails leaves the pass before its next gather: the others check first
-            options["reduce_fn"] = sync.guarded(options.get("reduce_fn", torch_distributed_gather))
+            options["reduce_fn"] = sync.guarded(gather)
         stats = capture_statistics(
             pl_module,
             train,
