@@ -79,9 +79,15 @@ def test_ddp_empties_a_block_and_regrows_it_with_ranks_in_agreement(tmp_path) ->
 
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 @pytest.mark.parametrize(
-    ("fail", "stage"), [("scoring", "scoring"), ("probe", "the probe loss before the rewire")]
+    ("mode", "fail", "stage"),
+    [
+        pytest.param("planted", "scoring", "scoring", id="rewire-scoring"),
+        pytest.param("planted", "probe", "the probe loss before the rewire", id="rewire-probe"),
+        pytest.param("grow", "scoring", "scoring", id="grow-scoring"),
+        pytest.param("grow", "probe", "the probe loss before the rewire", id="grow-probe"),
+        pytest.param("grow", "gradients", "the weight gradients for init='gradient'", id="grow-gradients"),
+    ],
 )
-@pytest.mark.parametrize("mode", ["planted", "grow"])
 def test_ddp_a_failure_on_one_rank_stops_or_skips_on_every_rank(
     tmp_path, mode: str, fail: str, stage: str, on_error: str
 ) -> None:

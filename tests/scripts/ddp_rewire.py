@@ -1,12 +1,13 @@
 """Standalone DDP rewire job (2 CPU processes, gloo), run by tests/test_callback_ddp.py in a subprocess.
 
-Usage: python tests/scripts/ddp_rewire.py OUT_DIR [planted|zero|grow] [scoring|probe raise|skip].
+Usage: python tests/scripts/ddp_rewire.py OUT_DIR [planted|zero|grow] [scoring|probe|gradients raise|skip].
 Lightning's DDP launcher re-executes this script for rank 1; each rank writes OUT_DIR/rank{r}.pt with its
 layout, adapter weights, callback history and failures, the optimizer coverage it saw and the error the
 fit raised (or None), and prints "RANK r OK" at the end. ``zero``: two rewires that empty block 0 and then
 give it adapters back (issue 22). ``grow``: growth mode, two rounds with gradient init (issue 34).
-``scoring``/``probe``: the scoring loss raises on rank 1 only, during the scoring pass or the probe loss
-before the rewire, with the given ``on_error``.
+``scoring``/``probe``/``gradients``: the scoring loss raises on rank 1 only, during the scoring pass, the
+probe loss before the rewire or (growth) the weight gradients of ``init="gradient"``, with the given
+``on_error``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 from layermoe.adapters import layout  # noqa: E402
 from layermoe.callbacks import LayerInfluenceCallback, RewireError  # noqa: E402
 from layermoe.callbacks import rewiring as rewiring_module  # noqa: E402
+from layermoe.callbacks.growing import Growing  # noqa: E402
 from layermoe.scoring import causal_lm_per_sample_loss  # noqa: E402
 from tests.fixtures import cpu_trainer, quiet_influence  # noqa: E402
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, plant_grad_norm_winner  # noqa: E402
@@ -74,10 +76,13 @@ def arm_during(loss: PlantedLoss, owner: type, name: str) -> None:
 
 
 def plant_failure(stage: str) -> PlantedLoss:
-    """A loss that fails on rank 1 during the scoring pass or the probe loss before the rewire."""
+    """A loss that fails on rank 1 during the scoring pass, the probe loss before the rewire or the weight
+    gradients of a growth round."""
     loss = PlantedLoss()
     if stage == "scoring":
         arm_during(loss, rewiring_module.Rewiring, "score")
+    elif stage == "gradients":
+        arm_during(loss, Growing, "_gradients")
     else:
         # the probe then runs a forward of its own instead of reusing the scoring forward's losses
         rewiring_module.probe_forward_is_scoring_forward = lambda model: False
