@@ -67,11 +67,8 @@ def rewrap(strategy: Any, lightning_module: Any) -> None:
 
 
 class RankFailure(RewireError):
-    """A step failed on some rank and every rank knows it (raised on all ranks at the same point)."""
-
-    def __init__(self, message: str, consequence_given: bool = False) -> None:
-        super().__init__(message)
-        self.consequence_given = consequence_given
+    """A step failed on some rank and every rank knows it (raised on all ranks at the same point, with the
+    same message)."""
 
 
 class Lockstep:
@@ -84,7 +81,8 @@ class Lockstep:
     ranks' next check, every rank learns which ranks failed and where, and all raise :class:`RankFailure`
     there (no rank enters the collective). A failure inside a collective itself is not covered.
 
-    ``where`` names the step in messages ("rewire at global step 12").
+    ``what`` names the step in messages ("rewire" -> "rewire at global step 12 failed on rank 1 during
+    ..."); the message is the failing rank's, so it reads the same on every rank.
     """
 
     def __init__(self, trainer: Any, what: str = "rewire") -> None:
@@ -113,16 +111,15 @@ class Lockstep:
         :class:`RankFailure` naming the rank, ``name`` and the error; ``consequence`` ends the message."""
         try:
             yield
-        except RankFailure as exc:
-            if exc.consequence_given:
-                raise
-            raise RankFailure(f"{exc}; {consequence}", consequence_given=True) from None
+        except RankFailure:
+            raise
         except Exception as exc:
-            failures = self._exchange(f"{name}: {type(exc).__name__}: {exc}")
-            raise RankFailure(f"{self._message(failures)}; {consequence}", consequence_given=True) from exc
+            failures = self._exchange((self.where, f"{name}: {type(exc).__name__}: {exc}", consequence))
+            raise RankFailure(self._message(failures)) from exc
 
-    def _exchange(self, failure: str | None) -> dict[int, str]:
-        """``{rank: what failed}`` over all ranks (one small all-reduce; the texts only when some failed)."""
+    def _exchange(self, failure: tuple[str, str, str] | None) -> dict[int, tuple[str, str, str]]:
+        """``{rank: (where, what failed, consequence)}`` over all ranks (one small all-reduce; the texts
+        only when some rank failed)."""
         if self.strategy.world_size <= 1:
             return {} if failure is None else {self.rank: failure}
         flags = torch.zeros(self.strategy.world_size, dtype=torch.int32, device=self.strategy.root_device)
@@ -130,13 +127,13 @@ class Lockstep:
         flags = self.strategy.reduce(flags, reduce_op="sum")
         if not bool(flags.any()):
             return {}
-        texts: list[str | None] = [None] * self.strategy.world_size
+        texts: list[tuple[str, str, str] | None] = [None] * self.strategy.world_size
         dist.all_gather_object(texts, failure)
         return {rank: text for rank, text in enumerate(texts) if text is not None}
 
-    def _message(self, failures: dict[int, str]) -> str:
+    def _message(self, failures: dict[int, tuple[str, str, str]]) -> str:
+        where, _, consequence = failures[min(failures)]
         if self.strategy.world_size <= 1:
-            return f"{self.where} failed during {failures[self.rank]}"
-        return f"{self.where} failed " + "; ".join(
-            f"on rank {rank} during {text}" for rank, text in sorted(failures.items())
-        )
+            return f"{where} failed during {failures[self.rank][1]}; {consequence}"
+        ranks = "; ".join(f"on rank {rank} during {what}" for rank, (_, what, _) in sorted(failures.items()))
+        return f"{where} failed {ranks}; {consequence}"
