@@ -455,7 +455,7 @@ class Rewiring:
         """The probe loss on the changed model, NaN (with a warning) when the probe fails: the rewire is
         applied, so raising would leave the plan pending and apply it again."""
         try:
-            with Lockstep(trainer).stage("the probe loss after the rewire", "it is recorded as NaN"):
+            with Lockstep(trainer).stage("the probe loss after the rewire", "the rewire stays applied"):
                 return self.probe(trainer, pl_module)
         except RewireError as exc:  # on every rank alike, so all go on training together
             _warn_after_rewire(trainer, "the probe loss after the rewire", exc, "it is recorded as NaN")
