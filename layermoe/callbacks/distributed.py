@@ -1,4 +1,5 @@
-"""Strategy support: which strategies can rewire, identical plans on every rank, the DDP re-wrap.
+"""Strategy support: which strategies can rewire, identical plans on every rank, the DDP re-wrap, and
+failures that every rank learns of at the same point (``Lockstep``).
 
 Why these rules: a DDP wrapper's reducer knows only the parameters it was built with (a resize must
 rebuild it on every rank at the same step), and sharded strategies (FSDP, DeepSpeed, model-parallel)
@@ -7,12 +8,15 @@ restore checkpoints after sharding, so a layout cannot be rebuilt before the wei
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 
-from layermoe.callbacks.errors import CallbackConfigError
+from layermoe.callbacks.errors import CallbackConfigError, RewireError
 
 
 def check_strategy(strategy: Any) -> None:
@@ -60,3 +64,76 @@ def rewrap(strategy: Any, lightning_module: Any) -> None:
     if is_ddp(strategy):
         strategy.model = lightning_module
         strategy.configure_ddp()
+
+
+class RankFailure(RewireError):
+    """A step failed on some rank and every rank knows it (raised on all ranks at the same point, with the
+    same message)."""
+
+
+class Lockstep:
+    """Failures of a step before (or around) the rewire transaction, shared by all ranks at agreed points.
+
+    A rank that raises would skip the collectives the other ranks go on into (the scores' all-gathers
+    and mean, the plan's broadcast, the probe's mean, the transaction's re-wrap), and they would wait
+    there forever. So each rank calls :meth:`check` right before every such collective, and a rank whose
+    step raises calls the same exchange from :meth:`stage` instead: the exchange pairs with the other
+    ranks' next check, every rank learns which ranks failed and where, and all raise :class:`RankFailure`
+    there (no rank enters the collective). A failure inside a collective itself is not covered.
+
+    ``what`` names the step in messages ("rewire" -> "rewire at global step 12 failed on rank 1 during
+    ..."); the message is the failing rank's, so it reads the same on every rank.
+    """
+
+    def __init__(self, trainer: Any, what: str = "rewire") -> None:
+        self.strategy = trainer.strategy
+        self.rank = int(trainer.global_rank)
+        self.where = f"{what} at global step {trainer.global_step}"
+
+    def check(self) -> None:
+        """Before a collective: raise :class:`RankFailure` if any rank failed since the last check."""
+        failures = self._exchange(None)
+        if failures:
+            raise RankFailure(self._message(failures))
+
+    def guarded(self, collective: Callable[..., Any]) -> Callable[..., Any]:
+        """``collective`` preceded by :meth:`check` (for a collective called inside another function)."""
+
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            self.check()
+            return collective(*args, **kwargs)
+
+        return checked
+
+    @contextmanager
+    def stage(self, name: str, consequence: str = "nothing was changed") -> Iterator[None]:
+        """A failure inside is shared with the other ranks (at their next :meth:`check`) and raised as
+        :class:`RankFailure` naming the rank, ``name`` and the error; ``consequence`` ends the message."""
+        try:
+            yield
+        except RankFailure:
+            raise
+        except Exception as exc:
+            failures = self._exchange((self.where, f"{name}: {type(exc).__name__}: {exc}", consequence))
+            raise RankFailure(self._message(failures)) from exc
+
+    def _exchange(self, failure: tuple[str, str, str] | None) -> dict[int, tuple[str, str, str]]:
+        """``{rank: (where, what failed, consequence)}`` over all ranks (one small all-reduce; the texts
+        only when some rank failed)."""
+        if self.strategy.world_size <= 1:
+            return {} if failure is None else {self.rank: failure}
+        flags = torch.zeros(self.strategy.world_size, dtype=torch.int32, device=self.strategy.root_device)
+        flags[self.rank] = int(failure is not None)
+        flags = self.strategy.reduce(flags, reduce_op="sum")
+        if not bool(flags.any()):
+            return {}
+        texts: list[tuple[str, str, str] | None] = [None] * self.strategy.world_size
+        dist.all_gather_object(texts, failure)
+        return {rank: text for rank, text in enumerate(texts) if text is not None}
+
+    def _message(self, failures: dict[int, tuple[str, str, str]]) -> str:
+        where, _, consequence = failures[min(failures)]
+        if self.strategy.world_size <= 1:
+            return f"{where} failed during {failures[self.rank][1]}; {consequence}"
+        ranks = "; ".join(f"on rank {rank} during {what}" for rank, (_, what, _) in sorted(failures.items()))
+        return f"{where} failed {ranks}; {consequence}"

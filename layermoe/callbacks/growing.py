@@ -32,7 +32,8 @@ from layermoe.allocation import (
     uniform_grow,
 )
 from layermoe.allocation.allocate import ALLOCATE_OPTIONS
-from layermoe.callbacks.errors import CallbackConfigError, RewireError
+from layermoe.callbacks.distributed import Lockstep
+from layermoe.callbacks.errors import CallbackConfigError
 from layermoe.callbacks.growth_options import GrowthOptions
 from layermoe.callbacks.rewire import Surgery
 from layermoe.callbacks.rewiring import Allocator, Applied, Rewiring, block_dims
@@ -222,7 +223,8 @@ class Growing:
         """Weight gradients of the growing layers on the scoring training samples (``weight_gradients``)."""
         before = layout(pl_module)
         growing = {b for b, spec in target.items() if spec != before.get(b)}
-        try:
+        # shared with the other ranks before the probe's first collective (Rewiring.apply)
+        with Lockstep(trainer, "growth round").stage("the weight gradients for init='gradient'"):
             layers = {
                 name: layer
                 for name, layer in named_moe_layers(pl_module).items()
@@ -232,11 +234,6 @@ class Growing:
             loss = resolve_per_sample_loss(pl_module, self.rewiring.loss_fn)
             with scoring_context(pl_module), isolate_rng():
                 return weight_gradients(pl_module, batches, loss, layers)
-        except Exception as exc:
-            raise RewireError(
-                f"growth round at global step {trainer.global_step} failed computing the weight gradients"
-                f" for init='gradient': {type(exc).__name__}: {exc}. Nothing was changed."
-            ) from exc
 
 
 def _block_of(name: str) -> int | None:

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,7 +35,7 @@ from layermoe.callbacks.arguments import (
     checked_scorer,
     with_default_shrinkage,
 )
-from layermoe.callbacks.distributed import any_rank, broadcast, mean_scores
+from layermoe.callbacks.distributed import Lockstep, broadcast, mean_scores
 from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
 from layermoe.callbacks.history import RankMoves, Removal, RewireRecord, relative_change
@@ -200,23 +199,20 @@ class Rewiring:
             RewireError: scoring or allocation failed on some rank (nothing was changed).
         """
         start = time.perf_counter()
-        error: BaseException | None = None
-        planned: tuple[Layout, dict[int, float], dict[int, float] | None] | None = None
-        try:
-            scores, errors = self.score(trainer, pl_module)
+        # every collective below is preceded by a check, so a rank that fails leaves no rank waiting
+        sync = Lockstep(trainer, "scoring/allocation")
+        unchanged = "the model and optimizer are unchanged"
+        with sync.stage("scoring", unchanged):
+            scores, errors = self.score(trainer, pl_module, sync)
+            sync.check()
             scores = mean_scores(trainer.strategy, scores, pl_module.device)
+        planned: tuple[Layout, dict[int, float], dict[int, float] | None] | None = None
+        with sync.stage("allocation", unchanged):
             if trainer.global_rank == 0:
                 # errors come from the gathered statistics, identical on every rank: rank 0's are shared
                 new_layout = (allocate or self.allocate)(pl_module, scores, errors, budget)
                 planned = (new_layout, scores, errors)
-        except Exception as exc:  # noqa: BLE001 - re-raised with context below
-            error = exc
-        if any_rank(trainer.strategy, error is not None):
-            where = f"{type(error).__name__}: {error}" if error is not None else "failed on another rank"
-            raise RewireError(
-                f"scoring/allocation at global step {trainer.global_step} failed: {where} "
-                "(the model and optimizer are unchanged)"
-            ) from error
+            sync.check()
         planned = broadcast(trainer.strategy, planned)
         assert planned is not None
         new_layout, scores, errors = planned
@@ -247,12 +243,15 @@ class Rewiring:
             **self.allocator_options,
         )
 
-    def score(self, trainer: Any, pl_module: nn.Module) -> tuple[dict[int, float], dict[int, float] | None]:
-        """Scores and their standard errors (None for model-only scorers or ``error_groups=0``)."""
+    def score(
+        self, trainer: Any, pl_module: nn.Module, sync: Lockstep | None = None
+    ) -> tuple[dict[int, float], dict[int, float] | None]:
+        """Scores and their standard errors (None for model-only scorers or ``error_groups=0``); under DDP
+        each all-gather of the statistics is preceded by ``sync``'s check."""
         with scoring_context(pl_module):
             if not self.needs_statistics:
                 return self._checked_scores(self.scoring.score(pl_module), pl_module), None
-            stats = self._statistics(trainer, pl_module)
+            stats = self._statistics(trainer, pl_module, sync or Lockstep(trainer, "scoring"))
             if self.error_groups == 0:
                 return self._checked_scores(self.scoring.score(stats), pl_module), None
             try:
@@ -263,7 +262,7 @@ class Rewiring:
                 raise
             return self._checked_scores(scores, pl_module), None if errors is None else plain_scores(errors)
 
-    def _statistics(self, trainer: Any, pl_module: nn.Module) -> Any:
+    def _statistics(self, trainer: Any, pl_module: nn.Module, sync: Lockstep) -> Any:
         """``capture_statistics`` on the scoring samples; keeps the scoring forward's validation loss."""
         val_batches = self.scoring_val_batches(trainer)
         train = self.scoring_train_batches(trainer)
@@ -276,8 +275,10 @@ class Rewiring:
         options.update(self.capture_options)
         val_losses: list[torch.Tensor] = []
         options["loss_sink"] = lambda split, losses: val_losses.append(losses) if split == "val" else None
-        if trainer.world_size > 1 and "reduce_fn" not in options:
-            options["reduce_fn"] = torch_distributed_gather
+        gather = options.get("reduce_fn", torch_distributed_gather)
+        if trainer.world_size > 1 and gather is not None:
+            # a rank whose loss fails leaves the pass before its next gather: the others check first
+            options["reduce_fn"] = sync.guarded(gather)
         stats = capture_statistics(
             pl_module,
             train,
@@ -336,7 +337,7 @@ class Rewiring:
         dims = block_dims(pl_module)
         shrinking = shrinking_blocks(before, plan.layout)
         fading = shrinking if self.rank_fade_steps > 0 else {}
-        with _changes_nothing(trainer, "the probe loss before the rewire"):
+        with Lockstep(trainer).stage("the probe loss before the rewire"):
             self.scoring_val_batches(trainer)  # loaded before anything changes
             loss_before = self._loss_before(trainer, pl_module, plan)
             # compared with loss_before: both the probe's forward (the reused one is the same forward)
@@ -345,6 +346,7 @@ class Rewiring:
                 if shrinking
                 else None
             )
+            self._ranks_agree(trainer)  # before the transaction's first collective
         first = ranks_kept(plan.layout, fading) if fading else plan.layout
         surgery = surgery or layout_surgery(self.keep_scaling)
         result = rewire(trainer, pl_module, first, seed=self.seed + int(trainer.global_step), surgery=surgery)
@@ -399,8 +401,9 @@ class Rewiring:
         Raises:
             RewireError: the probe before the transaction, or the transaction, failed (nothing changed).
         """
-        with _changes_nothing(trainer, "the probe loss before removing the faded ranks"):
+        with Lockstep(trainer).stage("the probe loss before removing the faded ranks"):
             loss_before = self.probe(trainer, pl_module)
+            self._ranks_agree(trainer)
         result = rewire(
             trainer,
             pl_module,
@@ -452,8 +455,9 @@ class Rewiring:
         """The probe loss on the changed model, NaN (with a warning) when the probe fails: the rewire is
         applied, so raising would leave the plan pending and apply it again."""
         try:
-            return self.probe(trainer, pl_module)
-        except Exception as exc:
+            with Lockstep(trainer).stage("the probe loss after the rewire", "the rewire stays applied"):
+                return self.probe(trainer, pl_module)
+        except RewireError as exc:  # on every rank alike, so all go on training together
             _warn_after_rewire(trainer, "the probe loss after the rewire", exc, "it is recorded as NaN")
             return math.nan
 
@@ -466,11 +470,18 @@ class Rewiring:
 
     @staticmethod
     def _rank_mean(trainer: Any, pl_module: nn.Module, value: float) -> float:
+        """``value`` averaged over ranks, after checking that no rank failed before getting it."""
         if trainer.world_size > 1:
+            Rewiring._ranks_agree(trainer)
             value = float(
                 trainer.strategy.reduce(torch.tensor(value, device=pl_module.device), reduce_op="mean")
             )
         return value
+
+    @staticmethod
+    def _ranks_agree(trainer: Any) -> None:
+        """Raise :class:`RankFailure` (on every rank) if another rank's step failed since the last check."""
+        Lockstep(trainer).check()
 
     # ------------------------------------------------------------------ scoring samples
     @staticmethod
@@ -508,20 +519,6 @@ class Rewiring:
                 )
                 self.val_batches = data_utils.to_device(trainer.strategy, batches)
         return self.val_batches
-
-
-@contextmanager
-def _changes_nothing(trainer: Any, what: str) -> Iterator[None]:
-    """A step before the transaction: its failure is a :class:`RewireError` (so ``on_error`` applies)."""
-    try:
-        yield
-    except RewireError:
-        raise
-    except Exception as exc:
-        raise RewireError(
-            f"rewire at global step {trainer.global_step} failed measuring {what}: "
-            f"{type(exc).__name__}: {exc}. Nothing was changed."
-        ) from exc
 
 
 def _warn_after_rewire(trainer: Any, what: str, error: BaseException, consequence: str) -> None:

@@ -1,9 +1,13 @@
 """Standalone DDP rewire job (2 CPU processes, gloo), run by tests/test_callback_ddp.py in a subprocess.
 
-Usage: python tests/scripts/ddp_rewire.py OUT_DIR [zero|grow]. Lightning's DDP launcher re-executes this script for
-rank 1; each rank writes OUT_DIR/rank{r}.pt with its layout, adapter weights, callback history and the
-optimizer coverage it saw, and prints "RANK r OK" at the end. ``zero``: two rewires that empty block 0
-and then give it adapters back (issue 22). ``grow``: growth mode, two rounds with gradient init (issue 34).
+Usage: python tests/scripts/ddp_rewire.py OUT_DIR [planted|zero|grow] [scoring|probe|gradients raise|skip].
+Lightning's DDP launcher re-executes this script for rank 1; each rank writes OUT_DIR/rank{r}.pt with its
+layout, adapter weights, callback history and failures, the optimizer coverage it saw and the error the
+fit raised (or None), and prints "RANK r OK" at the end. ``zero``: two rewires that empty block 0 and then
+give it adapters back (issue 22). ``grow``: growth mode, two rounds with gradient init (issue 34).
+``scoring``/``probe``/``gradients``: the scoring loss raises on rank 1 only, during the scoring pass, the
+probe loss before the rewire or (growth) the weight gradients of ``init="gradient"``, with the given
+``on_error``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ from lightning.pytorch import Callback, seed_everything  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from layermoe.adapters import layout  # noqa: E402
-from layermoe.callbacks import LayerInfluenceCallback  # noqa: E402
+from layermoe.callbacks import LayerInfluenceCallback, RewireError  # noqa: E402
+from layermoe.callbacks import rewiring as rewiring_module  # noqa: E402
+from layermoe.callbacks.growing import Growing  # noqa: E402
+from layermoe.scoring import causal_lm_per_sample_loss  # noqa: E402
 from tests.fixtures import cpu_trainer, quiet_influence  # noqa: E402
 from tests.scripts.callback_fixtures import TinyLlamaModule, loaders, plant_grad_norm_winner  # noqa: E402
 
@@ -42,14 +49,56 @@ class WrapperCheck(Callback):
             )
 
 
-def main(out_dir: Path, mode: str = "planted") -> None:
+class PlantedLoss:
+    """The per-sample loss the callback scores with; raises on rank 1 only while ``armed``."""
+
+    def __init__(self) -> None:
+        self.armed = False
+
+    def __call__(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.armed and dist.get_rank() == 1:
+            raise ValueError("planted loss failure on rank 1")
+        return causal_lm_per_sample_loss(model, batch)
+
+
+def arm_during(loss: PlantedLoss, owner: type, name: str) -> None:
+    """``owner.name`` runs with ``loss`` armed."""
+    original = getattr(owner, name)
+
+    def armed(*args, **kwargs):  # type: ignore[no-untyped-def]
+        loss.armed = True
+        try:
+            return original(*args, **kwargs)
+        finally:
+            loss.armed = False
+
+    setattr(owner, name, armed)
+
+
+def plant_failure(stage: str) -> PlantedLoss:
+    """A loss that fails on rank 1 during the scoring pass, the probe loss before the rewire or the weight
+    gradients of a growth round."""
+    loss = PlantedLoss()
+    if stage == "scoring":
+        arm_during(loss, rewiring_module.Rewiring, "score")
+    elif stage == "gradients":
+        arm_during(loss, Growing, "_gradients")
+    else:
+        # the probe then runs a forward of its own instead of reusing the scoring forward's losses
+        rewiring_module.probe_forward_is_scoring_forward = lambda model: False
+        arm_during(loss, rewiring_module.Rewiring, "_loss_before")
+    return loss
+
+
+def main(out_dir: Path, mode: str = "planted", fail: str | None = None, on_error: str = "raise") -> None:
     torch.set_num_threads(1)
     seed_everything(0)
     module = TinyLlamaModule(experts=2, rank=4, lr=0.05, optimizer="sgd")
     plant_grad_norm_winner(module, keep_block=1)
     start_layout = layout(module)
     train, val = loaders(batch_size=4)
-    cb = quiet_influence("grad_norm", schedule={"warmup": 2})
+    failing = {} if fail is None else {"loss_fn": plant_failure(fail), "on_error": on_error}
+    cb = quiet_influence("grad_norm", schedule={"warmup": 2}, **failing)
     if mode == "zero":  # block 0 loses its adapters at step 2 and gets them back at step 4
         cb = quiet_influence(
             "test_empty_toggle",
@@ -58,7 +107,10 @@ def main(out_dir: Path, mode: str = "planted") -> None:
         )
     if mode == "grow":  # rounds after steps 2 and 4; new experts split gates by the mass shared over ranks
         cb = quiet_influence(
-            "grad_norm", growth={"rounds": 2, "init": "gradient"}, schedule={"warmup": 2, "every": 2}
+            "grad_norm",
+            growth={"rounds": 2, "init": "gradient"},
+            schedule={"warmup": 2, "every": 2},
+            **failing,
         )
     check = WrapperCheck(cb)
     trainer = cpu_trainer(
@@ -69,7 +121,11 @@ def main(out_dir: Path, mode: str = "planted") -> None:
         limit_val_batches=0,
         default_root_dir=str(out_dir),
     )
-    trainer.fit(module, train, val)
+    error = None
+    try:
+        trainer.fit(module, train, val)
+    except RewireError as exc:  # on_error="raise": every rank must stop here, none left waiting
+        error = f"{type(exc).__name__}: {exc}"
     listed = [p for opt in trainer.optimizers for g in opt.param_groups for p in g["params"]]
     trainable = [p for p in module.parameters() if p.requires_grad]
     rank = trainer.global_rank
@@ -79,6 +135,9 @@ def main(out_dir: Path, mode: str = "planted") -> None:
             "layout": layout(module),
             "weights": {k: v.detach().clone() for k, v in module.named_parameters() if "lora_" in k},
             "history": cb.history,
+            "failures": cb.state.failures,
+            "error": error,
+            "growth_start_layout": None if cb.growing is None else cb.state.growth["plan"]["initial"],
             "optimizer_matches_trainable": {id(p) for p in listed} == {id(p) for p in trainable}
             and len(listed) == len(trainable),
             "wrapped_module_is_resized": bool(check.ok),
@@ -92,4 +151,4 @@ def main(out_dir: Path, mode: str = "planted") -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), *sys.argv[2:3])
+    main(Path(sys.argv[1]), *sys.argv[2:5])
