@@ -244,11 +244,11 @@ def second_draw(callback: Any, offset: int = 1000) -> list[dict[int, float]]:
     rewiring = callback.rewiring
     original = rewiring.score
 
-    def score_twice(trainer: Any, pl_module: Any) -> Any:
-        result = original(trainer, pl_module)
+    def score_twice(trainer: Any, pl_module: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(trainer, pl_module, *args, **kwargs)
         rewiring.seed += offset
         try:
-            draws.append(dict(original(trainer, pl_module)[0]))
+            draws.append(dict(original(trainer, pl_module, *args, **kwargs)[0]))
         finally:
             rewiring.seed -= offset
         return result

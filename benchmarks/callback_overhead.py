@@ -81,11 +81,13 @@ class TimedCallback(LayerInfluenceCallback):
         self._score_unwrapped = self.rewiring.score
         self.rewiring.score = self._scored
 
-    def _scored(self, trainer: Trainer, pl_module: Any) -> tuple[dict[int, float], dict[int, float] | None]:
+    def _scored(
+        self, trainer: Trainer, pl_module: Any, *args: Any, **kwargs: Any
+    ) -> tuple[dict[int, float], dict[int, float] | None]:
         """``rewiring.score`` (installed in ``__init__``) with the memory phase marked."""
         self.memory.phase = "scoring"
         try:
-            scores = self._score_unwrapped(trainer, pl_module)
+            scores = self._score_unwrapped(trainer, pl_module, *args, **kwargs)
         finally:
             self.memory.phase = "after"
         # the samples just scored, kept for the floor measurement (benchmark work: excluded)
