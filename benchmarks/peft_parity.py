@@ -96,6 +96,11 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--loss-aggregation", default="token_mean", choices=["token_mean", "sample_mean"], help="both systems"
     )
+    p.add_argument(
+        "--separator-in-prompt",
+        action="store_true",
+        help="peft: tokenize the separator with the prompt (unsupervised), as the project does",
+    )
     p.add_argument("--val-size", type=int, default=0, help="layermoe arms: rows carved for validation")
     p.add_argument("--val-from-train", default="holdout", choices=["holdout", "overlap"])
     p.add_argument("--sst2-train-rows", type=int, default=1200)
@@ -135,15 +140,24 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "router_experts",
     )
     keys += ("loss_aggregation", "val_size", "val_from_train", "max_length", "model", "quick")
+    keys += ("separator_in_prompt",)
     keys += ("sst2_train_rows", "sst2_test_rows")
     return {k: getattr(args, k) for k in keys}
+
+
+def same_settings(stored: dict[str, Any] | None, args: argparse.Namespace) -> bool:
+    """Whether a finished run used ``args``' settings; a setting added after it ran counts at its default."""
+    if stored is None:
+        return False
+    defaults = run_settings(parse(["--quick"] if args.quick else []))
+    return {**defaults, **stored} == run_settings(args)
 
 
 def arm_name(system: str, args: argparse.Namespace) -> str:
     """The system plus every setting that differs from the defaults and applies to it (the table's row
     label and part of the result's file name, so runs with other settings never overwrite these)."""
     defaults = run_settings(parse(["--quick"] if args.quick else []))
-    skip = {"val_size", "val_from_train"} if system == "peft" else set()
+    skip = {"val_size", "val_from_train"} if system == "peft" else {"separator_in_prompt"}
     if system != "layermoe-router":
         skip.add("router_experts")
     diffs = [f"{k}={v}" for k, v in run_settings(args).items() if k not in skip and v != defaults[k]]
@@ -452,7 +466,9 @@ def run_one(task: str, system: str, seed: int, args: argparse.Namespace, folder:
     if system == "peft":
         plain_tokenizer = tokenizer if args.quick else load_tokenizer(args.model_folder)
         raw_train = read_rows(folder / "train.jsonl")
-        train = [plain_encode(plain_tokenizer, r, task, args.max_length) for r in raw_train]
+        train = [
+            plain_encode(plain_tokenizer, r, task, args.max_length, args.separator_in_prompt) for r in raw_train
+        ]
         base = build_model(TINY_MODEL) if args.quick else build_model(args.model_folder)
         model, params, last = train_peft(base, train, args, seed, pad_id)
         project_train = project_examples(dm, "train")
@@ -532,7 +548,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for seed in seeds:
                 arm = arm_name(system, args)
                 path = result_path(results, task, arm, seed)
-                if path.is_file() and json.loads(path.read_text()).get("settings") == run_settings(args):
+                if path.is_file() and same_settings(json.loads(path.read_text()).get("settings"), args):
                     print(f"skip {path.name} (done)", flush=True)
                     continue
                 result = run_one(task, system, seed, args, folder)

@@ -94,3 +94,22 @@ def test_carve_out_applies_to_the_project_arms_only(tmp_path):
     runs = {r["system"]: r for r in peft_parity.load_results(tmp_path / "r")}
     assert runs["layermoe"]["arm"] == "layermoe+val_size=4" and runs["peft"]["arm"] == "peft"
     assert runs["layermoe"]["train_rows"] == runs["peft"]["train_rows"] - 4 == 32
+
+
+def test_separator_in_prompt_names_the_peft_arm_and_aligns_its_encoding(tmp_path):
+    argv = ["--quick", "--seeds", "0", "--tasks", "skills", "--systems", "peft", "--separator-in-prompt"]
+    assert peft_parity.main(argv + ["--results", str(tmp_path / "r"), "--workdir", str(tmp_path / "d")]) == 0
+    (run,) = peft_parity.load_results(tmp_path / "r")
+    assert run["arm"] == "peft+separator_in_prompt=True"
+    assert run["train_encoding_same_as_project"] == 1.0
+    args = peft_parity.parse(["--quick", "--separator-in-prompt"])
+    assert peft_parity.arm_name("layermoe", args) == "layermoe"  # the project never supervises it
+
+
+def test_a_run_from_before_a_setting_existed_counts_at_its_default():
+    args = peft_parity.parse(["--quick"])
+    older = {k: v for k, v in peft_parity.run_settings(args).items() if k != "separator_in_prompt"}
+    assert peft_parity.same_settings(older, args)
+    assert not peft_parity.same_settings(older, peft_parity.parse(["--quick", "--separator-in-prompt"]))
+    assert not peft_parity.same_settings({**older, "lr": 1.0}, args)
+    assert not peft_parity.same_settings(None, args)
