@@ -467,7 +467,8 @@ def run_one(task: str, system: str, seed: int, args: argparse.Namespace, folder:
         plain_tokenizer = tokenizer if args.quick else load_tokenizer(args.model_folder)
         raw_train = read_rows(folder / "train.jsonl")
         train = [
-            plain_encode(plain_tokenizer, r, task, args.max_length, args.separator_in_prompt) for r in raw_train
+            plain_encode(plain_tokenizer, r, task, args.max_length, args.separator_in_prompt)
+            for r in raw_train
         ]
         base = build_model(TINY_MODEL) if args.quick else build_model(args.model_folder)
         model, params, last = train_peft(base, train, args, seed, pad_id)
