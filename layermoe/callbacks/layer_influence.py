@@ -36,6 +36,7 @@ from layermoe.callbacks.state import (
     CallbackState,
     resume_budget_conflict,
     resume_inject_conflict,
+    resume_keep_scaling_conflict,
 )
 from layermoe.layout import LAYOUT_KEY, normalize_layout
 from layermoe.lightning_compat import (
@@ -315,8 +316,11 @@ class LayerInfluenceCallback(Callback):
             raise CallbackConfigError(conflict)
         if conflict := resume_growth_conflict(self.state.growth, self.growing):
             raise CallbackConfigError(conflict)
+        if conflict := resume_keep_scaling_conflict(self.state.keep_scaling, self.keep_scaling):
+            raise CallbackConfigError(conflict)
         self._check_rounds_fit_the_run(trainer)
         self.state.inject = self.inject
+        self.state.keep_scaling = self.keep_scaling
         if kept is None:
             self.state.keep_budget(self._resolved_budget(pl_module))
         if self.state.plans_made < self.schedule.limit:

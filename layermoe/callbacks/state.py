@@ -84,6 +84,8 @@ class CallbackState:
     fade: dict[str, Any] | None = None
     validation_follows: int | None = None
     failures: list[dict[str, Any]] = field(default_factory=list)
+    #: the callback's ``keep_scaling`` at the first fit (None: not fixed yet, or a checkpoint from before it)
+    keep_scaling: bool | None = None
     #: growth mode: ``{"plan": GrowthPlan.to_dict(), "options": GrowthOptions.to_dict(), "rounds_done": int}``
     #: (``callbacks/growing.py``); None in rewire mode
     growth: dict[str, Any] | None = None
@@ -122,6 +124,7 @@ class CallbackState:
                 "validation_follows": self.validation_follows,
                 "failures": self.failures,
                 "growth": self.growth,
+                "keep_scaling": self.keep_scaling,
             }
         )
 
@@ -154,6 +157,7 @@ class CallbackState:
             fade=_plain_fade(state.get("fade")),
             failures=[dict(f) for f in state.get("failures", [])],
             growth=_plain_growth(state.get("growth")),
+            keep_scaling=None if state.get("keep_scaling") is None else bool(state["keep_scaling"]),
             validation_follows=(
                 None if state.get("validation_follows") is None else int(state["validation_follows"])
             ),
@@ -185,6 +189,19 @@ def resume_inject_conflict(kept: dict[str, Any] | None, requested: dict[str, Any
         f"inject={requested!r}: the checkpoint's run added its adapters with inject={kept!r}, and its weights"
         " and reload config are those adapters (a changed inject= would be recorded but never used)."
         f" Resume with inject={kept!r}, or start a new run without --ckpt_path."
+    )
+
+
+def resume_keep_scaling_conflict(kept: bool | None, requested: bool) -> str | None:
+    """Why ``requested`` (the callback's ``keep_scaling`` on resume) cannot continue a run whose rank
+    changes so far used ``kept`` (None: not recorded), or None."""
+    if kept is None or kept == requested:
+        return None
+    return (
+        f"keep_scaling={requested}: the checkpoint's run changed ranks with keep_scaling={kept}, so its"
+        " layers' lora_alpha already follow that rule; switching now would scale later rank changes"
+        f" differently from earlier ones. Resume with keep_scaling={kept}, or start a new run without"
+        " --ckpt_path."
     )
 
 
