@@ -34,7 +34,11 @@ from layermoe.lightning_compat import (
     overwrite_last_checkpoint,
 )
 from layermoe.lightning_modules.finetuner import MoELoRAFineTuner
-from layermoe.lightning_modules.model_factory import model_dict_problem, unknown_fields_message
+from layermoe.lightning_modules.model_factory import (
+    model_dict_problem,
+    model_settings_problem,
+    unknown_fields_message,
+)
 from layermoe.lightning_modules.progress_bar import FitProgressBar
 from layermoe.precision import AUTO, describe_choice, resolve_precision
 from layermoe.quiet import silence_trainer_noise
@@ -183,11 +187,18 @@ def adapter_problem(adapter: Any) -> str | None:
 
 
 def model_config_problem(model_config: Any) -> str | None:
-    """The first problem of the model's nested dicts (``model.adapter``, a ``model.model`` dict) that can be
-    named before anything is built, or None."""
+    """The first problem of the model's settings that can be named before anything is built (the nested
+    ``model.adapter`` and ``model.model`` dicts, ``model.quantization``, ``model.dtype``, a model name or
+    folder), or None."""
     if not isinstance(model_config, (Mapping, Namespace)):
         return None
-    return adapter_problem(model_config.get("adapter")) or model_dict_problem(model_config.get("model"))
+    return (
+        adapter_problem(model_config.get("adapter"))
+        or model_dict_problem(model_config.get("model"))
+        or model_settings_problem(
+            model_config.get("quantization"), model_config.get("dtype", "float32"), model_config.get("model")
+        )
+    )
 
 
 class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):

@@ -250,3 +250,26 @@ def test_a_misspelled_model_dict_field_is_one_message_not_a_silent_default(
     assert llama.config.rope_parameters["rope_theta"] == 5000.0
     gpt2 = {"type": "gpt2", "vocab_size": 320, "hidden_size": 32, "n_layer": 1, "n_head": 2}
     assert build_tiny_model(gpt2).config.n_embd == 32
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"quantization": "4bits"},
+            "error: model.quantization='4bits' (did you mean '4bit'?): must be one of '4bit', '8bit' or null.",
+        ),
+        ({"dtype": "fp32"}, "error: model.dtype='fp32': must be one of 'bfloat16', 'float16', 'float32'."),
+        ({"model": "smollm3"}, "error: model.model='smollm3' (did you mean 'smollm2'?): model folder"),
+        ({"model": "no/such/folder"}, "error: model.model='no/such/folder': model folder"),
+    ],
+)
+def test_a_bad_model_setting_value_is_one_message_naming_it(
+    run_dir, tiny_spec, toy_files, capsys, settings, expected
+):
+    """Before: each of these built nothing and stopped in a traceback from inside the module's __init__."""
+    override = _with_model_settings(_override(run_dir, tiny_spec, toy_files), **settings)
+    last = _config_error(capsys, ["fit", "--config", str(QUICKSTART), "--config", str(override)])
+    assert last.startswith(expected)
+    if "model" in settings:
+        assert last.endswith("Known names: 'smollm2', or a model folder path.")

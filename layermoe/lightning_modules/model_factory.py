@@ -110,6 +110,40 @@ def model_dict_problem(spec: Any) -> str | None:
     return _unknown_spec_fields_problem(config, config_kwargs)
 
 
+def _choice_problem(field: str, value: Any, choices: list[str], nullable: bool) -> str | None:
+    if value is None and nullable or isinstance(value, str) and value in choices:
+        return None
+    close = difflib.get_close_matches(str(value), choices, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    allowed = ", ".join(repr(c) for c in choices) + (" or null" if nullable else "")
+    return f"{field}={value!r}{hint}: must be one of {allowed}."
+
+
+def model_source_problem(source: Any) -> str | None:
+    """What is wrong with a model given by name or folder (``model.model``), or None; a dict is checked by
+    :func:`model_dict_problem`."""
+    if not isinstance(source, str):
+        return None
+    try:
+        resolve_model_dir(source)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        close = difflib.get_close_matches(source, list(ALIASES), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close and close[0] != source else ""
+        known = ", ".join(repr(a) for a in ALIASES)
+        return f"model.model={source!r}{hint}: {err}. Known names: {known}, or a model folder path."
+    return None
+
+
+def model_settings_problem(quantization: Any, dtype: Any, source: Any) -> str | None:
+    """The first bad value among ``model.quantization``, ``model.dtype`` and ``model.model`` (a name or a
+    folder), named so a config can be fixed before anything is built, or None."""
+    return (
+        _choice_problem("model.quantization", quantization, list(QUANTIZATIONS), nullable=True)
+        or _choice_problem("model.dtype", dtype, sorted(DTYPES), nullable=False)
+        or model_source_problem(source)
+    )
+
+
 def _unknown_spec_fields_problem(config: Any, spec: dict[str, Any]) -> str | None:
     unknown = unknown_spec_fields(config, spec)
     known = sorted(["type", *known_spec_fields(config)])
