@@ -228,3 +228,38 @@ def test_a_save_sweeps_only_temporary_files_of_writers_that_are_gone(tmp_path: P
         live.wait()
     # once that writer has ended, its files are stale too (the other host's file stays)
     assert stale_temp_files(path) == sorted(kept[:2])
+
+
+def test_a_failed_put_back_is_named_with_where_the_previous_file_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: the message said "Nothing was written (the previous file is unchanged)" while the first
+    target held the new file and its previous one sat under a temporary name."""
+    import errno
+    import os
+
+    from layermoe.checkpointing.atomic_io import CheckpointWriteError, atomic_save_all
+
+    first, second = tmp_path / "weights.bin", tmp_path / "manifest.json"
+    first.write_bytes(b"old weights")
+    second.write_bytes(b"old manifest")
+    write = lambda obj, handle: handle.write(obj)  # noqa: E731
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst, *args, **kwargs):  # the second rename fails (disk full), then the put-back
+        calls.append((src, dst))
+        if len(calls) in (2, 3):
+            raise OSError(errno.ENOSPC if len(calls) == 2 else errno.EIO, "refused")
+        return real_replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(CheckpointWriteError) as info:
+        atomic_save_all([(b"new weights", first, write), (b"new manifest", second, write)])
+    monkeypatch.undo()
+    message = str(info.value)
+    assert "Nothing was written" not in message
+    previous = Path(calls[2][0])  # where the put-back tried to move the previous file from
+    assert f"{first} holds the new file of this failed save" in message
+    assert f"mv {previous} {first}" in message
+    assert first.read_bytes() == b"new weights" and previous.read_bytes() == b"old weights"
+    assert second.read_bytes() == b"old manifest"

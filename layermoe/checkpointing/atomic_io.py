@@ -143,11 +143,16 @@ def _write_error(err: OSError, path: Path) -> OSError:
     if err.errno not in _WRITE_FAILURES:
         return err
     cause, fix = _WRITE_FAILURES[err.errno]
-    kept = "the previous file is unchanged" if path.is_file() else "no partial file is left"
+    unrestored = getattr(err, "__notes__", None)
+    if unrestored:
+        outcome = " ".join(unrestored)
+    else:
+        kept = "the previous file is unchanged" if path.is_file() else "no partial file is left"
+        outcome = f"Nothing was written ({kept})."
     return CheckpointWriteError(
         err.errno,
-        f"cannot write {path}: {cause.format(folder=path.parent)} ({err.strerror}). Nothing was written"
-        f" ({kept}). Fix: {fix}{_WHERE}; a fit can then resume from its last complete checkpoint.",
+        f"cannot write {path}: {cause.format(folder=path.parent)} ({err.strerror}). {outcome} Fix: {fix}"
+        f"{_WHERE}; a fit can then resume from its last complete checkpoint.",
     )
 
 
@@ -218,9 +223,10 @@ def _replace_all(staged: list[tuple[Path, Path]]) -> None:
         for tmp, target in staged:
             os.replace(tmp, target)
             replaced.append(target)
-    except BaseException:
+    except BaseException as err:
         for target in reversed(replaced):
-            _put_back(target, kept)
+            if problem := _put_back(target, kept):
+                err.add_note(problem)
         raise
     finally:
         for previous in kept.values():
@@ -244,8 +250,9 @@ def _keep_previous(target: Path) -> Path | None:
     return previous
 
 
-def _put_back(target: Path, kept: dict[Path, Path | None]) -> None:
-    """Restore ``target``'s previous file (or remove the new one where there was none)."""
+def _put_back(target: Path, kept: dict[Path, Path | None]) -> str | None:
+    """Restore ``target``'s previous file (or remove the new one where there was none); what is left to do
+    by hand when that fails, else None."""
     previous = kept[target]
     try:
         if previous is None:
@@ -256,6 +263,13 @@ def _put_back(target: Path, kept: dict[Path, Path | None]) -> None:
     except OSError as err:
         kept[target] = None  # keep the only copy of the previous file where it is
         log.error("could not restore %s from %s after a failed save: %s", target, previous, err)
+        if previous is None:
+            return f"{target} holds the new file of this failed save and could not be removed ({err}); delete it."
+        return (
+            f"{target} holds the new file of this failed save: its previous file could not be put back"
+            f" ({err}) and is at {previous}; move it back by hand (mv {previous} {target})."
+        )
+    return None
 
 
 def atomic_torch_save(
