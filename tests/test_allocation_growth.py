@@ -18,7 +18,7 @@ from layermoe.allocation import (
     plan_growth,
     uniform_grow,
 )
-from layermoe.allocation.growth import _targets
+from layermoe.allocation.growth import _targets, evenly_spaced
 from layermoe.layout import block_cost
 
 FAST = settings(max_examples=60, deadline=None)
@@ -74,7 +74,8 @@ def growth_cases(draw):
     same = draw(st.booleans())
     dims = {b: mods if same else draw(block_modules) for b in range(n)}
     smallest = sum(block_cost(1, 1, *sizes(m)) for m in dims.values())
-    budget = smallest * draw(st.integers(1, 12)) + draw(st.integers(0, smallest))
+    # from below rank 1 in every block (a start on some blocks only) to twelve times it
+    budget = max(block_cost(1, 1, *sizes(m)) for m in dims.values()) + draw(st.integers(0, 12 * smallest))
     scores = draw(st.lists(st.floats(-3, 10, allow_nan=False), min_size=n, max_size=n))
     errors = draw(st.lists(st.floats(0, 3, allow_nan=False), min_size=n, max_size=n))
     return {
@@ -117,7 +118,10 @@ def test_growth_rounds_never_shrink_never_exceed_and_spend_the_budget(case):
     plan = plan_growth(dims, budget, case["rounds"], case["fraction"])
     assert layout_params(plan.initial, dims) == plan.initial_params <= budget
     assert plan.targets[-1] == budget and sum(plan.increments) == budget - plan.initial_params
-    assert len({(v["experts"], v["rank"]) for v in plan.initial.values()}) == 1  # spread evenly
+    covered = [b for b, v in plan.initial.items() if v["experts"]]
+    assert covered and len({(plan.initial[b]["experts"], plan.initial[b]["rank"]) for b in covered}) == 1
+    if len(covered) < len(dims):  # a start on some blocks: rank 1 on evenly spaced blocks
+        assert plan.initial[covered[0]]["rank"] == 1 and covered == evenly_spaced(len(dims), len(covered))
     for name, grow in arms(case).items():
         layout = plan.initial
         for t in range(plan.rounds):
@@ -163,10 +167,29 @@ def test_initial_layout_is_the_largest_even_rank_within_the_share():
     assert 4 * block_cost(1, rank, s, r) <= 10_000 < 4 * block_cost(1, rank + 1, s, r)
     rest = 40_000 - plan.initial_params
     assert plan.increments == (rest // 3, 2 * rest // 3 - rest // 3, rest - 2 * rest // 3)
-    with pytest.raises(AllocationError, match="below the smallest even layout"):
-        plan_growth(dims, 100, 3)
+    with pytest.raises(AllocationError, match="below the smallest layout"):
+        plan_growth(dims, 50, 3)  # one block at rank 1 costs 80
     with pytest.raises(AllocationError, match="initial_fraction"):
         plan_growth(dims, 40_000, 3, initial_fraction=0)
+
+
+def test_a_share_below_rank_1_everywhere_starts_on_evenly_spaced_blocks():
+    """SmolLM2's q/v sizes: rank 1 on q and v of all 30 blocks costs 57,600; a quarter of 115,200 pays for
+    15 blocks (every other one), a quarter of 57,600 for 7."""
+    dims = {b: [(576, 576), (576, 192)] for b in range(30)}
+    block = block_cost(1, 1, *sizes(dims[0]))
+    assert 30 * block == 57_600
+    plan = plan_growth(dims, 115_200, 3, initial_fraction=0.25)
+    covered = [b for b, v in plan.initial.items() if v["experts"]]
+    assert covered == list(range(1, 30, 2)) and plan.initial_params == 15 * block
+    assert all(v == {"experts": 0, "rank": 1} for b, v in plan.initial.items() if b not in covered)
+    small = plan_growth(dims, 57_600, 3, initial_fraction=0.25)
+    assert [b for b, v in small.initial.items() if v["experts"]] == [2, 6, 10, 15, 19, 23, 27]
+    assert small.targets[-1] == 57_600 and small.initial_params == 7 * block
+    # a budget of less than one block per block starts on one block, and the rounds still spend it
+    tiny = plan_growth(dims, 2 * block, 2, initial_fraction=0.1)
+    assert sum(v["experts"] for v in tiny.initial.values()) == 1
+    assert [evenly_spaced(30, k) for k in (1, 2, 30)] == [[15], [7, 22], list(range(30))]
 
 
 def test_growth_plan_round_trips_through_json():

@@ -194,11 +194,14 @@ def test_arm_callbacks_are_valid_and_configure_what_their_names_say(budget: str)
     assert growth_sweep.arm_callback("curvature-grow", 0, budget, 150, {})["allocator"] == "mdl"
 
 
-def test_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
+def test_rank_moves_at_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
+    arms = growth_sweep.GROW["arms"]
     for flat in ("tiny", "tight", "small"):
-        with pytest.raises(growth_sweep.GrowPlanError, match=rf"\[.{flat}.\].*rank-1 experts"):
-            growth_sweep.check_budgets(["mid", flat])
-    growth_sweep.check_budgets(growth_sweep.GROW["budgets"])
+        with pytest.raises(growth_sweep.GrowPlanError, match=rf"\[.{flat}.\].*rank-1 experts.*rewire-rank"):
+            growth_sweep.check_budgets(["mid", flat], arms)
+        # growth can act there (it starts on evenly spaced blocks)
+        growth_sweep.check_budgets(["mid", flat], [a for a in arms if a not in growth_sweep.RANK_MOVE_ARMS])
+    growth_sweep.check_budgets(growth_sweep.GROW["budgets"], arms)
     grow = growth_sweep.GROW
     cells = [(t, b) for t in grow["tasks"] for b in grow["budgets"]]
     seeds, why = growth_sweep.seed_plan([], cells, grow["arms"], {}, grow["min_seeds"], grow["max_runs"])

@@ -193,6 +193,32 @@ def test_every_round_keeps_the_function_and_the_budget(
     assert scalings == ({8.0 / 4} if keep_scaling else {8.0 / r for r in ranks})
 
 
+@pytest.mark.parametrize("control", ["none", "uniform"])
+def test_a_start_on_some_blocks_grows_into_the_empty_ones_keeping_the_function(
+    tmp_path: Path, control: str
+) -> None:
+    """A share below rank 1 in every block: the fit starts with an adapter in the middle block only, and
+    the rounds add fresh experts (B = 0) to the empty blocks without moving the logits."""
+    module, cb, seen, budget = _grow_fit(tmp_path, control=control, initial_fraction=0.05)
+    plan = cb.state.growth["plan"]
+    assert {b: spec["experts"] for b, spec in plan["initial"].items()} == {0: 0, 1: 1, 2: 0}
+    assert plan["initial_params"] <= budget // 20
+    targets = _targets(plan["initial_params"], budget)
+    for k, seen_round in enumerate(seen.rounds):
+        assert seen_round["change"] <= 1e-6 * max(1.0, seen_round["scale"]), seen_round
+        assert (
+            seen_round["params"] <= targets[k] and seen_round["optimizer_params"] == seen_round["trainable"]
+        )
+    final = seen.rounds[-1]
+    assert budget - final["params"] < min(min(units) for units in final["units"].values())
+    # the first round already adapts the empty blocks (a fresh expert is the cheapest unit there); the
+    # scored arm then gives the planted block the most
+    assert all(seen.rounds[0]["layout"][b]["experts"] >= 1 for b in (0, 2)), seen.rounds[0]["layout"]
+    if control == "none":
+        sizes = {b: _block_params(module, b) for b in SCORES}
+        assert sizes[1] > max(sizes[0], sizes[2])
+
+
 def test_a_failed_round_under_skip_changes_nothing_and_its_allowance_carries(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

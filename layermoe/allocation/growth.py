@@ -1,7 +1,8 @@
 """Growth allocation: capacity is only ever added, never removed, on a schedule of rounds.
 
 A growth run starts from an even share of the parameter budget (:func:`plan_growth`: the same experts and
-rank in every block, ``initial_fraction`` of the budget) and, at each of ``rounds`` rounds, adds the
+rank in every block, ``initial_fraction`` of the budget; below rank 1 in every block, rank 1 in evenly
+spaced blocks and none in the others) and, at each of ``rounds`` rounds, adds the
 round's increment (:meth:`GrowthPlan.allowance`) to the blocks the scores favour (:func:`grow_layout`),
 until the last round has spent the budget. Every block keeps at least its current experts and rank.
 
@@ -41,7 +42,7 @@ the scored arm's increments placed at random).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,9 +123,13 @@ class GrowthPlan:
 def plan_growth(
     block_dims: BlockDims, budget: int, rounds: int, initial_fraction: float = 0.25, experts: int = 1
 ) -> GrowthPlan:
-    """The starting layout (``experts`` experts per block at the largest common rank whose cost is at
-    most ``initial_fraction`` of ``budget``, at least rank 1) and ``rounds`` equal increments that bring
-    the target to ``budget``."""
+    """The starting layout, ``initial_fraction`` of ``budget`` spread evenly, and ``rounds`` equal
+    increments that bring the target to ``budget``.
+
+    The start is ``experts`` experts per block at the largest common rank whose cost is within the share;
+    where even rank 1 in every block is above it, rank 1 on the largest evenly spaced set of blocks within
+    it (:func:`evenly_spaced`; at least one block), the others empty: the rounds then choose which blocks
+    to adapt as well as how much."""
     if not is_int_at_least(rounds):
         raise AllocationError(f"grow_rounds = {rounds!r} must be an int >= 1")
     if not is_int_at_least(budget):
@@ -135,23 +140,36 @@ def plan_growth(
         raise AllocationError(f"initial_fraction = {initial_fraction!r} must be in (0, 1]")
     blocks = sorted(int(b) for b in block_dims)
     s, r = normalize_block_dims(block_dims, blocks)
+    one = [block_cost(experts, 1, int(si), int(ri)) for si, ri in zip(s, r, strict=True)]
 
-    def cost(rank: int) -> int:
-        return sum(block_cost(experts, rank, int(si), int(ri)) for si, ri in zip(s, r, strict=True))
+    def cost(rank: int, covered: Sequence[int]) -> int:
+        return sum(block_cost(experts, rank, int(s[i]), int(r[i])) for i in covered)
 
-    if cost(1) > budget:
-        raise AllocationError(
-            f"budget params:{budget} is below the smallest even layout ({cost(1)} parameters: {experts} "
-            "expert(s) of rank 1 in every block); raise the budget or start with fewer experts"
-        )
     share = initial_fraction * budget
+    covered = list(range(len(blocks)))
+    if sum(one) > share:
+        count = len(blocks)
+        while count > 1 and cost(1, evenly_spaced(len(blocks), count)) > share:
+            count -= 1
+        covered = evenly_spaced(len(blocks), count)
+        if cost(1, covered) > budget:
+            raise AllocationError(
+                f"budget params:{budget} is below the smallest layout ({cost(1, covered)} parameters: "
+                f"{experts} expert(s) of rank 1 in one block); raise the budget or start with fewer experts"
+            )
     rank = 1
-    while cost(rank + 1) <= share:  # costs are linear in rank: at most share / cost(1) iterations
+    while cost(rank + 1, covered) <= share:  # costs are linear in rank: at most share / cost(1) iterations
         rank += 1
-    start = cost(rank)
+    start = cost(rank, covered)
     targets = tuple(start + (budget - start) * (t + 1) // rounds for t in range(rounds))
-    initial = {b: {"experts": experts, "rank": rank} for b in blocks}
+    initial = {b: {"experts": experts if i in covered else 0, "rank": rank} for i, b in enumerate(blocks)}
     return GrowthPlan(initial=initial, initial_params=start, targets=targets, budget=int(budget))
+
+
+def evenly_spaced(n: int, count: int) -> list[int]:
+    """``count`` of the positions ``0..n-1`` spread evenly: the middle of each of ``count`` equal runs
+    (``n = 30``, ``count = 15``: 1, 3, ..., 29; ``count = n``: all of them)."""
+    return sorted({min(n - 1, int((i + 0.5) * n / count)) for i in range(count)})
 
 
 @dataclass

@@ -28,7 +28,8 @@ class GrowthOptions:
             ``schedule.every``, when ``rounds > 1``; ``schedule.max_rewires``, if given, must equal
             ``rounds``). The last round spends the budget.
         initial_fraction: share of the resolved parameter budget the fit starts with, spread evenly
-            (one expert per block at the largest common rank that fits, at least rank 1), in ``(0, 1]``.
+            (one expert per block at the largest common rank that fits; below rank 1 in every block, rank 1
+            in evenly spaced blocks and none elsewhere), in ``(0, 1]``.
         init: A rows of new capacity: ``"lora"`` (LoRA's random init) or ``"gradient"`` (the top singular
             directions of the block's weight gradient on the scoring pass's training samples, outside the
             span of its existing A rows).
