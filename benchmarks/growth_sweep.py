@@ -201,9 +201,11 @@ def arm_callback(
     spec = ARMS[capacity_curve.split_arm(arm)[0]]
     if spec is None:
         return None
-    experts = json.dumps([int(budget_adapter(budget).get("experts", 1))] * 2)
-    text = json.dumps({**common, "seed": "{seed}", **spec})
-    args: dict[str, Any] = json.loads(text.replace('"{seed}"', str(seed)).replace('"{experts}"', experts))
+    text = json.dumps({**common, "seed": "{seed}", **spec}).replace('"{seed}"', str(seed))
+    if '"{experts}"' in text:  # the rank-move arms (budgets of one expert count in every block)
+        experts = json.dumps([int(budget_adapter(budget).get("experts", 1))] * 2)
+        text = text.replace('"{experts}"', experts)
+    args: dict[str, Any] = json.loads(text)
     args["allocator_options"] = {"error_shrinkage": 1.0, **args.get("allocator_options", {})}
     if "growth" in spec:
         args["schedule"] = growth_schedule(steps)

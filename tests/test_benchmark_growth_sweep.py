@@ -276,3 +276,20 @@ def test_runs_without_a_parameter_record_are_static_runs() -> None:
         growth_sweep._params_cell([grown, {**grown, "params_history": [[0, 100, "start"]]}])
         == "100 -> 100/200"
     )
+
+
+def test_half7_is_growths_even_start_at_half_of_small_and_its_growth_arms_build() -> None:
+    """half7's blocks are the ones a growth start at half of ``small`` would adapt (SmolLM2: 30 blocks, all
+    seven projections at rank 1 cost 10,176 per block), and a growth arm's callback builds there."""
+    from layermoe.allocation.growth import evenly_spaced, plan_growth
+
+    half, small = growth_sweep.budget_adapter("half7"), growth_sweep.budget_adapter("small")
+    covered = [int(b) for b, e in half["experts"].items() if e]
+    assert covered == evenly_spaced(30, 15) and len(half["experts"]) == 30
+    assert (half["rank"], half["lora_alpha"]) == (small["rank"], small["lora_alpha"])
+    smollm2 = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    plan = plan_growth(dict.fromkeys(range(30), smollm2), 30 * 10_176, 3, initial_fraction=0.5)
+    assert plan.initial_params == 15 * 10_176 == 152_640
+    assert [b for b, v in plan.initial.items() if v["experts"]] == covered
+    args = growth_sweep.arm_callback("layerif-grow", 0, "half7", 150, allocation_sweep._COMMON)
+    assert args["growth"]["initial_fraction"] == 0.25 and "experts_bounds" not in args["allocator_options"]
