@@ -524,7 +524,29 @@ def table(results: Sequence[dict[str, Any]]) -> str:
         acc = spread([r["acc"] for r in runs]) if "acc" in runs[0] else "-"
         seconds = statistics.fmean(r["train_seconds"] for r in runs)
         lines.append(f"| {task} | {arm} | {len(runs)} | {' | '.join(cells)} | {acc} | {seconds:.0f} |")
-    return "\n".join(lines) + "\n\nCells: mean over seeds [min, max]."
+    verdicts = parity_verdicts(groups)
+    return "\n".join([*lines, "", "Cells: mean over seeds [min, max].", *verdicts])
+
+
+def parity_verdicts(groups: dict[tuple[str, str], list[dict[str, Any]]]) -> list[str]:
+    """Issue 35's criterion per task: is each project arm's mean test loss per sample inside the seed range
+    of each plain-loop arm (two or more seeds)?"""
+    lines = []
+    for (task, arm), runs in sorted(groups.items()):
+        if arm.startswith("peft"):
+            continue
+        mean = statistics.fmean(r["loss_sample"] for r in runs)
+        for (other_task, peft_arm), peft_runs in sorted(groups.items()):
+            if other_task != task or not peft_arm.startswith("peft") or len(peft_runs) < 2:
+                continue
+            low, high = (f(r["loss_sample"] for r in peft_runs) for f in (min, max))
+            where = "inside" if low <= mean <= high else "above" if mean > high else "below"
+            peft_mean = statistics.fmean(r["loss_sample"] for r in peft_runs)
+            lines.append(
+                f"- {task}: {arm} mean {mean:.3f} ({len(runs)} seeds) is {where} {peft_arm}'s range"
+                f" [{low:.3f}, {high:.3f}] ({len(peft_runs)} seeds; {100 * (mean / peft_mean - 1):+.1f}% on the mean)"
+            )
+    return ["", "Test loss per sample, project vs plain loop:", *lines] if lines else []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

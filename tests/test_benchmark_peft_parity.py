@@ -113,3 +113,22 @@ def test_a_run_from_before_a_setting_existed_counts_at_its_default():
     assert not peft_parity.same_settings(older, peft_parity.parse(["--quick", "--separator-in-prompt"]))
     assert not peft_parity.same_settings({**older, "lr": 1.0}, args)
     assert not peft_parity.same_settings(None, args)
+
+
+def test_the_table_says_where_each_project_mean_falls_in_the_plain_loops_range():
+    def runs(task, arm, losses):
+        return [
+            {"task": task, "arm": arm, "system": arm.split("+")[0], "seed": i, "loss_sample": v,
+             "loss_token": v, "exact_match": 0.5, "train_seconds": 1.0}
+            for i, v in enumerate(losses)
+        ]  # fmt: skip
+
+    results = runs("a", "peft", [1.0, 1.2]) + runs("a", "layermoe", [1.05, 1.25])  # 1.15: inside
+    results += runs("b", "peft", [1.0, 1.1]) + runs("b", "layermoe", [1.2, 1.3])  # mean 1.25: above
+    results += runs("b", "peft+separator_in_prompt=True", [1.3, 1.4])  # 1.25: below this one
+    results += runs("c", "peft", [1.0]) + runs("c", "layermoe", [1.0, 1.0])  # one peft seed: no verdict
+    text = peft_parity.table(results)
+    assert "- a: layermoe mean 1.150 (2 seeds) is inside peft's range [1.000, 1.200] (2 seeds; +4.5%" in text
+    assert "- b: layermoe mean 1.250 (2 seeds) is above peft's range [1.000, 1.100] (2 seeds; +19.0%" in text
+    assert "- b: layermoe mean 1.250 (2 seeds) is below peft+separator_in_prompt=True's range" in text
+    assert "- c:" not in text
