@@ -157,6 +157,27 @@ def test_weight_gradients_equal_autograd_on_the_base_weight():
     assert model[0].capture_hook is None and all(p.grad is None for p in model.parameters())
 
 
+def test_weight_gradients_of_a_layer_without_experts_equal_autograd_and_leave_it_empty():
+    """A block a growth round adapts for the first time has no adapter in the graph; a temporary probe
+    expert (B = 0) puts it there without changing the outputs, and is gone afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(MoELoRALinear(nn.Linear(8, 6), experts=0, rank=2), nn.Tanh(),
+                          MoELoRALinear(nn.Linear(6, 4), experts=1, rank=3))  # fmt: skip
+    randomize(model[2], 2)
+    batch = torch.randn(5, 3, 8)
+
+    def loss_fn(m, b):
+        return (m(b) ** 2).sum(dim=(1, 2))
+
+    before = model(batch).detach()
+    grads = weight_gradients(model, [batch], loss_fn, {"0": model[0], "2": model[2]})
+    weight = model[0].base_layer.weight.requires_grad_(True)
+    (reference,) = torch.autograd.grad(loss_fn(model, batch).sum(), [weight])
+    torch.testing.assert_close(grads["0"], reference, atol=1e-5, rtol=1e-5)
+    assert model[0].experts == 0 and not model[0].has_adapter
+    assert torch.equal(model(batch).detach(), before)
+
+
 def test_gradient_init_gives_the_new_b_columns_the_largest_first_gradient():
     """dL/dB_new = scaling * G A_new^T (one expert, B_new = 0): with A_new the top directions of G off
     the existing rows its norm is scaling * row norm * sqrt(sum of the top squared singular values),

@@ -394,11 +394,19 @@ def _resume_fit(
     return cb
 
 
-@pytest.mark.parametrize("keep_scaling", [False, True])
-def test_resume_between_rounds_equals_the_unbroken_run(tmp_path: Path, keep_scaling: bool) -> None:
-    unbroken = _resume_fit(tmp_path, "a", keep_scaling=keep_scaling)
+@pytest.mark.parametrize(
+    ("keep_scaling", "initial_fraction"),
+    [(False, 0.25), (True, 0.25), (False, 0.05)],  # 0.05: a start on the middle block only
+)
+def test_resume_between_rounds_equals_the_unbroken_run(
+    tmp_path: Path, keep_scaling: bool, initial_fraction: float
+) -> None:
+    share = {"initial_fraction": initial_fraction}
+    unbroken = _resume_fit(tmp_path, "a", keep_scaling=keep_scaling, **share)
     assert [e["step"] for e in unbroken.history] == [2, 5]
-    resumed = _resume_fit(tmp_path, "b", tmp_path / "a" / "step=3.ckpt", keep_scaling=keep_scaling)
+    starts = [spec["experts"] for spec in unbroken.state.growth["plan"]["initial"].values()]
+    assert starts == ([0, 1, 0] if initial_fraction == 0.05 else [1, 1, 1])
+    resumed = _resume_fit(tmp_path, "b", tmp_path / "a" / "step=3.ckpt", keep_scaling=keep_scaling, **share)
     assert [e["layout_after"] for e in resumed.history] == [e["layout_after"] for e in unbroken.history]
     assert resumed.state.growth == unbroken.state.growth
     for step in (6, 8):
@@ -414,7 +422,9 @@ def test_resume_between_rounds_equals_the_unbroken_run(tmp_path: Path, keep_scal
                 assert torch.equal(got["state"][index][key], value), (step, index, key)
     # a growth checkpoint resumed with another plan, or in rewire mode, is refused before training
     with pytest.raises(CallbackConfigError, match=r"growth: the checkpoint's run was planned with rounds=2"):
-        _resume_fit(tmp_path, "c", tmp_path / "a" / "step=3.ckpt", rounds=3, keep_scaling=keep_scaling)
+        _resume_fit(
+            tmp_path, "c", tmp_path / "a" / "step=3.ckpt", rounds=3, keep_scaling=keep_scaling, **share
+        )
     seed_everything(0)
     with pytest.raises(CallbackConfigError, match=r"growth=None: the checkpoint's run is a growth run"):
         fit_counting_task(

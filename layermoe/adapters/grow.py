@@ -40,6 +40,7 @@ from layermoe.layout import effective_top_k, is_int_at_least, normalize_layout
 
 from .layer import MoELoRALinear, lora_init_A
 from .layout import layers_by_block
+from .probe import probe_empty_layers
 from .resize import ResizeReport, install_state, single_thread, state_map
 from .surgery import (
     PARAM_NAMES,
@@ -102,7 +103,9 @@ def weight_gradients(
 
     One forward and backward per batch in eval mode, with each layer's ``capture_hook`` (set here and
     restored after); no parameter's ``.grad`` is touched. The output must be part of the graph: layers
-    with experts always are (their adapter is trainable). Pass the scoring pass's training samples.
+    with experts are (their adapter is trainable); a layer without experts (a block a growth round adapts
+    for the first time) gets the scoring pass's temporary probe expert meanwhile (B = 0: the outputs, so
+    the gradients, are unchanged; ``layermoe.adapters.probe``). Pass the scoring pass's training samples.
     """
     sums: dict[str, torch.Tensor] = {}
     hooked = dict(layers)
@@ -124,12 +127,12 @@ def weight_gradients(
 
         return capture
 
-    params = [p for p in model.parameters() if p.requires_grad]
     try:
         model.eval()
         for name, layer in hooked.items():
             layer.capture_hook = hook_for(name)
-        with torch.enable_grad():
+        with torch.enable_grad(), probe_empty_layers(model):
+            params = [p for p in model.parameters() if p.requires_grad]
             for batch in batches:
                 loss = loss_fn(model, batch).sum()
                 # differentiate w.r.t. the parameters without storing .grad: the hooks do the work
