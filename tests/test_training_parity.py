@@ -6,7 +6,9 @@ the same order (the order the project's resumable loader draws, encoded by the p
 with the same settings and the same LR per step. Then ``MoELoRAFineTuner`` + ``TextDataModule`` + a
 Lightning Trainer (CPU) and benchmarks/peft_parity.py's own loop (``plain_loop``) must agree on every
 step's loss and on the final adapters: to round-off in float32 (32-true), and to 1e-12 in float64
-(64-true, both sides), which shows that nothing but round-off separates them.
+(64-true, both sides), which shows that nothing but round-off separates them. Both task kinds of the
+benchmark: instruction (loss on the response and EOS) and classification (loss on the label word's token,
+as its SST-2 arm).
 
 The two documented differences are aligned here and checked on their own: the separator, a token of its
 own for the byte tokenizer, is supervised by the benchmark's plain encoding and never by the project's
@@ -49,6 +51,9 @@ ROWS = [
     {"prompt": f"capital of land {i}?", "response": "city " + "ab" * (1 + i % 5) + ("!" * (i % 3))}
     for i in range(12)
 ]
+# classification as the benchmark's SST-2 runs it: a label word after the template, loss on its token
+CLASSIFICATION_ROWS = [{"text": f"film {i} was " + "ok" * (1 + i % 4), "label": i % 2} for i in range(12)]
+PLAIN_TASK = {"instruction": "instruction", "classification": "sst2"}  # the benchmark's name for it
 
 
 class StepRecorder(Callback):
@@ -67,13 +72,21 @@ class StepRecorder(Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-def _data_module(tmp_path: Path, seed: int) -> TextDataModule:
+def _rows(task: str) -> list[dict[str, Any]]:
+    return ROWS if task == "instruction" else CLASSIFICATION_ROWS
+
+
+def _data_module(tmp_path: Path, seed: int, task: str = "instruction") -> TextDataModule:
+    if task == "instruction":
+        encoding = {"prompt_template": TEMPLATE, "response_separator": SEPARATOR}
+    else:
+        words = peft_parity.CLASSIFICATION["words"]
+        encoding = {"prompt_template": peft_parity.CLASSIFICATION["template"], "label_words": words}
     dm = TextDataModule(
-        train_file=str(write_jsonl(tmp_path / "train.jsonl", ROWS)),
-        task="instruction",
+        train_file=str(write_jsonl(tmp_path / "train.jsonl", _rows(task))),
+        task=task,
         tokenizer="tiny",
-        prompt_template=TEMPLATE,
-        response_separator=SEPARATOR,
+        **encoding,
         val_size=0,
         batch_size=BATCH,
         max_length=64,
@@ -84,14 +97,15 @@ def _data_module(tmp_path: Path, seed: int) -> TextDataModule:
 
 
 def _plain_batches(
-    dm: TextDataModule, steps: int, separator_in_prompt: bool = True
+    dm: TextDataModule, steps: int, separator_in_prompt: bool = True, task: str = "instruction"
 ) -> list[dict[str, torch.Tensor]]:
     """The plain loop's batches: its own encoding of the rows (``plain_encode``), in the order the project's
     training loader draws them epoch after epoch. The byte tokenizer makes the separator a token of its
     own: the plain loop supervises it unless ``separator_in_prompt`` (the project never does)."""
     tokenizer = dm.prepare_tokenizer()
     examples = [
-        peft_parity.plain_encode(tokenizer, row, "instruction", 64, separator_in_prompt) for row in ROWS
+        peft_parity.plain_encode(tokenizer, row, PLAIN_TASK[task], 64, separator_in_prompt)
+        for row in _rows(task)
     ]
     sampler = dm.train_dataloader().sampler
     batches: list[dict[str, torch.Tensor]] = []
@@ -182,8 +196,9 @@ def _train_project(
     aggregation: str,
     weight_decay: float,
     precision: str,
+    task: str = "instruction",
 ) -> tuple[MoELoRAFineTuner, StepRecorder, dict[str, Any]]:
-    dm = _data_module(tmp_path, seed)
+    dm = _data_module(tmp_path, seed, task)
     module = MoELoRAFineTuner(
         model=tiny_llama_spec(),
         adapter={
@@ -192,7 +207,7 @@ def _train_project(
             "lora_alpha": ALPHA,
             "target_modules": peft_parity.ALL_PROJECTIONS,
         },
-        task="instruction",
+        task=task,
         lr=LR,
         weight_decay=weight_decay,
         warmup_steps=warmup,
@@ -226,15 +241,18 @@ def _max_differences(
 
 
 @pytest.mark.parametrize(
-    ("warmup", "schedule", "aggregation", "weight_decay", "random_b", "precision"),
+    ("warmup", "schedule", "aggregation", "weight_decay", "random_b", "precision", "task"),
     [
         # the benchmark's loop as it is, without warm-up, from a fresh LoRA (B = 0)
-        (0, "transformers", "token_mean", 0.0, False, "32-true"),
-        (0, "transformers", "token_mean", 0.0, False, "64-true"),
+        (0, "transformers", "token_mean", 0.0, False, "32-true", "instruction"),
+        (0, "transformers", "token_mean", 0.0, False, "64-true", "instruction"),
         # warm-up aligned (the plain loop given the project's multiplier); weight decay on the same tensors
-        (2, "project", "token_mean", 0.01, True, "32-true"),
-        (2, "project", "token_mean", 0.01, True, "64-true"),
-        (0, "transformers", "sample_mean", 0.0, True, "32-true"),  # the per-sample option of both
+        (2, "project", "token_mean", 0.01, True, "32-true", "instruction"),
+        (2, "project", "token_mean", 0.01, True, "64-true", "instruction"),
+        (0, "transformers", "sample_mean", 0.0, True, "32-true", "instruction"),  # per-sample, both
+        # classification (the label word's token after the template), as the benchmark's SST-2 arm
+        (0, "transformers", "token_mean", 0.0, True, "32-true", "classification"),
+        (0, "transformers", "token_mean", 0.0, True, "64-true", "classification"),
     ],
     ids=[
         "ecosystem",
@@ -242,16 +260,18 @@ def _max_differences(
         "aligned-warmup-decay",
         "aligned-warmup-decay-float64",
         "sample-mean",
+        "classification",
+        "classification-float64",
     ],
 )
 def test_project_path_matches_a_plain_peft_loop_step_for_step(
-    tmp_path, warmup, schedule, aggregation, weight_decay, random_b, precision
+    tmp_path, warmup, schedule, aggregation, weight_decay, random_b, precision, task
 ):
     seed = 3
     peft_model = _peft_model(seed, random_b)
     peft_model.save_pretrained(str(tmp_path / "init"))
     module, recorder, start = _train_project(
-        tmp_path, tmp_path / "init", seed, warmup, aggregation, weight_decay, precision
+        tmp_path, tmp_path / "init", seed, warmup, aggregation, weight_decay, precision, task
     )
 
     # the same weights at step 0, the same scaling
@@ -260,7 +280,7 @@ def test_project_path_matches_a_plain_peft_loop_step_for_step(
     assert {s for *_, s in start.values()} == {ALPHA / RANK}
 
     # the same batches, token for token: prompt, separator, response, EOS and padding masked alike
-    plain = _plain_batches(_data_module(tmp_path, seed), STEPS)
+    plain = _plain_batches(_data_module(tmp_path, seed, task), STEPS, task=task)
     assert len(recorder.batches) == STEPS
     for served, ours in zip(recorder.batches, plain, strict=True):
         for key in ("input_ids", "attention_mask", "labels"):
@@ -283,7 +303,7 @@ def test_project_path_matches_a_plain_peft_loop_step_for_step(
     for factor in ("A", "B", "delta"):
         assert gap[factor] <= weight_tolerance * moved[factor], (factor, gap, moved)
     print(
-        f"\n[{precision} {warmup=} {schedule} {aggregation} wd={weight_decay}] max |loss diff| "
+        f"\n[{task} {precision} {warmup=} {schedule} {aggregation} wd={weight_decay}] max |loss diff| "
         f"{loss_gap:.3g}; max |diff| A "
         f"{gap['A']:.3g}, B {gap['B']:.3g}, scaling*B@A {gap['delta']:.3g} (moved: A {moved['A']:.3g}, "
         f"B {moved['B']:.3g})"
