@@ -291,4 +291,64 @@ def write_curve_report(
     table = build_curve_table(results, plans, seeds, ratio_budgets)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "table.md").write_text(table + "\n")
+    if results:
+        curve_figure(results, plans, folder / "figures" / "curve.png")
     return table
+
+
+def curve_points(
+    results: Sequence[dict[str, Any]], plans: Sequence[CellPlan], task: str
+) -> list[tuple[str, int, list[float], bool]]:
+    """Per budget of ``task`` with a chosen lr: (budget, adapter parameters, test losses per sample of its
+    seeds at that lr, whether the lr is at a grid edge), smallest budget first."""
+    points = []
+    for plan in plans:
+        runs = _cell_runs(results, plan) if plan.task == task else []
+        if runs:
+            losses = [float(r["final"]["loss_sample"]) for r in runs]
+            points.append((plan.budget, int(runs[0]["trainable_params"]), losses, plan.at_edge))
+    return sorted(points, key=lambda p: p[1])
+
+
+def curve_figure(results: Sequence[dict[str, Any]], plans: Sequence[CellPlan], path: Path) -> None:
+    """Per task: test loss (per sample) against adapter parameters (log scale). Faint dots: every run of
+    the lr grids; line: each budget at its chosen lr (mean over seeds, bar = min to max), named; an open
+    marker where the chosen lr is still at a grid edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task_names = list(dict.fromkeys(p.task for p in plans))
+    fig, axes = plt.subplots(1, len(task_names), figsize=(6 * len(task_names), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], task_names, strict=True):
+        grid = [r for r in results if r["task"] == task and split_arm(r["arm"])[0] == "uniform"]
+        ax.scatter(
+            [r["trainable_params"] for r in grid],
+            [r["final"]["loss_sample"] for r in grid],
+            s=10,
+            color="grey",
+            alpha=0.35,
+            label="lr grid runs",
+        )
+        points = curve_points(results, plans, task)
+        if points:
+            x = [p[1] for p in points]
+            means = [statistics.fmean(p[2]) for p in points]
+            low = [m - min(p[2]) for m, p in zip(means, points, strict=True)]
+            high = [max(p[2]) - m for m, p in zip(means, points, strict=True)]
+            ax.errorbar(x, means, yerr=[low, high], fmt="-", color="C0", capsize=3, label="chosen lr")
+            for (budget, params, _, edge), mean in zip(points, means, strict=True):
+                ax.plot([params], [mean], "o", color="C0", mfc="white" if edge else "C0")
+                ax.annotate(budget, (params, mean), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set(
+            xscale="log",
+            title=task,
+            xlabel="adapter parameters",
+            ylabel="test loss per sample (final weights)",
+        )
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -70,6 +70,7 @@ def test_quick_curve_chooses_lr_on_validation_runs_seeds_resumes_and_tabulates(t
     ratio_seed1 = low["final"]["loss_sample"] / high["final"]["loss_sample"]
     assert f"1: {ratio_seed1:.2f}" in out and "does not meet (yet)" in out  # 2 seeds only
     assert (results / "table.md").read_text().strip() in out
+    assert (results / "figures" / "curve.png").stat().st_size > 0
 
     started.clear()
     assert allocation_sweep.main(argv) == 0
@@ -138,6 +139,20 @@ def test_loss_ratio_is_the_issues_criterion_per_seed() -> None:
     results[-2]["final"]["loss_sample"] = 1.29
     plans = capacity_curve.plan_curve(results, ["facts"], ["tight", "large"], [2e-3, 4e-3], [0, 1, 2], 0)
     assert "does not meet" in capacity_curve.loss_ratio(results, plans, "facts", "tight", "large")
+
+
+def test_curve_points_are_each_budgets_chosen_lr_runs_by_size() -> None:
+    results = []
+    for budget, params, losses in (("mid", 600, (1.0, 1.2, 0.8)), ("tight", 50, (3.0, 2.0, 2.5))):
+        runs = [_result(budget, 2e-3, 0, 1.0, 9.0)]  # worse on validation: not a point
+        runs += [_result(budget, 4e-3, seed, 0.5, loss) for seed, loss in enumerate(losses)]
+        results += [{**r, "trainable_params": params} for r in runs]
+    plans = capacity_curve.plan_curve(results, ["facts"], ["mid", "tight"], [2e-3, 4e-3], [0, 1, 2], 0)
+    points = capacity_curve.curve_points(results, plans, "facts")
+    assert [(b, n, sorted(v), edge) for b, n, v, edge in points] == [
+        ("tight", 50, [2.0, 2.5, 3.0], True),  # 4e-3 is the 2-value grid's edge, no extension allowed
+        ("mid", 600, [0.8, 1.0, 1.2], True),
+    ]
 
 
 def _facts_by_template(rows: list[dict], templates: list[str]) -> dict[tuple[str, str], str]:
