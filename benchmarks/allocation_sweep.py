@@ -72,8 +72,9 @@ TASK_CONFIGS = {
 QUICK_CONFIG = REPO / "configs" / "experiments" / "allocation_quality" / "quick_tiny.yaml"
 QUICK_GENERATIVE_CONFIG = CONFIGS / "quick_generative.yaml"
 BUDGETS = ["tight", "mid", "generous"]  # 0.043%, 0.45%, 4.1% of SmolLM2's parameters
-#: every budget YAML, smallest first: tiny 0.017%, tight 0.043%, qv2 0.086%, half7 0.113%, qv4 0.171%, small 0.227%,
-#: mid 0.454%, large 1.362%, generous 4.077% of SmolLM2's parameters (each file says how)
+#: every budget YAML, smallest first: tiny 0.017%, tight 0.043%, quarter7 0.061%, qv2 0.086%, half7 0.113%,
+#: qv4 0.171%, small 0.227%, mid 0.454%, large 1.362%, generous 4.077% of SmolLM2's parameters (each file
+#: says how)
 ALL_BUDGETS = capacity_curve.BUDGET_ORDER
 SELECTION_METRIC = {"cola": "val/mcc"}  # model selection; accuracy elsewhere (CoLA: majority class wins acc)
 
@@ -160,7 +161,7 @@ QUICK = {"tasks": ["sst2"], "budgets": ["generous"], "arms": ["uniform", "layeri
 #: max_extensions times per cell; the ratio is the issue's criterion (tight / the largest budget)
 CURVE: dict[str, Any] = {
     "tasks": list(capacity_curve.GENERATIVE_TASKS),
-    "budgets": ["tiny", "tight", "qv2", "half7", "qv4", "small", "mid", "large"],
+    "budgets": ["tiny", "tight", "quarter7", "qv2", "half7", "qv4", "small", "mid", "large"],
     "lrs": [2e-3, 4e-3, 8e-3],
     "seeds": [0, 1, 2],
     "max_extensions": 1,

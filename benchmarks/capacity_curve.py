@@ -25,7 +25,7 @@ import tasks
 from sweep_report import _mean_sd  # one format for every sweep table
 
 #: every budget of configs/experiments/allocation_sweep/budgets, by adapter parameters (smallest first)
-BUDGET_ORDER = ["tiny", "tight", "qv2", "half7", "qv4", "small", "mid", "large", "generous"]
+BUDGET_ORDER = ["tiny", "tight", "quarter7", "qv2", "half7", "qv4", "small", "mid", "large", "generous"]
 
 GENERATIVE_TASKS = ("facts", "skills")
 VAL_ROWS = 96  # validation rows per task (lr selection, and the callback's scoring in the later sweep)

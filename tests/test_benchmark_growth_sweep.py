@@ -286,6 +286,8 @@ def test_half7_is_growths_even_start_at_half_of_small_and_its_growth_arms_build(
     half, small = growth_sweep.budget_adapter("half7"), growth_sweep.budget_adapter("small")
     covered = [int(b) for b, e in half["experts"].items() if e]
     assert covered == evenly_spaced(30, 15) and len(half["experts"]) == 30
+    quarter = growth_sweep.budget_adapter("quarter7")
+    assert [int(b) for b, e in quarter["experts"].items() if e] == evenly_spaced(30, 8)
     assert (half["rank"], half["lora_alpha"]) == (small["rank"], small["lora_alpha"])
     smollm2 = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
     plan = plan_growth(dict.fromkeys(range(30), smollm2), 30 * 10_176, 3, initial_fraction=0.5)
