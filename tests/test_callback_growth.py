@@ -605,6 +605,16 @@ def test_ddp_ranks_agree_after_growth_rounds(tmp_path: Path) -> None:
         assert torch.equal(value, r1["weights"][key]), key
     for r in (r0, r1):
         assert r["optimizer_matches_trainable"] and r["wrapped_module_is_resized"]
+    # gradient init: each rank's weight gradients (its own samples) summed over the ranks, so both derive
+    # the new A rows from the whole scoring sample (before: each its own, and DDP kept rank 0's rows)
+    (g0, g1) = (r0["gradients"], r1["gradients"])
+    assert len(g0["used"]) == len(g1["used"]) == 2 and len(g0["local"]) == 2
+    for k in range(2):
+        assert g0["used"][k].keys() == g0["local"][k].keys() == g1["local"][k].keys() and g0["used"][k]
+        for name, used in g0["used"][k].items():
+            assert torch.equal(used, g1["used"][k][name]), name
+            torch.testing.assert_close(used, g0["local"][k][name] + g1["local"][k][name])
+        assert any(not torch.equal(g0["local"][k][n], g1["local"][k][n]) for n in g0["local"][k])
 
 
 def test_the_start_warns_when_adapters_already_learned() -> None:

@@ -45,6 +45,13 @@ def mean_scores(strategy: Any, scores: dict[int, float], device: torch.device) -
     return {b: float(v) for b, v in zip(blocks, reduced.tolist(), strict=True)}
 
 
+def sum_over_ranks(strategy: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor summed over the ranks (every rank holds the same names), in name order."""
+    if strategy.world_size <= 1:
+        return tensors
+    return {name: strategy.reduce(tensors[name], reduce_op="sum") for name in sorted(tensors)}
+
+
 def broadcast(strategy: Any, obj: Any) -> Any:
     """Rank 0's object on every rank (plans and decisions must be identical everywhere)."""
     if strategy.world_size <= 1:

@@ -32,7 +32,7 @@ from layermoe.allocation import (
     uniform_grow,
 )
 from layermoe.allocation.allocate import ALLOCATE_OPTIONS
-from layermoe.callbacks.distributed import Lockstep
+from layermoe.callbacks.distributed import Lockstep, sum_over_ranks
 from layermoe.callbacks.errors import CallbackConfigError
 from layermoe.callbacks.growth_options import GrowthOptions
 from layermoe.callbacks.rewire import Surgery
@@ -220,11 +220,14 @@ class Growing:
         return grow_model_
 
     def _gradients(self, trainer: Any, pl_module: nn.Module, target: Layout) -> dict[str, torch.Tensor]:
-        """Weight gradients of the growing layers on the scoring training samples (``weight_gradients``)."""
+        """Weight gradients of the growing layers on the scoring training samples (``weight_gradients``),
+        summed over the ranks under DDP (each rank's own samples: together the whole scoring sample), so
+        every rank derives the same new A rows."""
         before = layout(pl_module)
         growing = {b for b, spec in target.items() if spec != before.get(b)}
-        # shared with the other ranks before the probe's first collective (Rewiring.apply)
-        with Lockstep(trainer, "growth round").stage("the weight gradients for init='gradient'"):
+        sync = Lockstep(trainer, "growth round")
+        # a failure is shared with the other ranks at the check before the sum
+        with sync.stage("the weight gradients for init='gradient'"):
             layers = {
                 name: layer
                 for name, layer in named_moe_layers(pl_module).items()
@@ -233,7 +236,9 @@ class Growing:
             batches = self.rewiring.scoring_train_batches(trainer)
             loss = resolve_per_sample_loss(pl_module, self.rewiring.loss_fn)
             with scoring_context(pl_module), isolate_rng():
-                return weight_gradients(pl_module, batches, loss, layers)
+                gradients = weight_gradients(pl_module, batches, loss, layers)
+        sync.check()
+        return sum_over_ranks(trainer.strategy, gradients)
 
 
 def _block_of(name: str) -> int | None:

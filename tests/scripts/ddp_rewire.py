@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from layermoe.adapters import layout  # noqa: E402
 from layermoe.callbacks import LayerInfluenceCallback, RewireError  # noqa: E402
+from layermoe.callbacks import growing as growing_module  # noqa: E402
 from layermoe.callbacks import rewiring as rewiring_module  # noqa: E402
 from layermoe.callbacks.growing import Growing  # noqa: E402
 from layermoe.scoring import causal_lm_per_sample_loss  # noqa: E402
@@ -90,6 +91,26 @@ def plant_failure(stage: str) -> PlantedLoss:
     return loss
 
 
+def record_gradients() -> dict[str, list]:
+    """Each growth round's weight gradients as this rank computed them ("local") and as the round used
+    them ("used": after the sum over ranks)."""
+    seen: dict[str, list] = {"local": [], "used": []}
+    local, used = growing_module.weight_gradients, Growing._gradients
+
+    def local_(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = local(*args, **kwargs)
+        seen["local"].append({k: v.detach().clone() for k, v in out.items()})
+        return out
+
+    def used_(*args, **kwargs):  # type: ignore[no-untyped-def]
+        out = used(*args, **kwargs)
+        seen["used"].append({k: v.detach().clone() for k, v in out.items()})
+        return out
+
+    growing_module.weight_gradients, Growing._gradients = local_, used_
+    return seen
+
+
 def main(out_dir: Path, mode: str = "planted", fail: str | None = None, on_error: str = "raise") -> None:
     torch.set_num_threads(1)
     seed_everything(0)
@@ -112,6 +133,7 @@ def main(out_dir: Path, mode: str = "planted", fail: str | None = None, on_error
             schedule={"warmup": 2, "every": 2},
             **failing,
         )
+    gradients = record_gradients() if mode == "grow" else None
     check = WrapperCheck(cb)
     trainer = cpu_trainer(
         [cb, check],
@@ -141,6 +163,7 @@ def main(out_dir: Path, mode: str = "planted", fail: str | None = None, on_error
             "optimizer_matches_trainable": {id(p) for p in listed} == {id(p) for p in trainable}
             and len(listed) == len(trainable),
             "wrapped_module_is_resized": bool(check.ok),
+            "gradients": gradients,
         },
         out_dir / f"rank{rank}.pt",
     )
