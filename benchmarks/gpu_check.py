@@ -65,6 +65,7 @@ PHASES = (
     "scoring_vs_step",
     "rewire_surgery",
     "fit_resume",
+    "fit_growth_resume",
     "quantized_4bit",
     "gpu_tests",
 )
@@ -452,6 +453,14 @@ def phase_fit_resume(run: Run) -> dict[str, Any]:
         return compare_resumes(Path(tmp), run.shapes.fit_model, run.shapes, run.device)
 
 
+def phase_fit_growth_resume(run: Run) -> dict[str, Any]:
+    free(run)
+    with tempfile.TemporaryDirectory(prefix="gpu_check_grow_") as tmp:
+        from gpu_check_fit import compare_resumes  # this script's folder
+
+        return compare_resumes(Path(tmp), run.shapes.fit_model, run.shapes, run.device, growth=True)
+
+
 def phase_quantized_4bit(run: Run) -> dict[str, Any]:
     import importlib.util
 
@@ -530,6 +539,7 @@ PHASE_FUNCTIONS: dict[str, Callable[[Run], dict[str, Any]]] = {
     "scoring_vs_step": phase_scoring_vs_step,
     "rewire_surgery": phase_rewire_surgery,
     "fit_resume": phase_fit_resume,
+    "fit_growth_resume": phase_fit_growth_resume,
     "quantized_4bit": phase_quantized_4bit,
     "gpu_tests": phase_gpu_tests,
 }

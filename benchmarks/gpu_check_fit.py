@@ -1,9 +1,13 @@
-"""gpu_check's fit phase: a Lightning fit with a rewire and a checkpoint per step, resumed exactly.
+"""gpu_check's fit phases: a Lightning fit with a rewire (or growth rounds) and a checkpoint per step,
+resumed exactly.
 
 One unbroken run (``fit_steps`` optimizer steps, a LayerInfluenceCallback rewire after half of them,
 validation every 4 steps, dropout 0.1, shuffled data) writes ``step=K.ckpt`` after every step. Two more
 runs start from its checkpoints (one before the rewire, one after it) in the same process and train to
-the end; their final trainable tensors are compared with the unbroken run's, tensor for tensor.
+the end; their final trainable tensors are compared with the unbroken run's, tensor for tensor. The growth
+variant (``growth=True``): growth mode with two rounds after steps 2 and 5, the new A rows from the
+weight gradients (SVD on the device), starting from 5% of the budget (a rank-1 expert on some blocks
+only, so a round also adapts blocks that had none), resumed from between the rounds and after them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 
 ADAPTER = {"experts": 2, "rank": 4, "lora_alpha": 8.0, "lora_dropout": 0.1}
 VALIDATE_EVERY = 4
+GROWTH = {"rounds": 2, "init": "gradient", "initial_fraction": 0.05}
+GROWTH_SCHEDULE = {"warmup": 2, "every": 3, "interval": "step"}  # rounds after steps 2 and 5
 
 
 def write_data(folder: Path) -> None:
@@ -33,7 +39,13 @@ def write_data(folder: Path) -> None:
 
 
 def fit(
-    data: Path, run_dir: Path, spec: dict, shapes: Any, device: torch.device, ckpt: str | None = None
+    data: Path,
+    run_dir: Path,
+    spec: dict,
+    shapes: Any,
+    device: torch.device,
+    ckpt: str | None = None,
+    growth: bool = False,
 ) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
@@ -66,11 +78,16 @@ def fit(
         eval_batch_size=4,
         seed=0,
     )
+    mode: dict[str, Any] = {
+        # a rewire that moves something even from 8-sample scores, so the resume must rebuild shapes
+        "allocator_options": {"error_shrinkage": 0},
+        "schedule": {"warmup": shapes.fit_steps // 2, "interval": "step"},
+    }
+    if growth:
+        mode = {"growth": GROWTH, "schedule": GROWTH_SCHEDULE, "keep_scaling": True}
     influence = LayerInfluenceCallback(
         scorer="grad_norm",
-        # a rewire that moves something even from 8-sample scores, so the resume must rebuild shapes
-        allocator_options={"error_shrinkage": 0},
-        schedule={"warmup": shapes.fit_steps // 2, "interval": "step"},
+        **mode,
         num_train_samples=8,
         num_val_samples=8,
         plot=False,
@@ -110,6 +127,8 @@ def fit(
         "layout": layout(module.model),
         "global_step": trainer.global_step,
         "rewires_done": influence.state.rewires_done,
+        "history": influence.history,
+        "start_layout": None if influence.state.growth is None else influence.state.growth["plan"]["initial"],
     }
 
 
@@ -119,15 +138,23 @@ def max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return max((float((a[k] - b[k]).abs().max()) for k in a if a[k].numel()), default=0.0)
 
 
-def compare_resumes(tmp: Path, spec: dict, shapes: Any, device: torch.device) -> dict[str, Any]:
+def compare_resumes(
+    tmp: Path, spec: dict, shapes: Any, device: torch.device, growth: bool = False
+) -> dict[str, Any]:
     data = tmp / "data"
     write_data(data)
-    unbroken = fit(data, tmp / "unbroken", spec, shapes, device)
-    start_layout = {b: {"experts": ADAPTER["experts"], "rank": ADAPTER["rank"]} for b in unbroken["layout"]}
+    unbroken = fit(data, tmp / "unbroken", spec, shapes, device, growth=growth)
+    start_layout = unbroken["start_layout"] or {
+        b: {"experts": ADAPTER["experts"], "rank": ADAPTER["rank"]} for b in unbroken["layout"]
+    }
     resumes = []
-    for from_step in (shapes.fit_steps // 2 - 1, shapes.fit_steps // 2 + 1):  # before and after the rewire
+    # before and after the rewire; growth: between its rounds and after both
+    steps = (3, 6) if growth else (shapes.fit_steps // 2 - 1, shapes.fit_steps // 2 + 1)
+    for from_step in steps:
         checkpoint = tmp / "unbroken" / "checkpoints" / f"step={from_step}.ckpt"
-        resumed = fit(data, tmp / f"from{from_step}", spec, shapes, device, ckpt=str(checkpoint))
+        resumed = fit(
+            data, tmp / f"from{from_step}", spec, shapes, device, ckpt=str(checkpoint), growth=growth
+        )
         identical = unbroken["trainable"].keys() == resumed["trainable"].keys() and all(
             torch.equal(unbroken["trainable"][k], resumed["trainable"][k]) for k in unbroken["trainable"]
         )
@@ -141,10 +168,16 @@ def compare_resumes(tmp: Path, spec: dict, shapes: Any, device: torch.device) ->
                 "max_abs_diff": max_abs_diff(unbroken["trainable"], resumed["trainable"]),
             }
         )
-    return {
+    out = {
         "steps": shapes.fit_steps,
         "rewires_done": unbroken["rewires_done"],
         "layout_changed": unbroken["layout"] != start_layout,
         "final_layout": {str(b): f"{v['experts']}x{v['rank']}" for b, v in unbroken["layout"].items()},
         "resumes": resumes,
     }
+    if growth:
+        out["start_layout"] = {str(b): f"{v['experts']}x{v['rank']}" for b, v in start_layout.items()}
+        out["round_steps"] = [entry["step"] for entry in unbroken["history"]]
+        # the validation loss on the scoring samples before and after each round (B = 0: unchanged)
+        out["max_round_disturbance"] = max((abs(e["disturbance"]) for e in unbroken["history"]), default=None)
+    return out

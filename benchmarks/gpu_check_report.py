@@ -72,13 +72,19 @@ def _summary(name: str, results: dict[str, Any]) -> str:
         )
     if name == "rewire_surgery":
         return f"{results['model']}: {results['layers_resized']} layers, apply_layout {results['apply_layout_s']} s"
-    if name == "fit_resume":
+    if name in ("fit_resume", "fit_growth_resume"):
+        rounds = (
+            f"; rounds after steps {results['round_steps']}, max disturbance {_fmt(results['max_round_disturbance'])}"
+            if "round_steps" in results
+            else ""
+        )
         return (
             "; ".join(
                 f"resume from step {r['from_step']}: identical {r['identical']}, max abs diff {r['max_abs_diff']:.3g}"
                 for r in results["resumes"]
             )
             + f"; rewires {results['rewires_done']}, layout changed {results['layout_changed']}"
+            + rounds
         )
     if name == "quantized_4bit":
         return f"{results['model']} {results['base_layer']}: step {results['step_ms']} ms, peak {_fmt(results['peak_gib'])} GiB"

@@ -18,6 +18,7 @@ PHASES = [
     "scoring_vs_step",
     "rewire_surgery",
     "fit_resume",
+    "fit_growth_resume",
     "quantized_4bit",
     "gpu_tests",
 ]
@@ -71,6 +72,14 @@ def test_tiny_gpu_check_writes_every_phase_and_resumes_exactly(tmp_path):
     for resume in fit["resumes"]:
         assert resume["identical"] and resume["max_abs_diff"] == 0.0 and resume["same_layout"], resume
         assert resume["global_step"] == fit["steps"] and resume["tensors"] > 0
+
+    grow = phases["fit_growth_resume"]
+    assert grow["rewires_done"] == 2 and grow["round_steps"] == [2, 5] and grow["layout_changed"]
+    assert "0x1" in grow["start_layout"].values()  # a start on some blocks: the rounds adapt the others
+    assert grow["max_round_disturbance"] < 1e-5
+    assert [r["from_step"] for r in grow["resumes"]] == [3, 6]  # between the rounds, after both
+    for resume in grow["resumes"]:
+        assert resume["identical"] and resume["same_layout"], resume
 
     if bnb:
         assert phases["quantized_4bit"]["base_layer"] == "Linear4bit"
