@@ -628,12 +628,11 @@ def curve_results_dir(args: argparse.Namespace) -> Path:
 
 def grow_plan(args: argparse.Namespace, folder: Path) -> tuple[list[Run], str]:
     """The grow phase's runs as far as known now (seeds by the power rule) and why that many seeds;
-    ``GrowPlanError`` before anything runs when a cell's lr is not chosen or an arm cannot act at a budget."""
+    ``GrowPlanError`` before anything runs when a cell's lr is not chosen."""
     settings = dict(growth_sweep.GROW_QUICK if args.quick else growth_sweep.GROW)
     for key in ("tasks", "budgets", "arms"):
         settings[key] = list(getattr(args, key) or settings[key])
     settings["budgets"] = sorted(settings["budgets"], key=ALL_BUDGETS.index)
-    growth_sweep.check_budgets(settings["budgets"], settings["arms"])
     curve_folder = curve_results_dir(args)
     curve = CURVE_QUICK if args.quick else CURVE  # the curve's own grid and seeds, not this phase's
     lrs = growth_sweep.chosen_lrs(

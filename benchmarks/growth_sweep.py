@@ -14,10 +14,9 @@ This file holds what is particular to the grow phase: its arms, schedule, learni
 of the curve's uniform runs, and the table and figure.
 
 **Tasks and budgets.** The generative tasks ``facts`` and ``skills`` (written per run as the curve phase
-writes them) at the budgets ``GROW["budgets"]`` (``--budgets`` overrides). At a budget of one rank-1
-expert per block (tiny, tight, small) growth starts on evenly spaced blocks only (its share is below rank 1
-everywhere) and the rounds choose which blocks to adapt; the rank-move arms are refused there (with
-experts fixed no rank can move below 1, so they would be uniform): name the other arms with ``--arms``.
+writes them) at the budgets ``GROW["budgets"]`` (``--budgets`` overrides). At a budget of rank-1 experts
+(tiny, tight, quarter7, half7, small) growth starts on evenly spaced blocks only (its share is below rank 1
+everywhere) and the rounds choose which blocks to adapt, and the rewire arms may empty and adapt blocks.
 
 **Learning rate.** Every arm of a (task, budget) runs at uniform's learning rate chosen by the capacity
 curve (``capacity_curve.plan_cell`` on the curve's results: lowest validation loss on the selection seed);
@@ -41,7 +40,10 @@ Run names carry the lr (``layerif-grow+lr=0.004``).
 - ``rewire-rank`` / ``placebo-rewire-rank``: today's rewire once at 30% of the steps, LayerIF +
   ``power_law`` without shrinkage (``error_shrinkage: 0``), experts fixed at the budget's count and ranks
   free (``rank_policy: scores``, ``experts_bounds`` = the budget's experts, ``rank_bounds: [1, null]``: no
-  block is emptied); the placebo permutes the scores across blocks with the run's seed.
+  block is emptied); the placebo permutes the scores across blocks with the run's seed. At a budget of
+  rank-1 experts (tiny, tight, quarter7, half7, small) no rank can move below 1, so there the rewire may
+  also empty a block and adapt one that had none (``experts_bounds: [0, 1]``, ``rank_experts_bounds``):
+  the only moves that exist at that budget.
 
 Rank changes and step size: every non-uniform arm keeps each block's scaling (the callback's
 ``keep_scaling``, ``KEEP_SCALING``): the layer's ``lora_alpha`` moves with its rank, so the even start (a
@@ -118,7 +120,8 @@ _RANK_MOVES = {
     "error_shrinkage": 0.0,
 }
 #: arm -> LayerInfluenceCallback arguments over allocation_sweep's common ones; "{seed}" is the run's
-#: seed, "{experts}" the budget's [experts, experts]; growth arms get their schedule from ``growth_schedule``.
+#: seed, "{experts}" the rewire's experts_bounds at the budget (``rank_experts_bounds``); growth arms get
+#: their schedule from ``growth_schedule``.
 ARMS: dict[str, dict[str, Any] | None] = {
     "uniform": None,
     "uniform-grow": {**_LAYERIF, "growth": {**_GROWTH, "control": "uniform"}},
@@ -145,8 +148,6 @@ ARMS: dict[str, dict[str, Any] | None] = {
 }
 #: arms run only when named in --arms (the 7 others x 2 tasks x 2 budgets x 3 seeds are 84 runs of the 100)
 OPTIONAL_ARMS = ("uniform-grow-rescaled", "layerif-grow-gradient")
-#: the arms that move rank between blocks with experts fixed (nothing to move at rank 1 everywhere)
-RANK_MOVE_ARMS = ("rewire-rank", "placebo-rewire-rank")
 #: each scored arm's control with the same increments or moves at random blocks
 PLACEBO_OF = {"layerif-grow": "placebo-grow", "rewire-rank": "placebo-rewire-rank"}
 
@@ -156,7 +157,7 @@ GROW: dict[str, Any] = {
     # to be settled when the curve has skills and seeds 1-2. On facts (seed 0, best lr so far, several at
     # a grid edge) the test loss fell from 1.87 (tight) to 0.83 (small) and not beyond (mid 0.91), but
     # q/v rank bought little (qv2 1.55, qv4 1.52): adapting all 7 projections mattered more. Rank-1 budgets
-    # (small) can grow too (from evenly spaced blocks), without the rank-move arms (check_budgets).
+    # (half7, small) can grow too (from evenly spaced blocks); the rewire arms move whole blocks there.
     "budgets": ["qv2", "qv4"],
     "arms": [arm for arm in ARMS if arm not in OPTIONAL_ARMS],
     "min_seeds": 3,
@@ -202,9 +203,8 @@ def arm_callback(
     if spec is None:
         return None
     text = json.dumps({**common, "seed": "{seed}", **spec}).replace('"{seed}"', str(seed))
-    if '"{experts}"' in text:  # the rank-move arms (budgets of one expert count in every block)
-        experts = json.dumps([int(budget_adapter(budget).get("experts", 1))] * 2)
-        text = text.replace('"{experts}"', experts)
+    if '"{experts}"' in text:  # the rewire arms
+        text = text.replace('"{experts}"', json.dumps(rank_experts_bounds(budget)))
     args: dict[str, Any] = json.loads(text)
     args["allocator_options"] = {"error_shrinkage": 1.0, **args.get("allocator_options", {})}
     if "growth" in spec:
@@ -212,16 +212,14 @@ def arm_callback(
     return args
 
 
-def check_budgets(budgets: Sequence[str], arms: Sequence[str]) -> None:
-    """Refuse the rank-move arms at budgets where they cannot act (module docstring)."""
-    flat = [b for b in budgets if int(budget_adapter(b).get("rank", 1)) < 2]
-    moving = [a for a in arms if a in RANK_MOVE_ARMS]
-    if flat and moving:
-        raise GrowPlanError(
-            f"--phase grow: budget(s) {flat} are rank-1 experts in every block, where rank moves with experts"
-            f" fixed cannot lower any rank: {moving} would equal uniform. Leave them out (--arms without"
-            " them) for those budgets, or choose budgets of rank >= 2 (qv2, qv4, mid, large)"
-        )
+def rank_experts_bounds(budget: str) -> list[int]:
+    """The rewire arms' ``experts_bounds`` at ``budget``: its expert count, fixed (rank moves only), or at a
+    budget of rank-1 experts, where no rank can move below 1, ``[0, 1]`` (blocks emptied and adapted)."""
+    adapter = budget_adapter(budget)
+    experts = adapter.get("experts", 1)
+    if int(adapter.get("rank", 1)) < 2 or isinstance(experts, dict):
+        return [0, max(experts.values()) if isinstance(experts, dict) else int(experts)]
+    return [int(experts), int(experts)]
 
 
 # ---------------------------------------------------------------------------------------------- plan

@@ -194,14 +194,17 @@ def test_arm_callbacks_are_valid_and_configure_what_their_names_say(budget: str)
     assert growth_sweep.arm_callback("curvature-grow", 0, budget, 150, {})["allocator"] == "mdl"
 
 
-def test_rank_moves_at_flat_budgets_are_refused_and_the_default_plan_fits_the_cap() -> None:
-    arms = growth_sweep.GROW["arms"]
-    for flat in ("tiny", "tight", "small"):
-        with pytest.raises(growth_sweep.GrowPlanError, match=rf"\[.{flat}.\].*rank-1 experts.*rewire-rank"):
-            growth_sweep.check_budgets(["mid", flat], arms)
-        # growth can act there (it starts on evenly spaced blocks)
-        growth_sweep.check_budgets(["mid", flat], [a for a in arms if a not in growth_sweep.RANK_MOVE_ARMS])
-    growth_sweep.check_budgets(growth_sweep.GROW["budgets"], arms)
+def test_rewires_move_rank_or_whole_blocks_and_the_default_plan_fits_the_cap() -> None:
+    from layermoe.callbacks import LayerInfluenceCallback
+
+    # rank-2+ budgets: experts fixed, ranks move; rank-1 budgets (no rank can go below 1): blocks move
+    bounds = {b: growth_sweep.rank_experts_bounds(b) for b in ("qv2", "mid", "tight", "half7", "small")}
+    assert bounds == {"qv2": [1, 1], "mid": [1, 1], "tight": [0, 1], "half7": [0, 1], "small": [0, 1]}
+    for budget in ("half7", "small"):
+        for arm in ("rewire-rank", "placebo-rewire-rank"):
+            args = growth_sweep.arm_callback(arm, 0, budget, 150, allocation_sweep._COMMON)
+            assert args["allocator_options"]["experts_bounds"] == [0, 1]
+            LayerInfluenceCallback(**args)  # passes the callback's own checks
     grow = growth_sweep.GROW
     cells = [(t, b) for t in grow["tasks"] for b in grow["budgets"]]
     seeds, why = growth_sweep.seed_plan([], cells, grow["arms"], {}, grow["min_seeds"], grow["max_runs"])
