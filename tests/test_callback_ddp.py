@@ -77,6 +77,21 @@ def test_ddp_empties_a_block_and_regrows_it_with_ranks_in_agreement(tmp_path) ->
         assert r["optimizer_matches_trainable"] and r["wrapped_module_is_resized"]
 
 
+@pytest.mark.parametrize("fail", [None, "rotation"])
+def test_ddp_a_faded_rank_move_keeps_the_ranks_in_agreement(tmp_path, fail) -> None:
+    """The fading blocks' factors are rotated into their singular basis on every rank or on none: a
+    rotation failing on rank 1 only (planted) must not leave rank 0 training rotated coordinates."""
+    r0, r1, output = _run_job(tmp_path, "fade", *([fail, "raise"] if fail else []))
+    (entry,) = r0["history"]
+    assert entry["rank_moves"]["fade_steps"] == 2 and entry["rank_moves"]["removal_step"] == 4, output
+    assert r0["layout"] == r1["layout"] == entry["layout_after"] != r0["start_layout"]
+    assert r0["weights"].keys() == r1["weights"].keys()
+    for key, value in r0["weights"].items():
+        assert torch.equal(value, r1["weights"][key]), key
+    if fail:
+        assert "rotating the fading ranks failed" in output and "on another rank" in output
+
+
 @pytest.mark.parametrize("on_error", ["raise", "skip"])
 @pytest.mark.parametrize(
     ("mode", "fail", "stage"),

@@ -24,6 +24,7 @@ from .resize import (
     rotate_to_singular_basis,
     scale_trailing_slots,
     shrink_rank,
+    singular_basis_factors,
 )
 from .router import RouterLosses, collect_router_losses, compute_gates, router_statistics
 from .surgery import LayerState, ParamMap, truncate_factors
@@ -66,6 +67,7 @@ __all__ = [
     "resize_layer",
     "rotate_to_singular_basis",
     "scale_trailing_slots",
+    "singular_basis_factors",
     "router_statistics",
     "shrink_rank",
     "split_block_name",

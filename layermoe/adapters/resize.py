@@ -280,15 +280,24 @@ def rotate_to_singular_basis(layer: MoELoRALinear) -> None:
     in place (the output is unchanged up to rounding): rank slot j of an expert then carries its j-th
     singular direction, so the trailing slots are the ones a shrink to a lower rank would drop.
     The values change, not the shapes: optimizer state of lora_A/lora_B no longer corresponds."""
+    factors = singular_basis_factors(layer)
+    if factors is not None:
+        with torch.no_grad():
+            layer.lora_A.copy_(factors[0])
+            layer.lora_B.copy_(factors[1])
+
+
+def singular_basis_factors(layer: MoELoRALinear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The ``(lora_A, lora_B)`` that :func:`rotate_to_singular_basis` would write (None: no adapter),
+    computed without changing the layer, so several layers can be rotated all or nothing."""
     if not layer.has_adapter:
-        return
+        return None
     with torch.no_grad(), single_thread():
         stack = LayerStack.of([layer], [None], [None])
         A, B = stack.blocks()
         new_B, new_A, _ = surgery.truncate_factors(B[0], A[0], stack.rank)
         A2, B2 = (t[0] for t in surgery.join_blocks(new_A[None], new_B[None]))
-        layer.lora_A.copy_(A2.to(layer.lora_A.dtype))
-        layer.lora_B.copy_(B2.to(layer.lora_B.dtype))
+        return A2.to(layer.lora_A.dtype), B2.to(layer.lora_B.dtype)
 
 
 def scale_trailing_slots(layer: MoELoRALinear, keep_rank: int, factor: float) -> None:

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
-from layermoe.adapters import moe_layers, rotate_to_singular_basis, scale_trailing_slots
+from layermoe.adapters import moe_layers, scale_trailing_slots, singular_basis_factors
 from layermoe.layout import Layout
 
 
@@ -52,12 +53,28 @@ def ranks_only(before: Layout, shrinking: dict[int, dict[str, int]]) -> Layout:
     return {b: {"experts": before[b]["experts"], "rank": spec["to_rank"]} for b, spec in shrinking.items()}
 
 
-def start_fade(pl_module: nn.Module, optimizers: list[Any], shrinking: dict[int, dict[str, int]]) -> None:
-    """Rotate the shrinking blocks' experts into their singular basis; forget their factors' optimizer state."""
+Rotation = tuple[nn.Module, torch.Tensor, torch.Tensor]  # a layer and its rotated (lora_A, lora_B)
+
+
+def fade_rotations(pl_module: nn.Module, shrinking: dict[int, dict[str, int]]) -> list[Rotation]:
+    """The shrinking blocks' experts in their singular basis, computed without changing the model (a failure
+    here leaves every layer as it was; under DDP the ranks agree before any applies: ``Rewiring.apply``)."""
     layers = moe_layers(pl_module)
+    rotations = []
     for block in shrinking:
         for layer in layers[block].values():
-            rotate_to_singular_basis(layer)
+            factors = singular_basis_factors(layer)
+            if factors is not None:
+                rotations.append((layer, *factors))
+    return rotations
+
+
+def start_fade(optimizers: list[Any], rotations: list[Rotation]) -> None:
+    """Write the rotated factors (:func:`fade_rotations`); forget their optimizer state (new coordinates)."""
+    with torch.no_grad():
+        for layer, A, B in rotations:
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
             for optimizer in optimizers:
                 for param in (layer.lora_A, layer.lora_B):
                     optimizer.state.pop(param, None)

@@ -35,11 +35,11 @@ from layermoe.callbacks.arguments import (
     checked_scorer,
     with_default_shrinkage,
 )
-from layermoe.callbacks.distributed import Lockstep, broadcast, mean_scores
+from layermoe.callbacks.distributed import Lockstep, any_rank, broadcast, mean_scores
 from layermoe.callbacks.dry_run import dry_run
 from layermoe.callbacks.errors import CallbackConfigError, RewireError
 from layermoe.callbacks.history import RankMoves, Removal, RewireRecord, relative_change
-from layermoe.callbacks.rank_fade import ranks_kept, ranks_only, shrinking_blocks, start_fade
+from layermoe.callbacks.rank_fade import fade_rotations, ranks_kept, ranks_only, shrinking_blocks, start_fade
 from layermoe.callbacks.rewire import RewireResult, Surgery, layout_surgery, rewire
 from layermoe.callbacks.scoring_pass import mean_loss, resolve_per_sample_loss, scoring_context
 from layermoe.callbacks.state import RewirePlan, plain_scores
@@ -351,12 +351,20 @@ class Rewiring:
         surgery = surgery or layout_surgery(self.keep_scaling)
         result = rewire(trainer, pl_module, first, seed=self.seed + int(trainer.global_step), surgery=surgery)
         if fading:
+            # computed first, applied only where every rank could compute them: a rank that rotated while
+            # another did not would train other coordinates from then on. Without the rotation the fade is
+            # still exact (its unrotated slots go to zero), only less gentle.
             try:
-                start_fade(pl_module, trainer.optimizers, fading)
-            except Exception as exc:  # the rewire is applied: fading the unrotated slots is still exact
+                rotations, failure = fade_rotations(pl_module, fading), None
+            except Exception as exc:
+                rotations, failure = [], exc
+            if any_rank(trainer.strategy, failure is not None):
+                cause = failure or RuntimeError("it failed on another rank")
                 _warn_after_rewire(
-                    trainer, "rotating the fading ranks", exc, "they fade in their current basis"
+                    trainer, "rotating the fading ranks", cause, "they fade in their current basis"
                 )
+            else:
+                start_fade(trainer.optimizers, rotations)
         loss_after = self._probe_after_rewire(trainer, pl_module)
         after = layout(pl_module)
         step = int(trainer.global_step)

@@ -1,13 +1,15 @@
 """Standalone DDP rewire job (2 CPU processes, gloo), run by tests/test_callback_ddp.py in a subprocess.
 
-Usage: python tests/scripts/ddp_rewire.py OUT_DIR [planted|zero|grow] [scoring|probe|gradients raise|skip].
+Usage: python tests/scripts/ddp_rewire.py OUT_DIR [planted|zero|grow|fade] [scoring|probe|gradients|rotation
+raise|skip].
 Lightning's DDP launcher re-executes this script for rank 1; each rank writes OUT_DIR/rank{r}.pt with its
 layout, adapter weights, callback history and failures, the optimizer coverage it saw and the error the
 fit raised (or None), and prints "RANK r OK" at the end. ``zero``: two rewires that empty block 0 and then
 give it adapters back (issue 22). ``grow``: growth mode, two rounds with gradient init (issue 34).
 ``scoring``/``probe``/``gradients``: the scoring loss raises on rank 1 only, during the scoring pass, the
 probe loss before the rewire or (growth) the weight gradients of ``init="gradient"``, with the given
-``on_error``.
+``on_error``. ``fade``: a rank move with ``rank_fade_steps`` (the shrinking blocks' factors rotated into
+their singular basis); ``rotation``: that rotation fails on rank 1 only.
 """
 
 from __future__ import annotations
@@ -91,6 +93,18 @@ def plant_failure(stage: str) -> PlantedLoss:
     return loss
 
 
+def fail_rotation_on_rank_1() -> None:
+    """``fade_rotations`` (the rewire's, looked up at call time) raises on rank 1 only."""
+    original = rewiring_module.fade_rotations
+
+    def failing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if dist.is_initialized() and dist.get_rank() == 1:
+            raise torch.linalg.LinAlgError("planted SVD failure on rank 1")
+        return original(*args, **kwargs)
+
+    rewiring_module.fade_rotations = failing
+
+
 def record_gradients() -> dict[str, list]:
     """Each growth round's weight gradients as this rank computed them ("local") and as the round used
     them ("used": after the sum over ranks)."""
@@ -118,7 +132,9 @@ def main(out_dir: Path, mode: str = "planted", fail: str | None = None, on_error
     plant_grad_norm_winner(module, keep_block=1)
     start_layout = layout(module)
     train, val = loaders(batch_size=4)
-    failing = {} if fail is None else {"loss_fn": plant_failure(fail), "on_error": on_error}
+    failing = {} if fail in (None, "rotation") else {"loss_fn": plant_failure(fail), "on_error": on_error}
+    if fail == "rotation":
+        fail_rotation_on_rank_1()
     cb = quiet_influence("grad_norm", schedule={"warmup": 2}, **failing)
     if mode == "zero":  # block 0 loses its adapters at step 2 and gets them back at step 4
         cb = quiet_influence(
@@ -132,6 +148,14 @@ def main(out_dir: Path, mode: str = "planted", fail: str | None = None, on_error
             growth={"rounds": 2, "init": "gradient"},
             schedule={"warmup": 2, "every": 2},
             **failing,
+        )
+    if mode == "fade":  # experts fixed, ranks move by the planted scores; the shrink fades over 2 steps
+        cb = quiet_influence(
+            "test_fixed_scores",
+            scorer_options={"scores": {0: 1.0, 1: 5.0, 2: 1.0}},
+            allocator_options={"rank_policy": "scores", "experts_bounds": [2, 2], "error_shrinkage": 0},
+            rank_fade_steps=2,
+            schedule={"warmup": 2},
         )
     gradients = record_gradients() if mode == "grow" else None
     check = WrapperCheck(cb)
