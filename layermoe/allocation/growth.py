@@ -158,7 +158,8 @@ def plan_growth(
                 f"{experts} expert(s) of rank 1 in one block); raise the budget or start with fewer experts"
             )
     rank = 1
-    while cost(rank + 1, covered) <= share:  # costs are linear in rank: at most share / cost(1) iterations
+    # costs are linear in rank: at most share / cost(1) iterations; a start on some blocks stays at rank 1
+    while len(covered) == len(blocks) and cost(rank + 1, covered) <= share:
         rank += 1
     start = cost(rank, covered)
     targets = tuple(start + (budget - start) * (t + 1) // rounds for t in range(rounds))
