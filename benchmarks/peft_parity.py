@@ -99,7 +99,7 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--separator-in-prompt",
         action="store_true",
-        help="peft: tokenize the separator with the prompt (unsupervised), as the project does",
+        help="peft: a separator that is a token of its own goes to the prompt (unsupervised), as the project's",
     )
     p.add_argument("--val-size", type=int, default=0, help="layermoe arms: rows carved for validation")
     p.add_argument("--val-from-train", default="holdout", choices=["holdout", "overlap"])
@@ -218,8 +218,9 @@ def plain_encode(
     """The plain loop's own encoding: prompt ids, then the answer's ids (+ EOS), loss on the answer only.
 
     The answer is tokenized with the separator before it, so a separator that is a token of its own is
-    supervised; ``separator_in_prompt`` tokenizes it with the prompt instead (unsupervised, as the
-    project encodes it when it is a token of its own: tests/test_training_parity.py).
+    supervised; ``separator_in_prompt`` moves such a token to the prompt (unsupervised, as the project
+    encodes it: tests/test_training_parity.py). A separator merged into the answer's first token (most
+    SmolLM2 rows: " yes") stays there in both encodings.
     """
     if task == "sst2":
         prompt = tokenizer(CLASSIFICATION["template"].replace("{text}", row["text"]))["input_ids"]
@@ -227,10 +228,10 @@ def plain_encode(
         prompt = prompt[: max_length - len(answer)]
     else:
         head, tail = PROMPT_TEMPLATE.replace("{text}", row["prompt"]), SEPARATOR + row["response"]
-        if separator_in_prompt:
-            head, tail = head + SEPARATOR, row["response"]
         prompt = tokenizer(head)["input_ids"]
         answer = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        if separator_in_prompt and answer and tokenizer.decode(answer[:1]) == SEPARATOR:
+            prompt, answer = [*prompt, answer[0]], answer[1:]  # a token of its own: the prompt's
         answer = [*answer, tokenizer.eos_token_id]
     ids = (list(prompt) + list(answer))[:max_length]
     return {"input_ids": ids, "labels": ([-100] * len(prompt) + list(answer))[:max_length]}

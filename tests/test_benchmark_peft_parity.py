@@ -132,3 +132,43 @@ def test_the_table_says_where_each_project_mean_falls_in_the_plain_loops_range()
     assert "- b: layermoe mean 1.250 (2 seeds) is above peft's range [1.000, 1.100] (2 seeds; +19.0%" in text
     assert "- b: layermoe mean 1.250 (2 seeds) is below peft+separator_in_prompt=True's range" in text
     assert "- c:" not in text
+
+
+class _WordTokenizer:
+    """A stand-in for SmolLM2's BPE on this point: " yes" is one token (the separator merged into the
+    answer), while " 42" is the separator token " " then "42"."""
+
+    vocab = {"Q\nAnswer:": 1, " ": 2, " yes": 3, "42": 4}
+    eos_token_id = 9
+
+    def __call__(self, text, add_special_tokens=True):
+        ids, rest = [], text
+        while rest:
+            piece = max((p for p in self.vocab if rest.startswith(p)), key=len)
+            ids.append(self.vocab[piece])
+            rest = rest[len(piece) :]
+        return {"input_ids": ids}
+
+    def decode(self, ids):
+        names = {v: k for k, v in self.vocab.items()}
+        return "".join(names[i] for i in ids)
+
+
+def test_separator_in_prompt_moves_only_a_separator_that_is_a_token_of_its_own():
+    """Before: the option put the separator in the prompt text for every row, which re-tokenized the merged
+    rows (" yes" -> "yes"): 26% of SmolLM2's skills rows then matched the project's encoding instead of 100%."""
+    tok = _WordTokenizer()
+    merged, own = {"prompt": "Q", "response": "yes"}, {"prompt": "Q", "response": "42"}
+    for flag in (False, True):
+        assert peft_parity.plain_encode(tok, merged, "skills", 64, flag) == {
+            "input_ids": [1, 3, 9],
+            "labels": [-100, 3, 9],
+        }
+    assert peft_parity.plain_encode(tok, own, "skills", 64) == {
+        "input_ids": [1, 2, 4, 9],
+        "labels": [-100, 2, 4, 9],
+    }
+    assert peft_parity.plain_encode(tok, own, "skills", 64, True) == {
+        "input_ids": [1, 2, 4, 9],
+        "labels": [-100, -100, 4, 9],
+    }
