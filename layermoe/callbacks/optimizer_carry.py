@@ -26,6 +26,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from layermoe.lightning_compat import lightning_optimizers, set_optimizers
+from layermoe.messages import listed
 
 _LINEAR_IN_GRAD = {"exp_avg", "momentum_buffer"}
 _QUADRATIC_IN_GRAD = {"exp_avg_sq", "max_exp_avg_sq"}
@@ -201,7 +202,7 @@ def check_coverage(optimizers: list[Optimizer], module: nn.Module, snap: Optimiz
                 seen[id(p)] = seen.get(id(p), 0) + 1
     dupes = sorted(name_of.get(i, "<unnamed>") for i, c in seen.items() if c > 1)
     if dupes:
-        raise ValueError(f"configure_optimizers lists these parameters more than once: {dupes[:5]}")
+        raise ValueError(f"configure_optimizers lists these parameters more than once: {listed(dupes, 5)}")
     previously_optimized = {
         snap.name_of[id(p)]
         for opt in snap.optimizers
@@ -216,7 +217,7 @@ def check_coverage(optimizers: list[Optimizer], module: nn.Module, snap: Optimiz
     )
     if missing:
         raise ValueError(
-            f"after the rewire, configure_optimizers left out trainable parameters {missing[:5]}: build the "
+            f"after the rewire, configure_optimizers left out trainable parameters {listed(missing, 5)}: build the "
             "parameter groups from the module's current parameters (self.parameters() / named_parameters()), "
             "not from a list saved earlier"
         )
@@ -224,6 +225,6 @@ def check_coverage(optimizers: list[Optimizer], module: nn.Module, snap: Optimiz
     stale = sorted(snap.name_of.get(i, "<unnamed>") for i in seen if i not in current)
     if stale:
         raise ValueError(
-            f"configure_optimizers references parameters that are no longer in the module: {stale[:5]}; build "
+            f"configure_optimizers references parameters that are no longer in the module: {listed(stale, 5)}; build "
             "the groups from the module's current parameters"
         )

@@ -50,6 +50,7 @@ from layermoe.adapters.inject import SAVED_MODULE_FLAG
 from layermoe.adapters.layer import alpha_value
 from layermoe.layout import is_adapter_key
 
+from ..messages import listed
 from .atomic_io import atomic_save_all
 from .base_identity import base_fingerprint, base_identity, describe_source
 from .integrity import content_digest, non_finite_tensors
@@ -169,7 +170,7 @@ def save_adapters(
     bad = non_finite_tensors(tensors)
     if bad:
         raise AdapterArtifactError(
-            f"Refusing to save adapters to {folder}: {len(bad)} tensors hold NaN or infinity ({bad[:6]}); the"
+            f"Refusing to save adapters to {folder}: {len(bad)} tensors hold NaN or infinity ({listed(bad, 6)}); the"
             " training diverged. Save from an earlier checkpoint, and lower the learning rate (model.lr)."
         )
     manifest: dict[str, Any] = {
@@ -268,13 +269,13 @@ def _check_tensor_content(manifest: dict[str, Any], tensors: dict[str, torch.Ten
         changed += sorted(set(saved) ^ set(tensors))
         if changed:
             raise AdapterArtifactError(
-                f"{path} is corrupt: {len(changed)} tensors do not match their checksums ({changed[:6]}); its"
+                f"{path} is corrupt: {len(changed)} tensors do not match their checksums ({listed(changed, 6)}); its"
                 f" bytes changed after it was written (disk or copy error). {_SAVE_AGAIN}"
             )
     bad = non_finite_tensors(tensors)
     if bad:
         raise AdapterArtifactError(
-            f"{path}: {len(bad)} tensors hold NaN or infinity ({bad[:6]}); the artifact was saved from a"
+            f"{path}: {len(bad)} tensors hold NaN or infinity ({listed(bad, 6)}); the artifact was saved from a"
             f" diverged run or is damaged. {_SAVE_AGAIN}"
         )
 
@@ -343,7 +344,7 @@ def _check_tensors(manifest: dict[str, Any], tensors: dict[str, torch.Tensor], m
                 )
     extra = sorted(set(tensors) - expected_keys)
     if extra:
-        raise AdapterArtifactError(f"{WEIGHTS_NAME} holds tensors no saved module owns: {extra[:5]}.")
+        raise AdapterArtifactError(f"{WEIGHTS_NAME} holds tensors no saved module owns: {listed(extra, 5)}.")
 
 
 def _check_existing_layers(
@@ -357,8 +358,8 @@ def _check_existing_layers(
     if sorted(layers) != sorted(manifest["modules"]):
         raise AdapterArtifactError(
             "the model already has MoE-LoRA layers, but not on the saved modules (only saved:"
-            f" {sorted(set(manifest['modules']) - set(layers))[:3]}, only in model:"
-            f" {sorted(set(layers) - set(manifest['modules']))[:3]}); load onto the base model instead."
+            f" [{listed(sorted(set(manifest['modules']) - set(layers)), 3)}], only in model:"
+            f" [{listed(sorted(set(layers) - set(manifest['modules'])), 3)}]); load onto the base model instead."
         )
     config: MoELoRAConfig = manifest["config"]
     for field, attr in _LAYER_FIELDS.items():

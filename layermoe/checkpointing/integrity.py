@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..messages import listed
 from .layout_check import validate_checkpoint_layout
 from .optimizer_guard import MANIFEST_KEY
 
@@ -176,7 +177,9 @@ def verify_checksum(
     ]
     if problems:
         raise CheckpointIntegrityError(
-            f"{source} is corrupt: " + "; ".join(problems[:_MAX_LISTED]) + ". Its bytes changed after it was"
+            f"{source} is corrupt: "
+            + listed(problems, _MAX_LISTED, sep="; ")
+            + ". Its bytes changed after it was"
             f" written (disk or copy error, or an edit). {_USE_ANOTHER}"
         )
     return True
@@ -231,11 +234,6 @@ def non_finite_optimizer_state(checkpoint: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def _listed(names: list[str]) -> str:
-    more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
-    return ", ".join(names[:_MAX_LISTED]) + more
-
-
 def check_finite_state(checkpoint: Mapping[str, Any], source: str, action: str) -> None:
     """Raise ``CheckpointIntegrityError`` when the checkpoint's ``state_dict`` or optimizer state holds
     NaN or infinity, naming the tensors and the fix."""
@@ -244,9 +242,15 @@ def check_finite_state(checkpoint: Mapping[str, Any], source: str, action: str) 
     moments = non_finite_optimizer_state(checkpoint)
     if not weights and not moments:
         return
-    found = [f"{len(weights)} weight tensors hold NaN or infinity ({_listed(weights)})"] if weights else []
+    found = (
+        [f"{len(weights)} weight tensors hold NaN or infinity ({listed(weights, _MAX_LISTED)})"]
+        if weights
+        else []
+    )
     if moments:
-        found.append(f"{len(moments)} optimizer state tensors hold NaN or infinity ({_listed(moments)})")
+        found.append(
+            f"{len(moments)} optimizer state tensors hold NaN or infinity ({listed(moments, _MAX_LISTED)})"
+        )
     if action == "write":
         fix = (
             "The training diverged before this save; nothing was written (the previous checkpoint is"

@@ -20,7 +20,7 @@ import torch
 from layermoe.adapters import split_block_name
 from layermoe.layout import LAYOUT_KEY, normalize_layout
 
-from .messages import listed_problems
+from ..messages import listed_lines
 
 _MAX_LISTED = 6
 
@@ -100,7 +100,7 @@ def validate_checkpoint_layout(checkpoint: Mapping[str, Any], state_key: str = "
     if problems:
         raise CheckpointLayoutError(
             "The checkpoint's MoE-LoRA layout is missing or corrupt, so the adapters cannot be rebuilt at"
-            f" the size they were saved with:\n  {listed_problems(problems, _MAX_LISTED)}\n"
+            f" the size they were saved with:\n  {listed_lines(problems, _MAX_LISTED)}\n"
             "Resume from another checkpoint (e.g. an earlier step=*.ckpt), or re-save this one from a"
             " model that loaded it (every MoELoRALinear stores its [experts, rank] in 'lora_shape')."
         )

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from .messages import listed_problems
+from ..messages import listed, listed_lines
 
 MANIFEST_KEY = "layermoe_optimizer_manifest"
 _MAX_LISTED = 8
@@ -107,7 +107,7 @@ def check_optimizer_states(
     if problems:
         raise OptimizerStateMismatchError(
             "The checkpoint's optimizer state does not match the current optimizer's parameters, so"
-            f" Lightning would assign it to the wrong tensors:\n  {listed_problems(problems, _MAX_LISTED)}\n"
+            f" Lightning would assign it to the wrong tensors:\n  {listed_lines(problems, _MAX_LISTED)}\n"
             "The model must have the same layout (the one saved with the weights) and configure_optimizers"
             " must list parameters in a fixed order when the optimizer state loads. A pending rewire"
             " must be applied after the restore (e.g. after the first resumed optimizer step), not in"
@@ -120,9 +120,9 @@ def _first_difference(saved: list[list[Any]] | None, now: list[list[Any]]) -> st
         return ""
     saved_names = [n for n, _ in saved]
     now_names = [n for n, _ in now]
-    gone = [n for n in saved_names if n not in now_names][:3]
-    new = [n for n in now_names if n not in saved_names][:3]
-    return f" (only in checkpoint: {gone}; only now: {new})"
+    gone = [n for n in saved_names if n not in now_names]
+    new = [n for n in now_names if n not in saved_names]
+    return f" (only in checkpoint: [{listed(gone, 3)}]; only now: [{listed(new, 3)}])"
 
 
 class OptimizerStateGuard(Callback):

@@ -48,6 +48,7 @@ from layermoe.lightning_modules.resume_settings import (
     settings_differences,
 )
 from layermoe.lightning_modules.schedule import SCHEDULES, lr_multiplier
+from layermoe.messages import listed
 
 # Per-row positions in ``logits_to_keep`` (a (B, 1) tensor): transformers' models slice with this helper
 # since it exists; older releases (the GPU machine's 5.17) read such a tensor as one index list for every row.
@@ -553,7 +554,7 @@ class MoELoRAFineTuner(pl.LightningModule):
         missing = [k for k in result.missing_keys if k in trainable or is_adapter_key(k)]
         if missing or result.unexpected_keys:
             raise RuntimeError(
-                f"checkpoint does not match the adapters: missing {missing[:8]}, unexpected "
-                f"{list(result.unexpected_keys)[:8]}; was it written with a different model or adapter config?"
+                f"checkpoint does not match the adapters: missing [{listed(missing, 8)}], unexpected "
+                f"[{listed(result.unexpected_keys, 8)}]; was it written with a different model or adapter config?"
             )
         return result
