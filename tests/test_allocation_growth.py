@@ -4,6 +4,8 @@ rule, the controls and the tie-break. Unit costs are recomputed here from the la
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -18,7 +20,7 @@ from layermoe.allocation import (
     plan_growth,
     uniform_grow,
 )
-from layermoe.allocation.growth import _targets, evenly_spaced
+from layermoe.allocation.growth import _targets, evenly_spaced, spread_order
 from layermoe.layout import block_cost
 
 FAST = settings(max_examples=60, deadline=None)
@@ -268,6 +270,36 @@ def test_uniform_grow_keeps_equal_blocks_within_one_expert():
         experts = [v["experts"] for v in layout.values()]
         assert max(experts) - min(experts) <= 1
         assert len({v["rank"] for v in layout.values()}) <= 2
+
+
+def test_spread_order_fills_the_middles_of_the_largest_gaps_first():
+    covered = np.zeros(30, dtype=bool)
+    covered[[5, 15, 25]] = True
+    for seed in range(4):
+        key = spread_order(covered, np.random.default_rng(seed).permutation(30))
+        first = [int(i) for i in np.argsort(-key)[:2]]
+        assert sorted(first) == [10, 20]  # 5 from every adapted block; an end counts at half a gap
+        assert np.all(key[covered] == 0) and sorted(key[~covered]) == list(range(1, 28))
+
+
+def _largest_gap(adapted: list[int], n: int) -> float:
+    """The widest stretch without an adapted block, the network's ends counted at half a gap."""
+    return max([2 * (adapted[0] + 0.5), 2 * (n - 0.5 - adapted[-1])] + list(np.diff(adapted)))
+
+
+@pytest.mark.parametrize("budget", [81_408, 152_640, 230_000])
+def test_uniform_grow_from_some_blocks_keeps_the_adapted_blocks_evenly_spread(budget):
+    """SmolLM2's block (7 projections): a start on evenly spaced blocks; every round's adapted blocks are
+    spread within twice the even spacing, rounded up (at random, e.g. blocks 0-3 taken first, they were not)."""
+    mods = [(576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576)]
+    dims = {b: mods for b in range(30)}
+    plan = plan_growth(dims, budget, 3)
+    layout = plan.initial
+    for t in range(plan.rounds):
+        layout = uniform_grow(layout, dims, plan.allowance(t, layout_params(layout, dims)), budget, seed=t)
+        adapted = [b for b, v in layout.items() if v["experts"] > 0]
+        assert _largest_gap(adapted, 30) <= math.ceil(2 * 30 / len(adapted))
+    assert layout_params(layout, dims) <= budget
 
 
 def test_placebo_places_the_scored_increments_at_random():

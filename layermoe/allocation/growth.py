@@ -34,7 +34,8 @@ block index. The result never exceeds the increment nor the total budget, and wh
 take one more unit within the increment (its preferred unit; either unit in the round that reaches the
 budget), so the last round spends the budget up to less than one unit of any block.
 
-Controls for the same increments: :func:`uniform_grow` (equal scores: the increment spread evenly) and
+Controls for the same increments: :func:`uniform_grow` (equal scores: the increment spread evenly, empty
+blocks adapted in an evenly spread order over the depth) and
 :func:`placebo_grow` (the scores and errors permuted across blocks with a seeded, per-round permutation:
 the scored arm's increments placed at random).
 """
@@ -173,6 +174,29 @@ def evenly_spaced(n: int, count: int) -> list[int]:
     return sorted({min(n - 1, int((i + 0.5) * n / count)) for i in range(count)})
 
 
+def spread_order(covered: np.ndarray, tie_position: np.ndarray) -> np.ndarray:
+    """A priority key (higher first) that adapts empty blocks in an evenly spread order: each next one is
+    the empty block farthest from every adapted block (the network's ends count at half a gap, as in
+    :func:`evenly_spaced`: a block's distance to an end is twice its distance to the boundary), ties in
+    ``tie_position`` order. Adapted blocks all get 0, so they keep their own order."""
+    n = len(covered)
+    taken = [int(i) for i in np.flatnonzero(covered)]
+    key = np.zeros(n)
+    empty = [i for i in range(n) if not covered[i]]
+    count = len(empty)
+    for place in range(count):
+
+        def distance(i: int) -> float:
+            to_ends = min(2 * (i + 0.5), 2 * (n - 0.5 - i))
+            return min([to_ends, *(abs(i - j) for j in taken)])
+
+        pick = min(empty, key=lambda i: (-distance(i), int(tie_position[i])))
+        key[pick] = count - place
+        taken.append(pick)
+        empty.remove(pick)
+    return key
+
+
 @dataclass
 class _Blocks:
     """Growth state of one call: per-block experts/ranks, sizes and bounds (positions, not block ids)."""
@@ -281,6 +305,43 @@ def grow_layout(
     the scores (module docstring), never above ``budget`` parameters in all, never below the current
     experts or rank of any block. Only the highs of ``experts_bounds``/``rank_bounds`` apply (growth never
     lowers a block); ``seed`` orders exact ties (pass the round index mixed into the run's seed)."""
+    return _grow(
+        current_layout,
+        scores,
+        block_dims,
+        allowance,
+        budget,
+        method=method,
+        score_errors=score_errors,
+        error_shrinkage=error_shrinkage,
+        experts_bounds=experts_bounds,
+        rank_bounds=rank_bounds,
+        router_ratio=router_ratio,
+        seed=seed,
+        even_spread=False,
+        method_options_=method_options_,
+    )
+
+
+def _grow(
+    current_layout: Mapping,
+    scores: Scores,
+    block_dims: BlockDims,
+    allowance: int,
+    budget: int,
+    *,
+    method: str,
+    score_errors: Mapping[int, float] | None,
+    error_shrinkage: float,
+    experts_bounds: Bounds | None,
+    rank_bounds: Bounds | None,
+    router_ratio: float,
+    seed: int,
+    even_spread: bool,
+    method_options_: Mapping[str, Any],
+) -> Layout:
+    """:func:`grow_layout`; ``even_spread`` adds :func:`spread_order` to the priority before the tie
+    order (``uniform_grow``: which empty blocks are adapted first)."""
     blocks, raw = score_array(scores)
     current = normalize_layout(current_layout, blocks)
     s, r = normalize_block_dims(block_dims, blocks)
@@ -290,7 +351,7 @@ def grow_layout(
         raise AllocationError(f"budget = {budget!r} must be a positive int (parameters)")
     if not (isinstance(router_ratio, (int, float)) and math.isfinite(router_ratio) and router_ratio >= 0):
         raise AllocationError(f"router_ratio = {router_ratio!r} must be a finite number >= 0")
-    opts = method_options(method, method_options_)
+    opts = method_options(method, dict(method_options_))
     _, e_hi = bounds_arrays(experts_bounds, blocks, "experts_bounds")
     _, k_hi = bounds_arrays(rank_bounds, blocks, "rank_bounds")
     state = _Blocks(
@@ -336,9 +397,11 @@ def grow_layout(
     tie_position = tie_positions(raw, spent_before + room, seed)
     added = np.zeros(len(blocks))
 
+    spread = [spread_order(state.e > 0, tie_position)] if even_spread else []
+
     def priority(extra: list[np.ndarray]) -> list[int]:
         sizes = -np.array([state.params(i) for i in range(len(blocks))], dtype=np.float64)
-        return list(priority_order([*extra, shrunk, raw, sizes], tie_position))
+        return list(priority_order([*extra, shrunk, raw, sizes, *spread], tie_position))
 
     # 1. whole units inside each block's share
     for i in priority([]):
@@ -385,18 +448,25 @@ def uniform_grow(
     seed: int = 0,
 ) -> Layout:
     """Control ``uniform-grow``: the round's increment spread evenly (equal scores, the smaller blocks
-    first, remaining ties in a seeded order)."""
+    first; empty blocks adapted in an evenly spread order, :func:`spread_order`; remaining ties in a seeded
+    order). From a start on evenly spaced blocks its rounds keep the adapted blocks spread over the depth,
+    as the static uniform layout of the same total is."""
     blocks = sorted(normalize_layout(current_layout, None))
-    return grow_layout(
+    return _grow(
         current_layout,
         dict.fromkeys(blocks, 1.0),
         block_dims,
         allowance,
         budget,
+        method="power_law",
+        score_errors=None,
+        error_shrinkage=0.0,
         experts_bounds=experts_bounds,
         rank_bounds=rank_bounds,
         router_ratio=router_ratio,
         seed=seed,
+        even_spread=True,
+        method_options_={},
     )
 
 
