@@ -27,9 +27,13 @@ from sweep_report import _mean_sd  # one format for every sweep table
 #: every budget of configs/experiments/allocation_sweep/budgets, by adapter parameters (smallest first)
 BUDGET_ORDER = ["tiny", "tight", "quarter7", "qv2", "half7", "qv4", "small", "mid", "large", "generous"]
 
-GENERATIVE_TASKS = ("facts", "skills")
+GENERATIVE_TASKS = ("facts", "skills", "translate")
 VAL_ROWS = 96  # validation rows per task (lr selection, and the callback's scoring in the later sweep)
-QUICK_SIZES = {"facts": {"entities": 6}, "skills": {"train_rows": 24, "test_rows": 8}}
+QUICK_SIZES = {
+    "facts": {"entities": 6},
+    "skills": {"train_rows": 24, "test_rows": 8},
+    "translate": {"train_rows": 24, "test_rows": 8},
+}
 QUICK_VAL_ROWS = 8
 TASK_DATA_SEED = 0  # the task's rows are the same for every training seed: seeds vary init and order
 
@@ -54,8 +58,8 @@ def validation_rows(task: str, seed: int, rows: int, **sizes: Any) -> list[dict[
 
     facts: the same facts asked in the training phrasing the task leaves unused (it trains on two of
     three), so a validation row tests recall under a phrasing never trained on, like the test row, with
-    a different wording. skills: the skills on fresh inputs (a different generator seed) that are in
-    neither the training nor the test rows."""
+    a different wording. skills, translate: fresh inputs (a different generator seed) that are in
+    neither the training nor the test rows (translate: new sentences of the same lexicon)."""
     picker = random.Random(seed + 1)
     if task == "facts":
         used = tasks.facts_rows(seed=seed, **sizes)
@@ -66,10 +70,11 @@ def validation_rows(task: str, seed: int, rows: int, **sizes: Any) -> list[dict[
         trained = {r["prompt"]: r["response"] for r in used.train}
         spare = [r for r in every.train if r["prompt"] not in trained]
         return picker.sample(spare, min(rows, len(spare)))
-    if task == "skills":
-        used = tasks.skills_rows(seed=seed, **sizes)
+    if task in ("skills", "translate"):
+        make = tasks.GENERATORS[task]
+        used = make(seed=seed, **sizes)
         taken = {r["prompt"] for r in used.train + used.test}
-        fresh = tasks.skills_rows(seed=seed + 1, train_rows=0, test_rows=2 * rows).test
+        fresh = make(seed=seed + 1, train_rows=0, test_rows=2 * rows).test
         return [r for r in fresh if r["prompt"] not in taken][:rows]
     raise ValueError(f"task must be one of {list(GENERATIVE_TASKS)}, got {task!r}")
 

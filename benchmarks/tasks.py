@@ -5,6 +5,9 @@
   test measures stored facts, not memorized prompts. Capacity binds: every fact is a separate mapping.
 - ``skills``: deterministic string skills (reverse a word's letters, sort them, write an ISO date in
   words, write a number in words); test rows apply them to inputs never seen in training.
+- ``translate``: English sentences into a made-up language: a lexicon of made-up words (one per English
+  word) and a grammar (adjective after its noun, verb last). Test sentences are new combinations of words
+  the training sentences all use: the skill of translating, which needs the whole lexicon stored.
 
 Rows are ``{"prompt", "response"}`` (the column names ``task: instruction`` reads by default); the same seed
 and sizes always give the same rows. Write them with
@@ -185,7 +188,80 @@ def skills_rows(seed: int = 0, train_rows: int = 360, test_rows: int = 180) -> T
     return TaskRows(train, test, description)
 
 
-GENERATORS: dict[str, Callable[..., TaskRows]] = {"facts": facts_rows, "skills": skills_rows}
+# translate: English words (written for this task), each given a made-up word of the target language
+NOUNS = """cat dog fox bird horse cow fish frog bear wolf lion mouse goat duck owl snake tree river stone
+house boat bridge tower garden forest hill lake road door window table chair lamp book letter cup bowl
+bell drum flute coat hat shoe ring key box bag cart wheel rope sword shield crown apple bread cheese
+honey""".split()
+VERBS = """sees likes finds follows pushes carries paints hears holds watches builds breaks moves opens
+hides guards wants cleans fixes draws throws catches keeps sells""".split()
+ADJECTIVES = """red old small big green quiet happy dark bright cold warm young tall short heavy light
+round sharp soft loud brave clever lazy strange""".split()
+LANGUAGE = "Veltish"
+
+
+def translate_rows(
+    seed: int = 0, train_rows: int = 360, test_rows: int = 180, lexicon_seed: int = 0
+) -> TaskRows:
+    """Sentences "the A1 N1 V the A2 N2" and their translation "N1' A1' N2' A2' V'" (primes: the word's
+    made-up translation in ``lexicon_seed``'s lexicon). Each slot of the training sentences cycles through
+    its shuffled word list, so every word is trained about equally often (a noun in about 2 x 360 / 57
+    sentences); test rows are random sentences that are not training ones."""
+    lexicon = translation_lexicon(lexicon_seed)
+    rng = random.Random(seed)
+
+    def cycled(words: list[str], count: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < count:
+            block = list(words)
+            rng.shuffle(block)
+            out += block
+        return out[:count]
+
+    def row(a1: str, n1: str, v: str, a2: str, n2: str) -> Row:
+        english = f"the {a1} {n1} {v} the {a2} {n2}"
+        target = " ".join(lexicon[w] for w in (n1, a1, n2, a2, v))
+        return {"prompt": f"Translate into {LANGUAGE}: {english}.", "response": target + "."}
+
+    slots = [ADJECTIVES, NOUNS, VERBS, ADJECTIVES, NOUNS]
+    columns = [cycled(words, train_rows) for words in slots]
+    seen: set[tuple[str, ...]] = set()
+    train = []
+    for words in zip(*columns, strict=True):
+        seen.add(words)
+        train.append(row(*words))
+    test = []
+    while len(test) < test_rows:
+        words = tuple(rng.choice(w) for w in slots)
+        if words not in seen:
+            seen.add(words)
+            test.append(row(*words))
+    description = (
+        f"translate: {len(lexicon)} English words into made-up {LANGUAGE} words, adjective after noun and verb "
+        f"last; {len(train)} train sentences, {len(test)} test sentences never seen in training"
+    )
+    return TaskRows(train, test, description)
+
+
+def translation_lexicon(seed: int = 0) -> dict[str, str]:
+    """Every English word of the task -> a distinct made-up word (no two English words share one)."""
+    rng = random.Random(f"lexicon/{seed}")
+    taken: set[str] = set()
+    lexicon = {}
+    for word in NOUNS + VERBS + ADJECTIVES:
+        made = make_word(rng)
+        while made in taken:
+            made = make_word(rng)
+        taken.add(made)
+        lexicon[word] = made
+    return lexicon
+
+
+GENERATORS: dict[str, Callable[..., TaskRows]] = {
+    "facts": facts_rows,
+    "skills": skills_rows,
+    "translate": translate_rows,
+}
 
 
 def write_task(name: str, out: Path | str, seed: int = 0, **sizes: Any) -> TaskRows:
@@ -214,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
     write.add_argument("--attributes", type=int, help="facts: facts per person (1-4)")
     write.add_argument("--phrasings", type=int, help="facts: training phrasings per fact (1-3)")
     write.add_argument("--values-per-attribute", type=int, help="facts: size of each value pool")
-    write.add_argument("--train-rows", type=int, help="skills: training rows")
-    write.add_argument("--test-rows", type=int, help="skills: test rows")
+    write.add_argument("--train-rows", type=int, help="skills, translate: training rows")
+    write.add_argument("--test-rows", type=int, help="skills, translate: test rows")
     args = parser.parse_args(argv)
     keys = {
         "facts": ("entities", "attributes", "phrasings", "values_per_attribute"),
         "skills": ("train_rows", "test_rows"),
+        "translate": ("train_rows", "test_rows"),
     }
     given = {
         k: v for k, v in vars(args).items() if v is not None and k not in ("command", "task", "out", "seed")

@@ -185,13 +185,14 @@ def test_facts_validation_asks_the_trained_facts_in_the_unused_phrasing() -> Non
     assert len(facts) == 180
 
 
-def test_skills_validation_inputs_are_neither_trained_nor_tested(tmp_path) -> None:
-    task = tasks.skills_rows(seed=0)
-    val = capacity_curve.validation_rows("skills", 0, 96)
+@pytest.mark.parametrize("name", ["skills", "translate"])
+def test_validation_inputs_are_neither_trained_nor_tested(tmp_path, name) -> None:
+    task = tasks.GENERATORS[name](seed=0)
+    val = capacity_curve.validation_rows(name, 0, 96)
     assert len(val) == 96 and len({r["prompt"] for r in val}) == 96
     assert not {r["prompt"] for r in val} & {r["prompt"] for r in task.train + task.test}
-    files = capacity_curve.write_task_files("skills", tmp_path, quick=False)
-    again = capacity_curve.write_task_files("skills", tmp_path / "again", quick=False)
+    files = capacity_curve.write_task_files(name, tmp_path, quick=False)
+    again = capacity_curve.write_task_files(name, tmp_path / "again", quick=False)
     for split in ("train", "validation", "test"):
         assert Path(files[split]).read_text() == Path(again[split]).read_text()  # the same files every time
 
@@ -200,7 +201,7 @@ def test_curve_options_replace_the_plan_and_bad_ones_are_refused(capsys) -> None
     args = allocation_sweep.parse(["--phase", "curve", "--budgets", "mid", "tiny", "--lrs", "1e-3", "3e-3"])
     settings = allocation_sweep.curve_settings(args)
     assert settings["budgets"] == ["tiny", "mid"] and settings["lrs"] == [1e-3, 3e-3]
-    assert settings["tasks"] == ["facts", "skills"] and settings["seeds"] == [0, 1, 2]
+    assert settings["tasks"] == ["facts", "skills", "translate"] and settings["seeds"] == [0, 1, 2]
     for bad in (["--arms", "layerif"], ["--lrs", "0.01", "0.01"], ["--tasks", "sst2"]):
         with pytest.raises(SystemExit):
             allocation_sweep.parse(["--phase", "curve", *bad])

@@ -102,3 +102,30 @@ def test_written_files_serve_instruction_batches(tmp_path, capsys):
     assert len(dm.datasets["train"]) == 12 and len(dm.datasets["test"]) == 4
     with pytest.raises(SystemExit):
         tasks.main(["write", "--task", "skills", "--out", str(tmp_path), "--entities", "3"])
+
+
+def test_translate_answers_follow_the_grammar_word_by_word():
+    """Each answer is the lexicon's word for noun, adjective, noun, adjective, verb (adjective after its
+    noun, verb last), rebuilt here from the prompt's English words."""
+    lexicon = tasks.translation_lexicon(0)
+    assert (
+        len(set(lexicon.values())) == len(lexicon) == len(set(tasks.NOUNS + tasks.VERBS + tasks.ADJECTIVES))
+    )
+    task = tasks.translate_rows(seed=1)
+    for row in task.train + task.test:
+        match = re.fullmatch(
+            r"Translate into Veltish: the (\w+) (\w+) (\w+) the (\w+) (\w+)\.", row["prompt"]
+        )
+        assert match, row["prompt"]
+        a1, n1, v, a2, n2 = match.groups()
+        assert {a1, a2} <= set(tasks.ADJECTIVES) and {n1, n2} <= set(tasks.NOUNS) and v in tasks.VERBS
+        assert row["response"] == f"{lexicon[n1]} {lexicon[a1]} {lexicon[n2]} {lexicon[a2]} {lexicon[v]}."
+
+
+def test_translate_trains_every_word_and_tests_new_sentences():
+    task = tasks.translate_rows(seed=0)
+    trained = [r["prompt"].split(": ", 1)[1].rstrip(".").split() for r in task.train]
+    counts = {w: sum(s.count(w) for s in trained) for w in tasks.NOUNS + tasks.VERBS + tasks.ADJECTIVES}
+    assert min(counts[w] for w in tasks.NOUNS) >= 2 * 360 // len(tasks.NOUNS)  # each slot cycles its list
+    assert min(counts[w] for w in tasks.VERBS) >= 360 // len(tasks.VERBS)
+    assert len({r["prompt"] for r in task.test}) == len(task.test) == 180
