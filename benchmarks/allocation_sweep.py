@@ -12,10 +12,11 @@
     python benchmarks/allocation_sweep.py --phase grow --table          # only rebuild the growth sweep's table
 
 The capacity curve (issue 34, ``--phase curve``, results under ``benchmarks/results/curve``): uniform
-MoE-LoRA (no callback) on the generative tasks ``facts`` and ``skills`` (benchmarks/tasks.py, written into
-each run's folder with a validation file; ``configs/experiments/allocation_sweep/generative.yaml``) at the
-budgets ``CURVE["budgets"]``, each over a learning-rate grid on seed 0; the lr with the lowest validation
-loss is chosen per (task, budget), then seeds 1 and 2 run at it (``benchmarks/capacity_curve.py``). The
+MoE-LoRA (no callback) on the generative tasks ``facts``, ``skills`` and ``translate`` (benchmarks/tasks.py,
+written into each run's folder with a validation file; ``configs/experiments/allocation_sweep/generative.yaml``)
+at the budgets ``CURVE["budgets"]``, each over a learning-rate grid on seed 0; the lr with the lowest
+validation loss is chosen per (task, budget), then seeds 1 and 2 run at it (``benchmarks/capacity_curve.py``);
+``CURVE["grid_only"]`` adds cells that run the seed-0 grid only (``--budgets`` replaces both). The
 driver plans again after each round until every cell has its seeds, so one command runs it all and resumes.
 Its runs' metrics: test loss over the answer tokens with the final weights (per-sample mean, the primary,
 and token mean) and exact match, by ``benchmarks/peft_parity.py``'s evaluator; the same on the validation
@@ -160,11 +161,15 @@ QUICK = {"tasks": ["sst2"], "budgets": ["generous"], "arms": ["uniform", "layeri
 #: chosen on validation loss; a best lr at the grid's edge grows the grid by one step, at most
 #: max_extensions times per cell; the ratio is the issue's criterion (tight / the largest budget)
 CURVE: dict[str, Any] = {
-    "tasks": list(capacity_curve.GENERATIVE_TASKS),
-    "budgets": ["tiny", "tight", "quarter7", "qv2", "half7", "qv4", "small", "mid", "large"],
+    # the tasks where the budget binds; skills, which does not, runs the grids its ratio needs (grid_only)
+    "tasks": ["facts", "translate"],
+    # every seed at these; the criterion (tight / large) and the growth sweep's budgets are among them
+    "budgets": ["tight", "quarter7", "half7", "small", "large"],
+    # the lr grid on seed 0 only: where facts' budget binds (q/v rank or adapted blocks), and skills' ratio
+    "grid_only": {"facts": ["tiny", "qv2", "qv4", "mid"], "skills": ["tight", "quarter7", "large"]},
     "lrs": [2e-3, 4e-3, 8e-3],
     "seeds": [0, 1, 2],
-    "max_extensions": 1,
+    "max_extensions": 2,
     "ratio": ("tight", "large"),
 }
 CURVE_QUICK: dict[str, Any] = {
@@ -174,6 +179,7 @@ CURVE_QUICK: dict[str, Any] = {
     "lrs": [3e-3, 1e-2],
     "seeds": [0, 1],
     "max_extensions": 0,
+    "grid_only": {},
     "ratio": ("tight", "mid"),
 }
 
@@ -579,6 +585,9 @@ def curve_settings(args: argparse.Namespace) -> dict[str, Any]:
     ):
         if value:
             settings[key] = list(value)
+    # named budgets are the whole plan; named tasks keep their own grid-only cells
+    grid_only = {} if args.budgets else settings.get("grid_only", {})
+    settings["grid_only"] = {t: list(b) for t, b in grid_only.items() if not args.tasks or t in args.tasks}
     if args.max_lr_extensions is not None:
         settings["max_extensions"] = args.max_lr_extensions
     settings["budgets"] = sorted(settings["budgets"], key=ALL_BUDGETS.index)
@@ -594,6 +603,7 @@ def curve_plans(args: argparse.Namespace, folder: Path) -> list[capacity_curve.C
         settings["lrs"],
         settings["seeds"],
         settings["max_extensions"],
+        settings["grid_only"],
     )
 
 

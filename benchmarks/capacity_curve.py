@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +112,8 @@ class CellPlan:
     todo: list[Run] = field(default_factory=list)
     chosen: float | None = None
     at_edge: bool = False  # the chosen lr is the grid's edge and the grid may not grow further
+    seeds: list[int] | None = None  # the seeds the cell runs at its chosen lr (None: the curve's seeds)
+    grid_only: bool = False  # a cell run on the selection seed's grid only (CURVE["grid_only"])
 
 
 def _val_loss(result: dict[str, Any]) -> float:
@@ -140,7 +142,7 @@ def plan_cell(
     }
     grid = sorted(lrs)
     step = grid[1] / grid[0] if len(grid) > 1 else 2.0
-    plan = CellPlan(task, budget, grid)
+    plan = CellPlan(task, budget, grid, seeds=list(seeds))
     extensions = 0
     while True:
         missing = [lr for lr in plan.grid if f"{lr:g}" not in runs]
@@ -168,13 +170,30 @@ def plan_curve(
     lrs: Sequence[float],
     seeds: Sequence[int],
     max_extensions: int,
+    grid_only: Mapping[str, Sequence[str]] | None = None,
 ) -> list[CellPlan]:
-    return [plan_cell(results, t, b, lrs, seeds, max_extensions) for t in tasks_ for b in budgets]
+    """Every (task, budget) of ``tasks_`` x ``budgets``: its grid on the selection seed ``seeds[0]``, then
+    its other seeds at the chosen lr; ``grid_only`` (task -> budgets, any task) adds cells that run the
+    grid on the selection seed only."""
+    plans = [plan_cell(results, t, b, lrs, seeds, max_extensions) for t in tasks_ for b in budgets]
+    for task, extra in (grid_only or {}).items():
+        for budget in extra:
+            if task not in tasks_ or budget not in budgets:
+                plan = plan_cell(results, task, budget, lrs, seeds[:1], max_extensions)
+                plan.grid_only = True
+                plans.append(plan)
+    task_order = list(dict.fromkeys([*tasks_, *(grid_only or {})]))
+    order = {b: i for i, b in enumerate(BUDGET_ORDER)}
+    return sorted(plans, key=lambda p: (task_order.index(p.task), order.get(p.budget, len(order))))
+
+
+def _seeds_of(plan: CellPlan, seeds: Sequence[int]) -> Sequence[int]:
+    return seeds if plan.seeds is None else plan.seeds
 
 
 def expected_runs(plans: Sequence[CellPlan], seeds: Sequence[int]) -> int:
     """Runs the curve needs as far as known now: each cell's grid, plus its other seeds."""
-    return sum(len(p.grid) + len(seeds) - 1 for p in plans)
+    return sum(len(p.grid) + len(_seeds_of(p, seeds)) - 1 for p in plans)
 
 
 def finished_runs(results: Sequence[dict[str, Any]], plans: Sequence[CellPlan], seeds: Sequence[int]) -> int:
@@ -184,7 +203,7 @@ def finished_runs(results: Sequence[dict[str, Any]], plans: Sequence[CellPlan], 
     for p in plans:
         needed |= {(p.task, p.budget, lr_arm(lr), seeds[0]) for lr in p.grid}
         if p.chosen is not None:
-            needed |= {(p.task, p.budget, lr_arm(p.chosen), s) for s in seeds}
+            needed |= {(p.task, p.budget, lr_arm(p.chosen), s) for s in _seeds_of(p, seeds)}
     return sum(1 for r in results if (r["task"], r["budget"], r["arm"], r["seed"]) in needed)
 
 
@@ -255,7 +274,7 @@ def build_curve_table(
         base = mine[0]["base_params"] if mine else None
         cells = [
             plan.task,
-            plan.budget,
+            plan.budget + (" (grid only)" if plan.grid_only else ""),
             "-" if params is None else f"{params:,}",
             "-" if params is None else f"{100 * params / base:.4f}%",
             grid,
@@ -278,6 +297,12 @@ def build_curve_table(
         f" file (seed {seeds[0]}, lowest per-sample validation loss with the final weights), never on the"
         " test file. Wall time: mean over every run of the cell (grid included).",
     ]
+    if any(p.grid_only for p in plans):
+        lines += [
+            "",
+            f"(grid only): a cell run on the lr grid of seed {seeds[0]} only, to see where the budget binds;"
+            " the criterion and the growth sweep use the cells with every seed.",
+        ]
     if any(p.at_edge for p in plans):
         lines += [
             "",

@@ -141,6 +141,45 @@ def test_loss_ratio_is_the_issues_criterion_per_seed() -> None:
     assert "does not meet" in capacity_curve.loss_ratio(results, plans, "facts", "tight", "large")
 
 
+_FINAL = {"loss_sample": 1.0, "loss_token": 1.0, "exact_match": 0.0}
+
+
+def test_grid_only_cells_run_the_selection_seeds_grid_and_no_other_seed() -> None:
+    grid = [_result("tiny", 2e-3, 0, 0.9), _result("tiny", 4e-3, 0, 0.5), _result("tiny", 8e-3, 0, 0.7)]
+    args = ([2e-3, 4e-3, 8e-3], [0, 1, 2], 1)
+    plans = capacity_curve.plan_curve(
+        grid, ["facts"], ["tight"], *args, {"facts": ["tiny"], "skills": ["mid"]}
+    )
+    tiny, tight, skills = plans  # in task order, then budget order; a grid-only task needs no budgets
+    assert (skills.task, skills.budget, skills.grid_only, len(skills.todo)) == ("skills", "mid", True, 3)
+    plans = plans[:2]
+    assert (tiny.budget, tiny.grid_only, tiny.chosen, tiny.todo) == ("tiny", True, 4e-3, [])
+    assert tight.todo == [("facts", "tight", f"uniform+lr={lr:g}", 0) for lr in (2e-3, 4e-3, 8e-3)]
+    assert capacity_curve.expected_runs(plans, [0, 1, 2]) == 3 + (3 + 2)
+    assert capacity_curve.finished_runs(grid, plans, [0, 1, 2]) == 3
+    table = capacity_curve.build_curve_table(
+        [
+            {**r, "trainable_params": 10, "base_params": 1000, "wall_time_s": 60.0, "final": _FINAL}
+            for r in grid
+        ],
+        plans,
+        [0, 1, 2],
+        ("tight", "large"),
+    )
+    assert "| facts | tiny (grid only) |" in table and "3 of 8 runs" in table
+    # named budgets are the whole plan: no grid-only cells beside them
+    settings = allocation_sweep.curve_settings(
+        allocation_sweep.parse(["--phase", "curve", "--budgets", "mid"])
+    )
+    assert settings["grid_only"] == {} and settings["budgets"] == ["mid"]
+    settings = allocation_sweep.curve_settings(
+        allocation_sweep.parse(["--phase", "curve", "--tasks", "facts"])
+    )
+    assert settings["grid_only"] == {"facts": ["tiny", "qv2", "qv4", "mid"]}  # skills' go with skills
+    settings = allocation_sweep.curve_settings(allocation_sweep.parse(["--phase", "curve"]))
+    assert settings["tasks"] == ["facts", "translate"] and set(settings["grid_only"]) == {"facts", "skills"}
+
+
 def test_curve_points_are_each_budgets_chosen_lr_runs_by_size() -> None:
     results = []
     for budget, params, losses in (("mid", 600, (1.0, 1.2, 0.8)), ("tight", 50, (3.0, 2.0, 2.5))):
@@ -201,7 +240,7 @@ def test_curve_options_replace_the_plan_and_bad_ones_are_refused(capsys) -> None
     args = allocation_sweep.parse(["--phase", "curve", "--budgets", "mid", "tiny", "--lrs", "1e-3", "3e-3"])
     settings = allocation_sweep.curve_settings(args)
     assert settings["budgets"] == ["tiny", "mid"] and settings["lrs"] == [1e-3, 3e-3]
-    assert settings["tasks"] == ["facts", "skills", "translate"] and settings["seeds"] == [0, 1, 2]
+    assert settings["tasks"] == ["facts", "translate"] and settings["seeds"] == [0, 1, 2]
     for bad in (["--arms", "layerif"], ["--lrs", "0.01", "0.01"], ["--tasks", "sst2"]):
         with pytest.raises(SystemExit):
             allocation_sweep.parse(["--phase", "curve", *bad])
