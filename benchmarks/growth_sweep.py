@@ -21,7 +21,8 @@ everywhere) and the rounds choose which blocks to adapt, and the rewire arms may
 
 **Learning rate.** Every arm of a (task, budget) runs at uniform's learning rate chosen by the capacity
 curve (``capacity_curve.plan_cell`` on the curve's results: lowest validation loss on the selection seed);
-a cell whose lr is not chosen yet is refused before anything runs, naming the curve runs it still needs.
+a cell whose lr is not chosen yet is refused before anything runs, naming the curve runs it still needs
+(``--table`` shows the cells that have one and names the others).
 Run names carry the lr (``layerif-grow+lr=0.004``).
 
 **Arms** (``ARMS``; every one with the callback's scoring sample seeded by the run's seed):
@@ -234,14 +235,16 @@ def chosen_lrs(
     budgets: Sequence[str],
     curve: dict[str, Any],
     curve_folder: Path,
+    partial: bool = False,
 ) -> dict[tuple[str, str], float]:
     """Uniform's lr per (task, budget), chosen by the capacity curve; GrowPlanError naming the curve runs
-    still missing for any cell without one."""
+    still missing for any cell without one, unless ``partial`` (a table of what has finished): then only
+    the cells whose lr is chosen."""
     plans = capacity_curve.plan_curve(
         curve_results, tasks, budgets, curve["lrs"], curve["seeds"], curve["max_extensions"]
     )
     missing = [p for p in plans if p.chosen is None]
-    if missing:
+    if missing and not partial:
         needs = "; ".join(
             f"{p.task}/{p.budget}: " + ", ".join(capacity_curve.run_name(r) for r in p.todo) for p in missing
         )
@@ -250,7 +253,7 @@ def chosen_lrs(
             f" curve in {curve_folder} still needs {needs}. Run `python benchmarks/allocation_sweep.py"
             " --phase curve` (same --quick) first, or narrow --tasks/--budgets to cells whose lr is chosen."
         )
-    return {(p.task, p.budget): float(p.chosen) for p in plans}  # type: ignore[arg-type]
+    return {(p.task, p.budget): float(p.chosen) for p in plans if p.chosen is not None}
 
 
 def seed_plan(
@@ -298,12 +301,14 @@ def plan_runs(
     seeds: Sequence[int],
     lrs: dict[tuple[str, str], float],
 ) -> list[Run]:
-    """Seed by seed, then budget, task, arm: an interrupted sweep has whole paired seeds to compare."""
+    """Seed by seed, then budget, task, arm: an interrupted sweep has whole paired seeds to compare. Cells
+    without an lr in ``lrs`` are left out."""
     return [
         (t, b, capacity_curve.lr_arm(lrs[t, b], a), s)
         for s in seeds
         for b in budgets
         for t in tasks
+        if (t, b) in lrs
         for a in arms
     ]
 

@@ -51,6 +51,9 @@ def test_quick_grow_sweep_reuses_the_curve_records_runs_tabulates_and_resumes(tm
     err = capsys.readouterr().err
     assert "not chosen yet" in err and "facts__mid__uniform+lr=0.003__seed0" in err
     assert started == [] and not results.exists()
+    # --table shows what has finished and names the cells still waiting on the curve
+    assert allocation_sweep.main([*grow, "--table"]) == 0 and started == []
+    assert "lr not chosen by the capacity curve yet: facts/mid" in capsys.readouterr().out
 
     assert (
         allocation_sweep.main(["--phase", "curve", "--budgets", "mid", "--results", str(curve), *common]) == 0
