@@ -89,8 +89,10 @@ from typing import Any
 import capacity_curve
 import yaml
 from sweep_report import (
+    CONTROLS,
     _interval,
     _mean_sd,
+    generous_check,
     mean_interval,
     power_note,
     primary_loss,
@@ -454,8 +456,58 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
         " loss, over the runs that reach it (k of n).",
         "",
         power_note(named, cells, _arm_order),
+        "",
+        default_choice(named, cells),
     ]
     return "\n".join(lines)
+
+
+def default_choice(named: Sequence[dict[str, Any]], cells: Sequence[tuple[str, str]]) -> str:
+    """The issue's rule for the callback's defaults (as in the budget sweep), computed on this sweep: the
+    option with the lowest mean paired difference to uniform at the tighter budget, pooled over tasks and
+    seeds, among the candidate arms (no control) and uniform itself (0: the callback's defaults, growth
+    off); a candidate only if it is not measurably worse than uniform at the other budget (its 95%
+    interval's lower end above zero)."""
+    budgets = sorted({b for _, b in cells}, key=_budget_order)
+    if not budgets:
+        return "Default choice: needs paired runs."
+    tight, generous = budgets[0], budgets[-1]
+    tasks = sorted({t for t, _ in cells})
+    candidates = sorted({r["arm"] for r in named if not r["arm"].startswith(CONTROLS)}, key=_arm_order)
+    pooled = {
+        arm: [d for task in tasks for d in relative_differences(named, arm, "uniform", task, tight)]
+        for arm in candidates
+    }
+    pooled = {arm: diffs for arm, diffs in pooled.items() if diffs}
+    if not pooled:
+        return f"Default choice: needs paired runs at {tight}."
+    rows = [f"- {arm}: {_interval(diffs)} over {len(diffs)} paired runs" for arm, diffs in pooled.items()]
+    best_mean, best = min([(statistics.fmean(d), arm) for arm, d in pooled.items()] + [(0.0, "uniform")])
+    head = (
+        f"Default choice (the rule: lowest mean paired difference to uniform at {tight}, pooled over tasks"
+        f" and seeds, uniform itself at 0; not measurably worse at {generous}):\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+    )
+    if best == "uniform":
+        return head + (
+            f"No candidate is below uniform on average at {tight}: the callback's defaults stay (growth off)."
+        )
+    checks = {task: generous_check(named, best, task, generous) for task in tasks}
+    at_generous = f"at {generous} vs uniform: " + "; ".join(f"{t}: {text}" for t, (text, _) in checks.items())
+    if any(worse is None for _, worse in checks.values()):
+        return head + f"Best at {tight}: {best} ({100 * best_mean:+.2f}%); its check {at_generous}: pending."
+    if any(worse for _, worse in checks.values()):
+        return (
+            head
+            + f"Best at {tight}: {best} ({100 * best_mean:+.2f}%), measurably worse {at_generous}:"
+            + (" the callback's defaults stay (growth off).")
+        )
+    return (
+        head
+        + f"Best at {tight}: {best} ({100 * best_mean:+.2f}%), not measurably worse {at_generous}:"
+        + (f" the defaults become {best}'s options (ARMS in benchmarks/growth_sweep.py).")
+    )
 
 
 def _budget_order(budget: str) -> int:

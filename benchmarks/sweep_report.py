@@ -314,14 +314,9 @@ def default_choice(
         checked.append(DEFAULT_ARM)
     for task in sorted({r["task"] for r in results if r["budget"] == generous}):
         for arm in checked:
-            diffs = relative_differences(results, arm, "uniform", task, generous)
-            if not diffs:
-                checks.append(f"{arm} on {task}: not run")
-                continue
-            mean, half = mean_interval(diffs)
-            worse = half is not None and mean - half > 0
-            verdict = "measurably worse" if worse else "not measurably worse"
-            checks.append(f"{arm} on {task}: {_interval(diffs)} ({verdict})")
+            text, worse = generous_check(results, arm, task, generous)
+            verdict = "" if worse is None else " (measurably worse)" if worse else " (not measurably worse)"
+            checks.append(f"{arm} on {task}: {text}{verdict}")
     return (
         "Default choice (tight budget, paired difference to uniform pooled over tasks and seeds; lower is"
         " better):\n\n"
@@ -329,6 +324,18 @@ def default_choice(
         + f"\n\nBest at {tight}: {', '.join(best)}{' (tied)' if len(best) > 1 else ''}."
         + f" At {generous} vs uniform: {'; '.join(checks) if checks else 'not run'}."
     )
+
+
+def generous_check(
+    results: Sequence[dict[str, Any]], arm: str, task: str, budget: str
+) -> tuple[str, bool | None]:
+    """``arm``'s paired difference to uniform on ``task`` at ``budget`` as text, and whether it is measurably
+    worse (its 95% interval's lower end above zero); ("not run", None) without paired runs."""
+    diffs = relative_differences(results, arm, "uniform", task, budget)
+    if not diffs:
+        return "not run", None
+    mean, half = mean_interval(diffs)
+    return _interval(diffs), half is not None and mean - half > 0
 
 
 def loss_figure(results: Sequence[dict[str, Any]], path: Path) -> None:

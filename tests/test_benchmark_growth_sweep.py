@@ -301,3 +301,61 @@ def test_half7_is_growths_even_start_at_half_of_small_and_its_growth_arms_build(
     assert [b for b, v in plan.initial.items() if v["experts"]] == covered
     args = growth_sweep.arm_callback("layerif-grow", 0, "half7", 150, allocation_sweep._COMMON)
     assert args["growth"]["initial_fraction"] == 0.25 and "experts_bounds" not in args["allocator_options"]
+
+
+def _named(task: str, budget: str, arm: str, losses: list[float]) -> list[dict]:
+    """One run per seed with these final losses (arm names without their lr, as the report reads them)."""
+    return [
+        {"task": task, "budget": budget, "arm": arm, "seed": s, "final": {"loss_sample": loss}}
+        for s, loss in enumerate(losses)
+    ]
+
+
+def _sweep(tight: dict[str, list[float]], generous: dict[str, list[float]] | None) -> list[dict]:
+    """Uniform at loss 1.0 on every seed of facts and translate; the arms' losses are their ratios to it."""
+    runs = []
+    for budget, arms in (("quarter7", tight), ("half7", generous or {})):
+        for task in ("facts", "translate"):
+            if arms:
+                runs += _named(task, budget, "uniform", [1.0, 1.0, 1.0])
+            for arm, losses in arms.items():
+                runs += _named(task, budget, arm, losses)
+    return runs
+
+
+CELLS = [("facts", "quarter7"), ("translate", "quarter7"), ("facts", "half7"), ("translate", "half7")]
+
+
+def test_default_choice_keeps_the_defaults_when_no_candidate_beats_uniform() -> None:
+    # controls below uniform do not count: they are never a default
+    runs = _sweep(
+        {"layerif-grow": [1.02, 1.04, 1.06], "rewire-rank": [1.01, 0.99, 1.03], "uniform-grow": [0.9] * 3},
+        {"layerif-grow": [1.0] * 3},
+    )
+    text = growth_sweep.default_choice(runs, CELLS)
+    pooled = [0.01, -0.01, 0.03] * 2  # rewire-rank, both tasks
+    assert f"- rewire-rank: {_interval_of(pooled)} over 6 paired runs" in text
+    assert "- layerif-grow: +4.00%" in text and "uniform-grow" not in text
+    assert text.endswith(
+        "No candidate is below uniform on average at quarter7: the callback's defaults stay (growth off)."
+    )
+
+
+def test_default_choice_takes_the_best_candidate_unless_measurably_worse_at_the_other_budget() -> None:
+    tight = {"layerif-grow": [0.95, 0.97, 0.96], "curvature-grow": [0.98, 0.99, 0.97]}
+    chosen = growth_sweep.default_choice(_sweep(tight, {"layerif-grow": [1.02, 0.97, 1.01]}), CELLS)
+    assert "Best at quarter7: layerif-grow (-4.00%), not measurably worse at half7" in chosen
+    assert chosen.endswith("the defaults become layerif-grow's options (ARMS in benchmarks/growth_sweep.py).")
+    # +5% +-0.1 at half7: the interval excludes zero
+    worse = growth_sweep.default_choice(_sweep(tight, {"layerif-grow": [1.049, 1.05, 1.051]}), CELLS)
+    assert "measurably worse at half7" in worse and worse.endswith(
+        "the callback's defaults stay (growth off)."
+    )
+    pending = growth_sweep.default_choice(_sweep(tight, None), CELLS)
+    assert pending.endswith("its check at half7 vs uniform: facts: not run; translate: not run: pending.")
+
+
+def _interval_of(diffs: list[float]) -> str:
+    mean = statistics.fmean(diffs)
+    half = student_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    return f"{100 * mean:+.2f}% ± {100 * half:.2f}"
