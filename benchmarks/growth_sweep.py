@@ -489,25 +489,18 @@ def default_choice(named: Sequence[dict[str, Any]], cells: Sequence[tuple[str, s
         + "\n".join(rows)
         + "\n\n"
     )
+    stay = "the callback's defaults stay (growth off)."
     if best == "uniform":
-        return head + (
-            f"No candidate is below uniform on average at {tight}: the callback's defaults stay (growth off)."
-        )
+        return head + f"No candidate is below uniform on average at {tight}: {stay}"
     checks = {task: generous_check(named, best, task, generous) for task in tasks}
     at_generous = f"at {generous} vs uniform: " + "; ".join(f"{t}: {text}" for t, (text, _) in checks.items())
+    best_at = head + f"Best at {tight}: {best} ({100 * best_mean:+.2f}%)"
     if any(worse is None for _, worse in checks.values()):
-        return head + f"Best at {tight}: {best} ({100 * best_mean:+.2f}%); its check {at_generous}: pending."
+        return best_at + f"; its check {at_generous}: pending."
     if any(worse for _, worse in checks.values()):
-        return (
-            head
-            + f"Best at {tight}: {best} ({100 * best_mean:+.2f}%), measurably worse {at_generous}:"
-            + (" the callback's defaults stay (growth off).")
-        )
-    return (
-        head
-        + f"Best at {tight}: {best} ({100 * best_mean:+.2f}%), not measurably worse {at_generous}:"
-        + (f" the defaults become {best}'s options (ARMS in benchmarks/growth_sweep.py).")
-    )
+        return best_at + f", measurably worse {at_generous}: {stay}"
+    become = f"the defaults become {best}'s options (ARMS in benchmarks/growth_sweep.py)."
+    return best_at + f", not measurably worse {at_generous}: {become}"
 
 
 def _budget_order(budget: str) -> int:
