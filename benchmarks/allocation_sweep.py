@@ -641,15 +641,13 @@ def grow_plan(args: argparse.Namespace, folder: Path) -> tuple[list[Run], str]:
     ``GrowPlanError`` before anything runs when a cell's lr is not chosen (with ``--table``, the cells
     whose lr is chosen, and the others named as waiting on the curve)."""
     settings = dict(growth_sweep.GROW_QUICK if args.quick else growth_sweep.GROW)
-    for key in ("tasks", "budgets", "arms"):
+    for key in ("tasks", "arms"):
         settings[key] = list(getattr(args, key) or settings[key])
-    settings["budgets"] = sorted(settings["budgets"], key=ALL_BUDGETS.index)
+    budgets = {t: args.budgets for t in settings["tasks"]} if args.budgets else settings["budgets"]
+    cells = growth_sweep.grow_cells(settings["tasks"], budgets)
     curve_folder = curve_results_dir(args)
     curve = CURVE_QUICK if args.quick else CURVE  # the curve's own grid and seeds, not this phase's
-    lrs = growth_sweep.chosen_lrs(
-        load_results_of(curve_folder), settings["tasks"], settings["budgets"], curve, curve_folder, args.table
-    )
-    cells = [(t, b) for b in settings["budgets"] for t in settings["tasks"]]
+    lrs = growth_sweep.chosen_lrs(load_results_of(curve_folder), cells, curve, curve_folder, args.table)
     waiting = [f"{t}/{b}" for t, b in cells if (t, b) not in lrs]
     if args.seeds:
         seeds, why = list(args.seeds), f"{len(args.seeds)} seeds (--seeds)"
@@ -657,7 +655,7 @@ def grow_plan(args: argparse.Namespace, folder: Path) -> tuple[list[Run], str]:
         seeds, why = growth_sweep.seed_plan(
             load_results_of(folder), cells, settings["arms"], lrs, settings["min_seeds"], settings["max_runs"]
         )
-    planned = growth_sweep.plan_runs(settings["tasks"], settings["budgets"], settings["arms"], seeds, lrs)
+    planned = growth_sweep.plan_runs(cells, settings["arms"], seeds, lrs)
     if waiting:
         why += f"; not shown, their lr not chosen by the capacity curve yet: {', '.join(waiting)}"
     return planned, why

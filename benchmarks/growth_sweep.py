@@ -14,8 +14,8 @@ This file holds what is particular to the grow phase: its arms, schedule, learni
 of the curve's uniform runs, and the table and figure.
 
 **Tasks and budgets.** The generative tasks where the budget binds, ``facts`` and ``translate`` (written per
-run as the curve phase writes them; ``skills`` does not bind), at the budgets ``GROW["budgets"]``
-(``--budgets`` overrides; its comment gives the curve's reason). At a budget of rank-1 experts
+run as the curve phase writes them; ``skills`` does not bind), each at its own budgets ``GROW["budgets"]``
+(two on the steep part of its capacity curve; ``--budgets`` overrides; its comment gives the curve's reason). At a budget of rank-1 experts
 (tiny, tight, quarter7, half7, small) growth starts on evenly spaced blocks only (its share is below rank 1
 everywhere) and the rounds choose which blocks to adapt, and the rewire arms may empty and adapt blocks.
 
@@ -82,7 +82,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +104,7 @@ REPO = Path(__file__).resolve().parents[1]
 BUDGET_CONFIGS = REPO / "configs" / "experiments" / "allocation_sweep" / "budgets"
 
 Run = tuple[str, str, str, int]  # task, budget, arm, seed (as in allocation_sweep)
+Cell = tuple[str, str]  # task, budget
 
 ROUNDS_AT = (0.10, 0.25, 0.40)  # growth rounds, as fractions of the optimizer steps (docstring)
 VALIDATIONS = 10  # validation checks per run: every tenth of the steps
@@ -160,13 +161,15 @@ GROW: dict[str, Any] = {
     # facts (seed 0: test 1.51 / 0.91) and translate (1.95 / 1.20); skills does not (validation 1.32 at
     # tight, 1.25 at large; exact match 0.41-0.46 at every budget), so the sweep leaves it out.
     "tasks": ["facts", "translate"],
-    # Two budgets on the steep part of the capacity curve (benchmarks/results/curve/table.md). On facts
-    # (seed 0, each budget at its best lr) the test loss falls from 1.51 (tight) through 1.16 (quarter7:
-    # all 7 projections on 8 of 30 blocks) to 0.85 (half7: on 15 blocks) and no further (small, every
-    # block: 0.83; mid 0.91; large 0.91), while q/v rank buys little (qv2 1.55, qv4 1.52). So the budget
-    # binds through how many blocks are adapted: quarter7 and half7, where growth starts on evenly
-    # spaced blocks and its rounds choose which blocks to adapt, and the rewire arms move whole blocks.
-    "budgets": ["quarter7", "half7"],
+    # Per task, two budgets on the steep part of its capacity curve (benchmarks/results/curve/table.md;
+    # test loss at each budget's best lr). Facts falls from 1.59 (tight) through 1.14 (quarter7: all 7
+    # projections on 8 of 30 blocks, seeds 0-1) to 0.94 (half7: on 15 blocks, seeds 0-1) and no further
+    # (small, every block: 0.83; mid 0.91; large 0.91), while q/v rank buys little (qv2 1.55, qv4 1.52):
+    # quarter7 and half7. Translate is flat there (quarter7 1.43 over seeds 0-2, half7 1.41) and falls
+    # above (small 1.12 at 8e-3 on seed 0, large 0.82): half7 and small. At these rank-1 budgets growth
+    # starts on evenly spaced blocks and its rounds choose which blocks to adapt, and the rewire arms move
+    # whole blocks. ``--budgets`` gives every task the same budgets instead.
+    "budgets": {"facts": ["quarter7", "half7"], "translate": ["half7", "small"]},
     "arms": [arm for arm in ARMS if arm not in OPTIONAL_ARMS],
     "min_seeds": 3,
     "max_runs": 100,
@@ -174,7 +177,7 @@ GROW: dict[str, Any] = {
 GROW_QUICK: dict[str, Any] = {
     **GROW,
     "tasks": ["facts"],
-    "budgets": ["mid"],
+    "budgets": {"facts": ["mid"]},
     "arms": ["uniform", "uniform-grow", "layerif-grow", "rewire-rank"],
     "min_seeds": 2,
     "max_runs": 8,
@@ -231,20 +234,32 @@ def rank_experts_bounds(budget: str) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------- plan
+def grow_cells(tasks: Sequence[str], budgets: Mapping[str, Sequence[str]]) -> list[Cell]:
+    """The (task, budget) cells, in budget order then task order; ``budgets`` maps each task to its own."""
+    missing = [t for t in tasks if t not in budgets]
+    if missing:
+        raise GrowPlanError(
+            f"--phase grow: no budgets for task(s) {', '.join(missing)} in GROW['budgets'] (it has"
+            f" {', '.join(budgets)}); name them with --budgets"
+        )
+    cells = [(t, b) for t in tasks for b in budgets[t]]
+    return sorted(cells, key=lambda c: (_budget_order(c[1]), list(tasks).index(c[0])))
+
+
 def chosen_lrs(
     curve_results: Sequence[dict[str, Any]],
-    tasks: Sequence[str],
-    budgets: Sequence[str],
+    cells: Sequence[Cell],
     curve: dict[str, Any],
     curve_folder: Path,
     partial: bool = False,
-) -> dict[tuple[str, str], float]:
+) -> dict[Cell, float]:
     """Uniform's lr per (task, budget), chosen by the capacity curve; GrowPlanError naming the curve runs
     still missing for any cell without one, unless ``partial`` (a table of what has finished): then only
     the cells whose lr is chosen."""
-    plans = capacity_curve.plan_curve(
-        curve_results, tasks, budgets, curve["lrs"], curve["seeds"], curve["max_extensions"]
-    )
+    plans = [
+        capacity_curve.plan_cell(curve_results, t, b, curve["lrs"], curve["seeds"], curve["max_extensions"])
+        for t, b in cells
+    ]
     missing = [p for p in plans if p.chosen is None]
     if missing and not partial:
         needs = "; ".join(
@@ -260,9 +275,9 @@ def chosen_lrs(
 
 def seed_plan(
     results: Sequence[dict[str, Any]],
-    cells: Sequence[tuple[str, str]],
+    cells: Sequence[Cell],
     arms: Sequence[str],
-    lrs: dict[tuple[str, str], float],
+    lrs: dict[Cell, float],
     min_seeds: int,
     max_runs: int,
 ) -> tuple[list[int], str]:
@@ -297,19 +312,14 @@ def seed_plan(
 
 
 def plan_runs(
-    tasks: Sequence[str],
-    budgets: Sequence[str],
-    arms: Sequence[str],
-    seeds: Sequence[int],
-    lrs: dict[tuple[str, str], float],
+    cells: Sequence[Cell], arms: Sequence[str], seeds: Sequence[int], lrs: dict[Cell, float]
 ) -> list[Run]:
-    """Seed by seed, then budget, task, arm: an interrupted sweep has whole paired seeds to compare. Cells
-    without an lr in ``lrs`` are left out."""
+    """Seed by seed, then cell (``grow_cells``' order), arm: an interrupted sweep has whole paired seeds to
+    compare. Cells without an lr in ``lrs`` are left out."""
     return [
         (t, b, capacity_curve.lr_arm(lrs[t, b], a), s)
         for s in seeds
-        for b in budgets
-        for t in tasks
+        for t, b in cells
         if (t, b) in lrs
         for a in arms
     ]
@@ -462,45 +472,57 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
     return "\n".join(lines)
 
 
-def default_choice(named: Sequence[dict[str, Any]], cells: Sequence[tuple[str, str]]) -> str:
+def default_choice(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> str:
     """The issue's rule for the callback's defaults (as in the budget sweep), computed on this sweep: the
-    option with the lowest mean paired difference to uniform at the tighter budget, pooled over tasks and
-    seeds, among the candidate arms (no control) and uniform itself (0: the callback's defaults, growth
-    off); a candidate only if it is not measurably worse than uniform at the other budget (its 95%
-    interval's lower end above zero)."""
-    budgets = sorted({b for _, b in cells}, key=_budget_order)
-    if not budgets:
+    option with the lowest mean paired difference to uniform at each task's tighter budget, pooled over
+    tasks and seeds, among the candidate arms (no control) and uniform itself (0: the callback's defaults,
+    growth off); a candidate only if it is not measurably worse than uniform at each task's other budget
+    (its 95% interval's lower end above zero)."""
+    by_task: dict[str, list[str]] = {}
+    for task, budget in cells:
+        by_task.setdefault(task, []).append(budget)
+    if not by_task:
         return "Default choice: needs paired runs."
-    tight, generous = budgets[0], budgets[-1]
-    tasks = sorted({t for t, _ in cells})
+    tight = {t: min(b, key=_budget_order) for t, b in sorted(by_task.items())}
+    generous = {t: max(b, key=_budget_order) for t, b in sorted(by_task.items())}
+    at_tight, at_generous = _per_task(tight), _per_task(generous)
     candidates = sorted({r["arm"] for r in named if not r["arm"].startswith(CONTROLS)}, key=_arm_order)
     pooled = {
-        arm: [d for task in tasks for d in relative_differences(named, arm, "uniform", task, tight)]
+        arm: [d for task, b in tight.items() for d in relative_differences(named, arm, "uniform", task, b)]
         for arm in candidates
     }
     pooled = {arm: diffs for arm, diffs in pooled.items() if diffs}
     if not pooled:
-        return f"Default choice: needs paired runs at {tight}."
+        return f"Default choice: needs paired runs at {at_tight}."
     rows = [f"- {arm}: {_interval(diffs)} over {len(diffs)} paired runs" for arm, diffs in pooled.items()]
     best_mean, best = min([(statistics.fmean(d), arm) for arm, d in pooled.items()] + [(0.0, "uniform")])
     head = (
-        f"Default choice (the rule: lowest mean paired difference to uniform at {tight}, pooled over tasks"
-        f" and seeds, uniform itself at 0; not measurably worse at {generous}):\n\n"
+        f"Default choice (the rule: lowest mean paired difference to uniform at {at_tight}, pooled over"
+        f" tasks and seeds, uniform itself at 0; not measurably worse at {at_generous}):\n\n"
         + "\n".join(rows)
         + "\n\n"
     )
     stay = "the callback's defaults stay (growth off)."
     if best == "uniform":
-        return head + f"No candidate is below uniform on average at {tight}: {stay}"
-    checks = {task: generous_check(named, best, task, generous) for task in tasks}
-    at_generous = f"at {generous} vs uniform: " + "; ".join(f"{t}: {text}" for t, (text, _) in checks.items())
-    best_at = head + f"Best at {tight}: {best} ({100 * best_mean:+.2f}%)"
+        return head + f"No candidate is below uniform on average at {at_tight}: {stay}"
+    checks = {task: generous_check(named, best, task, b) for task, b in generous.items()}
+    check_text = f"at {at_generous} vs uniform: " + "; ".join(
+        f"{t}: {text}" for t, (text, _) in checks.items()
+    )
+    best_at = head + f"Best at {at_tight}: {best} ({100 * best_mean:+.2f}%)"
     if any(worse is None for _, worse in checks.values()):
-        return best_at + f"; its check {at_generous}: pending."
+        return best_at + f"; its check {check_text}: pending."
     if any(worse for _, worse in checks.values()):
-        return best_at + f", measurably worse {at_generous}: {stay}"
+        return best_at + f", measurably worse {check_text}: {stay}"
     become = f"the defaults become {best}'s options (ARMS in benchmarks/growth_sweep.py)."
-    return best_at + f", not measurably worse {at_generous}: {become}"
+    return best_at + f", not measurably worse {check_text}: {become}"
+
+
+def _per_task(budget_of: dict[str, str]) -> str:
+    """``quarter7`` when every task has the same budget, else ``facts quarter7, translate half7``."""
+    if len(set(budget_of.values())) == 1:
+        return next(iter(budget_of.values()))
+    return ", ".join(f"{task} {budget}" for task, budget in budget_of.items())
 
 
 def _budget_order(budget: str) -> int:

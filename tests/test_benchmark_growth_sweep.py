@@ -209,19 +209,24 @@ def test_rewires_move_rank_or_whole_blocks_and_the_default_plan_fits_the_cap() -
             assert args["allocator_options"]["experts_bounds"] == [0, 1]
             LayerInfluenceCallback(**args)  # passes the callback's own checks
     grow = growth_sweep.GROW
-    cells = [(t, b) for t in grow["tasks"] for b in grow["budgets"]]
+    cells = growth_sweep.grow_cells(grow["tasks"], grow["budgets"])
+    # each task at its own two budgets (the capacity curve's steep part), in budget order
+    assert cells == [
+        ("facts", "quarter7"),
+        ("facts", "half7"),
+        ("translate", "half7"),
+        ("translate", "small"),
+    ]
     seeds, why = growth_sweep.seed_plan([], cells, grow["arms"], {}, grow["min_seeds"], grow["max_runs"])
     assert seeds == [0, 1, 2] and "minimum" in why
     lrs = dict.fromkeys(cells, 4e-3)
-    runs = growth_sweep.plan_runs(grow["tasks"], grow["budgets"], grow["arms"], seeds, lrs)
-    assert len(runs) == len(set(runs)) == 2 * 2 * 7 * 3 <= 100
+    runs = growth_sweep.plan_runs(cells, grow["arms"], seeds, lrs)
+    assert len(runs) == len(set(runs)) == 4 * 7 * 3 <= 100
     assert not set(growth_sweep.OPTIONAL_ARMS) & set(grow["arms"])  # optional: --arms
-    assert runs[0] == (
-        "facts",
-        grow["budgets"][0],
-        "uniform+lr=0.004",
-        0,
-    )  # seed by seed: whole paired seeds first
+    assert runs[0] == ("facts", "quarter7", "uniform+lr=0.004", 0)  # seed by seed: whole paired seeds first
+    assert {r[3] for r in runs[: 4 * 7]} == {0}
+    with pytest.raises(growth_sweep.GrowPlanError, match="no budgets for task.*skills.*--budgets"):
+        growth_sweep.grow_cells(["facts", "skills"], grow["budgets"])
     with pytest.raises(SystemExit):  # argparse's error: every arm is paired with uniform
         allocation_sweep.parse(["--phase", "grow", "--arms", "layerif-grow"])
     with pytest.raises(SystemExit):  # grow arms are not the other phases'
@@ -311,11 +316,19 @@ def _named(task: str, budget: str, arm: str, losses: list[float]) -> list[dict]:
     ]
 
 
-def _sweep(tight: dict[str, list[float]], generous: dict[str, list[float]] | None) -> list[dict]:
-    """Uniform at loss 1.0 on every seed of facts and translate; the arms' losses are their ratios to it."""
+SAME_BUDGETS = {"facts": ("quarter7", "half7"), "translate": ("quarter7", "half7")}
+
+
+def _sweep(
+    tight: dict[str, list[float]],
+    generous: dict[str, list[float]] | None,
+    budgets: dict[str, tuple[str, str]] = SAME_BUDGETS,
+) -> list[dict]:
+    """Uniform at loss 1.0 on every seed of facts and translate at each task's (tighter, other) budget; the
+    arms' losses are their ratios to it."""
     runs = []
-    for budget, arms in (("quarter7", tight), ("half7", generous or {})):
-        for task in ("facts", "translate"):
+    for task, (tight_budget, generous_budget) in budgets.items():
+        for budget, arms in ((tight_budget, tight), (generous_budget, generous or {})):
             if arms:
                 runs += _named(task, budget, "uniform", [1.0, 1.0, 1.0])
             for arm, losses in arms.items():
@@ -359,3 +372,20 @@ def _interval_of(diffs: list[float]) -> str:
     mean = statistics.fmean(diffs)
     half = student_t.ppf(0.975, len(diffs) - 1) * statistics.stdev(diffs) / math.sqrt(len(diffs))
     return f"{100 * mean:+.2f}% ± {100 * half:.2f}"
+
+
+def test_default_choice_takes_each_tasks_own_tighter_and_other_budget() -> None:
+    # translate's budgets are half7 and small: its half7 runs pool with facts' quarter7 runs, and the check
+    # is at facts' half7 and translate's small
+    own = {"facts": ("quarter7", "half7"), "translate": ("half7", "small")}
+    cells = [("facts", "quarter7"), ("facts", "half7"), ("translate", "half7"), ("translate", "small")]
+    runs = _sweep({"layerif-grow": [0.95, 0.97, 0.96]}, None, own)
+    runs += _named("translate", "small", "uniform", [1.0, 1.0, 1.0])
+    runs += _named("translate", "small", "layerif-grow", [1.049, 1.05, 1.051])
+    text = growth_sweep.default_choice(runs, cells)
+    assert "at facts quarter7, translate half7, pooled" in text
+    assert "- layerif-grow: -4.00% ± " in text and "over 6 paired runs" in text
+    assert text.endswith(
+        "its check at facts half7, translate small vs uniform: facts: not run;"
+        f" translate: {_interval_of([0.049, 0.05, 0.051])}: pending."
+    )
