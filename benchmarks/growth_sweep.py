@@ -465,10 +465,38 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
         " mean step of the first validation check at or below the paired uniform run's final validation"
         " loss, over the runs that reach it (k of n).",
         "",
+        "Summary: paired relative difference in test loss to uniform (mean ± 95% interval over seeds;"
+        " lower is better; **bold**: the interval excludes 0):",
+        "",
+        summary_table(named, cells),
+        "",
         power_note(named, cells, _arm_order),
         "",
         default_choice(named, cells),
     ]
+    return "\n".join(lines)
+
+
+def summary_table(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> str:
+    """One row per (task, budget): uniform's test loss and each arm's paired relative difference to it
+    (mean ± 95% interval over seeds, bold where the interval excludes 0), as docs/experiments.md shows the
+    budget sweep's."""
+    arms = [a for a in ARMS if a != "uniform" and any(r["arm"] == a for r in named)]
+    lines = [
+        "| task | budget | uniform (test loss) | " + " | ".join(arms) + " |",
+        "|" + " --- |" * (3 + len(arms)),
+    ]
+    for task, budget in cells:
+        uniform = [
+            primary_loss(r) for r in named if (r["task"], r["budget"], r["arm"]) == (task, budget, "uniform")
+        ]
+        row = [task, budget, _mean_sd(uniform)]
+        for arm in arms:
+            diffs = relative_differences(named, arm, "uniform", task, budget)
+            text = _interval(diffs)
+            half = mean_interval(diffs)[1] if diffs else None
+            row.append(f"**{text}**" if half is not None and abs(statistics.fmean(diffs)) > half else text)
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 

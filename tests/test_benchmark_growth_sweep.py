@@ -389,3 +389,15 @@ def test_default_choice_takes_each_tasks_own_tighter_and_other_budget() -> None:
         "its check at facts half7, translate small vs uniform: facts: not run;"
         f" translate: {_interval_of([0.049, 0.05, 0.051])}: pending."
     )
+
+
+def test_summary_table_gives_uniforms_loss_and_each_arms_paired_difference() -> None:
+    runs = _named("facts", "quarter7", "uniform", [1.0, 2.0, 4.0])
+    runs += _named("facts", "quarter7", "layerif-grow", [1.05, 2.1, 4.2])  # +5% on every seed: bold
+    runs += _named("facts", "quarter7", "placebo-grow", [0.9, 2.2, 4.0])  # -10%, +10%, 0: not
+    table = growth_sweep.summary_table(runs, [("facts", "quarter7")])
+    header, _, row = table.splitlines()
+    assert header == "| task | budget | uniform (test loss) | placebo-grow | layerif-grow |"
+    uniform = f"{statistics.fmean([1.0, 2.0, 4.0]):.4f} ± {statistics.stdev([1.0, 2.0, 4.0]):.4f}"
+    placebo = _interval_of([-0.1, 0.1, 0.0])
+    assert row == f"| facts | quarter7 | {uniform} | {placebo} | **+5.00% ± 0.00** |"
