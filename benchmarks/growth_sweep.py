@@ -14,10 +14,11 @@ This file holds what is particular to the grow phase: its arms, schedule, learni
 of the curve's uniform runs, and the table and figure.
 
 **Tasks and budgets.** The generative tasks where the budget binds, ``facts`` and ``translate`` (written per
-run as the curve phase writes them; ``skills`` does not bind), each at its own budgets ``GROW["budgets"]``
-(two on the steep part of its capacity curve; ``--budgets`` overrides; its comment gives the curve's reason). At a budget of rank-1 experts
-(tiny, tight, quarter7, half7, small) growth starts on evenly spaced blocks only (its share is below rank 1
-everywhere) and the rounds choose which blocks to adapt, and the rewire arms may empty and adapt blocks.
+run as the curve phase writes them; ``skills`` does not bind), each at its own two budgets on the steep
+part of its capacity curve, ``GROW["budgets"]`` (``--budgets`` overrides; its comment gives the curve's
+reason). At a budget of rank-1 experts (tiny, tight, quarter7, half7, small) growth starts on evenly
+spaced blocks only (its share is below rank 1 everywhere) and the rounds choose which blocks to adapt, and
+the rewire arms may empty and adapt blocks.
 
 **Learning rate.** Every arm of a (task, budget) runs at uniform's learning rate chosen by the capacity
 curve (``capacity_curve.plan_cell`` on the curve's results: lowest validation loss on the selection seed);
@@ -162,13 +163,13 @@ GROW: dict[str, Any] = {
     # tight, 1.25 at large; exact match 0.41-0.46 at every budget), so the sweep leaves it out.
     "tasks": ["facts", "translate"],
     # Per task, two budgets on the steep part of its capacity curve (benchmarks/results/curve/table.md;
-    # test loss at each budget's best lr). Facts falls from 1.59 (tight) through 1.14 (quarter7: all 7
-    # projections on 8 of 30 blocks, seeds 0-1) to 0.94 (half7: on 15 blocks, seeds 0-1) and no further
-    # (small, every block: 0.83; mid 0.91; large 0.91), while q/v rank buys little (qv2 1.55, qv4 1.52):
-    # quarter7 and half7. Translate is flat there (quarter7 1.43 over seeds 0-2, half7 1.41) and falls
-    # above (small 1.12 at 8e-3 on seed 0, large 0.82): half7 and small. At these rank-1 budgets growth
-    # starts on evenly spaced blocks and its rounds choose which blocks to adapt, and the rewire arms move
-    # whole blocks. ``--budgets`` gives every task the same budgets instead.
+    # test loss at each budget's best lr, mean over seeds 0-2 unless said). Facts falls from 1.59 (tight,
+    # seeds 0-1) through 1.19 (quarter7: all 7 projections on 8 of 30 blocks) to 0.97 (half7: on 15
+    # blocks) and little further (small, every block: 0.83; mid 0.91; large 0.91; seed 0), while q/v rank
+    # buys little (qv2 1.55, qv4 1.52): quarter7 and half7. Translate is flat there (quarter7 1.44, half7
+    # 1.37) and falls above (small 1.19, large 0.82 on seed 0): half7 and small. At these rank-1 budgets
+    # growth starts on evenly spaced blocks and its rounds choose which blocks to adapt, and the rewire
+    # arms move whole blocks. ``--budgets`` gives every task the same budgets instead.
     "budgets": {"facts": ["quarter7", "half7"], "translate": ["half7", "small"]},
     "arms": [arm for arm in ARMS if arm not in OPTIONAL_ARMS],
     "min_seeds": 3,
