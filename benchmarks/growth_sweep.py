@@ -91,6 +91,7 @@ import capacity_curve
 import yaml
 from sweep_report import (
     CONTROLS,
+    _format_interval,
     _interval,
     _mean_sd,
     generous_check,
@@ -494,9 +495,12 @@ def summary_table(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> str
         row = [task, budget, _mean_sd(uniform)]
         for arm in arms:
             diffs = relative_differences(named, arm, "uniform", task, budget)
-            text = _interval(diffs)
-            half = mean_interval(diffs)[1] if diffs else None
-            row.append(f"**{text}**" if half is not None and abs(statistics.fmean(diffs)) > half else text)
+            if not diffs:
+                row.append("-")
+                continue
+            mean, half = mean_interval(diffs)
+            text = _format_interval(mean, half)
+            row.append(f"**{text}**" if half is not None and abs(mean) > half else text)
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 

@@ -87,9 +87,10 @@ def relative_differences(
 
 
 def _interval(values: Sequence[float]) -> str:
-    if not values:
-        return "-"
-    mean, half = mean_interval(values)
+    return _format_interval(*mean_interval(values)) if values else "-"
+
+
+def _format_interval(mean: float, half: float | None) -> str:
     return f"{100 * mean:+.2f}%" + ("" if half is None else f" ± {100 * half:.2f}")
 
 
