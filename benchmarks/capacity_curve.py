@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tasks
+from quality_results import machine_letters, machines_note, wall_times
 from sweep_report import _mean_sd  # one format for every sweep table
 
 #: every budget of configs/experiments/allocation_sweep/budgets, by adapter parameters (smallest first)
@@ -249,6 +250,7 @@ def build_curve_table(
     done = finished_runs(results, plans, seeds)
     total = expected_runs(plans, seeds)
     unresolved = sum(1 for p in plans if p.chosen is None)
+    letters = machine_letters(results)
     lines = [
         f"{done} of {total} runs"
         + (f" ({unresolved} cells still choosing their lr: the total may grow)" if unresolved else "")
@@ -283,7 +285,7 @@ def build_curve_table(
             _mean_sd([r["final"]["loss_sample"] for r in runs]),
             _mean_sd([r["final"]["loss_token"] for r in runs]),
             _mean_sd([r["final"]["exact_match"] for r in runs], digits=3),
-            f"{statistics.fmean(r['wall_time_s'] for r in mine) / 60:.1f}" if mine else "-",
+            wall_times(mine, letters) if mine else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     tight, generous = ratio_budgets
@@ -296,6 +298,7 @@ def build_curve_table(
         "Cells: mean ± standard deviation over seeds at the chosen lr; the lr is chosen on the validation"
         f" file (seed {seeds[0]}, lowest per-sample validation loss with the final weights), never on the"
         " test file. Wall time: mean over every run of the cell (grid included).",
+        *machines_note(results),
     ]
     if any(p.grid_only for p in plans):
         lines += [

@@ -89,6 +89,7 @@ from typing import Any
 
 import capacity_curve
 import yaml
+from quality_results import machine_letters, machines_note, wall_times
 from sweep_report import (
     CONTROLS,
     _format_interval,
@@ -432,6 +433,7 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
         "|" + " --- |" * 14,
     ]
     named = [{**r, "arm": capacity_curve.split_arm(r["arm"])[0]} for r in results]
+    letters = machine_letters(results)
     cells = sorted({(r["task"], r["budget"]) for r in results}, key=lambda c: (c[0], _budget_order(c[1])))
     for task, budget in cells:
         mine = [r for r in named if (r["task"], r["budget"]) == (task, budget)]
@@ -456,7 +458,7 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
                 _mean_sd([r["final"]["exact_match"] for r in runs], digits=3),
                 _steps_cell(runs, uniform),
                 _params_cell(runs),
-                f"{statistics.fmean(r['wall_time_s'] for r in runs) / 60:.1f}",
+                wall_times(runs, letters),
                 "/".join(sorted({str(r.get("code", "?")) for r in runs})),
             ]
             lines.append("| " + " | ".join(cells_) + " |")
@@ -466,6 +468,7 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
         " t-interval of the per-seed relative difference in test loss (per sample, final weights). Steps:"
         " mean step of the first validation check at or below the paired uniform run's final validation"
         " loss, over the runs that reach it (k of n).",
+        *machines_note(results),
         "",
         "Summary: paired relative difference in test loss to uniform (mean ± 95% interval over seeds;"
         " lower is better; **bold**: the interval excludes 0):",

@@ -53,7 +53,24 @@ def machine_of(result: dict[str, Any]) -> str:
     return result.get("machine") or UNRECORDED_MACHINE
 
 
-def _wall_times(runs: Sequence[dict[str, Any]], letters: dict[str, str]) -> str:
+def machine_letters(results: Sequence[dict[str, Any]]) -> dict[str, str]:
+    """Each machine the runs ran on -> its label in the tables (A, B, ... in order of first appearance)."""
+    machines = list(dict.fromkeys(machine_of(r) for r in results)) or [UNRECORDED_MACHINE]
+    return {machine: chr(ord("A") + i) for i, machine in enumerate(machines)}
+
+
+def machines_note(results: Sequence[dict[str, Any]]) -> list[str]:
+    """The table's footnote naming each machine label and the precisions the runs trained in (nothing when
+    every run ran on one machine): a machine with native bf16 may still have run fp32."""
+    letters = machine_letters(results)
+    if len(letters) < 2:
+        return []
+    named = "; ".join(f"({letter}) {machine}" for machine, letter in letters.items())
+    precisions = ", ".join(sorted({str(r.get("precision", "not recorded")) for r in results}))
+    return ["", f"Wall times by machine: {named}. Precision of the runs: {precisions}."]
+
+
+def wall_times(runs: Sequence[dict[str, Any]], letters: dict[str, str]) -> str:
     """Mean wall time per machine (``letters``: machine -> its label): run times of different CPUs must
     not be averaged together."""
     if len(letters) == 1:
@@ -91,8 +108,7 @@ def build_table(
     """Markdown table: one row per (task, arm) with mean ± std over seeds of the test metrics, and the
     paired difference to ``baseline`` (same seeds)."""
     results = list(results)
-    machines = list(dict.fromkeys(machine_of(r) for r in results)) or [UNRECORDED_MACHINE]
-    letters = {machine: chr(ord("A") + i) for i, machine in enumerate(machines)}
+    letters = machine_letters(results)
     by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for result in results:
         by_key.setdefault((result["task"], result["arm"]), []).append(result)
@@ -118,7 +134,7 @@ def build_table(
             lines.append(
                 f"| {task} | {arm} | {','.join(str(r['seed']) for r in runs)} | {_mean_std(accuracy)} "
                 f"| {_mean_std(mcc)} | {delta_acc} | {delta_mcc} | {'/'.join(f'{p:,}' for p in params)} "
-                f"| {_wall_times(runs, letters)} |"
+                f"| {wall_times(runs, letters)} |"
             )
     agreement = [
         f"{task} / {arm}: {value:+.2f}"
@@ -129,9 +145,7 @@ def build_table(
     if agreement:
         lines += ["", "Layout agreement across seeds (mean pairwise Spearman correlation of the per-block "
                   "capacity, experts x rank; 1 = the same ranking of blocks): " + "; ".join(agreement) + "."]  # fmt: skip
-    if len(letters) > 1:
-        named = "; ".join(f"({letter}) {machine}" for machine, letter in letters.items())
-        lines += ["", f"Wall times by machine: {named}."]
+    lines += machines_note(results)
     return "\n".join(lines)
 
 

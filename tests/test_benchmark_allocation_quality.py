@@ -103,7 +103,7 @@ def test_wall_times_are_averaged_per_machine_only() -> None:
     assert one_machine.splitlines()[-1].endswith("| 15.0 |") and "by machine" not in one_machine
     mixed = build_table([run(0, 30, None), run(1, 10, "cpu-x"), run(2, 20, "cpu-x")], ["t"], ["uniform"], 3)
     assert "| 30.0 (A) / 15.0 (B) |" in mixed
-    assert "Wall times by machine: (A) not recorded; (B) cpu-x." in mixed
+    assert "Wall times by machine: (A) not recorded; (B) cpu-x. Precision of the runs: not recorded." in mixed
 
 
 def test_layout_agreement_ranks_blocks_by_capacity() -> None:

@@ -401,3 +401,22 @@ def test_summary_table_gives_uniforms_loss_and_each_arms_paired_difference() -> 
     uniform = f"{statistics.fmean([1.0, 2.0, 4.0]):.4f} ± {statistics.stdev([1.0, 2.0, 4.0]):.4f}"
     placebo = _interval_of([-0.1, 0.1, 0.0])
     assert row == f"| facts | quarter7 | {uniform} | {placebo} | **+5.00% ± 0.00** |"
+
+
+def test_grow_table_gives_wall_times_per_machine_and_names_the_precision() -> None:
+    def run(arm: str, seed: int, minutes: float, machine: str) -> dict:
+        return {"task": "facts", "budget": "half7", "arm": arm, "seed": seed, "lr": 8e-3, "steps": 150,
+                "final": {"loss_sample": 1.0, "loss_token": 1.0, "exact_match": 0.0}, "trainable_params": 10,
+                "base_params": 1000, "callback": None, "code": "abc", "wall_time_s": 60.0 * minutes,
+                "machine": machine, "precision": "32-true"}  # fmt: skip
+
+    results = [run("uniform+lr=0.008", 0, 10, "cpu-x"), run("uniform+lr=0.008", 1, 20, "cpu-x")]
+    results += [run("uniform-grow+lr=0.008", 0, 4, "cpu-y"), run("uniform-grow+lr=0.008", 1, 12, "cpu-x")]
+    table = growth_sweep.build_grow_table(results, [], "2 seeds")
+    rows = {
+        cells[3]: cells[13]
+        for line in table.splitlines()
+        if len(cells := [c.strip() for c in line.split("|")]) == 16 and cells[1] == "facts"  # not the summary
+    }
+    assert rows["uniform"] == "15.0 (A)" and rows["uniform-grow"] == "12.0 (A) / 4.0 (B)"
+    assert "Wall times by machine: (A) cpu-x; (B) cpu-y. Precision of the runs: 32-true." in table
