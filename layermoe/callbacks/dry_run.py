@@ -169,6 +169,15 @@ def _weights_verdict(pl_module: LightningModule, run: Any | None = None) -> str 
     return None
 
 
+def _check_weight_sizes(pl_module: LightningModule) -> None:
+    """Finite losses, but a weight so large that scoring's float32 gradient statistics may overflow: whether
+    they do depends on the CPU's kernels (the sketch overflowed on an AVX2 EPYC, not on an AVX-512 Xeon,
+    whose scores then reached 2.6e40), so the weight's size is the check, not the overflow."""
+    verdict = _weights_verdict(pl_module)
+    if verdict is not None:
+        raise CallbackConfigError(f"scoring cannot use this model's gradients because {verdict}")
+
+
 def _check_losses(
     losses: Any, batch: Any, split: str, origin: tuple[str, str], pl_module: LightningModule, run: Any
 ) -> None:
@@ -222,6 +231,7 @@ def dry_run(
                     rerun = lambda b=batch: per_sample(pl_module, b)  # noqa: E731 - the diagnosis reruns it
                     _check_losses(losses, batch, split, origin, pl_module, rerun)
             if needs_gradients:
+                _check_weight_sizes(pl_module)
                 _check_gradients(pl_module, per_sample, batches, scope, capture_options, origin)
     except Exception as exc:  # noqa: BLE001 - re-raised below, after every rank agreed
         error = exc
