@@ -89,7 +89,7 @@ from typing import Any
 
 import capacity_curve
 import yaml
-from quality_results import machine_letters, machines_note, wall_times
+from quality_results import machine_letters, machine_of, machines_note, wall_times
 from sweep_report import (
     CONTROLS,
     _format_interval,
@@ -470,6 +470,8 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
         " loss, over the runs that reach it (k of n).",
         *machines_note(results),
         "",
+        cross_machine_pairs(named),
+        "",
         "Summary: paired relative difference in test loss to uniform (mean ± 95% interval over seeds;"
         " lower is better; **bold**: the interval excludes 0):",
         "",
@@ -552,6 +554,26 @@ def default_choice(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> st
         return best_at + f", measurably worse {check_text}: {stay}"
     become = f"the defaults become {best}'s options (ARMS in benchmarks/growth_sweep.py)."
     return best_at + f", not measurably worse {check_text}: {become}"
+
+
+def cross_machine_pairs(named: Sequence[dict[str, Any]]) -> str:
+    """The footnote naming each paired run whose uniform partner ran on another machine: the same run gives
+    different losses on two machines (benchmarks/machine_check.py), so such a pair's difference holds the
+    machine's too."""
+    uniform = {(r["task"], r["budget"], r["seed"]): machine_of(r) for r in named if r["arm"] == "uniform"}
+    crossed = sorted(
+        (r["task"], _budget_order(r["budget"]), r["budget"], r["seed"], _arm_order(r["arm"]), r["arm"])
+        for r in named
+        if r["arm"] != "uniform"
+        and uniform.get((r["task"], r["budget"], r["seed"]), machine_of(r)) != machine_of(r)
+    )
+    if not crossed:
+        return "Every paired run ran on the same machine as its uniform partner."
+    listed = "; ".join(f"{task}/{budget} seed {seed} {arm}" for task, _, budget, seed, _, arm in crossed)
+    return (
+        f"Paired across machines (the difference holds the machine's too, see benchmarks/machine_check.py):"
+        f" {listed}."
+    )
 
 
 def _per_task(budget_of: dict[str, str]) -> str:

@@ -403,7 +403,7 @@ def test_summary_table_gives_uniforms_loss_and_each_arms_paired_difference() -> 
     assert row == f"| facts | quarter7 | {uniform} | {placebo} | **+5.00% ± 0.00** |"
 
 
-def test_grow_table_gives_wall_times_per_machine_and_names_the_precision() -> None:
+def test_grow_table_gives_wall_times_per_machine_and_names_pairs_across_machines() -> None:
     def run(arm: str, seed: int, minutes: float, machine: str) -> dict:
         return {"task": "facts", "budget": "half7", "arm": arm, "seed": seed, "lr": 8e-3, "steps": 150,
                 "final": {"loss_sample": 1.0, "loss_token": 1.0, "exact_match": 0.0}, "trainable_params": 10,
@@ -420,3 +420,8 @@ def test_grow_table_gives_wall_times_per_machine_and_names_the_precision() -> No
     }
     assert rows["uniform"] == "15.0 (A)" and rows["uniform-grow"] == "12.0 (A) / 4.0 (B)"
     assert "Wall times by machine: (A) cpu-x; (B) cpu-y. Precision of the runs: 32-true." in table
+    # uniform-grow's seed 0 ran on cpu-y, its uniform partner on cpu-x; seed 1 both on cpu-x
+    assert "Paired across machines" in table and table.count("seed 0 uniform-grow") == 1
+    assert "seed 1 uniform-grow" not in table
+    one_machine = growth_sweep.build_grow_table(results[:2] + results[3:], [], "2 seeds")
+    assert "Every paired run ran on the same machine as its uniform partner." in one_machine
