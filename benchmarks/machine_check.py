@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from quality_results import machine_of
 from sweep_report import _interval, primary_loss
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,7 +32,7 @@ def cross_machine_pairs(folders: Sequence[Path]) -> list[tuple[str, dict[str, An
     for folder in folders:
         for path in sorted(folder.glob("*__*__seed*.json")):
             run = json.loads(path.read_text())
-            machine = str(run.get("machine", "not recorded"))
+            machine = machine_of(run)
             order += [] if machine in order else [machine]
             by_name.setdefault(path.name, {}).setdefault(machine, run)
     pairs = []
