@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from layermoe.allocation import (
@@ -115,6 +115,20 @@ def arms(case):
 @pytest.mark.filterwarnings("error")  # an overflow or NaN in the shares would pass the budget checks
 @FAST
 @given(growth_cases())
+# the initial layout already spends the budget and two blocks start empty: mdl's search for nu doubled
+# until p + nu c overflowed (found by hypothesis)
+@example(
+    {
+        "dims": {0: [(2, 2)], 1: [(2, 2), (20, 2)], 2: [(2, 15)]},
+        "budget": 26,
+        "rounds": 1,
+        "fraction": 0.1,
+        "scores": {0: 0.0, 1: 0.0, 2: 0.0},
+        "errors": {0: 0.0, 1: 0.0, 2: 0.0},
+        "shrinkage": 0.0,
+        "method": "mdl",
+    }
+)
 def test_growth_rounds_never_shrink_never_exceed_and_spend_the_budget(case):
     dims, budget = case["dims"], case["budget"]
     plan = plan_growth(dims, budget, case["rounds"], case["fraction"])

@@ -87,3 +87,17 @@ def test_budget_an_ulp_below_the_minimum_after_rescaling_gives_the_lower_bounds(
     # The smallest nu with every block at lo = 1: 0.9 q^2 / (0.5 + nu c) <= 1 for all l, i.e.
     # nu = max((0.9 q^2 - 0.5) / c), reached by block 2.
     assert nu == pytest.approx((0.9 * 9.0 - 0.5) / 392.0, rel=1e-9)
+
+
+@pytest.mark.filterwarnings("error")
+def test_budget_at_the_minimum_with_blocks_that_may_go_empty_gives_the_lower_bounds():
+    # Blocks with lo = 0 only reach 0 as nu -> inf, so no finite nu spends exactly the minimum layout;
+    # the search for an upper nu used to double until p + nu c overflowed.
+    q, c, lo = np.ones(3), np.array([7.0, 50.0, 20.0]), np.array([0.0, 0.52, 0.0])
+    units, nu = mdl_units(q, c, 26.0, lo=lo, hi=np.full(3, np.inf))
+    np.testing.assert_array_equal(units, lo)
+    assert nu == np.inf
+    # a hair above the minimum the empty blocks take (almost) all of the rest, and the budget is spent
+    units, nu = mdl_units(q, c, 26.0 + 1e-6, lo=lo, hi=np.full(3, np.inf))
+    assert np.isfinite(nu) and c @ units == pytest.approx(26.0 + 1e-6, rel=1e-12)
+    assert np.all(units >= lo)

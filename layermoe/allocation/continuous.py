@@ -136,6 +136,10 @@ def mdl_units(
         return hi.astype(np.float64).copy(), -math.inf
     if not np.any(gain > 0):
         raise AllocationError("mdl: every q is 0, so no block can grow; give positive scores or tau > 0")
+    if budget <= float(np.dot(c, lo)) * (1 + tol) and np.any((lo == 0) & (gain > 0)):
+        # At the minimum layout a block that may go empty only approaches 0 as nu -> inf (a growth round
+        # with no room left): the answer is the lower bounds, and no finite nu spends exactly the budget.
+        return lo.astype(np.float64).copy(), math.inf
 
     def units(nu: float) -> np.ndarray:
         # A block whose price p + nu c is <= 0 gains at every size: it sits at its upper bound.
