@@ -40,7 +40,7 @@ from layermoe.lightning_modules.model_factory import (
     unknown_fields_message,
 )
 from layermoe.lightning_modules.progress_bar import FitProgressBar
-from layermoe.precision import AUTO, describe_choice, resolve_precision
+from layermoe.precision import AUTO, describe_choice, precision_problem, resolve_precision
 from layermoe.quiet import silence_trainer_noise
 
 
@@ -64,6 +64,9 @@ class Trainer(pl.Trainer):
 
     def __init__(self, *, precision: str | int | None = AUTO, **kwargs: Any) -> None:
         silence_trainer_noise()
+        problem = precision_problem(precision)
+        if problem:
+            raise ValueError(problem)
         accelerator = kwargs.get("accelerator", "auto")
         resolved = resolve_precision(precision, accelerator if isinstance(accelerator, str) else "auto")
         if precision == AUTO:
@@ -217,7 +220,7 @@ class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):
         """Build each ``LayerInfluenceCallback`` entry once before jsonargparse does, so a bad argument (an
         unknown scorer or allocator name, say) fails with the callback's own short message instead of
         inside jsonargparse's many-line union error; check the model's nested dicts (a misspelled
-        ``model.adapter`` or ``model.model`` field) before any model is built."""
+        ``model.adapter`` or ``model.model`` field) and ``trainer.precision`` before any model is built."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         callbacks = config.get("trainer.callbacks") if config is not None else None
         entries = callbacks if isinstance(callbacks, list) else [callbacks] if callbacks is not None else []
@@ -225,6 +228,8 @@ class LayerMoECLI(CheckpointPathWithoutOverlay, LightningCLI):
             check_influence_callback_entry(index, entry)
         # reported as jsonargparse reports a misspelled top-level option: one message, no traceback
         problem = model_config_problem(config.get("model") if config is not None else None)
+        if not problem and config is not None:
+            problem = precision_problem(config.get("trainer.precision"))
         if problem:
             cli_parser(self, self.subcommand).error(problem)
 

@@ -7,9 +7,10 @@ Lightning upgrade means checking this file (and the upper bound in pyproject.tom
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, get_args
 
 import torch
+from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.utilities.model_registry import _is_registry
 from torch import nn
@@ -275,3 +276,10 @@ def progress_bar_update_due(progress_bar: Any, current: int, total: int) -> bool
     """Whether a ``TQDMProgressBar`` redraws at batch ``current`` of ``total``: its own rule (the private
     ``_should_update``: enabled, and every ``refresh_rate`` batches or at the last one)."""
     return bool(progress_bar._should_update(current, total))
+
+
+def lightning_precisions() -> tuple[Any, ...]:
+    """Every ``precision`` value Lightning's Trainer accepts: the private Literal ``_PRECISION_INPUT``
+    (a Union of Literals) is the only list of them; Lightning checks against it inside ``Trainer.__init__``,
+    after the model is built, and with a traceback."""
+    return tuple(value for part in get_args(_PRECISION_INPUT) for value in get_args(part))

@@ -11,8 +11,21 @@ from pathlib import Path
 
 import torch
 
+from layermoe.lightning_compat import lightning_precisions
+
 NATIVE_BF16_CPU_FLAGS: frozenset[str] = frozenset({"avx512_bf16", "amx_bf16"})
 AUTO = "auto"
+
+
+def precision_problem(precision: object) -> str | None:
+    """The message for a ``trainer.precision`` that neither "auto" nor Lightning accepts, else None."""
+    if precision is None or precision == AUTO or precision in lightning_precisions():
+        return None
+    common = ", ".join(v for v in lightning_precisions() if isinstance(v, str) and "-" in v)
+    return (
+        f"trainer.precision: {precision!r} is not a precision; use auto (bf16-mixed where bf16 is native,"
+        f" else 32-true) or one of {common}"
+    )
 
 
 def cpu_flags(cpuinfo_text: str | None = None) -> set[str]:

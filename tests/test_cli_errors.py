@@ -273,3 +273,21 @@ def test_a_bad_model_setting_value_is_one_message_naming_it(
     assert last.startswith(expected)
     if "model" in settings:
         assert last.endswith("Known names: 'smollm2', or a model folder path.")
+
+
+@pytest.mark.parametrize("precision", ["bf17", "fp32"])
+def test_a_bad_precision_is_one_message_before_the_model_is_built(
+    run_dir, tiny_spec, toy_files, capsys, monkeypatch, precision
+):
+    """Before: Lightning's ValueError came from Trainer.__init__, after the model loaded, in a traceback."""
+    import layermoe.lightning_modules.finetuner as finetuner
+
+    built: list[str] = []
+    monkeypatch.setattr(finetuner, "build_model", lambda *a, **k: built.append("model"))
+    override = _override(run_dir, tiny_spec, toy_files)
+    last = _config_error(
+        capsys,
+        ["fit", "--config", str(QUICKSTART), "--config", str(override), "--trainer.precision", precision],
+    )
+    assert last.startswith(f"error: trainer.precision: {precision!r} is not a precision; use auto")
+    assert "bf16-mixed" in last and "32-true" in last and not built

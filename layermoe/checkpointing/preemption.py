@@ -75,5 +75,5 @@ class PreemptionCheckpoint(Callback):
 
     def _save(self, trainer: pl.Trainer) -> None:
         path = trainer.strategy.broadcast(hpc_checkpoint_path(trainer))
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # a full checkpoint, said so (None logs a notice)
         self.saved_path = path
