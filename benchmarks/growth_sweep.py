@@ -477,6 +477,8 @@ def build_grow_table(results: Sequence[dict[str, Any]], planned: Sequence[Run], 
         "",
         summary_table(named, cells),
         "",
+        placement_note(named, cells),
+        "",
         power_note(named, cells, _arm_order),
         "",
         default_choice(named, cells),
@@ -493,21 +495,40 @@ def summary_table(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> str
         "| task | budget | uniform (test loss) | " + " | ".join(arms) + " |",
         "|" + " --- |" * (3 + len(arms)),
     ]
+
+    def cell(diffs: list[float]) -> str:
+        if not diffs:
+            return "-"
+        mean, half = mean_interval(diffs)
+        text = _format_interval(mean, half)
+        return f"**{text}**" if half is not None and abs(mean) > half else text
+
     for task, budget in cells:
         uniform = [
             primary_loss(r) for r in named if (r["task"], r["budget"], r["arm"]) == (task, budget, "uniform")
         ]
         row = [task, budget, _mean_sd(uniform)]
-        for arm in arms:
-            diffs = relative_differences(named, arm, "uniform", task, budget)
-            if not diffs:
-                row.append("-")
-                continue
-            mean, half = mean_interval(diffs)
-            text = _format_interval(mean, half)
-            row.append(f"**{text}**" if half is not None and abs(mean) > half else text)
+        row += [cell(relative_differences(named, arm, "uniform", task, budget)) for arm in arms]
         lines.append("| " + " | ".join(row) + " |")
+    if len(cells) > 1:  # every pair of every cell as one sample: the direction an arm takes across tasks
+        pooled = {
+            arm: [d for t, b in cells for d in relative_differences(named, arm, "uniform", t, b)]
+            for arm in arms
+        }
+        lines.append("| all cells | pooled | - | " + " | ".join(cell(pooled[arm]) for arm in arms) + " |")
     return "\n".join(lines)
+
+
+def placement_note(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> str:
+    """Each scored arm against its placebo (the same increments or moves at random blocks), pooled over
+    every pair of every cell: what the scores' placement adds beyond moving capacity at all."""
+    parts = []
+    for arm, placebo in PLACEBO_OF.items():
+        diffs = [d for t, b in cells for d in relative_differences(named, arm, placebo, t, b)]
+        if diffs:
+            parts.append(f"{arm} vs {placebo} {_interval(diffs)} over {len(diffs)} pairs")
+    body = "; ".join(parts) if parts else "needs paired runs"
+    return f"Placement (scored arm vs its placebo, paired, pooled over the cells): {body}."
 
 
 def default_choice(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> str:

@@ -401,6 +401,20 @@ def test_summary_table_gives_uniforms_loss_and_each_arms_paired_difference() -> 
     uniform = f"{statistics.fmean([1.0, 2.0, 4.0]):.4f} ± {statistics.stdev([1.0, 2.0, 4.0]):.4f}"
     placebo = _interval_of([-0.1, 0.1, 0.0])
     assert row == f"| facts | quarter7 | {uniform} | {placebo} | **+5.00% ± 0.00** |"
+    # with a second cell, a last row pools every pair of every cell
+    runs += _named("facts", "half7", "uniform", [1.0, 1.0])
+    runs += _named("facts", "half7", "layerif-grow", [1.2, 0.9])
+    table = growth_sweep.summary_table(runs, [("facts", "quarter7"), ("facts", "half7")])
+    pooled = table.splitlines()[-1]
+    layerif = _interval_of([0.05, 0.05, 0.05, 0.2, -0.1])
+    assert pooled == f"| all cells | pooled | - | {placebo} | {layerif} |"
+    # the scored arm against its placebo, pooled the same way (quarter7 only: half7 has no placebo)
+    note = growth_sweep.placement_note(runs, [("facts", "quarter7"), ("facts", "half7")])
+    versus = _interval_of([1.05 / 0.9 - 1, 2.1 / 2.2 - 1, 4.2 / 4.0 - 1])
+    assert note == (
+        f"Placement (scored arm vs its placebo, paired, pooled over the cells): layerif-grow vs placebo-grow"
+        f" {versus} over 3 pairs."
+    )
 
 
 def test_grow_table_gives_wall_times_per_machine_and_names_pairs_across_machines() -> None:
