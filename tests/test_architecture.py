@@ -187,7 +187,7 @@ def test_the_private_use_check_sees_each_kind_of_use() -> None:
     assert {"_enable_version_counter", "_should_update", "_generate_state_key"} <= _lightning_privates()
     compat = ast.parse(COMPAT.read_text())
     seen = {name for node in ast.walk(compat) if (name := _private_lightning_import(node))}
-    assert seen == {"_optimizers_to_device", "_is_registry"}
+    assert seen == {"_optimizers_to_device", "_is_registry", "_PRECISION_INPUT"}
     source = ast.parse('getattr(trainer, "_data_source")\ncallback._enable_version_counter = False')
     accesses = {a[1] for node in ast.walk(source) if (a := _accessed_private(node))}
     assert accesses == {"_data_source", "_enable_version_counter"}
