@@ -71,3 +71,11 @@ def test_a_validation_split_is_used(tmp_path):
 def test_bad_val_from_train_names_the_field():
     with pytest.raises(DataError, match="val_from_train must be one of"):
         TextDataModule(train_file="x.jsonl", label_words=WORDS, val_from_train="both")
+
+
+def test_the_carve_out_counts_read_like_the_other_row_counts(caplog):
+    """The quickstart printed "training on 2,000 of 26,414 rows" and then "200 of the 26614 training rows"."""
+    dm = TextDataModule(train_file="unused.jsonl", label_words=WORDS, val_size=200)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        dm._announce_carve_out(200, 26_614)
+    assert "200 of the 26,614 training rows are held out" in caplog.text

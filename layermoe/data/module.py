@@ -347,10 +347,12 @@ class TextDataModule(pl.LightningDataModule):
     def _announce_carve_out(self, taken: int, total: int) -> None:
         given = "data.val_split" if self.dataset is not None else "data.val_file"
         if self.val_from_train == "overlap":
-            what = f"{taken} of the {total} training rows also serve as validation (val_from_train: overlap;"
+            what = (
+                f"{taken:,} of the {total:,} training rows also serve as validation (val_from_train: overlap;"
+            )
             what += " they stay in training, so validation measures fit, not generalization)"
         else:
-            what = f"{taken} of the {total} training rows are held out for validation and not trained on"
+            what = f"{taken:,} of the {total:,} training rows are held out for validation and not trained on"
             what += " (val_from_train: holdout; 'overlap' keeps them in training)"
         rank_zero_info(
             f"Validation: no {given} given, so {what}. Give {given}, or data.val_size: 0 for none."
