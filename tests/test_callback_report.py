@@ -148,3 +148,12 @@ def test_figure_legends_do_not_cover_data() -> None:
         box = legend.get_window_extent(renderer)
         for ax in fig.axes:
             assert not box.overlaps(ax.get_window_extent(renderer))
+
+
+@pytest.mark.parametrize(
+    ("budget", "shown"), [(5_484_360, "budget 5,484,360 params"), (None, "budget None params")]
+)
+def test_parameter_counts_read_like_the_data_lines(budget: int | None, shown: str) -> None:
+    """The quickstart printed "params 5484360 -> 5484360" under data lines that say "26,414 rows"."""
+    table = console_table(_entry(params_before=5_484_360, params_after=5_484_104, budget=budget))
+    assert f"params 5,484,360 -> 5,484,104 ({shown});" in table

@@ -131,6 +131,11 @@ def _table_rows(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["  ".join(f"{cell:>{w}}" for cell, w in zip(row, widths, strict=True)) for row in [header, *rows]]
 
 
+def _count(value: object) -> str:
+    """A parameter count as the data lines print row counts (26,414); anything else (None) as is."""
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
 def console_table(entry: dict[str, Any]) -> str:
     """Per-block score (raw; the shrunk score the allocator used when ``error_shrinkage`` was on; relative
     to the mean |score| with its standard error) and experts x rank before -> after, then totals,
@@ -177,7 +182,8 @@ def console_table(entry: dict[str, Any]) -> str:
             "(error_shrinkage); ties go to the higher raw score"
         )
     lines.append(
-        f"params {entry['params_before']} -> {entry['params_after']} (budget {entry['budget']} {entry.get('budget_unit') or 'params'}); "
+        f"params {_count(entry['params_before'])} -> {_count(entry['params_after'])} (budget"
+        f" {_count(entry['budget'])} {entry.get('budget_unit') or 'params'}); "
         f"scoring {entry['time_scoring_s']:.2f}s, rewire {entry['time_rewire_s']:.2f}s "
         f"(surgery {entry['time_surgery_s']:.3f}s)"
     )
