@@ -511,12 +511,16 @@ def summary_table(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> str
         row += [cell(relative_differences(named, arm, "uniform", task, budget)) for arm in arms]
         lines.append("| " + " | ".join(row) + " |")
     if len(cells) > 1:  # every pair of every cell as one sample: the direction an arm takes across tasks
-        pooled = {
-            arm: [d for t, b in cells for d in relative_differences(named, arm, "uniform", t, b)]
-            for arm in arms
-        }
-        lines.append("| all cells | pooled | - | " + " | ".join(cell(pooled[arm]) for arm in arms) + " |")
+        pooled = [cell(pooled_differences(named, arm, "uniform", cells)) for arm in arms]
+        lines.append("| all cells | pooled | - | " + " | ".join(pooled) + " |")
     return "\n".join(lines)
+
+
+def pooled_differences(
+    named: Sequence[dict[str, Any]], arm: str, baseline: str, cells: Sequence[Cell]
+) -> list[float]:
+    """The paired relative differences of ``arm`` to ``baseline`` in every cell, as one sample."""
+    return [d for task, budget in cells for d in relative_differences(named, arm, baseline, task, budget)]
 
 
 def placement_note(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> str:
@@ -524,7 +528,7 @@ def placement_note(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> st
     every pair of every cell: what the scores' placement adds beyond moving capacity at all."""
     parts = []
     for arm, placebo in PLACEBO_OF.items():
-        diffs = [d for t, b in cells for d in relative_differences(named, arm, placebo, t, b)]
+        diffs = pooled_differences(named, arm, placebo, cells)
         if diffs:
             parts.append(f"{arm} vs {placebo} {_interval(diffs)} over {len(diffs)} pairs")
     body = "; ".join(parts) if parts else "needs paired runs"
@@ -546,10 +550,7 @@ def default_choice(named: Sequence[dict[str, Any]], cells: Sequence[Cell]) -> st
     generous = {t: max(b, key=_budget_order) for t, b in sorted(by_task.items())}
     at_tight, at_generous = _per_task(tight), _per_task(generous)
     candidates = sorted({r["arm"] for r in named if not r["arm"].startswith(CONTROLS)}, key=_arm_order)
-    pooled = {
-        arm: [d for task, b in tight.items() for d in relative_differences(named, arm, "uniform", task, b)]
-        for arm in candidates
-    }
+    pooled = {arm: pooled_differences(named, arm, "uniform", list(tight.items())) for arm in candidates}
     pooled = {arm: diffs for arm, diffs in pooled.items() if diffs}
     if not pooled:
         return f"Default choice: needs paired runs at {at_tight}."
